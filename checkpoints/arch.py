@@ -1,0 +1,246 @@
+"""Architecture map: everything Weightsmith knows about model layouts, in one place.
+
+Merging (per-block schedules), LiNeS (depth scaling) and ROME (which MLP to
+edit, which way round its weight is stored) all read :func:`spec_for`. None of
+them guesses from tensor shapes: a square Conv1D weight looks exactly like a
+square Linear weight, and that guess is the classic ROME-port bug.
+
+Example::
+
+    spec = spec_for("llama")
+    spec.locate("model.layers.3.mlp.down_proj.weight")   # Location(kind="block", block=3)
+    spec.module("mlp_out", 3)                             # "model.layers.3.mlp.down_proj"
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import torch
+
+from .errors import WeightsmithError
+
+log = logging.getLogger(__name__)
+
+TensorKind = Literal["block", "embedding", "final_norm", "head", "other"]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a parameter sits: inside block ``block`` (0-based) or outside the stack."""
+
+    kind: TensorKind
+    block: int | None = None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Declared layout of one ``model_type``.
+
+    Module templates take the block index through ``{}``. ``weight_layout`` is
+    ``"out_in"`` for ``nn.Linear`` (weight is ``[out, in]``) and ``"in_out"`` for
+    GPT-2's ``Conv1D`` (weight is stored transposed, ``[in, out]``).
+    """
+
+    model_type: str
+    block_prefix: str  # e.g. "model.layers.{}"
+    embeddings: tuple[str, ...]  # parameter-name prefixes outside the blocks
+    final_norm: tuple[str, ...]
+    head: tuple[str, ...]
+    mlp_in: tuple[str, ...]  # relative to the block, e.g. ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out: str  # relative to the block: ROME edits this module's weight
+    attention: str  # relative to the block: the attention module (causal tracing restores its output)
+    mlp: str  # relative to the block: the MLP module (causal tracing restores its output)
+    weight_layout: Literal["out_in", "in_out"] = "out_in"
+    num_layers_key: str = "num_hidden_layers"
+    # Optional prefixes seen in checkpoints saved without the task head wrapper
+    # (e.g. gpt2 on the Hub stores "h.0.attn..." rather than "transformer.h.0...").
+    optional_prefixes: tuple[str, ...] = ()
+    generic: bool = False
+    _block_re: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        head, _, tail = self.block_prefix.partition("{}")
+        # A checkpoint may store names without an optional wrapper prefix
+        # ("h.0.mlp..." for "transformer.h.0.mlp..."): accept both spellings.
+        heads = {head} | {head[len(p):] for p in self.optional_prefixes if head.startswith(p)}
+        alternatives = "|".join(re.escape(h) for h in sorted(heads, key=len, reverse=True))
+        pattern = rf"^(?:{alternatives})(\d+){re.escape(tail)}\."
+        object.__setattr__(self, "_block_re", re.compile(pattern))
+
+    # -- parameter names -------------------------------------------------
+    def _strip(self, name: str) -> str:
+        for p in self.optional_prefixes:
+            if name.startswith(p):
+                return name[len(p):]
+        return name
+
+    def locate(self, name: str) -> Location:
+        """Return where parameter ``name`` lives (its block, or which non-block part)."""
+        m = self._block_re.match(name)
+        if m:
+            return Location("block", int(m.group(1)))
+        for kind, prefixes in (
+            ("embedding", self.embeddings),
+            ("final_norm", self.final_norm),
+            ("head", self.head),
+        ):
+            for p in prefixes:
+                if name.startswith(p) or self._strip(p) == self._strip(name)[: len(self._strip(p))]:
+                    return Location(kind)  # type: ignore[arg-type]
+        return Location("other")
+
+    def block_of(self, name: str) -> int | None:
+        """Block index of ``name``, or None for parameters outside the stack."""
+        return self.locate(name).block
+
+    # -- modules -----------------------------------------------------------
+    def block(self, index: int) -> str:
+        """Module path of block ``index``, e.g. ``model.layers.3``."""
+        return self.block_prefix.format(index)
+
+    def module(self, role: Literal["mlp_out", "mlp", "attention"], index: int) -> str:
+        """Full module path of ``role`` in block ``index``."""
+        rel = {"mlp_out": self.mlp_out, "mlp": self.mlp, "attention": self.attention}[role]
+        return f"{self.block(index)}.{rel}"
+
+    def mlp_in_modules(self, index: int) -> list[str]:
+        return [f"{self.block(index)}.{rel}" for rel in self.mlp_in]
+
+    # -- weights -----------------------------------------------------------
+    @property
+    def transposed(self) -> bool:
+        """True when 2-D weights are stored ``[in, out]`` (GPT-2 Conv1D)."""
+        return self.weight_layout == "in_out"
+
+    def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """View a stored 2-D projection weight as ``[out, in]``."""
+        return weight.T if self.transposed else weight
+
+    def from_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`as_out_in`: an ``[out, in]`` tensor in stored layout."""
+        return weight.T if self.transposed else weight
+
+    def num_layers(self, config: Mapping[str, Any] | Any) -> int:
+        """Number of transformer blocks, from a config object or dict."""
+        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        for key in (self.num_layers_key, "num_hidden_layers", "n_layer", "num_layers"):
+            value = get(key, None)
+            if isinstance(value, int):
+                return value
+        raise WeightsmithError(f"config of {self.model_type!r} has no layer count ({self.num_layers_key})")
+
+
+def _llama_like(model_type: str, **overrides: Any) -> ArchSpec:
+    base = dict(
+        model_type=model_type,
+        block_prefix="model.layers.{}",
+        embeddings=("model.embed_tokens",),
+        final_norm=("model.norm",),
+        head=("lm_head",),
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_out="mlp.down_proj",
+        attention="self_attn",
+        mlp="mlp",
+    )
+    base.update(overrides)
+    return ArchSpec(**base)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        _llama_like("llama"),
+        _llama_like("mistral"),
+        _llama_like("qwen2"),
+        _llama_like("qwen3"),
+        _llama_like("gemma"),
+        _llama_like("gemma2"),
+        _llama_like("olmo2"),
+        _llama_like("phi3", mlp_in=("mlp.gate_up_proj",)),
+        ArchSpec(
+            model_type="gpt2",
+            block_prefix="transformer.h.{}",
+            embeddings=("transformer.wte", "transformer.wpe"),
+            final_norm=("transformer.ln_f",),
+            head=("lm_head",),
+            mlp_in=("mlp.c_fc",),
+            mlp_out="mlp.c_proj",
+            attention="attn",
+            mlp="mlp",
+            weight_layout="in_out",  # transformers' Conv1D stores [in, out]
+            num_layers_key="n_layer",
+            optional_prefixes=("transformer.",),
+        ),
+        ArchSpec(
+            model_type="gpt_neox",
+            block_prefix="gpt_neox.layers.{}",
+            embeddings=("gpt_neox.embed_in",),
+            final_norm=("gpt_neox.final_layer_norm",),
+            head=("embed_out",),
+            mlp_in=("mlp.dense_h_to_4h",),
+            mlp_out="mlp.dense_4h_to_h",
+            attention="attention",
+            mlp="mlp",
+        ),
+    )
+}
+
+
+_GENERIC_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class GenericSpec(ArchSpec):
+    """Fallback for unknown architectures: blocks found by the ``layers.N.`` / ``h.N.`` rule."""
+
+    def locate(self, name: str) -> Location:  # noqa: D102 - same contract as ArchSpec
+        m = _GENERIC_BLOCK.search(name)
+        if m:
+            return Location("block", int(m.group(1)))
+        low = name.lower()
+        if "embed" in low or low.startswith(("wte", "wpe")) or ".wte" in low or ".wpe" in low:
+            return Location("embedding")
+        if "lm_head" in low or low.startswith("embed_out"):
+            return Location("head")
+        if "norm" in low or "ln_f" in low:
+            return Location("final_norm")
+        return Location("other")
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def spec_for(model_type: str | None, *, strict: bool = False) -> ArchSpec:
+    """The declared :class:`ArchSpec` for ``model_type``.
+
+    An unknown type falls back to a generic ``layers.N.`` / ``h.N.`` rule and
+    logs a warning; with ``strict=True`` (ROME, which must know the MLP) it
+    raises :class:`WeightsmithError` instead.
+    """
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if strict:
+        raise WeightsmithError(
+            f"unsupported architecture {model_type!r}: supported are {', '.join(supported_architectures())}"
+        )
+    log.warning(
+        "architecture %r is not in the map; assigning blocks by the generic 'layers.N.' / 'h.N.' name rule",
+        model_type,
+    )
+    return GenericSpec(
+        model_type=str(model_type),
+        block_prefix="layers.{}",
+        embeddings=(),
+        final_norm=(),
+        head=(),
+        mlp_in=(),
+        mlp_out="",
+        attention="",
+        mlp="",
+        generic=True,
+    )

@@ -1,0 +1,53 @@
+"""``weightsmith`` command line: argument parsing only; the work is in the library.
+
+Each feature package contributes its subcommands through a ``register(subparsers)``
+function listed in :data:`COMMAND_MODULES`. A :class:`WeightsmithError` prints
+one line and exits with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import WeightsmithError
+
+COMMAND_MODULES = [
+    "checkpoints.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightsmith",
+        description="Merge checkpoints, mix LoRA adapters, edit facts with ROME, publish to the Hub.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = args.func(args)
+    except WeightsmithError as e:
+        print(f"weightsmith: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("weightsmith: cancelled", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Turn a ``.gguf`` file into a plain Hugging Face folder (float32 safetensors).
+
+transformers dequantises GGUF on load (``from_pretrained(..., gguf_file=...)``)
+but refuses to ``save_pretrained`` the result, so we rebuild a clean model from
+its config without ``quantization_config`` and load the dequantised weights
+into it. The result is cached, keyed by the file's name, size and mtime, so a
+second call returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import WeightsmithError
+from .home import weightsmith_home
+
+log = logging.getLogger(__name__)
+
+
+def _cache_key(gguf: Path) -> str:
+    st = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}-{digest}"
+
+
+def convert_gguf(gguf: Path, *, cache_root: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Convert ``gguf`` once; return the HF folder (config, tokenizer, float32 safetensors)."""
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise WeightsmithError(f"{gguf}: no such GGUF file")
+    target = out_dir or (cache_root or weightsmith_home() / "models") / _cache_key(gguf)
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float32 Hugging Face folder (once)", gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise WeightsmithError(f"{gguf.name}: cannot read GGUF: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config = AutoConfig.for_model(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config.dtype = "float32"
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if not (getattr(config, "tie_word_embeddings", False) and "lm_head" in m)]
+    if missing or unexpected:
+        raise WeightsmithError(f"{gguf.name}: converted weights do not match the config (missing {missing[:3]})")
+    clean.tie_weights()
+    clean.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,271 @@
+"""One resolver: turn whatever a user names into a local checkpoint.
+
+Accepted references:
+
+* ``demo``: the bundled SmolLM2-135M-Instruct (see :mod:`checkpoints.demo`);
+* a local Hugging Face folder (one safetensors file, or shards plus index);
+* a single ``.safetensors`` file, with config and tokenizer from ``config_from``;
+* a ``.gguf`` file (converted once, cached);
+* a ``.bin``/``.pt`` pickle state dict (read with ``weights_only=True``), with ``config_from``;
+* a Hub repo id ``owner/name``, through ``snapshot_download`` (honours
+  ``HF_HUB_OFFLINE`` and the local cache).
+
+Example::
+
+    ckpt = resolve("demo")
+    ckpt.model_type, ckpt.num_layers, ckpt.reader().keys()[:3]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import ArchSpec, spec_for
+from .errors import WeightsmithError
+from .tensors import CheckpointReader, TensorMeta, read_safetensors_header, tied_head_names, weight_files
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What we fetch from the Hub: weights as safetensors, plus what loads them. No pickles, no code.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclass
+class LocalCheckpoint:
+    """A checkpoint on local disk, with its config.
+
+    ``name`` is what may be shown publicly (Hub id or folder name), never a
+    local path. ``support_dir`` holds config/tokenizer files; ``files`` are the
+    weight files.
+    """
+
+    ref: str
+    name: str
+    kind: str  # demo | folder | safetensors | gguf | pickle | hub
+    support_dir: Path
+    files: list[Path]
+    config: dict[str, Any]
+    hub_id: str | None = None
+    _reader: CheckpointReader | None = field(default=None, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    @property
+    def spec(self) -> ArchSpec:
+        return spec_for(self.model_type)
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers(self.config)
+
+    def reader(self) -> CheckpointReader:
+        """Lazy per-tensor reader (created once per checkpoint object)."""
+        if self._reader is None:
+            if self.kind == "pickle":
+                self._reader = CheckpointReader.from_pickle(self.files[0])
+            else:
+                self._reader = CheckpointReader.from_files(self.files)
+        return self._reader
+
+    def tied_names(self) -> list[str]:
+        return tied_head_names(self.config, self.spec)
+
+    def check_matches_config(self) -> None:
+        """Raise if the weights' shapes contradict the config (hidden size, vocab, layer count)."""
+        metas = self.reader().metas()
+        check_config_against_weights(self.name, self.config, self.spec, metas)
+
+    def load_model(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        """A transformers causal LM in ``dtype`` on ``device``; never runs remote code."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.check_matches_config()
+        if self.kind in ("folder", "hub", "demo", "gguf") and self.support_dir == self.files[0].parent:
+            model = AutoModelForCausalLM.from_pretrained(str(self.support_dir), dtype=dtype, trust_remote_code=False)
+        else:
+            config = AutoConfig.from_pretrained(str(self.support_dir), trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            state = {k: v for k, v in self.reader().iter_tensors(dtype=dtype)}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [m for m in missing if m not in self.tied_names()]
+            if missing or unexpected:
+                raise WeightsmithError(
+                    f"{self.name}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
+            model.tie_weights()
+        model.eval()
+        return model.to(device)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.support_dir), trust_remote_code=False)
+        except Exception as e:
+            raise WeightsmithError(f"{self.name}: cannot load tokenizer: {str(e).splitlines()[0] if str(e) else e}") from None
+
+    def summary(self) -> dict[str, Any]:
+        """Architecture, layer count, parameter count, dtypes and files: what ``weightsmith info`` prints."""
+        reader = self.reader()
+        return {
+            "name": self.name,
+            "source": self.kind,
+            "architecture": self.model_type,
+            "layers": self.num_layers,
+            "parameters": reader.num_parameters(),
+            "dtype": ",".join(reader.dtypes()),
+            "hidden_size": self.config.get("hidden_size", self.config.get("n_embd")),
+            "vocab_size": self.config.get("vocab_size"),
+            "files": [f.name for f in self.files],
+        }
+
+
+def check_config_against_weights(name: str, config: dict, spec: ArchSpec, metas: dict[str, TensorMeta]) -> None:
+    """One clear error when a config contradicts the stored tensors."""
+    blocks = {spec.block_of(n) for n in metas} - {None}
+    n_layers = spec.num_layers(config)
+    if blocks and max(blocks) + 1 != n_layers:
+        raise WeightsmithError(
+            f"{name}: config says {n_layers} layers but the weights have {max(blocks) + 1} blocks"
+        )
+    vocab = config.get("vocab_size")
+    for emb in spec.embeddings[:1]:
+        for key in (f"{emb}.weight", f"{spec._strip(emb)}.weight"):
+            if key in metas and vocab and metas[key].shape[0] != vocab:
+                raise WeightsmithError(
+                    f"{name}: config says vocab_size {vocab} but {key} has {metas[key].shape[0]} rows"
+                )
+            hidden = config.get("hidden_size", config.get("n_embd"))
+            if key in metas and hidden and metas[key].shape[-1] != hidden:
+                raise WeightsmithError(
+                    f"{name}: config says hidden size {hidden} but {key} has width {metas[key].shape[-1]}"
+                )
+
+
+def _read_config(folder: Path, who: str) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise WeightsmithError(f"{who}: no config.json in {folder.name}")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise WeightsmithError(f"{path}: corrupt JSON ({e})") from None
+    if "model_type" not in config:
+        raise WeightsmithError(f"{path}: config has no model_type")
+    return config
+
+
+def _from_folder(ref: str, folder: Path, kind: str, name: str, hub_id: str | None = None) -> LocalCheckpoint:
+    config = _read_config(folder, name)
+    if (folder / "adapter_config.json").exists() and not any(folder.glob("model*.safetensors")):
+        raise WeightsmithError(f"{name}: this is a PEFT adapter, not a model (use it as an adapter)")
+    try:
+        files = weight_files(folder)
+        ckind = kind
+    except WeightsmithError:
+        pickles = [p for p in (folder / "pytorch_model.bin", folder / "model.pt") if p.exists()]
+        if not pickles:
+            raise
+        files, ckind = pickles[:1], "pickle"
+    ckpt = LocalCheckpoint(ref, name, ckind, folder, files, config, hub_id=hub_id)
+    return ckpt
+
+
+def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool = True) -> LocalCheckpoint:
+    """Resolve a user's reference to a :class:`LocalCheckpoint`.
+
+    ``config_from`` names (anything resolvable) where a bare weights file takes
+    its config and tokenizer. Raises :class:`WeightsmithError` with one line.
+    """
+    ref_s = str(ref).strip()
+    if not ref_s:
+        raise WeightsmithError("no model named")
+    if ref_s == "demo":
+        from .demo import DEMO_NAME, demo_model_path
+
+        folder = demo_model_path()
+        return _from_folder("demo", folder, "demo", DEMO_NAME, hub_id=DEMO_NAME)
+    path = Path(ref_s).expanduser()
+    if path.is_dir():
+        return _from_folder(ref_s, path, "folder", path.resolve().name)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            from .gguf_convert import convert_gguf
+
+            folder = convert_gguf(path)
+            return _from_folder(ref_s, folder, "gguf", path.stem)
+        if suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            if config_from is None:
+                raise WeightsmithError(
+                    f"{path.name}: a bare weights file needs a config: name a base model to take it from"
+                )
+            base = resolve(config_from, allow_hub=allow_hub)
+            if suffix == ".safetensors":
+                read_safetensors_header(path)  # fail early and clearly on a bad file
+                kind = "safetensors"
+            else:
+                kind = "pickle"
+            return LocalCheckpoint(ref_s, path.stem, kind, base.support_dir, [path], dict(base.config))
+        raise WeightsmithError(f"{path.name}: unsupported file type {suffix!r} (use .safetensors, .gguf or a folder)")
+    if _HUB_ID.match(ref_s) and not ref_s.startswith((".", "/", "~")):
+        if not allow_hub:
+            raise WeightsmithError(f"{ref_s}: Hub ids are not allowed here")
+        return _from_folder(ref_s, download_from_hub(ref_s), "hub", ref_s, hub_id=ref_s)
+    raise WeightsmithError(f"{ref_s}: no such file or folder, and not a Hub repo id (owner/name)")
+
+
+def download_from_hub(repo_id: str, *, revision: str | None = None, token: str | None = None,
+                      allow_patterns: list[str] | None = None) -> Path:
+    """``snapshot_download`` of the files a checkpoint needs; offline, the local cache only.
+
+    Raises one clear line when the repo is neither cached nor reachable.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns or HUB_PATTERNS)
+        )
+    except LocalEntryNotFoundError:
+        raise WeightsmithError(
+            f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1): download it on a connected machine with "
+            f"`hf download {repo_id}`, copy the cache (HF_HOME), or name a local folder"
+        ) from None
+    except GatedRepoError:
+        raise WeightsmithError(f"{repo_id}: gated repo: accept its terms on the Hub and pass a token") from None
+    except RepositoryNotFoundError:
+        raise WeightsmithError(f"{repo_id}: no such repo on the Hub (or it is private: pass a token)") from None
+    except RevisionNotFoundError:
+        raise WeightsmithError(f"{repo_id}: no revision {revision!r}") from None
+    except OSError as e:
+        raise WeightsmithError(f"{repo_id}: download failed: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def public_name(ref: str) -> str:
+    """What a card may show for a model reference: a Hub id as is, a path as its last component."""
+    s = str(ref).strip().rstrip("/")
+    if s == "demo":
+        from .demo import DEMO_NAME
+
+        return DEMO_NAME
+    if _HUB_ID.match(s) and not Path(s).exists():
+        return s
+    return Path(s).name or s

@@ -1,0 +1,437 @@
+"""Lazy tensor reading and streaming, atomic writing of safetensors checkpoints.
+
+* :class:`CheckpointReader` reads one tensor at a time across shards with
+  ``safetensors.safe_open`` (no whole model in memory). Headers are checked
+  first, so a truncated or corrupt file is one clear error naming the file.
+* :class:`ShardedWriter` writes tensors as they are produced into shards in a
+  temporary folder, with ``model.safetensors.index.json`` when there is more
+  than one shard, and renames the folder into place only when complete.
+
+Example::
+
+    reader = CheckpointReader.from_files([Path("model.safetensors")])
+    with ShardedWriter(Path("out"), max_shard_bytes=2**30) as w:
+        for name in reader.keys():
+            w.add(name, reader.get(name))
+        w.copy_support_files(Path("src"))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import WeightsmithError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Largest header we accept; real headers are a few hundred KB at most.
+MAX_HEADER_BYTES = 100 * 2**20
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+# Files copied next to the weights so the folder loads on its own.
+SUPPORT_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Header facts about one stored tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse and check the header of one ``.safetensors`` file.
+
+    Returns name -> :class:`TensorMeta`. Raises :class:`WeightsmithError`
+    naming the file when it is truncated, its header claims impossible sizes,
+    or its JSON is corrupt.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise WeightsmithError(f"{path.name}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise WeightsmithError(
+                    f"{path.name}: corrupt safetensors header: it claims {header_len} header bytes "
+                    f"but the file has {size} bytes"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise WeightsmithError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"{path.name}: corrupt safetensors header ({e})") from None
+    data_len = size - 8 - header_len
+    metas: dict[str, TensorMeta] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsmithError(f"{path.name}: corrupt safetensors header entry for tensor {name!r}") from None
+        meta = TensorMeta(name, shape, dtype, path)
+        expected = meta.numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or begin < 0:
+            raise WeightsmithError(
+                f"{path.name}: header of tensor {name!r} claims shape {list(shape)} but {end - begin} bytes"
+            )
+        if end > data_len:
+            raise WeightsmithError(
+                f"{path.name}: truncated: tensor {name!r} needs bytes up to {end} but the file holds "
+                f"only {data_len} bytes of data"
+            )
+        metas[name] = meta
+    return metas
+
+
+class CheckpointReader:
+    """Lazy, per-tensor access to a checkpoint stored as one or more safetensors shards.
+
+    ``get(name)`` opens the owning shard with ``safe_open`` and returns just
+    that tensor, converted to float32 by default (the CPU is ~300x slower in
+    bf16). Pickle checkpoints are read whole, through ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, metas: dict[str, TensorMeta], *, pickled: dict[str, torch.Tensor] | None = None):
+        self._metas = metas
+        self._pickled = pickled
+
+    # -- construction ------------------------------------------------------
+    @classmethod
+    def from_files(cls, files: Iterable[Path]) -> "CheckpointReader":
+        """Reader over explicit safetensors files (shards of one checkpoint)."""
+        metas: dict[str, TensorMeta] = {}
+        for f in files:
+            for name, meta in read_safetensors_header(Path(f)).items():
+                if name in metas:
+                    raise WeightsmithError(f"tensor {name!r} is stored twice: in {metas[name].file.name} and {f.name}")
+                metas[name] = meta
+        return cls(metas)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "CheckpointReader":
+        """Reader over an HF folder: an index with shards, one ``model.safetensors``, or a pickle."""
+        return cls.from_files(weight_files(folder)) if _has_safetensors(folder) else cls.from_pickle(
+            _pickle_file(folder)
+        )
+
+    @classmethod
+    def from_pickle(cls, path: Path) -> "CheckpointReader":
+        """Reader over a ``.bin``/``.pt`` state dict, loaded with ``weights_only=True`` (no code runs)."""
+        state = load_pickle_state_dict(path)
+        metas = {k: TensorMeta(k, tuple(v.shape), v.dtype, path) for k, v in state.items()}
+        return cls(metas, pickled=state)
+
+    # -- access ------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._metas
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self._metas[name]
+        except KeyError:
+            raise WeightsmithError(f"tensor {name!r} is not in the checkpoint") from None
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return dict(self._metas)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({m.file for m in self._metas.values()})
+
+    def get(self, name: str, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Load one tensor; ``dtype=None`` keeps the stored dtype."""
+        meta = self.meta(name)
+        if self._pickled is not None:
+            t = self._pickled[name]
+        else:
+            try:
+                with safe_open(str(meta.file), framework="pt", device="cpu") as f:
+                    t = f.get_tensor(name)
+            except Exception as e:  # safetensors raises its own error types
+                raise WeightsmithError(f"{meta.file.name}: cannot read tensor {name!r}: {e}") from None
+        if dtype is not None and t.dtype != dtype and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+    def iter_tensors(self, **kw) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._metas:
+            yield name, self.get(name, **kw)
+
+    def total_bytes(self) -> int:
+        return sum(m.numel * torch.empty((), dtype=m.dtype).element_size() for m in self._metas.values())
+
+    def num_parameters(self) -> int:
+        return sum(m.numel for m in self._metas.values())
+
+    def dtypes(self) -> list[str]:
+        return sorted({str(m.dtype).removeprefix("torch.") for m in self._metas.values()})
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / INDEX_NAME).exists() or any(folder.glob("*.safetensors"))
+
+
+def _pickle_file(folder: Path) -> Path:
+    for cand in ("pytorch_model.bin", "model.pt", "model.bin"):
+        if (folder / cand).exists():
+            return folder / cand
+    raise WeightsmithError(f"{folder}: no weights found (no *.safetensors, no pytorch_model.bin)")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF folder, checked against its index when there is one."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise WeightsmithError(f"{index}: corrupt index (no weight_map)") from None
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            path = folder / shard
+            if not path.exists():
+                raise WeightsmithError(f"{index.name} names shard {shard} but {path} is missing")
+            files.append(path)
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsmithError(f"{folder}: no safetensors weights")
+    return files
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled state dict with ``weights_only=True``; a code payload is refused with a clear error."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # UnpicklingError for payloads, RuntimeError for torn files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsmithError(
+            f"{path.name}: refused to load pickle (only plain tensors are allowed; it may carry code): {first}"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsmithError(f"{path.name}: not a state dict of tensors")
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _OpenShard:
+    data_path: Path
+    handle: "os.PathLike | object"
+    entries: dict[str, dict] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class ShardedWriter:
+    """Stream tensors into sharded safetensors in a temp folder; rename into place on success.
+
+    safetensors' own writers need every tensor of a shard in memory at once;
+    to keep peak memory at one tensor we append raw bytes to a data file and
+    write the (documented, 8-byte-length + JSON) header when the shard closes.
+
+    Args:
+        out_dir: final folder. It must not exist unless ``overwrite=True``.
+        max_shard_bytes: start a new shard when the current one would exceed this.
+        dtype: cast floating tensors to this dtype on write (None keeps them).
+        skip: names not to write (e.g. a tied ``lm_head.weight``).
+    """
+
+    def __init__(self, out_dir: Path, *, max_shard_bytes: int = 5 * 10**9, dtype: torch.dtype | None = None,
+                 skip: Iterable[str] = (), overwrite: bool = False, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.dtype = dtype
+        self.skip = set(skip)
+        self.overwrite = overwrite
+        self.metadata = {"format": "pt", **(metadata or {})}
+        if self.out_dir.exists() and not overwrite:
+            raise WeightsmithError(f"{self.out_dir} already exists (choose another folder or allow overwrite)")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._current: _OpenShard | None = None
+        self._names: set[str] = set()
+        self._done = False
+
+    # -- context manager ----------------------------------------------------
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._done:
+            self.commit()
+        elif exc_type is not None:
+            self.abort()
+
+    # -- tensors ------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (moved to CPU, cast to ``dtype``, made contiguous)."""
+        if name in self.skip:
+            return
+        if name in self._names:
+            raise WeightsmithError(f"tensor {name!r} written twice")
+        t = tensor.detach().to("cpu")
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.contiguous()
+        if t.dtype not in _TORCH_TO_ST:
+            raise WeightsmithError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        if self._current is not None and self._current.nbytes and self._current.nbytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._current is None:
+            data_path = self.tmp / f".shard-{len(self._shards):05d}.data"
+            self._current = _OpenShard(data_path, open(data_path, "wb"))
+        cur = self._current
+        # uint8 view of the tensor's bytes: no extra copy for contiguous tensors.
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        cur.handle.write(memoryview(raw) if t.numel() else b"")  # type: ignore[attr-defined]
+        cur.entries[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [cur.nbytes, cur.nbytes + nbytes]}
+        cur.nbytes += nbytes
+        self._names.add(name)
+
+    def _close_shard(self) -> None:
+        cur = self._current
+        if cur is None:
+            return
+        cur.handle.close()  # type: ignore[attr-defined]
+        header = dict(cur.entries)
+        header["__metadata__"] = self.metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns data to 8 bytes
+        final = self.tmp / f".shard-{len(self._shards):05d}.safetensors"
+        with open(final, "wb") as out, open(cur.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+            out.flush()
+            os.fsync(out.fileno())
+        cur.data_path.unlink()
+        self._shards.append((final, list(cur.entries)))
+        self._current = None
+
+    # -- other files ---------------------------------------------------------
+    def write_text(self, name: str, text: str) -> None:
+        (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (self.tmp / name).write_text(text, encoding="utf-8")
+
+    def copy_file(self, src: Path, name: str | None = None) -> None:
+        shutil.copy2(src, self.tmp / (name or Path(src).name))
+
+    def copy_support_files(self, source: Path, *, names: Iterable[str] = SUPPORT_FILES) -> list[str]:
+        """Copy config/tokenizer/generation config from folder ``source``; returns what was copied."""
+        copied = []
+        for n in names:
+            if (Path(source) / n).is_file():
+                self.copy_file(Path(source) / n, n)
+                copied.append(n)
+        return copied
+
+    @property
+    def staging(self) -> Path:
+        """The temporary folder (for callers that save extra files, e.g. a tokenizer)."""
+        return self.tmp
+
+    # -- finish ------------------------------------------------------------
+    def commit(self) -> Path:
+        """Close the last shard, name shards, write the index, and rename into place."""
+        self._close_shard()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, (path, names) in enumerate(self._shards):
+            final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.tmp / final)
+            for name in names:
+                weight_map[name] = final
+            total += (self.tmp / final).stat().st_size
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if self.out_dir.exists():  # overwrite=True: swap atomically, then drop the old folder
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.replace(self.out_dir, old / "x")
+            os.replace(self.tmp, self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out_dir)
+        self._done = True
+        log.info("wrote %d tensors in %d shard(s) to %s", len(weight_map), n, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Drop everything written so far; the destination is untouched."""
+        if self._current is not None:
+            try:
+                self._current.handle.close()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+            self._current = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+
+def tied_head_names(config: dict, spec) -> list[str]:
+    """Names of head weights that a tied-embedding model does not store.
+
+    For ``tie_word_embeddings`` models (gpt2, SmolLM2) ``lm_head.weight`` is
+    the embedding matrix; writing it again would double the file and, worse,
+    let a merge make the two differ.
+    """
+    tied = config.get("tie_word_embeddings")
+    if tied is None:
+        tied = spec.model_type == "gpt2"
+    return [f"{h}.weight" for h in spec.head] if tied else []
