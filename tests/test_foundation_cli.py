@@ -1,0 +1,42 @@
+"""The CLI: info output, exit status 2 with one line and no traceback on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints.cli import main
+
+
+def test_info_json(tiny_gpt2_dir, capsys):
+    assert main(["info", str(tiny_gpt2_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "gpt2" and info["layers"] == 4
+    assert info["parameters"] == 57024 and info["dtype"] == "float32"
+    assert info["files"] == ["model.safetensors"]
+    assert info["name"] == tiny_gpt2_dir.name  # a public name, never the path
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    proc = subprocess.run([sys.executable, "-m", "checkpoints.cli", "info", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("weightsmith: error: model.safetensors: corrupt safetensors header")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_lists_foundation_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo-model", "info", "serve"):
+        assert cmd in out
