@@ -16,6 +16,7 @@ from .errors import WeightsmithError
 
 COMMAND_MODULES = [
     "checkpoints.commands",
+    "checkpoints.hub_commands",
 ]
 
 
