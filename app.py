@@ -320,7 +320,7 @@ class Workbench:
 
     @user_errors
     def push(self, item: str, repo_id: str, private: bool, token: str, request: gr.Request,
-             oauth_token: gr.OAuthToken | None = None) -> str:
+             oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()) -> str:
         """Push a workspace item to the Hub in one commit; returns the commit URL as Markdown."""
         from checkpoints import hub
 
@@ -332,8 +332,11 @@ class Workbench:
         folder = ws.item_path(item)
         if not folder.is_dir():
             raise WeightsmithError(f"{item}: no such item in this workspace")
-        tok = hub.token_for_push(oauth_token.token if oauth_token else None, token or None)
-        result = hub.push_folder(folder, repo_id.strip(), token=tok, private=bool(private))
+        tok = hub.token_for_push(oauth_token, token or None)
+        # On a Space the server's own HF_TOKEN must never publish on a visitor's behalf.
+        result = hub.push_folder(folder, repo_id.strip(), token=tok, private=bool(private),
+                                 progress=progress_adapter(progress),
+                                 allow_ambient_token=not hub.running_on_space())
         return f"Pushed to [{repo_id.strip()}]({result.commit_url})"
 
     # ---- stop ----------------------------------------------------------------------
