@@ -282,6 +282,7 @@ def push_folder(
         raise WeightsmithError("HF_HUB_OFFLINE=1 is set: pushing needs the network; unset it")
 
     load_card(folder)  # one clear error when the card is missing or the Hub would refuse it
+    collect_files(folder)  # refuse local paths before anything reaches the network
     secret = resolve_token(token, allow_ambient_token=allow_ambient_token)
     stage = "creating the repo"
     try:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def _push(args: argparse.Namespace) -> int:
     from .hub import push_folder
+
+    if not getattr(args, "verbose", False):
+        # One line per HTTP request is noise on a terminal; -v shows them.
+        for name in ("httpx2", "httpx", "httpcore2", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     def progress(fraction: float, text: str) -> None:
         print(f"[{fraction:4.0%}] {text}", flush=True)

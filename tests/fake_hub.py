@@ -187,7 +187,13 @@ class _Handler(BaseHTTPRequestHandler):
         return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
     def _read_body(self, limit: int | None = None) -> bytes:
-        """The request body (Content-Length or chunked); ``limit`` reads only that much then drops."""
+        """The request body (Content-Length or chunked), read once; ``limit`` reads that much then drops."""
+        if getattr(self, "_body", None) is not None:
+            return self._body
+        self._body = self._read_raw(limit)
+        return self._body
+
+    def _read_raw(self, limit: int | None) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             out = bytearray()
             while True:
@@ -208,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes | dict | list = b"", headers: dict[str, str] | None = None,
               *, head: bool = False) -> None:
+        self._read_body()  # an unread request body would corrupt the next request on this connection
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -248,6 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = unquote(parts.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self._body = None
         self.hub.requests.append((method, path, self._token()))
         try:
             for pattern, meth, handler in _ROUTES:
