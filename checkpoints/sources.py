@@ -244,9 +244,12 @@ def download_from_hub(repo_id: str, *, revision: str | None = None, token: str |
             snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns or HUB_PATTERNS)
         )
     except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE=1 is set (unset it to download)" if constants.HF_HUB_OFFLINE
+               else "the Hub cannot be reached (check the network or HF_ENDPOINT)")
         raise WeightsmithError(
-            f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1): download it on a connected machine with "
+            f"{repo_id}: not in the local Hugging Face cache and {why}: download it on a connected machine with "
             f"`hf download {repo_id}`, copy the cache (HF_HOME), or name a local folder"
         ) from None
     except GatedRepoError:
@@ -256,7 +259,13 @@ def download_from_hub(repo_id: str, *, revision: str | None = None, token: str |
     except RevisionNotFoundError:
         raise WeightsmithError(f"{repo_id}: no revision {revision!r}") from None
     except OSError as e:
-        raise WeightsmithError(f"{repo_id}: download failed: {str(e).splitlines()[0] if str(e) else e}") from None
+        if getattr(getattr(e, "response", None), "status_code", None) == 401:
+            raise WeightsmithError(f"{repo_id}: the Hub rejected the token (401): pass a valid token, "
+                                   "or none for a public repo") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if token:  # never echo a token the server may have repeated
+            first = first.replace(token, "***")
+        raise WeightsmithError(f"{repo_id}: download failed: {first}") from None
 
 
 def public_name(ref: str) -> str:

@@ -169,6 +169,19 @@ class FakeHub:
         return repo
 
 
+    def seed(self, repo_id: str, files: dict[str, bytes], *, private: bool = False) -> str:
+        """Create ``repo_id`` (owner = its namespace) holding ``files`` at main; returns the commit oid."""
+        repo = self.repos.get(repo_id) or self.create_repo(repo_id, repo_id.split("/")[0], private)
+        parent = repo.head("main")
+        lfs = {p for p in files if p.endswith(LFS_SUFFIXES)}
+        oid = self._new_oid(repo_id + "seed")
+        repo.commits[oid] = Commit(oid, parent.oid, "seed", {**parent.files, **files}, parent.lfs | lfs)
+        repo.branches["main"] = oid
+        for path in lfs:
+            self.lfs_store[hashlib.sha256(files[path]).hexdigest()] = files[path]
+        return oid
+
+
 def parse_front_matter(text: str) -> dict[str, Any]:
     m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.S)
     return (yaml.safe_load(m.group(1)) or {}) if m else {}
