@@ -1,0 +1,74 @@
+"""``weightsmith merge RECIPE.yaml OUT_DIR``: run a mergekit-style recipe with a tqdm bar."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from checkpoints.errors import WeightsmithError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"``, ``"500M"``, ``"1.5gib"`` or a plain byte count → bytes (decimal units, like mergekit)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise WeightsmithError(f"bad size {text!r}: use bytes or a number with K, M, G or T (e.g. 2GB)")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
+    base = 1024 if binary else 1000
+    return int(number * base ** " kmgt".index(unit or " "))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import threading
+
+    from tqdm import tqdm
+
+    from .engine import run_merge
+    from .recipe import MergeRecipe
+
+    recipe = MergeRecipe.from_yaml(open_recipe(args.recipe))
+    cancel = threading.Event()
+    bar = tqdm(total=None, unit="tensor", desc="merging", dynamic_ncols=True)
+
+    def progress(done: int, total: int, name: str) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.refresh()
+
+    try:
+        result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
+                           max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
+                           seed=args.seed)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        bar.close()
+    extra = f", LiNeS alpha {result.lines_alpha:.4g}" if result.lines_alpha is not None else ""
+    print(f"wrote {result.out_dir} ({result.tensors_changed}/{result.tensors_total} tensors changed, "
+          f"{result.output_bytes / 1e9:.2f} GB, {result.seconds:.1f} s{extra})")
+    return 0
+
+
+def open_recipe(path: str):
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsmithError(f"{path}: no such recipe file")
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML recipe (plus LiNeS)")
+    p.add_argument("recipe", help="recipe YAML (mergekit format, optional lines: {alpha, beta})")
+    p.add_argument("out_dir", help="output folder (must not exist unless --allow-overwrite)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500M (default 5GB)")
+    p.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe's seed)")
+    p.set_defaults(func=_merge)

@@ -1,0 +1,160 @@
+"""The task-vector family: task arithmetic, TIES, DARE, breadcrumbs, DELLA.
+
+Each model contributes a task vector τᵢ = θᵢ − θ_base, optionally sparsified
+(see :mod:`merging.methods.sparsify`) and weighted by ``weight``. With a sign
+consensus (TIES-style) only entries agreeing with the elected sign are kept;
+``normalize`` divides by the sum of the weights that were kept. ``lambda``
+scales the merged vector. Semantics are mergekit 0.1.5's ``generalized task
+arithmetic``; the sign election is PEFT's ``calculate_majority_sign_mask``
+(its "total"/"frequency" are mergekit's "sum"/"count"). PEFT's ``ties`` and
+``dare_*`` are not used: they divide by a count rather than by the kept
+weights, and rescale DARE by 1/density rather than to the L1 norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from peft.utils.merge_utils import calculate_majority_sign_mask
+
+from . import sparsify
+from .base import MergeMethod, ParamSpec, TensorContext
+
+Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
+Consensus = Literal["sum", "count"] | None
+
+# Elementwise consensus is done in slices of this many entries, so the sign
+# masks never cost more than a few MB whatever the tensor size.
+_CHUNK = 1 << 22
+
+
+def _sparsify(delta: torch.Tensor, method: Sparsifier, p: dict[str, Any], rescale: bool, ctx: TensorContext) -> torch.Tensor:
+    density = float(p.get("density", 1.0))
+    if method == "magnitude":
+        return sparsify.magnitude(delta, density, rescale=rescale)
+    if method == "magnitude_outliers":
+        return sparsify.magnitude_outliers(delta, density, float(p.get("gamma", 0.01)), rescale=rescale)
+    if method == "random":
+        return sparsify.bernoulli(delta, density, ctx.generator(), rescale=rescale)
+    if method == "della_magprune":
+        return sparsify.della_magprune(delta, density, float(p.get("epsilon", 0.15)), ctx.generator(), rescale=rescale)
+    return delta
+
+
+def generalized_task_arithmetic(base: torch.Tensor | None, tensors: list[torch.Tensor], params: dict[str, Any],
+                                per_model: list[dict[str, Any]], ctx: TensorContext, *,
+                                sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    """base + λ · merge(sparsify(θᵢ − base) · wᵢ); see the module docstring."""
+    assert base is not None
+    if not tensors:
+        return base.clone()
+    weights = [float(p["weight"]) for p in per_model]
+    deltas: list[torch.Tensor] = []
+    for i, t in enumerate(tensors):
+        delta = t.sub_(base)  # the input is ours: reuse its memory for τᵢ
+        if ctx.observe_delta is not None:
+            ctx.observe_delta(i, delta)
+        deltas.append(_sparsify(delta, sparsifier, per_model[i], bool(params["rescale"]), ctx))
+    tensors.clear()
+    if ctx.observe_task_sum is not None:
+        total = deltas[0].clone()
+        for d in deltas[1:]:
+            total.add_(d)
+        ctx.observe_task_sum(total)
+        del total
+    for d, w in zip(deltas, weights):
+        d.mul_(w)
+
+    if consensus is None:
+        mixed = deltas[0]
+        for d in deltas[1:]:
+            mixed.add_(d)
+        divisor = sum(weights)
+        if params["normalize"] and abs(divisor) >= 1e-8:
+            mixed.div_(divisor)
+    else:
+        mixed = _consensus_merge(deltas, weights, consensus, bool(params["normalize"]))
+    deltas.clear()
+    lam = float(params["lambda"])
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def _consensus_merge(deltas: list[torch.Tensor], weights: list[float], consensus: str, normalize: bool) -> torch.Tensor:
+    """Sum of the weighted deltas whose sign agrees with the elected one, slice by slice."""
+    flat = [d.reshape(-1) for d in deltas]
+    out = torch.empty_like(flat[0])
+    w = torch.tensor(weights, dtype=out.dtype, device=out.device).unsqueeze(1)
+    method = "total" if consensus == "sum" else "frequency"
+    for start in range(0, out.numel(), _CHUNK):
+        stop = min(out.numel(), start + _CHUNK)
+        stacked = torch.stack([f[start:stop] for f in flat])  # (T, chunk)
+        mask = calculate_majority_sign_mask(stacked, method=method)
+        kept = stacked.mul_(mask).sum(dim=0)
+        if normalize:
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            kept.div_(divisor)
+        out[start:stop] = kept
+    return out.reshape(deltas[0].shape)
+
+
+def _family(sparsifier: Sparsifier, consensus: Consensus):
+    def func(base, tensors, params, per_model, ctx):
+        return generalized_task_arithmetic(base, tensors, params, per_model, ctx,
+                                           sparsifier=sparsifier, consensus=consensus)
+
+    return func
+
+
+def _params(*, normalize: bool, rescale: bool, sparsifier: Sparsifier) -> tuple[ParamSpec, ...]:
+    ps = [
+        ParamSpec("weight", "float", None, per_model=True, required=True,
+                  help="how much of this model's task vector (θ − θ_base) is added"),
+        ParamSpec("density", "float", 1.0, min=0.0, max=1.0, min_exclusive=True, per_model=True,
+                  help="fraction of the task vector's entries kept"),
+    ]
+    if sparsifier == "magnitude_outliers":
+        ps.append(ParamSpec("gamma", "float", 0.01, min=0.0, max=1.0, per_model=True,
+                            help="fraction of the largest-magnitude entries dropped as outliers"))
+    if sparsifier == "della_magprune":
+        ps.append(ParamSpec("epsilon", "float", 0.15, min=0.0, max=1.0, per_model=True,
+                            help="keep probabilities range over density ± epsilon by magnitude rank"))
+    ps += [
+        ParamSpec("lambda", "float", 1.0, help="scale of the merged task vector"),
+        ParamSpec("normalize", "bool", normalize, help="divide by the sum of the (kept) weights"),
+        ParamSpec("rescale", "bool", rescale, help="rescale kept entries to preserve each task vector's L1 norm"),
+        ParamSpec("int8_mask", "bool", False, help="accepted for mergekit compatibility (memory option; no effect here)"),
+    ]
+    return tuple(ps)
+
+
+def _entry(name, label, url, sparsifier, consensus, normalize, rescale, description):
+    return MergeMethod(
+        name=name, label=label, paper_url=url, func=_family(sparsifier, consensus),
+        parameters=_params(normalize=normalize, rescale=rescale, sparsifier=sparsifier),
+        needs_base="required", deterministic=sparsifier not in ("random", "della_magprune"),
+        description=description, observes=True,
+    )
+
+
+METHODS = [
+    _entry("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089", None, None, False, False,
+           "base + λ·Σ wᵢ(θᵢ − θ_base)"),
+    _entry("ties", "TIES", "https://arxiv.org/abs/2306.01708", "magnitude", "sum", True, False,
+           "trim small task-vector entries, elect a sign, average the agreeing ones"),
+    _entry("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099", "random", "sum", False, True,
+           "random drop with rescale, then TIES sign election"),
+    _entry("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099", "random", None, False, True,
+           "random drop with rescale, then a weighted sum"),
+    _entry("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795", "magnitude_outliers", None,
+           False, False, "drop the smallest and the largest (outlier) entries, then a weighted sum"),
+    _entry("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
+           "magnitude_outliers", "sum", False, False, "breadcrumbs sparsification with TIES sign election"),
+    _entry("della", "DELLA", "https://arxiv.org/abs/2406.11617", "della_magprune", "sum", True, True,
+           "magnitude-ranked random drop, then TIES sign election"),
+    _entry("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617", "della_magprune", None, False, True,
+           "magnitude-ranked random drop, then a weighted sum"),
+]
