@@ -15,6 +15,7 @@ import sys
 from .errors import WeightsmithError
 
 COMMAND_MODULES = [
+    "merging.commands",
     "checkpoints.commands",
     "checkpoints.hub_commands",
 ]
