@@ -400,3 +400,12 @@ def test_cli_push_wrong_token_exits_2_with_one_line(hub_env, merge_output, tmp_p
     assert "httpx2" not in proc.stderr  # request lines stay out of the CLI unless -v
     assert BAD_TOKEN not in proc.stdout + proc.stderr
     assert "alice/cli-bad" not in hub_env["hub"].repos
+
+
+def test_repo_id_without_namespace_goes_to_the_token_owner(hub_env, merge_output, tmp_path):
+    hub = hub_env["hub"]
+    folder = _fresh_merge(tmp_path, merge_output)
+    result = push_folder(folder, "bare-name", token=GOOD_TOKEN)
+    assert result.repo_url == f"{hub.url}/alice/bare-name"
+    assert result.commit_oid == hub.repos["alice/bare-name"].branches["main"]
+    assert 'from_pretrained("alice/bare-name")' in hub.files("alice/bare-name")["README.md"].decode()
