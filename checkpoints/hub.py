@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cards import load_card, set_card_repo
+from .cards import CardInfo, load_card, set_card_repo, write_card
 from .errors import WeightsmithError
 from .sources import public_name
 
@@ -248,6 +248,7 @@ def push_folder(
     commit_message: str | None = None,
     progress: ProgressFn | None = None,
     allow_ambient_token: bool = True,
+    card: CardInfo | None = None,
 ) -> PushResult:
     """Publish ``folder`` (with its card) to ``repo_id`` on the Hub in one commit.
 
@@ -258,7 +259,8 @@ def push_folder(
     a Space). ``private`` only applies when the repo is created. ``revision``:
     a branch, created from ``main`` if missing. ``create_pr``: open a pull
     request instead of committing to the branch. ``progress(fraction, text)``
-    is called at each stage (``gr.Progress`` fits).
+    is called at each stage (``gr.Progress`` fits). ``card``: when given, this
+    card is written into the folder first (for folders without one, e.g. uploads).
 
     Returns :class:`PushResult` with the commit URL. Raises a one-line
     :class:`WeightsmithError` (never containing the token) on failure, in which
@@ -281,6 +283,8 @@ def push_folder(
     if constants.HF_HUB_OFFLINE:
         raise WeightsmithError("HF_HUB_OFFLINE=1 is set: pushing needs the network; unset it")
 
+    if card is not None:
+        write_card(folder, card)
     load_card(folder)  # one clear error when the card is missing or the Hub would refuse it
     collect_files(folder)  # refuse local paths before anything reaches the network
     secret = resolve_token(token, allow_ambient_token=allow_ambient_token)

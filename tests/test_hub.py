@@ -409,3 +409,14 @@ def test_repo_id_without_namespace_goes_to_the_token_owner(hub_env, merge_output
     assert result.repo_url == f"{hub.url}/alice/bare-name"
     assert result.commit_oid == hub.repos["alice/bare-name"].branches["main"]
     assert 'from_pretrained("alice/bare-name")' in hub.files("alice/bare-name")["README.md"].decode()
+
+
+def test_push_writes_a_given_card_into_a_folder_without_one(hub_env, merge_output, tmp_path):
+    hub = hub_env["hub"]
+    folder = _fresh_merge(tmp_path, merge_output)
+    (folder / "README.md").unlink()
+    push_folder(folder, "alice/uploaded", token=GOOD_TOKEN,
+                card=CardInfo("uploaded", "finetune", [DEMO_ID], "An uploaded model, republished."))
+    assert (folder / "README.md").exists()
+    assert hub.files("alice/uploaded")["README.md"] == (folder / "README.md").read_bytes()
+    assert hub.front_matter("alice/uploaded")["base_model_relation"] == "finetune"
