@@ -30,7 +30,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.generation import ModelCache, stream_text
+from checkpoints.generation import LoadedModel, ModelCache, stream_text
 from checkpoints.sources import resolve
 from checkpoints.uploads import import_upload
 from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager, parse_size
@@ -158,6 +158,18 @@ def progress_adapter(progress: Any) -> Callable[..., None]:
     return report
 
 
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text typed in the page -> data (never a path: the server's files are not the user's)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text or "")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise WeightsmithError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def _session_key(request: Any) -> str:
     key = getattr(request, "session_hash", None)
     if not key:
@@ -184,6 +196,7 @@ class Workbench:
         self.models = ModelCache(max_models=self.config.max_loaded_models, device=self.config.device)
         self.jobs = Jobs()
         self._sessions: dict[str, str] = {}  # gradio session hash -> workspace id (never sent to the browser)
+        self._adapter_models: dict[tuple, LoadedModel] = {}  # base + adapter, merged for the Playground
         self._lock = threading.Lock()
         self._last_cleanup = 0.0
 
@@ -281,7 +294,7 @@ class Workbench:
         streams = []
         for ref in (working, original):
             if ref:
-                loaded = self.models.get(self.ref(ws, ref), allow_hub=self.config.allow_hub)
+                loaded = self.loaded_model(ws, ref)
                 streams.append(stream_text(loaded, prompt, max_new_tokens=n, device=self.config.device))
             else:
                 streams.append(iter(()))
@@ -297,6 +310,112 @@ class Workbench:
                 except StopIteration:
                     active[i] = False
             yield texts[0], texts[1]
+
+    # ---- merge ---------------------------------------------------------------------
+    @user_errors
+    def merge(self, recipe_yaml: str, out_name: str, request: gr.Request, progress=gr.Progress()):
+        """Run a merge recipe (mergekit YAML) into a new workspace item.
+
+        Returns (summary Markdown, task-vector norms plot, ``ws:<name>`` of the result).
+        """
+        from merging.engine import run_merge
+        from merging.recipe import MergeRecipe
+
+        ws = self.workspace(request)
+        recipe = MergeRecipe.from_dict(parse_yaml(recipe_yaml, "recipe"))
+        resolved = recipe.with_models_renamed(lambda r: self.ref(ws, r))
+        ws.check_quota()
+        out = ws.new_item_dir(out_name or "merge", default="merge")
+        progress(0.0, desc="checking models")
+        result = self.run_job(request, lambda cancel: run_merge(
+            resolved, out, device=self.config.device, progress=progress_adapter(progress), cancel=cancel))
+        ws.register(out.name, kind="model", origin="merge",
+                    details={"method": result.method, "tensors_changed": result.tensors_changed})
+        rows = [("result", f"`ws:{out.name}`"), ("method", result.method),
+                ("tensors changed", f"{result.tensors_changed} of {result.tensors_total}"),
+                ("blocks", result.num_blocks), ("output", f"{result.output_bytes / 2**20:.1f} MB"),
+                ("time", f"{result.seconds:.1f} s")]
+        if result.lines_alpha is not None:
+            rows.append(("LiNeS", f"α = {result.lines_alpha:.4g}, β = {result.lines_beta:.4g}"))
+        md = "### Merged\n" + _md_table(rows) + "\n\nTry it in the **Playground** or download it from **Export**."
+        return md, norms_plot(result.block_norms), f"ws:{out.name}"
+
+    # ---- adapters ------------------------------------------------------------------
+    def adapter_ref(self, ws: Workspace, ref: str) -> str:
+        """An adapter reference: a bundled demo adapter, a workspace item, or (policy permitting) Hub id / path."""
+        from merging.adapters import demo_adapters
+
+        ref = str(ref or "").strip()
+        if ref.startswith(DEMO_ADAPTER_PREFIX):
+            found = demo_adapters().get(ref[len(DEMO_ADAPTER_PREFIX):])
+            if found is None:
+                raise WeightsmithError(f"{ref}: no such demo adapter (have: {', '.join(demo_adapters()) or 'none'})")
+            return str(found)
+        if not ref:
+            raise WeightsmithError("no adapter named")
+        return ws.resolve_ref(ref, allow_paths=self.config.allow_paths, allow_hub=self.config.allow_hub)
+
+    @user_errors
+    def mix_adapters(self, recipe_yaml: str, out_name: str, request: gr.Request, progress=gr.Progress()):
+        """Mix LoRA adapters from a mix recipe (YAML) into a new workspace item (adapter or merged model).
+
+        Returns (summary Markdown, ``ws:<name>`` of the result).
+        """
+        from merging.adapters import AdapterMixRecipe, mix_adapters
+
+        ws = self.workspace(request)
+        data = parse_yaml(recipe_yaml, "mix recipe")
+        recipe = AdapterMixRecipe.from_dict(data or {})
+        base_ref = recipe.base_model
+        recipe.base_model = self.ref(ws, recipe.base_model)
+        for entry in recipe.adapters:
+            if isinstance(entry.adapter, list):
+                raise WeightsmithError("upload adapter files in the Models tab, then use them as ws:<name>")
+            entry.adapter = self.adapter_ref(ws, entry.adapter)
+        ws.check_quota()
+        out = ws.new_item_dir(out_name or "mix", default="mix")
+        result = self.run_job(request, lambda cancel: mix_adapters(
+            recipe, out, progress=progress_adapter(progress), cancel=cancel, device=self.config.device))
+        kind = "adapter" if result.kind == "adapter" else "model"
+        ws.register(out.name, kind=kind, origin="mix", details={"base": base_ref, "method": result.method})
+        rows = [("result", f"`ws:{out.name}` ({result.kind})"), ("method", result.method),
+                ("exact in ΔW space", "yes" if result.exact_in_delta_w else "no"),
+                ("rank", result.rank), ("modules", result.modules),
+                ("adapters", ", ".join(f"{a} × {w:g}" for a, w in zip(result.adapters, result.weights))),
+                ("time", f"{result.seconds:.1f} s")]
+        notes = "".join(f"\n\n> {n}" for n in result.notes)
+        return "### Mixed\n" + _md_table(rows) + notes, f"ws:{out.name}"
+
+    def loaded_model(self, ws: Workspace, ref: str) -> LoadedModel:
+        """A model ready to generate: a checkpoint, or a workspace adapter applied to its base."""
+        if str(ref).startswith("ws:") and ws.item(ref).kind == "adapter":
+            return self._adapter_model(ws, ws.item(ref))
+        return self.models.get(self.ref(ws, ref), allow_hub=self.config.allow_hub)
+
+    def _adapter_model(self, ws: Workspace, item) -> LoadedModel:
+        import json
+
+        from peft import PeftModel
+
+        from checkpoints.demo import DEMO_NAME
+
+        path = ws.item_path(item.name)
+        base_ref = item.details.get("base")
+        if not base_ref:
+            declared = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base_ref = "demo" if declared in (DEMO_NAME, None, "") else declared
+        key = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns, str(base_ref))
+        with self._lock:
+            if key in self._adapter_models:
+                return self._adapter_models[key]
+        base = resolve(self.ref(ws, base_ref), allow_hub=self.config.allow_hub)
+        model = PeftModel.from_pretrained(base.load_model(device=self.config.device), str(path)).merge_and_unload()
+        loaded = LoadedModel(model.eval(), base.load_tokenizer(), item.name)
+        with self._lock:
+            self._adapter_models[key] = loaded
+            while len(self._adapter_models) > 1:  # one adapter model at a time: each is a full model copy
+                self._adapter_models.pop(next(iter(self._adapter_models)))
+        return loaded
 
     # ---- export ------------------------------------------------------------------
     @user_errors
@@ -375,12 +494,13 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
             if in_space:
                 gr.LoginButton(scale=0)
 
-        model_pickers: list[gr.Dropdown] = []
+        model_pickers: list[tuple[gr.Dropdown, str]] = []
 
-        def picker(label: str, value: str = "demo", **kw) -> gr.Dropdown:
+        def picker(label: str, value: str = "demo", kind: str = "model", **kw) -> gr.Dropdown:
+            """A model dropdown refreshed with the session's items; ``kind="any"`` also lists adapters."""
             d = gr.Dropdown(choices=["demo", *config.named_models], value=value, label=label,
                             allow_custom_value=True, **kw)
-            model_pickers.append(d)
+            model_pickers.append((d, kind))
             return d
 
         src_help = ("demo, a Hub id (owner/name), or a workspace item (ws:name)"
@@ -421,7 +541,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         # ---- Playground ----------------------------------------------------------
         with gr.Tab("Playground", id="playground"):
             with gr.Row():
-                p_work = picker("Working model", info="e.g. your merge result (ws:…)")
+                p_work = picker("Working model", kind="any", info="e.g. your merge or mix result (ws:…)")
                 p_orig = picker("Original model")
             p_prompt = gr.Textbox(value="The capital of France is", label="Prompt", lines=2)
             with gr.Row():
@@ -459,11 +579,12 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
             models = wb.model_choices(request)
             adapters = wb.model_choices(request, "adapter")
             items = wb.all_item_choices(request)
-            ups = [gr.update(choices=models) for _ in model_pickers]
+            ups = [gr.update(choices=models + (adapters if kind == "any" else [])) for _, kind in model_pickers]
+            adapters = adapter_parts.get("demo_adapters", []) + adapters
             return [*ups, gr.update(choices=adapters), gr.update(choices=items), gr.update(choices=items),
                     wb.workspace_table(request)]
 
-        refresh_targets = [*model_pickers, adapter_parts.get("adapter_picker") or gr.State(), e_item,
+        refresh_targets = [*(d for d, _ in model_pickers), adapter_parts.get("adapter_picker") or gr.State(), e_item,
                            ws_del_item, ws_table]
         refresh_kw = dict(fn=refresh, inputs=None, outputs=refresh_targets, api_visibility="private", queue=False)
 
@@ -487,6 +608,13 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         for parts in (merge_parts, adapter_parts, edit_parts):
             for ev in parts.get("creates_items", []):
                 ev.then(**refresh_kw)
+            if "result_ref" in parts:
+                # A fresh result becomes the Playground's working model, ready to try.
+                parts["result_ref"].change(lambda r: gr.update(value=r) if r else gr.skip(), parts["result_ref"],
+                                           p_work, api_visibility="private", queue=False)
+            if "init" in parts:
+                fn, ins, outs = parts["init"]
+                demo.load(fn, ins, outs, api_visibility="private", queue=False)
 
         demo.unload(lambda: None)
     return demo
@@ -494,16 +622,444 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
 
 # ---- tabs built from the libraries (filled in as they land) -------------------------
 
+def _figure(width: float = 5.5, height: float = 2.6):
+    """A matplotlib Figure not registered with pyplot (no global figure list to leak in a server)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell as typed by the user -> a recipe value (number, bool, list gradient, filters)."""
+    import yaml
+
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # pandas' empty cell
+        return None
+    if isinstance(value, (int, float, bool, list, dict)):
+        return value
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _show(value: Any) -> str:
+    """A recipe value shown in a table cell (schedules in YAML flow style)."""
+    import yaml
+
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _rows(table: Any) -> list[list[Any]]:
+    """Dataframe input (pandas, dict or list) -> list of rows."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        return [list(r) for r in table.values.tolist()]
+    if isinstance(table, dict):
+        return [list(r) for r in table.get("data", [])]
+    return [list(r) for r in table]
+
+
+def merge_columns(method_name: str) -> list[str]:
+    from merging.methods import get_method
+
+    return ["model", *[p.name for p in get_method(method_name).model_parameters]]
+
+
+def merge_default_row(method_name: str, model: str) -> list[str]:
+    from merging.methods import get_method
+
+    row = [model]
+    for p in get_method(method_name).model_parameters:
+        row.append(_show(1.0 if p.default is None and p.type == "float" else p.default))
+    return row
+
+
+def merge_shared_rows(method_name: str, values: dict | None = None) -> list[list[str]]:
+    from merging.methods import get_method
+
+    values = values or {}
+    return [[p.name, _show(values.get(p.name, p.default)), p.help or p.type]
+            for p in get_method(method_name).shared_parameters]
+
+
+def merge_form_to_dict(method: str, base: str, models: Any, shared: Any, lines_on: bool, alpha_auto: bool,
+                       alpha: float, beta: float, out_dtype: str, seed: Any) -> dict:
+    """The Merge tab's widgets -> a mergekit-layout recipe mapping (what the YAML box shows)."""
+    names = merge_columns(method)
+    data: dict[str, Any] = {"merge_method": method}
+    if base:
+        data["base_model"] = base
+    entries = []
+    for row in _rows(models):
+        if not row or not str(row[0] or "").strip():
+            continue
+        params = {}
+        for name, cell in zip(names[1:], row[1:]):
+            v = _cell(cell)
+            if v is not None:
+                params[name] = v
+        entries.append({"model": str(row[0]).strip(), **({"parameters": params} if params else {})})
+    data["models"] = entries
+    shared_params = {}
+    for row in _rows(shared):
+        if row and row[0]:
+            v = _cell(row[1] if len(row) > 1 else None)
+            if v is not None:
+                shared_params[str(row[0])] = v
+    if shared_params:
+        data["parameters"] = shared_params
+    if out_dtype:
+        data["out_dtype"] = out_dtype
+    if lines_on:
+        data["lines"] = {"alpha": "auto" if alpha_auto else float(alpha), "beta": float(beta)}
+    seed_v = _cell(seed)
+    if seed_v not in (None, ""):
+        data["seed"] = int(seed_v)
+    return data
+
+
+def merge_yaml_from_form(*form) -> tuple[str, str]:
+    """(YAML text, status line). The YAML is shown even when the recipe is not valid yet."""
+    import yaml
+
+    data = merge_form_to_dict(*form)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    try:
+        from merging.recipe import MergeRecipe
+
+        text = MergeRecipe.from_dict(data).to_yaml()
+        return text, "✓ recipe is valid"
+    except WeightsmithError as e:
+        return text, f"⚠ {e}"
+
+
+def merge_form_from_yaml(text: str) -> dict:
+    """Parse the YAML box into widget values; raises WeightsmithError on a bad recipe."""
+    from merging.recipe import MergeRecipe
+
+    recipe = MergeRecipe.from_dict(parse_yaml(text, "recipe"))
+    if recipe.slices:
+        raise WeightsmithError("slices recipes are edited in the YAML only (the form shows models recipes)")
+    names = merge_columns(recipe.merge_method)
+    rows = [[m.model, *[_show(m.parameters.get(n)) for n in names[1:]]] for m in recipe.models]
+    lines = recipe.lines
+    return {
+        "method": recipe.merge_method, "base": recipe.base_model or "",
+        "models": {"headers": names, "data": rows or [[""] * len(names)]},
+        "shared": merge_shared_rows(recipe.merge_method, recipe.parameters),
+        "lines_on": lines is not None,
+        "alpha_auto": lines is not None and lines.alpha == "auto",
+        "alpha": 1.0 if lines is None or lines.alpha == "auto" else float(lines.alpha),
+        "beta": 0.0 if lines is None else float(lines.beta),
+        "out_dtype": recipe.out_dtype or "",
+        "seed": "" if recipe.seed is None else str(recipe.seed),
+    }
+
+
+def lines_plot(lines_on: bool, alpha_auto: bool, alpha: float, beta: float, num_blocks: int, num_models: int = 1):
+    """The per-block LiNeS scale λ(ℓ) = α + β·ℓ/(L−1) as a plot (auto α previewed as 1/T)."""
+    from merging.lines import lines_curve
+
+    fig, ax = _figure(5.5, 2.4)
+    L = max(1, int(num_blocks or 1))
+    if not lines_on:
+        ax.plot(range(L), [1.0] * L, color="#999", lw=2)
+        ax.set_title("LiNeS off: every block keeps its full merged task vector", fontsize=9)
+    else:
+        a = (1.0 / max(1, num_models)) if alpha_auto else float(alpha or 0)
+        curve = lines_curve(a, float(beta or 0), L)
+        ax.plot(range(L), curve, marker="o", ms=3, lw=2, color="#f97316")
+        ax.axhline(a, color="#999", ls=":", lw=1)
+        ax.set_title(("α = auto (≈1/T preview, computed in the run)" if alpha_auto else f"α = {a:g}")
+                     + f", β = {float(beta or 0):g}; embeddings/head get α", fontsize=9)
+    ax.set_xlabel("block ℓ")
+    ax.set_ylabel("scale λ(ℓ)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def norms_plot(norms: dict[str, list[float]] | list[list[float]] | None, labels: list[str] | None = None):
+    """Task-vector L2 norm per block, one line per input model."""
+    fig, ax = _figure(6.5, 2.8)
+    if not norms:
+        ax.set_title("no task vectors (this method has no base)", fontsize=9)
+        return fig
+    items = norms.items() if isinstance(norms, dict) else zip(labels or [f"model {i}" for i in range(len(norms))], norms)
+    for label, values in items:
+        ax.plot(range(len(values)), values, marker="o", ms=3, lw=1.5, label=str(label))
+    ax.set_xlabel("block")
+    ax.set_ylabel("‖τ‖₂ per block")
+    ax.set_title("Task-vector norms per block", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def _merge_tab(wb: Workbench, picker, heavy) -> dict:
+    try:
+        from merging.methods import REGISTRY
+    except ImportError:
+        with gr.Tab("Merge", id="merge"):
+            gr.Markdown("The merging library is not available in this build.")
+        return {}
+    default_method = "task_arithmetic" if "task_arithmetic" in REGISTRY else next(iter(REGISTRY))
     with gr.Tab("Merge", id="merge"):
-        gr.Markdown("The merging library is not available in this build.")
-    return {}
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    method = gr.Dropdown([(f"{m.label} ({m.name})", m.name) for m in REGISTRY.values()],
+                                         value=default_method, label="Method")
+                    base = picker("Base model", info="the model the task vectors are taken against")
+                method_info = gr.Markdown(_method_md(default_method))
+                with gr.Row():
+                    add_ref = picker("Add a model", value=None)
+                    add_btn = gr.Button("Add ▾", scale=0, min_width=90)
+                cols = merge_columns(default_method)
+                models = gr.Dataframe(value={"headers": cols, "data": [[""] * len(cols)]}, headers=cols,
+                                      label="Models and their parameters (a cell may be a number or a "
+                                            "[list] gradient along depth)",
+                                      interactive=True, type="array", row_count=1, column_limits=None,
+                                      datatype="str")
+                shared = gr.Dataframe(value=merge_shared_rows(default_method), headers=["parameter", "value", "about"],
+                                      label="Shared parameters", interactive=True, type="array",
+                                      static_columns=[0, 2], column_count=3)
+                with gr.Group():
+                    with gr.Row():
+                        lines_on = gr.Checkbox(label="LiNeS layer scaling", value=False,
+                                               info="λ(ℓ) = α + β·ℓ/(L−1) on the merged task vector")
+                        alpha_auto = gr.Checkbox(label="α auto", value=True)
+                        alpha = gr.Number(label="α", value=0.5, step=0.05)
+                        beta = gr.Number(label="β", value=0.5, step=0.05)
+                    num_blocks = gr.State(30)
+                    lines_fig = gr.Plot(lines_plot(False, True, 0.5, 0.5, 30), label="Per-block scale",
+                                        show_label=False)
+                with gr.Row():
+                    out_dtype = gr.Dropdown(["", "float32", "bfloat16", "float16"], value="", label="out_dtype",
+                                            info="empty: as the inputs")
+                    seed = gr.Textbox(label="seed", placeholder="random methods (dare, della)")
+                    out_name = gr.Textbox(label="Output name", value="my-merge")
+            with gr.Column(scale=2):
+                recipe = gr.Code(language="yaml", label="Recipe (mergekit YAML; edit either side)",
+                                 interactive=True, lines=22)
+                recipe_status = gr.Markdown()
+        with gr.Row():
+            run = gr.Button("Merge", variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            result = gr.Markdown()
+            result_ref = gr.Textbox(label="Result", interactive=False, visible=True)
+        norms_fig = gr.Plot(label="Task-vector norms per block")
+
+    form = [method, base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed]
+    private = dict(api_visibility="private", queue=False)
+
+    def on_method(m, rows):
+        # Keep the models, reset the columns to this method's per-model parameters.
+        keep = [r[0] for r in _rows(rows) if r and str(r[0] or "").strip()]
+        cols = merge_columns(m)
+        data = [merge_default_row(m, ref) for ref in keep] or [[""] * len(cols)]
+        return gr.update(value={"headers": cols, "data": data}, headers=cols), merge_shared_rows(m), _method_md(m)
+
+    def on_add(m, rows, ref):
+        if not ref:
+            return gr.skip()
+        cols = merge_columns(m)
+        data = [r for r in _rows(rows) if r and str(r[0] or "").strip()]
+        data.append(merge_default_row(m, ref))
+        return gr.update(value={"headers": cols, "data": data})
+
+    def on_yaml(text):
+        try:
+            f = merge_form_from_yaml(text)
+        except WeightsmithError as e:
+            return [gr.skip()] * 10 + [f"⚠ {e}"]
+        return [f["method"], f["base"], gr.update(value=f["models"], headers=f["models"]["headers"]), f["shared"],
+                f["lines_on"], f["alpha_auto"], f["alpha"], f["beta"], f["out_dtype"], f["seed"], "✓ form updated from YAML"]
+
+    @user_errors
+    def on_base(ref, request: gr.Request):
+        try:
+            return resolve(wb.ref(wb.workspace(request), ref), allow_hub=False).num_layers
+        except WeightsmithError:
+            return gr.skip()
+
+    def plot(on, auto, a, b, L, rows):
+        n = sum(1 for r in _rows(rows) if r and str(r[0] or "").strip())
+        return lines_plot(on, auto, a, b, L, max(1, n))
+
+    method.input(on_method, [method, models], [models, shared, method_info], **private).then(
+        merge_yaml_from_form, form, [recipe, recipe_status], **private)
+    add_btn.click(on_add, [method, models, add_ref], models, **private).then(
+        merge_yaml_from_form, form, [recipe, recipe_status], **private)
+    for comp in (base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed):
+        comp.input(merge_yaml_from_form, form, [recipe, recipe_status], **private)
+    recipe.input(on_yaml, [recipe], [*form, recipe_status], **private, trigger_mode="always_last")
+    base.change(on_base, [base], num_blocks, api_visibility="private")
+    for comp in (lines_on, alpha_auto, alpha, beta, num_blocks, models):
+        comp.change(plot, [lines_on, alpha_auto, alpha, beta, num_blocks, models], lines_fig, **private)
+
+    run_ev = run.click(wb.merge, [recipe, out_name], [result, norms_fig, result_ref], api_name="merge", **heavy)
+    stop.click(wb.stop, None, result, cancels=[run_ev], **private)
+    return {"creates_items": [run_ev], "result_ref": result_ref,
+            "init": (merge_yaml_from_form, form, [recipe, recipe_status])}
+
+
+def _method_md(name: str) -> str:
+    from merging.methods import get_method
+
+    m = get_method(name)
+    base = {"required": "needs a base model", "optional": "base model optional", "none": "no base model"}[m.needs_base]
+    paper = f" · [paper]({m.paper_url})" if m.paper_url else ""
+    extra = f" · {m.description}" if getattr(m, "description", "") else ""
+    return f"**{m.label}** · {base}{paper}{extra}"
+
+
+DEMO_ADAPTER_PREFIX = "demo-adapter:"
+
+
+def adapter_method_choices() -> list[tuple[str, str]]:
+    from merging.adapters import ADAPTER_METHODS
+
+    return [(f"{m.label}{' ✓ exact in ΔW' if m.exact_in_delta_w else ''}", m.name) for m in ADAPTER_METHODS.values()]
+
+
+def adapter_method_md(name: str) -> str:
+    from merging.adapters import ADAPTER_METHODS
+
+    m = ADAPTER_METHODS.get(name)
+    if m is None:
+        return ""
+    exact = ("**exact in ΔW space**" if m.exact_in_delta_w
+             else "**not exact in ΔW space** (A and B mixed separately: cross terms Bᵢ·Aⱼ)"
+             if m.space == "factors" else "**not exact in ΔW space** (a rule on ΔWᵢ, then SVD)")
+    return f"{m.description} · {exact} · output rank: {m.rank}"
+
+
+def adapter_param_rows(name: str, values: dict | None = None) -> list[list[str]]:
+    from merging.adapters import ADAPTER_METHODS
+
+    m = ADAPTER_METHODS.get(name)
+    values = values or {}
+    return [[k, _show(values.get(k, v))] for k, v in (m.parameters.items() if m else [])]
+
+
+def mix_form_to_yaml(base: str, adapters: Any, method: str, params: Any, lines_on: bool, alpha: float,
+                     beta: float, output: str) -> tuple[str, str]:
+    """The Adapters tab's widgets -> (recipe YAML, status line)."""
+    import yaml
+
+    data: dict[str, Any] = {"base_model": base or "", "adapters": [], "method": method}
+    for row in _rows(adapters):
+        if row and str(row[0] or "").strip():
+            w = _cell(row[1] if len(row) > 1 else None)
+            data["adapters"].append({"adapter": str(row[0]).strip(), "weight": 1.0 if w is None else w})
+    p = {}
+    for row in _rows(params):
+        if row and row[0]:
+            v = _cell(row[1] if len(row) > 1 else None)
+            if v is not None:
+                p[str(row[0])] = v
+    from merging.adapters import ADAPTER_METHODS
+
+    defaults = dict(ADAPTER_METHODS[method].parameters) if method in ADAPTER_METHODS else {}
+    p = {k: v for k, v in p.items() if defaults.get(k, object()) != v}  # only what differs from the defaults
+    if p:
+        data["parameters"] = p
+    if lines_on:
+        data["lines"] = {"alpha": float(alpha), "beta": float(beta)}
+    data["merge_into_base"] = output == "merged model"
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    try:
+        from merging.adapters import AdapterMixRecipe
+
+        AdapterMixRecipe.from_dict(data)
+        return text, "✓ recipe is valid"
+    except WeightsmithError as e:
+        return text, f"⚠ {e}"
 
 
 def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
+    try:
+        from merging.adapters import ADAPTER_METHODS, demo_adapters
+    except ImportError:
+        with gr.Tab("Adapters", id="adapters"):
+            gr.Markdown("The adapter library is not available in this build.")
+        return {}
+    demo_refs = [DEMO_ADAPTER_PREFIX + n for n in demo_adapters()]
     with gr.Tab("Adapters", id="adapters"):
-        gr.Markdown("The adapter library is not available in this build.")
-    return {}
+        with gr.Row():
+            with gr.Column(scale=3):
+                base = picker("Base model")
+                with gr.Row():
+                    add_ref = gr.Dropdown(choices=demo_refs, value=demo_refs[0] if demo_refs else None,
+                                          label="Add an adapter", allow_custom_value=True,
+                                          info="a demo adapter, your uploads (ws:…), or a Hub id")
+                    add_btn = gr.Button("Add ▾", scale=0, min_width=90)
+                table = gr.Dataframe(value={"headers": ["adapter", "weight"],
+                                            "data": [[r, "0.5"] for r in demo_refs[:2]] or [["", ""]]},
+                                     headers=["adapter", "weight"], type="array", interactive=True,
+                                     label="Adapters and weights", datatype="str")
+                method = gr.Dropdown(adapter_method_choices(), value="cat", label="Method")
+                method_info = gr.Markdown(adapter_method_md("cat"))
+                params = gr.Dataframe(value=adapter_param_rows("cat"), headers=["parameter", "value"],
+                                      type="array", interactive=True, static_columns=[0], column_count=2,
+                                      label="Method parameters", row_count=0)
+                with gr.Row():
+                    lines_on = gr.Checkbox(label="LiNeS depth scaling of ΔW", value=False)
+                    alpha = gr.Number(label="α", value=0.5, step=0.05)
+                    beta = gr.Number(label="β", value=0.5, step=0.05)
+                with gr.Row():
+                    output = gr.Radio(["adapter", "merged model"], value="adapter", label="Output")
+                    out_name = gr.Textbox(label="Output name", value="my-mix")
+            with gr.Column(scale=2):
+                recipe = gr.Code(language="yaml", label="Mix recipe (YAML)", interactive=True, lines=16)
+                status = gr.Markdown()
+        with gr.Row():
+            run = gr.Button("Mix", variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            result = gr.Markdown()
+            result_ref = gr.Textbox(label="Result", interactive=False)
+        gr.Markdown("The result becomes the Playground's working model: try it there against the base.")
+
+    form = [base, table, method, params, lines_on, alpha, beta, output]
+    private = dict(api_visibility="private", queue=False)
+
+    def on_method(m):
+        return adapter_param_rows(m), adapter_method_md(m)
+
+    def on_add(rows, ref):
+        if not ref:
+            return gr.skip()
+        data = [r for r in _rows(rows) if r and str(r[0] or "").strip()] + [[ref, "1.0"]]
+        return gr.update(value={"headers": ["adapter", "weight"], "data": data})
+
+    method.input(on_method, [method], [params, method_info], **private).then(
+        mix_form_to_yaml, form, [recipe, status], **private)
+    add_btn.click(on_add, [table, add_ref], table, **private).then(mix_form_to_yaml, form, [recipe, status], **private)
+    for comp in (base, table, params, lines_on, alpha, beta, output):
+        comp.input(mix_form_to_yaml, form, [recipe, status], **private)
+    run_ev = run.click(wb.mix_adapters, [recipe, out_name], [result, result_ref], api_name="mix_adapters", **heavy)
+    stop.click(wb.stop, None, result, cancels=[run_ev], **private)
+    return {"creates_items": [run_ev], "result_ref": result_ref, "adapter_picker": add_ref,
+            "demo_adapters": demo_refs, "init": (mix_form_to_yaml, form, [recipe, status])}
 
 
 def _edit_tab(wb: Workbench, picker, heavy) -> dict:
