@@ -16,6 +16,7 @@ from .errors import WeightsmithError
 
 COMMAND_MODULES = [
     "merging.commands",
+    "merging.adapter_commands",
     "checkpoints.commands",
     "checkpoints.hub_commands",
 ]

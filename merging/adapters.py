@@ -35,7 +35,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -47,6 +47,7 @@ from checkpoints.cards import CardInfo, write_card
 from checkpoints.errors import WeightsmithError
 from checkpoints.sources import LocalCheckpoint, download_from_hub, public_name, resolve
 from checkpoints.tensors import ShardedWriter, load_pickle_state_dict, read_safetensors_header
+from merging.lines import LinesConfig, auto_alpha, lines_scale
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,9 @@ ADAPTER_METHODS: dict[str, AdapterMethod] = {
 def lines_lambda(block: int | None, num_layers: int, alpha: float, beta: float) -> float:
     """LiNeS scale of block ``block`` of ``num_layers``: α + β·ℓ/(L−1); α outside the blocks.
 
-    Kept beside the mixer until the merge engine's ``merging.lines`` is
-    available; the formula is the same one.
+    The merge engine's schedule (:func:`merging.lines.lines_scale`), so merges and mixes agree.
     """
-    if block is None:
-        return alpha
-    if num_layers <= 1:
-        return alpha + beta
-    return alpha + beta * block / (num_layers - 1)
+    return lines_scale(block, num_layers, alpha, beta)
 
 
 # ---------------------------------------------------------------------------
@@ -365,14 +361,6 @@ class AdapterEntry:
     weight: float = 1.0
 
 
-@dataclass
-class LinesConfig:
-    """LiNeS depth scaling of the mixed ΔW: block ℓ of L is scaled by α + β·ℓ/(L−1)."""
-
-    alpha: float
-    beta: float
-
-
 _RECIPE_KEYS = {"base_model", "adapters", "method", "parameters", "lines", "merge_into_base", "check_base_name"}
 
 
@@ -428,12 +416,7 @@ class AdapterMixRecipe:
             entries.append(AdapterEntry(item["adapter"], weight))
         lines = data.get("lines")
         if lines is not None:
-            if not isinstance(lines, Mapping) or set(lines) - {"alpha", "beta"} or "alpha" not in lines:
-                raise WeightsmithError("adapter mix recipe: lines must be {alpha: number, beta: number}")
-            try:
-                lines = LinesConfig(float(lines["alpha"]), float(lines.get("beta", 0.0)))
-            except (TypeError, ValueError):
-                raise WeightsmithError("adapter mix recipe: lines.alpha and lines.beta must be numbers") from None
+            lines = LinesConfig.from_dict(dict(lines) if isinstance(lines, Mapping) else lines)
         params = data.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise WeightsmithError("adapter mix recipe: parameters must be a mapping")
@@ -506,7 +489,7 @@ class AdapterMixRecipe:
         if self.parameters:
             data["parameters"] = dict(self.parameters)
         if self.lines is not None:
-            data["lines"] = asdict(self.lines)
+            data["lines"] = self.lines.to_dict()
         data["merge_into_base"] = self.merge_into_base
         if not self.check_base_name:
             data["check_base_name"] = False
@@ -550,6 +533,7 @@ class MixResult:
     block_scales: dict[int, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    lines_alpha: float | None = None  # the α used (resolved when the recipe says "auto")
 
 
 def _check_cancel(cancel: Cancel | Any | None) -> None:
@@ -737,11 +721,17 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
     num_layers = base.num_layers
     block_scales: dict[int, float] = {}
     state: dict[str, torch.Tensor] = {}
+    lines_alpha: float | None = None
+    if recipe.lines is not None:
+        lines_alpha = recipe.lines.alpha
+        if lines_alpha == "auto":
+            lines_alpha = _auto_lines_alpha(adapters, mixed)
+            notes.append(f"LiNeS alpha auto = {lines_alpha:.4g} (‖Σ ΔWᵢ‖₁ / (T·‖ΔW_mix‖₁), T = {len(adapters)})")
     for module, (a, b, scaling) in mixed.items():
         factor = 1.0
-        if recipe.lines is not None:
+        if lines_alpha is not None:
             block = spec.locate(f"{module}.weight").block
-            factor = lines_lambda(block, num_layers, recipe.lines.alpha, recipe.lines.beta)
+            factor = lines_lambda(block, num_layers, lines_alpha, recipe.lines.beta)
             if block is not None:
                 block_scales[block] = factor
         # Fold a non-unit scaling (rsLoRA copied from the first adapter) into B.
@@ -751,7 +741,8 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
     rank = int(mix_cfg.r)
     result = MixResult(out_dir, "model" if merge else "adapter", method.name, method.exact_in_delta_w, rank,
                        len(mixed), [a.name for a in adapters], weights, dict(sorted(block_scales.items())), notes)
-    card = _mix_card(recipe, base, adapters, method, rank, merge, notes, out_dir.name)
+    result.lines_alpha = lines_alpha
+    card = _mix_card(recipe, base, adapters, method, rank, merge, notes, out_dir.name, lines_alpha)
     _check_cancel(cancel)
     if merge:
         _report(progress, 0.5, f"merging into {base.name}")
@@ -765,6 +756,24 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
     result.seconds = time.time() - t0
     _report(progress, 1.0, f"wrote {result.kind} to {out_dir.name} in {result.seconds:.1f} s")
     return result
+
+
+def _auto_lines_alpha(adapters: Sequence[LoraAdapter], mixed: Mapping[str, tuple]) -> float:
+    """LiNeS' multi-task α for an adapter mix, in ΔW space: ‖Σ_t ΔW_t‖₁ / (T·‖ΔW_mix‖₁).
+
+    As in the authors' code the task vectors enter unweighted; the sum runs over all modules.
+    """
+    total = merged = 0.0
+    for module, (a, b, scaling) in mixed.items():
+        tv = None
+        for ad in adapters:
+            if module in ad.factors:
+                d = ad.delta(module)
+                tv = d if tv is None else tv + d
+        if tv is not None:
+            total += float(tv.abs().sum())
+        merged += float((scaling * (b @ a)).abs().sum())
+    return auto_alpha(total, merged, len(adapters))
 
 
 def _base_public(base: LocalCheckpoint) -> str:
@@ -792,7 +801,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _mix_card(recipe: AdapterMixRecipe, base: LocalCheckpoint, adapters: Sequence[LoraAdapter],
-              method: AdapterMethod, rank: int, merge: bool, notes: list[str], title: str) -> CardInfo:
+              method: AdapterMethod, rank: int, merge: bool, notes: list[str], title: str,
+              lines_alpha: float | None) -> CardInfo:
     rows = ["| adapter | weight |", "|---|---|"] + [f"| {a.name} | {e.weight:g} |"
                                                     for a, e in zip(adapters, recipe.adapters)]
     exact = ("exact in ΔW space: ΔW = Σ wᵢ·ΔWᵢ" + (" truncated to rank " + str(rank) if method.name == "svd" else ""))
@@ -800,7 +810,7 @@ def _mix_card(recipe: AdapterMixRecipe, base: LocalCheckpoint, adapters: Sequenc
         exact = "not exact in ΔW space: " + method.description
     lines = ""
     if recipe.lines is not None:
-        lines = (f" Each block's ΔW is then scaled by LiNeS, λ(ℓ) = {recipe.lines.alpha:g} + "
+        lines = (f" Each block's ΔW is then scaled by LiNeS, λ(ℓ) = {lines_alpha:.4g} + "
                  f"{recipe.lines.beta:g}·ℓ/(L−1).")
     summary = (f"A mix of {len(adapters)} LoRA adapter(s) for {_base_public(base)} with PEFT's "
                f"`{method.name}` ({exact}), rank {rank}.{lines}"

@@ -387,3 +387,13 @@ def test_registry_is_plain_data():
     for name, m in ADAPTER_METHODS.items():
         assert m.name == name and m.label and m.rank and m.space in ("delta_w", "factors")
         assert m.exact_in_delta_w == (name in ("cat", "svd"))
+
+
+def test_lines_auto_alpha_for_exact_sum_is_one_over_t(tmp_path, tiny_llama_dir, llama_adapters):
+    """With cat and unit weights ΔW_mix = Σ ΔWᵢ, so LiNeS' auto α is 1/T, as for task arithmetic."""
+    a, b = llama_adapters["a"], llama_adapters["b"]
+    res = mix_adapters(recipe(tiny_llama_dir, [a, b], [1.0, 1.0], lines=LinesConfig("auto", 0.5)), tmp_path / "auto")
+    assert res.lines_alpha == pytest.approx(0.5, rel=1e-5)
+    assert res.block_scales[3] == pytest.approx(1.0, rel=1e-5)
+    r = AdapterMixRecipe.from_yaml(f"base_model: demo\nadapters: [{a}]\nlines: {{beta: 0.3}}\n")
+    assert r.lines == LinesConfig("auto", 0.3)
