@@ -55,7 +55,7 @@ TOKEN_HELP = ("create a write token at https://huggingface.co/settings/tokens an
 # Never uploaded: VCS/cache folders and half-written outputs of ShardedWriter.
 _SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 # JSON keys where transformers/PEFT record where a model was loaded from (a local path on this machine).
-_PATH_KEYS = ("base_model_name_or_path", "_name_or_path")
+_PATH_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")
 _TEXT_SUFFIXES = (".md", ".json", ".yaml", ".yml", ".txt", ".jinja")
 _BIG_TEXT_FILES = {"tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"}
 
@@ -124,11 +124,12 @@ def resolve_token(token: str | None = None, *, allow_ambient_token: bool = True)
 
 
 def scrub(text: str, *secrets: str | None) -> str:
-    """``text`` with every secret (and any ``hf_…`` token-looking string) replaced by ``***``."""
+    """``text`` with every secret (and any ``hf_…`` token-shaped string) replaced by ``***``."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return re.sub(r"\bhf_[A-Za-z0-9]{8,}\b", "hf_***", text)
+    # Hub user tokens are "hf_" + 34 letters/digits; catch them even when the caller did not name them.
+    return re.sub(r"\bhf_[A-Za-z0-9]{30,}\b", "hf_***", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +230,10 @@ def _explain(err: BaseException, repo_id: str, revision: str | None, stage: str)
         return f"the Hub rejected the card's front matter: {'; '.join(lines) or first} ({nothing})"
     cause = err.__cause__ or err.__context__
     if isinstance(err, RuntimeError) and "while uploading" in first and cause is not None:
-        cause_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        return f"{first.rstrip('.')}: {cause_line} ({nothing}; run the push again)"
+        cause_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0].rstrip(".")
+        m = re.search(r"uploading '(.+?)'", first)
+        what = m.group(1) if m else "a file"
+        return f"uploading {what} to the Hub failed: {cause_line} ({nothing}; run the push again)"
     name = type(err).__name__
     if "Connect" in name or "Timeout" in name or isinstance(err, OSError):
         return f"cannot reach the Hub while {stage}: {first} ({nothing})"

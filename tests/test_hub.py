@@ -314,7 +314,9 @@ def test_token_for_push_ignores_local_mock_oauth_token():
 
 def test_scrub_removes_token_and_token_lookalikes():
     assert scrub(f"401: bad Bearer {BAD_TOKEN}.", BAD_TOKEN) == "401: bad Bearer ***."
-    assert "hf_abcdefghijkl" not in scrub("leaked hf_abcdefghijkl elsewhere")
+    lookalike = "hf_" + "aB3" * 12
+    assert scrub(f"leaked {lookalike} elsewhere") == "leaked hf_*** elsewhere"
+    assert scrub("hf_transfer and hf_xet stay") == "hf_transfer and hf_xet stay"
 
 
 def test_bad_folders_are_refused_before_any_request(hub_env, merge_output, tmp_path):
@@ -420,3 +422,34 @@ def test_push_writes_a_given_card_into_a_folder_without_one(hub_env, merge_outpu
     assert (folder / "README.md").exists()
     assert hub.files("alice/uploaded")["README.md"] == (folder / "README.md").read_bytes()
     assert hub.front_matter("alice/uploaded")["base_model_relation"] == "finetune"
+
+
+def test_weights_go_through_xet_when_installed(hub_env, merge_output, tmp_path, monkeypatch):
+    """push_folder leaves huggingface_hub's default on: with hf_xet installed, LFS files take the Xet path.
+
+    The fake Hub has no Xet storage, so the client's Xet uploader is replaced by one that stores the bytes
+    where the Hub's storage would have them; the commit must still be a single one.
+    """
+    import huggingface_hub._commit_api as commit_api
+    from huggingface_hub import constants
+
+    pytest.importorskip("hf_xet")
+    hub = hub_env["hub"]
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    sent: list[str] = []
+
+    def fake_xet_upload(*, additions, **kwargs):
+        for op in additions:
+            data = Path(op.path_or_fileobj).read_bytes()
+            op.upload_info.sha256 = hashlib.sha256(data).digest()
+            hub.lfs_store[op.upload_info.sha256.hex()] = data
+            sent.append(op.path_in_repo)
+
+    monkeypatch.setattr(commit_api, "_upload_xet_files", fake_xet_upload)
+    folder = _fresh_merge(tmp_path, merge_output)
+    push_folder(folder, "alice/xet", token=GOOD_TOKEN)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert sorted(sent) == shards
+    assert not any(p.startswith("/__lfs__/upload/") or p.endswith("/objects/batch") for _, p, _ in hub.requests)
+    assert len(hub.commits("alice/xet")) == 2
+    assert {n: hub.files("alice/xet")[n] for n in shards} == {n: (folder / n).read_bytes() for n in shards}
