@@ -293,14 +293,15 @@ def push_folder(
     secret = resolve_token(token, allow_ambient_token=allow_ambient_token)
     stage = "creating the repo"
     try:
-        api = HfApi(token=secret)
+        api = HfApi(token=secret, library_name="weightsmith")
         report(0.0, f"creating {repo_id}")
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = repo_url.repo_id or repo_id
         if set_card_repo(folder, repo_id):  # the card is saved into the folder before upload
             log.info("README.md: loading snippet now points at %s", repo_id)
         files = collect_files(folder)
-        if revision and not create_pr and revision != constants.DEFAULT_REVISION:
+        # A branch is created from main when missing; refs/pr/N (an open pull request) is committed to as is.
+        if revision and not create_pr and revision != constants.DEFAULT_REVISION and not revision.startswith("refs/"):
             stage = f"creating branch {revision}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(item) if isinstance(item, Path) else item)

@@ -435,7 +435,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._read_body()
         create_pr = query.get("create_pr") == "1"
         parent = repo.head(rev)
-        if parent is None or (not create_pr and rev not in repo.branches):
+        pr = re.fullmatch(r"refs/pr/(\d+)", rev)
+        if parent is None or (not create_pr and rev not in repo.branches and not pr):
             self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
             return
         lines = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
@@ -467,6 +468,8 @@ class _Handler(BaseHTTPRequestHandler):
         if create_pr:
             repo.prs.append(oid)
             out["pullRequestUrl"] = f"{self.hub.url}/{repo_id}/discussions/{len(repo.prs)}"
+        elif pr:
+            repo.prs[int(pr.group(1)) - 1] = oid  # a commit pushed to an open pull request
         else:
             repo.branches[rev] = oid
         self._send(200, out)

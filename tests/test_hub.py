@@ -205,6 +205,11 @@ def test_push_to_branch_and_as_pull_request(hub_env, merge_output, tmp_path):
     assert repo.prs == [pr.commit_oid]
     assert set(hub.files("alice/branchy", "main")) == {".gitattributes"}
     assert hub.files("alice/branchy", "refs/pr/1")["README.md"] == (folder / "README.md").read_bytes()
+
+    (folder / "notes.txt").write_text("review fix\n")
+    fix = push_folder(folder, "alice/branchy", token=GOOD_TOKEN, revision="refs/pr/1")
+    assert repo.prs == [fix.commit_oid] and set(repo.branches) == {"main", "dev"}  # no branch named refs/...
+    assert hub.files("alice/branchy", "refs/pr/1")["notes.txt"] == b"review fix\n"
     assert hub.unhandled == []
 
 
