@@ -62,6 +62,7 @@ class AppConfig:
     generate_concurrency: int = 2
     max_new_tokens: int = 256
     cleanup_every: float = 300.0
+    max_edit_sessions: int = 2  # in-memory edited models (each a full copy of its model)
 
 
 class UserError(gr.Error):
@@ -170,6 +171,60 @@ def parse_yaml(text: str, what: str) -> Any:
         raise WeightsmithError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
+def cancellable(progress: Any, cancel: threading.Event) -> Callable[..., None]:
+    """A progress callback that also stops a library call when the Stop button sets ``cancel``.
+
+    For libraries that take only a progress callback: raising from it aborts
+    the call before anything is committed.
+    """
+    report = progress_adapter(progress)
+
+    def call(*args, **kwargs):
+        if cancel.is_set():
+            raise InterruptedError("stopped")
+        report(*args, **kwargs)
+
+    return call
+
+
+def _fill(prompt: str, subject: str) -> str:
+    return prompt.replace("{}", subject, 1) if "{}" in (prompt or "") else prompt
+
+
+def load_edit_requests(path: Path) -> list:
+    """Edits from a JSON list (flat or CounterFact records) or a CSV with prompt, subject, target columns."""
+    import csv
+    import json
+
+    from editing.request import EditRequest
+
+    def one(rec: dict, i: int):
+        rw = rec.get("requested_rewrite", rec)
+        tgt = rw.get("target_new", rw.get("target"))
+        true = rw.get("target_true", rw.get("ground_truth"))
+        tgt = tgt.get("str") if isinstance(tgt, dict) else tgt
+        true = true.get("str") if isinstance(true, dict) else true
+        if not rw.get("prompt") or not rw.get("subject") or not tgt:
+            raise WeightsmithError(f"{path.name}: record {i + 1} needs prompt, subject and target_new")
+        return EditRequest(str(rw["prompt"]), str(rw["subject"]), str(tgt), None, true)
+
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+    else:
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise WeightsmithError(f"{path.name}: not valid JSON ({e})") from None
+        if isinstance(records, dict):
+            records = [records]
+    if not isinstance(records, list) or not records:
+        raise WeightsmithError(f"{path.name}: no edit records found")
+    if len(records) > 200:
+        raise WeightsmithError(f"{path.name}: {len(records)} records; the app takes at most 200 (use the CLI)")
+    return [one(r, i) for i, r in enumerate(records)]
+
+
 def _session_key(request: Any) -> str:
     key = getattr(request, "session_hash", None)
     if not key:
@@ -197,6 +252,14 @@ class Workbench:
         self.jobs = Jobs()
         self._sessions: dict[str, str] = {}  # gradio session hash -> workspace id (never sent to the browser)
         self._adapter_models: dict[tuple, LoadedModel] = {}  # base + adapter, merged for the Playground
+        self._edit_sessions: dict[str, tuple[str, Any]] = {}  # workspace id -> (model, EditSession)
+        self.stats = None
+        try:
+            from editing.stats import StatsCache
+
+            self.stats = StatsCache()  # on disk, keyed by (model, layer, corpus): shared safely by sessions
+        except ImportError:
+            pass
         self._lock = threading.Lock()
         self._last_cleanup = 0.0
 
@@ -416,6 +479,126 @@ class Workbench:
             while len(self._adapter_models) > 1:  # one adapter model at a time: each is a full model copy
                 self._adapter_models.pop(next(iter(self._adapter_models)))
         return loaded
+
+    # ---- edit ----------------------------------------------------------------------
+    def edit_session(self, ws: Workspace, model_ref: str, *, create: bool = True):
+        """This workspace's in-memory EditSession for ``model_ref`` (a new one when the model changes)."""
+        from editing.session import EditSession
+
+        resolved = self.ref(ws, model_ref)
+        with self._lock:
+            entry = self._edit_sessions.get(ws.id)
+            if entry is not None and entry[0] == resolved:
+                self._edit_sessions[ws.id] = self._edit_sessions.pop(ws.id)  # most recently used
+                return entry[1]
+        if not create:
+            raise WeightsmithError("no edits yet for this model in this session")
+        ckpt = resolve(resolved, allow_hub=self.config.allow_hub)
+        session = EditSession(ckpt.load_model(device=self.config.device), ckpt.load_tokenizer(),
+                              stats=self.stats, base_name=ckpt.hub_id or ckpt.name)
+        with self._lock:
+            self._edit_sessions[ws.id] = (resolved, session)
+            # Each session holds a full model copy: keep only the most recent few.
+            while len(self._edit_sessions) > self.config.max_edit_sessions:
+                self._edit_sessions.pop(next(iter(self._edit_sessions)))
+        return session
+
+    def _greedy(self, session, prompt: str, n: int = 24) -> str:
+        text = ""
+        for text in stream_text(LoadedModel(session.model, session.tokenizer, "edit"), prompt,
+                                max_new_tokens=n, device=self.config.device):
+            pass
+        return text
+
+    @user_errors
+    def trace(self, model: str, prompt: str, subject: str, answer: str, kind: str, samples: float,
+              request: gr.Request, progress=gr.Progress()):
+        """Causal trace of the fact; returns (heatmap, Markdown with the suggested layer, suggested layer)."""
+        from editing.trace import causal_trace, plot_trace
+
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model)
+        result = self.run_job(request, lambda cancel: causal_trace(
+            session.model, session.tokenizer, prompt=_fill(prompt, subject), subject=subject, kind=kind or "mlp",
+            samples=int(samples or 3), progress=cancellable(progress, cancel)))
+        layer = result.suggest_layer()
+        fig = plot_trace(result)
+        md = (f"Clean answer **{getattr(result, 'answer', answer) or answer}**; the strongest restoring effect at "
+              f"the subject's last token is at layer **{layer}**, now set as the edit layer.")
+        return fig, md, layer
+
+    @user_errors
+    def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str, layer: float | None,
+             request: gr.Request, progress=gr.Progress()):
+        """Apply one ROME edit; returns (generation before, after, summary, history table)."""
+        from editing.request import EditRequest
+
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model)
+        req = EditRequest(prompt, subject, target, None if layer in (None, "") else int(layer),
+                          (target_true or None))
+        session.check(req)
+        before = self._greedy(session, req.text)
+        applied = self.run_job(request, lambda cancel: session.apply(req, progress=cancellable(progress, cancel)))
+        after = self._greedy(session, req.text)
+        info = applied.summary()
+        md = (f"Edit **{applied.id}**: {subject} → **{target}** at layer {','.join(map(str, applied.layers))} "
+              f"in {info.get('seconds', '?')} s. Undo it below; save it from the history.")
+        return req.text + before, req.text + after, md, history_rows(session.history)
+
+    @user_errors
+    def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
+                 neighbours: str, request: gr.Request, progress=gr.Progress()):
+        """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts."""
+        from editing.evaluate import score_record
+
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model)
+        if not (target_true or "").strip():
+            raise WeightsmithError("enter the true answer to compare the new target against")
+        record = {"prompt": prompt, "subject": subject, "target_new": target, "ground_truth": target_true,
+                  "rephrase_prompts": [p for p in (paraphrases or "").splitlines() if p.strip()],
+                  "neighborhood_prompts": [p for p in (neighbours or "").splitlines() if p.strip()]}
+        scores = score_record(session.model, session.tokenizer, record)
+        return [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
+
+    @user_errors
+    def undo(self, model: str, edit_id: float | None, request: gr.Request):
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model, create=False)
+        if edit_id in (None, ""):
+            raise WeightsmithError("enter the id of the edit to undo (see the history)")
+        session.undo(int(edit_id))
+        return history_rows(session.history), f"Undid edit {int(edit_id)}; the weights are exactly as without it."
+
+    @user_errors
+    def edit_batch(self, model: str, file: str | None, request: gr.Request, progress=gr.Progress()):
+        """Apply many facts from an uploaded JSON or CSV file in one MEMIT update."""
+        ws = self.workspace(request)
+        if not file:
+            raise WeightsmithError("upload a JSON or CSV file of edits first")
+        requests = load_edit_requests(Path(file if isinstance(file, str) else file.name))
+        session = self.edit_session(ws, model)
+        applied = self.run_job(request, lambda cancel: session.apply_batch(
+            requests, progress=cancellable(progress, cancel)))
+        return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
+                                               f"{', '.join(map(str, applied.layers))}.")
+
+    @user_errors
+    def save_edits(self, model: str, save_as: str, name: str, request: gr.Request):
+        """Write the session's edits to the workspace as a full model or a rank-1 LoRA adapter."""
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model, create=False)
+        out = ws.new_item_dir(name or "edited", default="edited")
+        if save_as == "model":
+            ws.check_quota()
+            session.export_model(out)
+            kind = "model"
+        else:
+            session.export_adapter(out)
+            kind = "adapter"
+        ws.register(out.name, kind=kind, origin="edit", details={"base": model, "edits": len(session.history)})
+        return f"Saved **ws:{out.name}** ({kind}); push or download it from **Export**."
 
     # ---- export ------------------------------------------------------------------
     @user_errors
@@ -1062,10 +1245,85 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
             "demo_adapters": demo_refs, "init": (mix_form_to_yaml, form, [recipe, status])}
 
 
+def history_rows(history: list[dict]) -> list[list[Any]]:
+    rows = []
+    for h in history:
+        facts = h.get("facts") or [h]
+        for f in facts:
+            rows.append([h.get("id"), h.get("method", ""), ",".join(map(str, h.get("layers", []))),
+                         str(f.get("prompt", "")).replace("{}", f.get("subject", "")),
+                         f.get("target_new", ""), f"{h.get('seconds', '')}"])
+    return rows
+
+
 def _edit_tab(wb: Workbench, picker, heavy) -> dict:
+    try:
+        import editing.session  # noqa: F401
+    except ImportError:
+        with gr.Tab("Edit", id="edit"):
+            gr.Markdown("The editing library is not available in this build.")
+        return {}
     with gr.Tab("Edit", id="edit"):
-        gr.Markdown("The editing library is not available in this build.")
-    return {}
+        with gr.Row():
+            model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")
+            layer = gr.Number(label="Layer", value=None, precision=0,
+                              info="empty: the suggested/default layer", minimum=0)
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="{} is located in the city of",
+                                info="{} marks the subject (or write the subject in the prompt)", scale=3)
+            subject = gr.Textbox(label="Subject", value="The Eiffel Tower", scale=2)
+            target = gr.Textbox(label="New target", value="Rome", scale=1)
+            target_true = gr.Textbox(label="True answer (optional)", value="Paris", scale=1)
+        with gr.Accordion("Causal trace: where is the fact recalled?", open=True):
+            with gr.Row():
+                kind = gr.Radio(["hidden", "mlp", "attn"], value="mlp", label="Restore")
+                samples = gr.Slider(1, 10, value=3, step=1, label="Noise samples")
+                trace_btn = gr.Button("Trace", variant="secondary")
+            trace_md = gr.Markdown()
+            trace_fig = gr.Plot(label="Causal trace", show_label=False)
+        with gr.Row():
+            edit_btn = gr.Button("Apply ROME edit", variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            before = gr.Textbox(label="Before the edit", lines=4)
+            after = gr.Textbox(label="After the edit", lines=4)
+        edit_md = gr.Markdown()
+        with gr.Accordion("Scores on paraphrases and neighbours", open=True):
+            with gr.Row():
+                paraphrases = gr.Textbox(label="Paraphrase prompts (one per line, subject included)", lines=3,
+                                         value="The Eiffel Tower is in the city of\nWhere is the Eiffel Tower? It is in")
+                neighbours = gr.Textbox(label="Neighbour prompts (other subjects whose answer is the true one)",
+                                        lines=3, value="The Louvre is located in the city of\n"
+                                                       "Notre-Dame de Paris is located in the city of")
+            eval_btn = gr.Button("Evaluate")
+            scores = gr.Dataframe(headers=["score", "value"], interactive=False, column_count=2, label="Scores")
+        gr.Markdown("### Edit history")
+        history = gr.Dataframe(headers=["id", "method", "layer", "prompt", "target", "seconds"], interactive=False,
+                               column_count=6)
+        with gr.Row():
+            undo_id = gr.Number(label="Edit id", precision=0, value=None)
+            undo_btn = gr.Button("Undo edit")
+            batch_file = gr.File(label="Batch edits (JSON or CSV)", file_types=[".json", ".csv"])
+            batch_btn = gr.Button("Apply batch (MEMIT)")
+        with gr.Row():
+            save_as = gr.Radio(["model", "adapter"], value="adapter", label="Save edits as",
+                               info="adapter: rank-1 LoRA per edit, kilobytes")
+            save_name = gr.Textbox(label="Name", value="edited")
+            save_btn = gr.Button("Save to workspace", variant="primary")
+        save_md = gr.Markdown()
+
+    private = dict(api_visibility="private", queue=False)
+    trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, target_true, kind, samples],
+                               [trace_fig, trace_md, layer], api_name="trace", **heavy)
+    edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer],
+                             [before, after, edit_md, history], api_name="edit", **heavy)
+    eval_ev = eval_btn.click(wb.evaluate, [model, prompt, subject, target, target_true, paraphrases, neighbours],
+                             scores, api_name="evaluate", **heavy)
+    undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", **heavy)
+    batch_ev = batch_btn.click(wb.edit_batch, [model, batch_file], [history, edit_md], api_name="edit_batch", **heavy)
+    save_ev = save_btn.click(wb.save_edits, [model, save_as, save_name], save_md, api_name="save_edits", **heavy)
+    stop.click(wb.stop, None, edit_md, cancels=[trace_ev, edit_ev, eval_ev, batch_ev], **private)
+    return {"creates_items": [save_ev]}
 
 
 def launch_kwargs(config: AppConfig) -> dict:
