@@ -104,8 +104,8 @@ def _default_tags(info: CardInfo) -> list[str]:
     if info.library_name == "peft":
         tags.append("lora")
     if info.edit_log:
-        methods = {str(e.get("method", "rome")).lower() for e in info.edit_log}
-        tags.extend(sorted(methods))
+        # Only what the log says: a ROME tag on a MEMIT edit would mislead. Callers may add tags themselves.
+        tags.extend(sorted({str(e["method"]).lower() for e in info.edit_log if e.get("method")}))
     return tags
 
 

@@ -208,7 +208,8 @@ def _explain(err: BaseException, repo_id: str, revision: str | None, stage: str)
         RevisionNotFoundError,
     )
 
-    nothing = "nothing was committed" if stage != "commit" else "the commit was not confirmed"
+    # create_commit uploads everything first and commits last, in one request the Hub applies atomically.
+    nothing = "nothing was committed"
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code

@@ -59,7 +59,7 @@ def test_single_base_is_a_string_and_local_only_bases_leave_front_matter_out(tmp
     folder.mkdir()
     card = build_card(CardInfo("edited", "finetune", [str(folder)], "Edited one fact.",
                                edit_log=[{"prompt": "The capital of France is", "subject": "France",
-                                          "target_new": "Rome", "layer": 4}]))
+                                          "target_new": "Rome", "layer": 4, "method": "ROME"}]))
     meta = _meta(card)
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert meta["tags"] == ["weightsmith", "rome"]
