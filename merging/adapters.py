@@ -499,11 +499,16 @@ class AdapterMixRecipe:
         return yaml.safe_dump(self.to_dict(public=public), sort_keys=False, allow_unicode=True)
 
     def adapter_ref(self, entry: AdapterEntry) -> str | list[str]:
-        """The entry's reference, with a relative path taken from the recipe's folder when it exists there."""
+        """The entry's reference; a relative path missing here is looked up from the recipe's folder upwards.
+
+        So ``assets/adapters/caps`` in ``assets/recipes/x.yml`` works from any working directory.
+        """
         ref = entry.adapter
         if isinstance(ref, str) and self.source_dir is not None and not Path(ref).expanduser().is_absolute():
-            if not Path(ref).exists() and (self.source_dir / ref).exists():
-                return str(self.source_dir / ref)
+            if not Path(ref).exists():
+                for folder in (self.source_dir, *list(self.source_dir.parents)[:3]):
+                    if (folder / ref).exists():
+                        return str(folder / ref)
         return ref
 
 

@@ -397,3 +397,24 @@ def test_lines_auto_alpha_for_exact_sum_is_one_over_t(tmp_path, tiny_llama_dir, 
     assert res.block_scales[3] == pytest.approx(1.0, rel=1e-5)
     r = AdapterMixRecipe.from_yaml(f"base_model: demo\nadapters: [{a}]\nlines: {{beta: 0.3}}\n")
     assert r.lines == LinesConfig("auto", 0.3)
+
+
+def test_cli_mix_adapters(tmp_path, tiny_llama_dir, llama_adapters, capsys):
+    from checkpoints.cli import main
+
+    a, b = llama_adapters["a"], llama_adapters["b"]
+    path = tmp_path / "mix.yml"
+    path.write_text(f"base_model: {tiny_llama_dir}\nadapters:\n  - {{adapter: {a}, weight: 0.7}}\n"
+                    f"  - {{adapter: {b}, weight: 0.3}}\nmethod: svd\nparameters: {{rank: 3}}\n"
+                    "lines: {alpha: 0.5, beta: 0.5}\n")
+    assert main(["mix-adapters", str(path), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote adapter" in out and "rank 3" in out and "exact in ΔW space" in out
+    assert main(["mix-adapters", str(path), str(tmp_path / "full"), "--merge-into-base"]) == 0
+    assert (tmp_path / "full" / "model.safetensors").exists() and (tmp_path / "full" / "config.json").exists()
+    assert main(["mix-adapters", str(path), str(tmp_path / "out")]) == 2  # exists already
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one error line
+    assert last.startswith("weightsmith: error:") and "already exists" in last
+    path.write_text(f"base_model: {tiny_llama_dir}\nadapters: [{a}]\nmethod: nope\n")
+    assert main(["mix-adapters", str(path), str(tmp_path / "o2")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -116,3 +116,14 @@ def test_extract_bad_inputs(tmp_path, tiny_llama_dir, tiny_gpt2_dir, llama_proje
     with pytest.raises(WeightsmithError, match="lacks"):
         extract_lora(wide_dir, tiny_llama_dir, tmp_path / "x", rank=4)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_cli_extract_lora(tmp_path, tiny_llama_dir, llama_projection_ft, capsys):
+    from checkpoints.cli import main
+
+    assert main(["extract-lora", str(llama_projection_ft), str(tiny_llama_dir), str(tmp_path / "x"), "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.3.mlp.down_proj" in out and "max rank 4" in out
+    assert (tmp_path / "x" / "adapter_model.safetensors").exists()
+    assert main(["extract-lora", str(llama_projection_ft), str(tiny_llama_dir), str(tmp_path / "y")]) == 2
+    assert "needs --rank or --energy" in capsys.readouterr().err
