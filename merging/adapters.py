@@ -627,8 +627,9 @@ def _layer_factors(peft_model, adapter_name: str) -> dict[str, tuple[torch.Tenso
     out = {}
     for module, layer in peft_model.base_model.model.named_modules():
         if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
-            out[module] = (layer.lora_A[adapter_name].weight.detach().clone(),
-                           layer.lora_B[adapter_name].weight.detach().clone(), float(layer.scaling[adapter_name]))
+            out[module] = (layer.lora_A[adapter_name].weight.detach().to("cpu", torch.float32).clone(),
+                           layer.lora_B[adapter_name].weight.detach().to("cpu", torch.float32).clone(),
+                           float(layer.scaling[adapter_name]))
     return out
 
 
@@ -669,7 +670,7 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
     params = recipe.resolved_parameters()
     notes: list[str] = []
 
-    _report(progress, 0.0, f"resolving base {recipe.base_model}")
+    _report(progress, 0.0, f"resolving base {public_name(recipe.base_model)}")
     base = resolve(recipe.base_model)
     spec = base.spec
     adapters = []
@@ -701,7 +702,7 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
             # PEFT mixes a single adapter "linear" (rank kept); adding it again with
             # weight 0 keeps the sum exact and lets the SVD truncate to the rank.
             mix_names, mix_weights = [names[0], names[0]], [weights[0], 0.0]
-        elif method.name != "linear":
+        elif method.name not in ("linear", "cat"):  # cat of one adapter is still exact
             notes.append(f"one adapter: PEFT applies 'linear' instead of {method.name!r} (ΔW scaled by the weight)")
     kwargs: dict[str, Any] = {}
     if method.name.endswith("svd"):
@@ -721,8 +722,8 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
     all_modules = [n for n, _ in peft_model.base_model.model.named_modules()]
     del peft_model, model
 
-    # Scale B by λ(block). The mixed adapter's scaling is 1 (lora_alpha = r);
-    # rsLoRA is switched off on the output so a loader computes that same 1.
+    # Scale B by λ(block). The output config has lora_alpha = r and no rsLoRA,
+    # so a loader's scaling is 1 and its ΔW is exactly B @ A.
     num_layers = base.num_layers
     block_scales: dict[int, float] = {}
     state: dict[str, torch.Tensor] = {}
@@ -732,15 +733,17 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
         if lines_alpha == "auto":
             lines_alpha = _auto_lines_alpha(adapters, mixed)
             notes.append(f"LiNeS alpha auto = {lines_alpha:.4g} (‖Σ ΔWᵢ‖₁ / (T·‖ΔW_mix‖₁), T = {len(adapters)})")
-    for module, (a, b, scaling) in mixed.items():
+    for module, (a, b, _mix_scaling) in mixed.items():
         factor = 1.0
         if lines_alpha is not None:
             block = spec.locate(f"{module}.weight").block
             factor = lines_lambda(block, num_layers, lines_alpha, recipe.lines.beta)
             if block is not None:
                 block_scales[block] = factor
-        # Fold a non-unit scaling (rsLoRA copied from the first adapter) into B.
-        b = b * (factor * scaling)
+        # PEFT builds the factors so that B @ A is the mixed ΔW (input scalings are
+        # already inside). The mix layer's own scaling is ignored on purpose: with
+        # rsLoRA copied from the first adapter it would be √r instead of 1.
+        b = b * factor
         state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
         state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
     rank = int(mix_cfg.r)
@@ -769,7 +772,7 @@ def _auto_lines_alpha(adapters: Sequence[LoraAdapter], mixed: Mapping[str, tuple
     As in the authors' code the task vectors enter unweighted; the sum runs over all modules.
     """
     total = merged = 0.0
-    for module, (a, b, scaling) in mixed.items():
+    for module, (a, b, _) in mixed.items():
         tv = None
         for ad in adapters:
             if module in ad.factors:
@@ -777,7 +780,7 @@ def _auto_lines_alpha(adapters: Sequence[LoraAdapter], mixed: Mapping[str, tuple
                 tv = d if tv is None else tv + d
         if tv is not None:
             total += float(tv.abs().sum())
-        merged += float((scaling * (b @ a)).abs().sum())
+        merged += float((b @ a).abs().sum())  # B @ A is the mixed ΔW (see mix_adapters)
     return auto_alpha(total, merged, len(adapters))
 
 

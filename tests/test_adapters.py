@@ -145,6 +145,17 @@ def test_cat_is_exact_weighted_sum(tmp_path, tiny_llama_dir, llama_adapters):
     assert sorted(cfg["target_modules"]) == ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_rslora_first_adapter_stays_exact(tmp_path, tiny_llama_dir, llama_adapters, method):
+    """PEFT copies the first adapter's config (here rsLoRA) to the mix; the output must still be Σ wᵢ ΔWᵢ."""
+    a, c = llama_adapters["a"], llama_adapters["c"]
+    params = {"rank": 6} if method == "svd" else {}  # 6 = 2 + 4: the SVD keeps the whole sum
+    mix_adapters(recipe(tiny_llama_dir, [c, a], [0.5, 1.5], method, parameters=params), tmp_path / "m")
+    got, want = deltas(tmp_path / "m"), weighted_sum([(0.5, deltas(c)), (1.5, deltas(a))])
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=0, atol=2e-5)
+
+
 def test_svd_gives_requested_rank_and_best_approximation(tmp_path, tiny_llama_dir, llama_adapters):
     a, b = llama_adapters["a"], llama_adapters["b"]
     res = mix_adapters(recipe(tiny_llama_dir, [a, b], [1.0, 0.5], "svd", parameters={"rank": 3}), tmp_path / "svd")
