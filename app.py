@@ -63,6 +63,9 @@ class AppConfig:
     max_new_tokens: int = 256
     cleanup_every: float = 300.0
     max_edit_sessions: int = 2  # in-memory edited models (each a full copy of its model)
+    edit_corpus: str | None = None  # ROME statistics corpus: a text file, or None = model-sampled text
+    edit_stats_tokens: int | None = None  # None: the editing library's default
+    stats_root: Path | None = None  # where ROME statistics are cached (None: the library's default)
 
 
 class UserError(gr.Error):
@@ -192,37 +195,25 @@ def _fill(prompt: str, subject: str) -> str:
 
 
 def load_edit_requests(path: Path) -> list:
-    """Edits from a JSON list (flat or CounterFact records) or a CSV with prompt, subject, target columns."""
+    """Edits from an uploaded JSON (CounterFact or flat records, see ``editing.evaluate``) or CSV file.
+
+    A CSV has a header row with the flat format's columns (prompt, subject, target_new, ground_truth).
+    """
     import csv
-    import json
 
-    from editing.request import EditRequest
-
-    def one(rec: dict, i: int):
-        rw = rec.get("requested_rewrite", rec)
-        tgt = rw.get("target_new", rw.get("target"))
-        true = rw.get("target_true", rw.get("ground_truth"))
-        tgt = tgt.get("str") if isinstance(tgt, dict) else tgt
-        true = true.get("str") if isinstance(true, dict) else true
-        if not rw.get("prompt") or not rw.get("subject") or not tgt:
-            raise WeightsmithError(f"{path.name}: record {i + 1} needs prompt, subject and target_new")
-        return EditRequest(str(rw["prompt"]), str(rw["subject"]), str(tgt), None, true)
+    from editing.evaluate import load_records, parse_record
 
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if any((v or "").strip() for v in r.values())]
+        if not rows:
+            raise WeightsmithError(f"{path.name}: no edit rows (header: prompt,subject,target_new,ground_truth)")
+        records = [parse_record({k.strip(): (v or "").strip() for k, v in r.items() if k}) for r in rows]
     else:
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise WeightsmithError(f"{path.name}: not valid JSON ({e})") from None
-        if isinstance(records, dict):
-            records = [records]
-    if not isinstance(records, list) or not records:
-        raise WeightsmithError(f"{path.name}: no edit records found")
+        records = load_records(path)
     if len(records) > 200:
         raise WeightsmithError(f"{path.name}: {len(records)} records; the app takes at most 200 (use the CLI)")
-    return [one(r, i) for i, r in enumerate(records)]
+    return [r.request() for r in records]
 
 
 def _session_key(request: Any) -> str:
@@ -257,7 +248,7 @@ class Workbench:
         try:
             from editing.stats import StatsCache
 
-            self.stats = StatsCache()  # on disk, keyed by (model, layer, corpus): shared safely by sessions
+            self.stats = StatsCache(self.config.stats_root)  # on disk, keyed by (model, layer, corpus): shared safely by sessions
         except ImportError:
             pass
         self._lock = threading.Lock()
@@ -389,7 +380,7 @@ class Workbench:
         resolved = recipe.with_models_renamed(lambda r: self.ref(ws, r))
         ws.check_quota()
         out = ws.new_item_dir(out_name or "merge", default="merge")
-        progress(0.0, desc="checking models")
+        progress_adapter(progress)(0.0, "checking models")
         result = self.run_job(request, lambda cancel: run_merge(
             resolved, out, device=self.config.device, progress=progress_adapter(progress), cancel=cancel))
         ws.register(out.name, kind="model", origin="merge",
@@ -495,7 +486,8 @@ class Workbench:
             raise WeightsmithError("no edits yet for this model in this session")
         ckpt = resolve(resolved, allow_hub=self.config.allow_hub)
         session = EditSession(ckpt.load_model(device=self.config.device), ckpt.load_tokenizer(),
-                              stats=self.stats, base_name=ckpt.hub_id or ckpt.name)
+                              stats=self.stats, base_name=ckpt.hub_id or ckpt.name,
+                              corpus=self.config.edit_corpus, stats_tokens=self.config.edit_stats_tokens)
         with self._lock:
             self._edit_sessions[ws.id] = (resolved, session)
             # Each session holds a full model copy: keep only the most recent few.
@@ -550,17 +542,22 @@ class Workbench:
     def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
                  neighbours: str, request: gr.Request, progress=gr.Progress()):
         """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts."""
-        from editing.evaluate import score_record
+        from editing.evaluate import evaluate_edit, harmonic_mean
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
         if not (target_true or "").strip():
             raise WeightsmithError("enter the true answer to compare the new target against")
         record = {"prompt": prompt, "subject": subject, "target_new": target, "ground_truth": target_true,
-                  "rephrase_prompts": [p for p in (paraphrases or "").splitlines() if p.strip()],
-                  "neighborhood_prompts": [p for p in (neighbours or "").splitlines() if p.strip()]}
-        scores = score_record(session.model, session.tokenizer, record)
-        return [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
+                  "rephrase_prompt": [p for p in (paraphrases or "").splitlines() if p.strip()],
+                  "locality_prompt": [p for p in (neighbours or "").splitlines() if p.strip()]}
+        scores = evaluate_edit(session.model, session.tokenizer, record)
+        main = [scores[k] for k in ("efficacy", "paraphrase", "neighborhood") if k in scores]
+        if len(main) == 3:
+            scores["score"] = harmonic_mean(main)
+        n = len(session.history)
+        rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
+        return rows + [["active edits", str(n)]]
 
     @user_errors
     def undo(self, model: str, edit_id: float | None, request: gr.Request):

@@ -151,3 +151,180 @@ def test_workspace_cleanup_forgets_expired_sessions(wb):
     wb.config.cleanup_every = 0
     fresh = wb.workspace(req("old"))  # cleanup ran, the session got a new workspace
     assert fresh.id != ws.id and not ws.path.exists()
+
+
+# ---- merge, adapters, edit through the handlers ------------------------------------------------
+
+def make_tiny_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter on the tiny llama with non-zero B (so it changes the logits)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tmp_path_factory, tiny_llama_family):
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    return [make_tiny_adapter(tiny_llama_family["base"], root / f"ad{i}", seed=i) for i in (1, 2)]
+
+
+def _merge_form(method="task_arithmetic", models=None, lines=(False, True, 0.5, 0.5)):
+    import app as appmod
+
+    cols = appmod.merge_columns(method)
+    rows = [["tiny-ft1", "0.5", "1.0"], ["tiny-ft2", "0.5", "1.0"]] if models is None else models
+    rows = [r[:len(cols)] for r in rows]
+    return [method, "tiny-base", rows, appmod.merge_shared_rows(method), *lines, "", ""]
+
+
+def test_merge_form_yaml_round_trip():
+    form = _merge_form("ties", [["tiny-ft1", "0.7", "0.5"], ["tiny-ft2", "[0, 1]", "0.5"]], (True, False, 0.2, 0.8))
+    text, status = app.merge_yaml_from_form(*form)
+    assert status.startswith("✓"), status
+    assert "merge_method: ties" in text and "lines:" in text
+    back = app.merge_form_from_yaml(text)
+    assert back["method"] == "ties" and back["base"] == "tiny-base"
+    assert back["models"]["data"] == [["tiny-ft1", "0.7", "0.5"], ["tiny-ft2", "[0, 1]", "0.5"]]
+    assert (back["lines_on"], back["alpha_auto"], back["alpha"], back["beta"]) == (True, False, 0.2, 0.8)
+    # YAML -> form -> YAML is stable.
+    again, _ = app.merge_yaml_from_form(back["method"], back["base"], back["models"]["data"], back["shared"],
+                                        back["lines_on"], back["alpha_auto"], back["alpha"], back["beta"],
+                                        back["out_dtype"], back["seed"])
+    assert again == text
+    # A bad recipe gives one line and leaves the form alone.
+    with pytest.raises(Exception, match="unknown merge method"):
+        app.merge_form_from_yaml("merge_method: nope\nmodels: [{model: a}]\n")
+    _, status = app.merge_yaml_from_form(*_merge_form(models=[]))
+    assert status.startswith("⚠")
+
+
+def test_lines_plot_and_norms_plot_build():
+    fig = app.lines_plot(True, False, 0.2, 0.8, 4)
+    ys = list(fig.axes[0].lines[0].get_ydata())
+    assert ys == pytest.approx([0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0])
+    fig = app.norms_plot({"a": [1.0, 2.0], "b": [0.5, 0.1]})
+    assert len(fig.axes[0].lines) == 2
+
+
+def test_merge_handler_writes_private_item_without_leaking_paths(wb, tiny_llama_family):
+    from safetensors.torch import load_file
+
+    text, _ = app.merge_yaml_from_form(*_merge_form())
+    md, fig, ref = wb.merge(text, "m", req("a"), None)
+    ws = wb.workspace(req("a"))
+    out = ws.item_path(ref)
+    assert ref == "ws:m" and "tensors changed" in md and (out / "model.safetensors").exists()
+    merged = load_file(str(out / "model.safetensors"))
+    base = load_file(str(tiny_llama_family["base"] / "model.safetensors"))
+    ft1 = load_file(str(tiny_llama_family["ft1"] / "model.safetensors"))
+    ft2 = load_file(str(tiny_llama_family["ft2"] / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    expected = base[name] + 0.5 * (ft1[name] - base[name]) + 0.5 * (ft2[name] - base[name])
+    assert (merged[name] - expected).abs().max() < 1e-6
+    assert (merged[name] - base[name]).abs().max() > 1e-4  # non-vacuous
+    card = (out / "README.md").read_text()
+    assert ws.id not in card and str(ws.path) not in card and "/tmp" not in card
+    assert len(fig.axes[0].lines) == 2  # one norms line per fine-tune
+    assert ref not in wb.model_choices(req("b"))
+    with pytest.raises(gr.Error, match="unknown merge method"):
+        wb.merge("merge_method: nope\nmodels: [{model: tiny-ft1}]\n", "bad", req("a"), None)
+    with pytest.raises(gr.Error, match="server paths are off"):
+        wb.merge(text.replace("tiny-ft1", "/etc"), "bad", req("a"), None)
+    assert [i.name for i in ws.items()] == ["m"]  # failed runs left nothing
+
+
+def test_mix_adapters_handler_and_playground(wb, tiny_adapters):
+    for i, folder in enumerate(tiny_adapters, 1):
+        wb.upload([str(p) for p in folder.iterdir() if p.suffix in (".json", ".safetensors")], f"ad{i}", "",
+                  req("a"))
+    recipe = ("base_model: tiny-base\nadapters:\n  - {adapter: ws:ad1, weight: 0.7}\n"
+              "  - {adapter: ws:ad2, weight: 0.3}\nmethod: cat\n")
+    md, ref = wb.mix_adapters(recipe, "mix", req("a"), None)
+    assert ref == "ws:mix" and "exact in ΔW space** | yes" in md
+    assert wb.workspace(req("a")).item("mix").kind == "adapter"
+    md2, ref2 = wb.mix_adapters(recipe + "merge_into_base: true\n", "mixm", req("a"), None)
+    assert wb.workspace(req("a")).item("mixm").kind == "model"
+    # The adapter (applied on its base) and the merged model generate the same text; the base does not.
+    prompt = "The capital of France is"
+    as_adapter, base = list(wb.generate(ref, "tiny-base", prompt, 6, req("a")))[-1]
+    merged, _ = list(wb.generate(ref2, "tiny-base", prompt, 6, req("a")))[-1]
+    assert as_adapter == merged
+    logits = [wb.loaded_model(wb.workspace(req("a")), r).model(
+        **wb.loaded_model(wb.workspace(req("a")), r).tokenizer(prompt, return_tensors="pt")).logits
+        for r in (ref, ref2, "tiny-base")]
+    assert (logits[0] - logits[1]).abs().max() < 1e-4
+    assert (logits[0] - logits[2]).abs().max() > 1e-3  # non-vacuous
+    with pytest.raises(gr.Error, match="unknown method"):
+        wb.mix_adapters(recipe.replace("cat", "nope"), "bad", req("a"), None)
+
+
+def test_mix_form_yaml_marks_exactness():
+    text, status = app.mix_form_to_yaml("demo", [["demo-adapter:x", "0.5"]], "cat", [], True, 0.5, 0.5, "merged model")
+    assert "merge_into_base: true" in text and "lines:" in text and status.startswith("✓")
+    labels = dict((v, k) for k, v in app.adapter_method_choices())
+    assert "exact" in labels["cat"] and "exact" not in labels["linear"]
+    assert "not exact" in app.adapter_method_md("linear")
+
+
+@pytest.fixture
+def edit_wb(tmp_path, tiny_llama_family):
+    cfg = app.AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny-base": str(tiny_llama_family["base"])},
+                        edit_stats_tokens=2000, stats_root=tmp_path / "stats")
+    return app.Workbench(cfg)
+
+
+def test_edit_undo_save_and_scores(edit_wb, tiny_llama_family):
+    import torch
+
+    wb = edit_wb
+    r = req("e")
+    session = wb.edit_session(wb.workspace(r), "tiny-base")
+    before_w = {k: v.clone() for k, v in session.model.state_dict().items()}
+    eval_args = ("tiny-base", "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris",
+                 "The Eiffel Tower is in the city of", "The Louvre is located in the city of", r, None)
+    unedited = dict(wb.evaluate(*eval_args))
+    b, a, md, hist = wb.edit("tiny-base", "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris", None,
+                             r, None)
+    assert b.startswith("The Eiffel Tower is located in the city of") and "Edit **1**" in md
+    assert len(hist) == 1 and hist[0][0] == 1 and hist[0][4] == "Rome"
+    changed = [k for k, v in session.model.state_dict().items() if not torch.equal(v, before_w[k])]
+    assert len(changed) == 1 and "mlp.down_proj" in changed[0]  # non-vacuous: one MLP weight moved
+    scores = dict(wb.evaluate(*eval_args))
+    assert {"efficacy", "paraphrase", "neighborhood", "score"} <= set(scores) and scores["active edits"] == "1"
+    # The scores are computed on the edited weights (the edit's quality is the editing library's to test).
+    assert scores["efficacy_magnitude"] != unedited["efficacy_magnitude"]
+    msg = wb.save_edits("tiny-base", "adapter", "ed", r)
+    assert "ws:ed" in msg and wb.workspace(r).item("ed").kind == "adapter"
+    hist, msg = wb.undo("tiny-base", 1, r)
+    assert hist == [] and "Undid edit 1" in msg
+    assert all(torch.equal(v, before_w[k]) for k, v in session.model.state_dict().items())  # bit-exact
+    with pytest.raises(gr.Error, match="no active edit"):
+        wb.undo("tiny-base", 1, r)
+    with pytest.raises(gr.Error, match="does not occur in the prompt"):
+        wb.edit("tiny-base", "Paris is in", "Berlin", "Rome", "", None, r, None)
+    # Another session has its own (empty) edit session.
+    with pytest.raises(gr.Error, match="no edits yet"):
+        wb.save_edits("tiny-base", "adapter", "x", req("other"))
+
+
+def test_batch_edit_file_parsing(tmp_path):
+    csv_file = tmp_path / "edits.csv"
+    csv_file.write_text("prompt,subject,target_new,ground_truth\n{} is located in,The Eiffel Tower,Rome,Paris\n"
+                        "The capital of Germany is,Germany,Madrid,Berlin\n")
+    reqs = app.load_edit_requests(csv_file)
+    assert [(q.subject, q.target) for q in reqs] == [("The Eiffel Tower", "Rome"), ("Germany", "Madrid")]
+    js = tmp_path / "edits.json"
+    js.write_text('[{"requested_rewrite": {"prompt": "{} plays", "subject": "Messi", '
+                  '"target_new": {"str": "tennis"}, "target_true": {"str": "football"}}}]')
+    assert app.load_edit_requests(js)[0].target == "tennis"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,subject\nx,y\n")
+    with pytest.raises(Exception, match="missing field"):
+        app.load_edit_requests(bad)
