@@ -503,20 +503,23 @@ class Workbench:
         return text
 
     @user_errors
-    def trace(self, model: str, prompt: str, subject: str, answer: str, kind: str, samples: float,
+    def trace(self, model: str, prompt: str, subject: str, kind: str, samples: float,
               request: gr.Request, progress=gr.Progress()):
         """Causal trace of the fact; returns (heatmap, Markdown with the suggested layer, suggested layer)."""
         from editing.trace import causal_trace, plot_trace
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
+        if not (subject or "").strip():
+            raise WeightsmithError("the subject is empty")
         result = self.run_job(request, lambda cancel: causal_trace(
-            session.model, session.tokenizer, prompt=_fill(prompt, subject), subject=subject, kind=kind or "mlp",
-            samples=int(samples or 3), progress=cancellable(progress, cancel)))
+            session.model, session.tokenizer, prompt, subject, kind=kind or "mlp", samples=int(samples or 3),
+            progress=cancellable(progress, cancel), device=self.config.device))
         layer = result.suggest_layer()
         fig = plot_trace(result)
-        md = (f"Clean answer **{getattr(result, 'answer', answer) or answer}**; the strongest restoring effect at "
-              f"the subject's last token is at layer **{layer}**, now set as the edit layer.")
+        md = (f"The model's answer: **{result.answer.strip()}** ({result.seconds:.1f} s, {result.samples} noise "
+              f"samples). Restoring the {result.kind} state at the subject's last token helps most at layer "
+              f"**{layer}**: set as the edit layer.")
         return fig, md, layer
 
     @user_errors
@@ -1310,7 +1313,7 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
         save_md = gr.Markdown()
 
     private = dict(api_visibility="private", queue=False)
-    trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, target_true, kind, samples],
+    trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, kind, samples],
                                [trace_fig, trace_md, layer], api_name="trace", **heavy)
     edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer],
                              [before, after, edit_md, history], api_name="edit", **heavy)

@@ -328,3 +328,12 @@ def test_batch_edit_file_parsing(tmp_path):
     bad.write_text("prompt,subject\nx,y\n")
     with pytest.raises(Exception, match="missing field"):
         app.load_edit_requests(bad)
+
+
+def test_trace_suggests_a_layer(edit_wb):
+    fig, md, layer = edit_wb.trace("tiny-base", "{} is located in the city of", "The Eiffel Tower", "mlp", 1,
+                                   req("t"), None)
+    assert 0 <= layer < 4 and f"layer **{layer}**" in md
+    assert fig.axes  # a heatmap figure
+    with pytest.raises(gr.Error, match="subject is empty"):
+        edit_wb.trace("tiny-base", "{} is in", " ", "mlp", 1, req("t"), None)
