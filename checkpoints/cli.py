@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "merging.adapter_commands",
     "checkpoints.commands",
     "checkpoints.hub_commands",
+    "editing.commands",
 ]
 
 

@@ -1,0 +1,139 @@
+"""Editing subcommands: ``trace``, ``edit``, ``eval-edits`` (argument parsing only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load(ref: str):
+    from checkpoints.arch import spec_for
+    from checkpoints.sources import resolve
+
+    ckpt = resolve(ref)
+    spec_for(ckpt.model_type, strict=True)  # unsupported architectures fail before loading
+    return ckpt, ckpt.load_model(), ckpt.load_tokenizer()
+
+
+def _progress(frac: float, desc: str) -> None:
+    if sys.stderr.isatty():
+        print(f"\r{desc} [{frac:4.0%}]", end="", file=sys.stderr, flush=True)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .trace import causal_trace, save_trace
+
+    _, model, tok = _load(args.model)
+    result = causal_trace(model, tok, args.prompt, args.subject, kind=args.kind, samples=args.samples,
+                          noise=args.noise, window=args.window, progress=_progress)
+    png, js = save_trace(result, Path(args.out))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"answer {result.answer!r}: clean {result.high_score:.4f}, corrupted {result.low_score:.4f}; "
+          f"strongest layer at the subject's last token: {result.suggest_layer()} ({result.seconds:.1f} s)")
+    print(f"wrote {png} and {js}")
+    return 0
+
+
+def _session(args, ckpt, model, tok):
+    from .session import EditSession
+
+    return EditSession(model, tok, corpus=args.stats_corpus, stats_tokens=args.stats_tokens, base_name=ckpt.name)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from checkpoints.errors import WeightsmithError
+
+    from .evaluate import EvalRecord, evaluate_edit
+    from .request import EditRequest
+
+    out = Path(args.out)
+    if out.exists():
+        raise WeightsmithError(f"{out} already exists (choose another folder)")
+    ckpt, model, tok = _load(args.model)
+    session = _session(args, ckpt, model, tok)
+    req = EditRequest(args.prompt, args.subject, args.target, args.layer, args.target_true)
+    session.check(req)
+    scores = None
+    rec = None
+    if args.target_true:
+        rec = EvalRecord(args.prompt, args.subject, args.target, args.target_true)
+        before = evaluate_edit(model, tok, rec)
+    edit = session.apply(req, progress=_progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if rec is not None:
+        after = evaluate_edit(model, tok, rec)
+        scores = {"efficacy_before": before["efficacy"], "efficacy_after": after["efficacy"],
+                  "efficacy_magnitude_after": round(after["efficacy_magnitude"], 4)}
+    if args.as_adapter:
+        session.export_adapter(out, scores=scores)
+    else:
+        session.export_model(out, scores=scores)
+    info = edit.info
+    print(f"edited layer {edit.layers[0]} in {info['seconds']:.1f} s ({info['steps']} steps; "
+          f"P(target) {info['target_prob_before']:.4f} -> {info['target_prob_after_geomean']:.4f}); "
+          f"wrote {'adapter' if args.as_adapter else 'model'} to {out}")
+    return 0
+
+
+def _eval_edits(args: argparse.Namespace) -> int:
+    from .evaluate import load_records, run_eval
+
+    records = load_records(Path(args.file), limit=args.limit)
+    ckpt, model, tok = _load(args.model)
+    session = _session(args, ckpt, model, tok)
+    result = run_eval(session, records, layer=args.layer, progress=_progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        b = result["baseline"]
+        for k in ("efficacy", "paraphrase", "neighborhood", "score"):
+            print(f"{k:<13} {result[k]}  (unedited {b[k]})")
+        print(f"n {result['n']}, {result['seconds_per_edit']} s per edit")
+    return 0
+
+
+def _stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stats-corpus", default=None,
+                   help="text file for the key statistics; hf:NAME/CONFIG for a datasets corpus; "
+                        "default: text the model samples itself (offline)")
+    p.add_argument("--stats-tokens", type=int, default=None,
+                   help="tokens of corpus for the statistics (default 100000 for text, 20000 sampled)")
+    p.add_argument("--layer", type=int, default=None, help="edited layer (default: per-architecture table)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="causal tracing: where does the model recall a fact? (heatmap + JSON)")
+    p.add_argument("model", help="demo, a folder, a .safetensors/.gguf file, or a Hub id")
+    p.add_argument("--prompt", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
+    p.add_argument("--subject", required=True, help="the subject in the prompt, e.g. \"Eiffel Tower\"")
+    p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="hidden", help="what to restore")
+    p.add_argument("--samples", type=int, default=3, help="noise samples averaged (default 3)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise scale in embedding standard deviations")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn")
+    p.add_argument("--out", required=True, help="heatmap .png (the numbers go to the same name .json)")
+    p.set_defaults(func=_trace)
+
+    p = sub.add_parser("edit", help="rewrite one fact with ROME and save the model or a rank-1 LoRA adapter")
+    p.add_argument("model", help="demo, a folder, a .safetensors/.gguf file, or a Hub id")
+    p.add_argument("--prompt", required=True, help='prompt with {} for the subject, e.g. "{} is located in the city of"')
+    p.add_argument("--subject", required=True)
+    p.add_argument("--target", required=True, help="the new answer, e.g. Rome")
+    p.add_argument("--target-true", default=None, help="the old answer (optional: scores go in the card)")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter instead of the full model")
+    _stats_args(p)
+    p.set_defaults(func=_edit)
+
+    p = sub.add_parser("eval-edits", help="CounterFact scores: edit each record on fresh weights, with a baseline")
+    p.add_argument("model", help="demo, a folder, a .safetensors/.gguf file, or a Hub id")
+    p.add_argument("file", help="JSON records (original CounterFact or flat format)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _stats_args(p)
+    p.set_defaults(func=_eval_edits)

@@ -1,0 +1,225 @@
+"""CounterFact-style scores of edits: efficacy, paraphrase, neighbourhood, magnitudes, harmonic mean.
+
+A target's probability is the exponential of the per-token mean log-prob
+of ``" " + target`` (no special tokens) after the prompt.
+
+* efficacy (ES): mean[P(new) > P(true)] on the edit prompt;
+* paraphrase (PS): the same on the paraphrases (averaged per record);
+* neighbourhood (NS): mean[P(true) > P(new)] on prompts about other subjects;
+* ``*_magnitude``: the mean probability differences (P(new) − P(true), resp. P(true) − P(new));
+* score: harmonic mean of ES, PS and NS.
+
+Records come in the original CounterFact format (``requested_rewrite``,
+``paraphrase_prompts``, ``neighborhood_prompts``) or the flat one
+(``prompt``, ``subject``, ``target_new``, ``ground_truth``, ``rephrase_prompt``,
+``locality_prompt``, ``locality_ground_truth``).
+
+Example::
+
+    records = load_records(Path("counterfact.json"))
+    evaluate_edit(model, tok, records[0])    # {"efficacy": 0.0, "paraphrase": 0.5, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from checkpoints.errors import WeightsmithError
+
+from .request import EditRequest, fill, prompt_ids, target_ids
+from .rome import _pad_id
+
+
+@dataclass
+class EvalRecord:
+    """One fact with its evaluation prompts (all with the subject filled in)."""
+
+    prompt: str  # template with {} or containing the subject
+    subject: str
+    target_new: str
+    target_true: str
+    paraphrases: list[str] = field(default_factory=list)
+    neighborhood: list[str] = field(default_factory=list)
+    neighborhood_true: str | None = None  # answer of the neighbourhood prompts (default target_true)
+
+    def request(self, layer: int | None = None) -> EditRequest:
+        return EditRequest(self.prompt, self.subject, self.target_new, layer, self.target_true)
+
+    @property
+    def text(self) -> str:
+        return self.request().text
+
+
+def _as_list(x: Any) -> list[str]:
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [x] if x.strip() else []
+    return [str(v) for v in x if str(v).strip()]
+
+
+def _str(x: Any) -> str:
+    return x.get("str", "") if isinstance(x, dict) else str(x or "")
+
+
+def parse_record(rec: dict[str, Any]) -> EvalRecord:
+    """One record in either format → :class:`EvalRecord` (clear error when fields are missing)."""
+    if "requested_rewrite" in rec:
+        rw = rec["requested_rewrite"]
+        try:
+            out = EvalRecord(rw["prompt"], rw["subject"], _str(rw["target_new"]).strip(), _str(rw["target_true"]).strip(),
+                             _as_list(rec.get("paraphrase_prompts")), _as_list(rec.get("neighborhood_prompts")))
+        except KeyError as e:
+            raise WeightsmithError(f"CounterFact record {rec.get('case_id', '?')}: missing field {e}") from None
+    else:
+        missing = [k for k in ("prompt", "subject", "target_new") if k not in rec]
+        if missing:
+            raise WeightsmithError(f"edit record {rec.get('case_id', '?')}: missing field(s) {', '.join(missing)}")
+        true = rec.get("ground_truth", rec.get("target_true", ""))
+        out = EvalRecord(rec["prompt"], rec["subject"], _str(rec["target_new"]).strip(), _str(true).strip(),
+                         _as_list(rec.get("rephrase_prompt", rec.get("paraphrase_prompts"))),
+                         _as_list(rec.get("locality_prompt", rec.get("neighborhood_prompts"))),
+                         _str(rec.get("locality_ground_truth")).strip() or None)
+    if "{}" in out.prompt:
+        pass
+    elif out.subject not in out.prompt:
+        raise WeightsmithError(f"edit record: the subject {out.subject!r} is not in its prompt {out.prompt!r}")
+    return out
+
+
+def load_records(path: str | Path, *, limit: int | None = None) -> list[EvalRecord]:
+    """Read a JSON list (or JSON lines) of records in either format."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WeightsmithError(f"{p.name}: cannot read: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise WeightsmithError(f"{p.name}: not JSON or JSON lines ({e})") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise WeightsmithError(f"{p.name}: expected a list of edit records")
+    records = [parse_record(r) for r in data[: limit or None]]
+    return records
+
+
+@torch.no_grad()
+def target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 16) -> list[float]:
+    """Per-token mean log-prob of ``" " + target`` after each prompt (pairs)."""
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    out: list[float] = []
+    pad = _pad_id(tokenizer)
+    for s in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for p, t in zip(prompts[s:s + batch_size], targets[s:s + batch_size]):
+            pi, ti = prompt_ids(tokenizer, p), target_ids(tokenizer, t)
+            rows.append(pi + ti[:-1])
+            spans.append((len(pi) - 1, ti))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        for i, (start, ti) in enumerate(spans):
+            logp = F.log_softmax(head(h[i, start:start + len(ti)]).float(), -1)
+            out.append(float(logp.gather(-1, torch.tensor(ti, device=device)[:, None]).mean()))
+    return out
+
+
+def evaluate_edit(model, tokenizer, record: EvalRecord | dict[str, Any]) -> dict[str, float]:
+    """Scores of the model as it is now on one record (call before and after an edit)."""
+    rec = parse_record(record) if isinstance(record, dict) else record
+    new, true = rec.target_new, rec.target_true
+    if not true:
+        raise WeightsmithError(f"record {rec.subject!r}: no true target to compare with")
+    ntrue = rec.neighborhood_true or true
+    groups = [("efficacy", [rec.text]), ("paraphrase", rec.paraphrases), ("neighborhood", rec.neighborhood)]
+    prompts, targets = [], []
+    for _, ps in groups:
+        for p in ps:
+            prompts += [p, p]
+        targets += [t for _ in ps for t in (new, true)]
+    # The neighbourhood prompts' true answer may differ from the edited fact's.
+    k = 2 * (1 + len(rec.paraphrases))
+    for j in range(len(rec.neighborhood)):
+        targets[k + 2 * j + 1] = ntrue
+    lps = target_logprobs(model, tokenizer, prompts, targets)
+    scores: dict[str, float] = {}
+    i = 0
+    for name, ps in groups:
+        if not ps:
+            continue
+        wins, mags = [], []
+        for _ in ps:
+            lp_new, lp_true = lps[i], lps[i + 1]
+            i += 2
+            if name == "neighborhood":
+                wins.append(float(lp_true > lp_new))
+                mags.append(math.exp(lp_true) - math.exp(lp_new))
+            else:
+                wins.append(float(lp_new > lp_true))
+                mags.append(math.exp(lp_new) - math.exp(lp_true))
+        scores[name] = sum(wins) / len(wins)
+        scores[f"{name}_magnitude"] = sum(mags) / len(mags)
+    return scores
+
+
+def harmonic_mean(values: list[float]) -> float:
+    if not values or any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def aggregate(per_record: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean of each score over records (records lacking a score are skipped for it) and the harmonic mean."""
+    out: dict[str, Any] = {"n": len(per_record)}
+    for key in ("efficacy", "paraphrase", "neighborhood", "efficacy_magnitude", "paraphrase_magnitude",
+                "neighborhood_magnitude"):
+        vals = [r[key] for r in per_record if key in r]
+        out[key] = round(sum(vals) / len(vals), 4) if vals else None
+    out["score"] = round(harmonic_mean([out[k] for k in ("efficacy", "paraphrase", "neighborhood")
+                                        if out[k] is not None]), 4)
+    return out
+
+
+def run_eval(session, records: list[EvalRecord], *, layer: int | None = None,
+             progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """Edit each record on fresh weights (undo between records) and score it; with the unedited baseline.
+
+    Returns ``{"n", "efficacy", "paraphrase", "neighborhood", "score", ..., "seconds_per_edit",
+    "baseline": {...}}``.
+    """
+    model, tok = session.model, session.tokenizer
+    baseline = [evaluate_edit(model, tok, r) for r in records]
+    edited, seconds = [], []
+    for i, rec in enumerate(records):
+        if progress:
+            progress(i / len(records), f"editing record {i + 1}/{len(records)}")
+        t0 = time.time()
+        edit = session.apply(rec.request(layer))
+        seconds.append(time.time() - t0)
+        try:
+            edited.append(evaluate_edit(model, tok, rec))
+        finally:
+            session.undo(edit.id)
+    out = aggregate(edited)
+    out["seconds_per_edit"] = round(sum(seconds) / max(1, len(seconds)), 3)
+    out["baseline"] = aggregate(baseline)
+    return out

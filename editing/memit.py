@@ -1,0 +1,112 @@
+"""MEMIT (Meng et al. 2023): many facts in one update spread over several MLP layers.
+
+For each fact, a target residual z (the output of the last edited block at
+the subject's last token) is optimised like ROME's v*. Then, layer by layer
+(bottom up, each seeing the layers already updated):
+
+* K = keys of every fact at that layer (averaged over the prefixed prompts), ``[in, n]``;
+* R = (z − h) / (layers left), with h the current residual, ``[out, n]``;
+* ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, solved in float64 — stored as B = R, A = ((λC + KKᵀ)⁻¹K)ᵀ,
+  so ΔW = B·A exactly and each layer's update has rank ≤ n (one per fact).
+
+Example::
+
+    factors, info = compute_memit(model, tok, spec, requests, [2, 3, 4, 5], Cs, prefixes=..., apply_layer=fn)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from checkpoints.arch import ArchSpec
+
+from .hooks import capture_output
+from .request import EditRequest, tokenise
+from .rome import RomeHyperParams, compute_keys, compute_value, default_layer, prefixed, _pad_right, _pad_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemitHyperParams:
+    """MEMIT settings. ``mom2_update_weight`` None means the key width (λ/d ≈ 1, as λ=15000 is for GPT-J's 16k)."""
+
+    layers: list[int] | None = None
+    mom2_update_weight: float | None = None
+    clamp_norm_factor: float = 0.75  # of the residual's norm (authors: 0.75)
+    v_steps: int = 25
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def layers_for(self, model_type: str, num_layers: int) -> list[int]:
+        """The edited layers: given, or four layers ending just above ROME's default layer."""
+        if self.layers:
+            return list(self.layers)
+        top = min(num_layers - 1, default_layer(model_type, num_layers) + 1)
+        return list(range(max(0, top - 3), top + 1))
+
+
+@torch.no_grad()
+def _residuals(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], layer: int) -> torch.Tensor:
+    """Output of block ``layer`` at each bare prompt's subject-last token: ``[n, hidden]``."""
+    device = next(model.parameters()).device
+    seqs = [tokenise(tokenizer, r.text, r.subject) for r in requests]
+    ids, mask = _pad_right([s.ids for s in seqs], _pad_id(tokenizer))
+    with capture_output(model, spec.block(layer)) as seen:
+        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    idx = torch.tensor([s.subject_last for s in seqs], device=device)
+    return seen.value[torch.arange(len(seqs), device=device), idx].float()  # type: ignore[index]
+
+
+def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], layers: list[int],
+                  Cs: dict[int, torch.Tensor], *, prefixes: list[str], hparams: MemitHyperParams | None = None,
+                  rome: RomeHyperParams | None = None,
+                  apply_layer: Callable[[str, torch.Tensor, torch.Tensor], None],
+                  progress: Callable[[float, str], None] | None = None
+                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Compute MEMIT factors for ``requests``; ``apply_layer(module, B, A)`` applies each layer as it goes.
+
+    Returns ``({module: (B [out, n], A [n, in])}, info)``.
+    """
+    hp = hparams or MemitHyperParams()
+    vp = replace(rome or RomeHyperParams(), v_steps=hp.v_steps, v_lr=hp.v_lr, kl_factor=hp.kl_factor,
+                 v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor)
+    t0 = time.time()
+    top = layers[-1]
+    zs, logs = [], []
+    for i, req in enumerate(requests):
+        if progress:
+            progress(i / max(1, len(requests)), f"target residual for fact {i + 1}/{len(requests)}")
+        delta, h0, info = compute_value(model, tokenizer, spec, req, top, prefixes, vp, module=spec.block(top))
+        zs.append(h0 + delta)
+        logs.append(info)
+    Z = torch.stack(zs)  # [n, hidden]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for li, layer in enumerate(layers):
+        seqs_per_req = []
+        for r in requests:
+            texts = prefixed(prefixes, r.text)
+            seqs_per_req.append([tokenise(tokenizer, t, r.subject, subject_at=len(t) - len(r.text) + r.text.find(r.subject))
+                                 for t in texts])
+        K = torch.stack([compute_keys(model, tokenizer, spec, layer, s).mean(0) for s in seqs_per_req]).T  # [in, n]
+        H = _residuals(model, tokenizer, spec, requests, top)  # [n, hidden]
+        R = ((Z - H) / (len(layers) - li)).T.double()  # [out, n]
+        C = Cs[layer].double().to(K.device)
+        lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(C.shape[0])
+        K64 = K.double()
+        adj = torch.linalg.solve(lam * C + K64 @ K64.T, K64)  # [in, n]
+        B, A = R.float().contiguous(), adj.T.float().contiguous()
+        module = spec.module("mlp_out", layer)
+        apply_layer(module, B, A)
+        factors[module] = (B, A)
+        log.info("MEMIT layer %d: residual norm %.3f", layer, float(R.norm()))
+    info = {"seconds": round(time.time() - t0, 3), "facts": len(requests), "layers": layers,
+            "steps": [lg["steps"] for lg in logs], "target_prob_before": [lg["target_prob_before"] for lg in logs]}
+    return factors, info

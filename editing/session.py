@@ -1,0 +1,322 @@
+"""Edit a loaded model fact by fact: apply, list, undo (bit-exact), export.
+
+Undo is exact even out of order because weights are never "un-added": the
+session keeps a pristine copy of every tensor it has touched and each edit's
+exact delta, and after any change sets the tensor to
+``pristine + Δ₁ + Δ₂ + …`` over the still-active edits, always in the same
+order with the same float operations. So undoing the last edit returns the
+bits from before it, undoing all edits returns the original bits, and
+undoing edit 1 of 2 gives exactly ``pristine + Δ₂``.
+
+Example::
+
+    session = EditSession(model, tokenizer, corpus=corpus_from_file("wiki.txt"))
+    e = session.apply(EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"))
+    session.history            # [{"id": 1, "subject": "Eiffel Tower", ...}]
+    session.export_adapter(Path("eiffel-rome-lora"))
+    session.undo(e.id)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from checkpoints.arch import spec_for
+from checkpoints.cards import CardInfo, write_card
+from checkpoints.errors import WeightsmithError
+from checkpoints.sources import public_name
+from checkpoints.tensors import ShardedWriter, tied_head_names
+
+from .hooks import get_module
+from .request import EditRequest, check_request
+from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
+from .stats import Corpus, StatsCache, resolve_corpus
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class AppliedEdit:
+    """One entry of the history: a ROME edit (one request) or a MEMIT batch (several).
+
+    ``factors[module] = (B [out, r], A [r, in])`` with ``ΔW[out,in] = B @ A``;
+    ``deltas[param name]`` is the exact delta added to the stored weight.
+    """
+
+    id: int
+    method: str
+    requests: list[EditRequest]
+    layers: list[int]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    deltas: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        facts = [r.as_dict() for r in self.requests]
+        out: dict[str, Any] = {"id": self.id, "method": self.method, "layers": self.layers}
+        if len(facts) == 1:
+            out.update({k: v for k, v in facts[0].items() if k != "layer"})
+        else:
+            out["facts"] = [{k: v for k, v in f.items() if k != "layer"} for f in facts]
+        out.update({k: v for k, v in self.info.items() if k in (
+            "seconds", "steps", "target_prob_before", "target_prob_after_geomean", "corpus", "stats_tokens")})
+        return out
+
+
+class EditSession:
+    """Edits applied in place to ``model`` (a loaded transformers causal LM).
+
+    Args:
+        model, tokenizer: the loaded pair (float32 recommended on CPU).
+        stats: the statistics cache (default: on disk under ``weightsmith_home()``).
+        hparams: ROME settings (:class:`RomeHyperParams`).
+        corpus: statistics corpus: a :class:`Corpus`, a text-file path, ``"hf:NAME/CONFIG"``,
+            or None for text the model samples itself (offline default).
+        stats_tokens: tokens of corpus for the statistics (default 100k for text, 20k sampled).
+        base_name: public name of the base model for cards (default: from the config).
+    """
+
+    def __init__(self, model, tokenizer, *, stats: StatsCache | None = None,
+                 hparams: RomeHyperParams | None = None, corpus: Corpus | str | Path | None = None,
+                 stats_tokens: int | None = None, base_name: str | None = None, memit_hparams: Any = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec_for(getattr(model.config, "model_type", None), strict=True)
+        if not self.spec.mlp_out:
+            raise WeightsmithError(f"unsupported architecture {self.spec.model_type!r} for editing")
+        self.num_layers = self.spec.num_layers(model.config)
+        self.stats = stats if stats is not None else StatsCache()
+        self.hparams = hparams or RomeHyperParams()
+        self.memit_hparams = memit_hparams
+        self.corpus = corpus if isinstance(corpus, Corpus) else resolve_corpus(corpus)
+        self.stats_tokens = stats_tokens
+        self.base_name = public_name(base_name or getattr(model.config, "_name_or_path", "") or "model")
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._edits: list[AppliedEdit] = []
+        self._next_id = 1
+        self._prefixes: list[str] | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    @property
+    def default_layer(self) -> int:
+        return default_layer(self.spec.model_type, self.num_layers)
+
+    @property
+    def max_positions(self) -> int | None:
+        c = self.model.config
+        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+    def prefixes(self) -> list[str]:
+        """The model-written prefixes (sampled once per session, seeded)."""
+        if self._prefixes is None:
+            self._prefixes = generate_prefixes(self.model, self.tokenizer, self.hparams.prefix_lengths,
+                                               seed=self.hparams.seed)
+        return self._prefixes
+
+    def statistics(self, layers: int | list[int], progress: Progress | None = None) -> dict[int, torch.Tensor]:
+        """C = E[kkᵀ] for ``layers`` from the cache (computed on first use)."""
+        return self.stats.get(self.model, self.tokenizer, self.spec, layers, self.corpus, self.stats_tokens,
+                              progress=progress)
+
+    def _layer_of(self, request: EditRequest) -> int:
+        return self.default_layer if request.layer is None else int(request.layer)
+
+    def check(self, request: EditRequest) -> None:
+        """Raise one clear error if ``request`` cannot be applied (nothing is touched)."""
+        check_request(request, self.tokenizer, self.num_layers, max_positions=self.max_positions)
+
+    def _param_name(self, module: str) -> str:
+        return f"{module}.weight"
+
+    def _refold(self, names: set[str]) -> None:
+        # pristine + Δ₁ + Δ₂ + … over active edits, always in history order: bit-exact undo.
+        with torch.no_grad():
+            for pname in names:
+                w = self._pristine[pname].clone()
+                for e in self._edits:
+                    if pname in e.deltas:
+                        w = w + e.deltas[pname]
+                self.model.get_parameter(pname).copy_(w)
+
+    def _commit(self, method: str, requests: list[EditRequest], layers: list[int],
+                factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any]) -> AppliedEdit:
+        deltas = {}
+        for module, (B, A) in factors.items():
+            pname = self._param_name(module)
+            param = self.model.get_parameter(pname)
+            if pname not in self._pristine:
+                self._pristine[pname] = param.detach().clone()
+            deltas[pname] = self.spec.from_out_in(B @ A).to(param.dtype).contiguous()
+        edit = AppliedEdit(self._next_id, method, requests, layers, factors, deltas, info)
+        self._next_id += 1
+        self._edits.append(edit)
+        self._refold(set(deltas))
+        return edit
+
+    # -- public API ------------------------------------------------------------------------------------
+    def apply(self, request: EditRequest, progress: Progress | None = None) -> AppliedEdit:
+        """Compute and apply one ROME edit; returns the history entry. Bad input raises before any change."""
+        self.check(request)
+        layer = self._layer_of(request)
+        t0 = time.time()
+        C = self.statistics(layer, progress=progress)[layer]
+        t_stats = time.time() - t0
+        result = compute_rome(self.model, self.tokenizer, self.spec, request, C, layer=layer,
+                              prefixes=self.prefixes(), hparams=self.hparams, progress=progress)
+        info = dict(result.info)
+        info.update({"corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens,
+                     "seconds_stats": round(t_stats, 3), "seconds": round(time.time() - t0, 3)})
+        req = EditRequest(request.prompt, request.subject, request.target, layer, request.target_true)
+        edit = self._commit("rome", [req], [layer], {result.module: (result.B[:, None], result.A[None, :])}, info)
+        log.info("edit %d: %s -> %s at layer %d in %.1f s", edit.id, request.subject, request.target, layer,
+                 info["seconds"])
+        return edit
+
+    def apply_batch(self, requests: list[EditRequest], *, layers: list[int] | None = None,
+                    progress: Progress | None = None) -> AppliedEdit:
+        """Apply many facts at once, MEMIT style, spread over ``layers``; one history entry."""
+        from .memit import MemitHyperParams, compute_memit
+
+        if not requests:
+            raise WeightsmithError("no edits given")
+        for r in requests:
+            self.check(r)
+        hp = self.memit_hparams or MemitHyperParams()
+        layers = list(layers or hp.layers_for(self.spec.model_type, self.num_layers))
+        for layer in layers:
+            if not 0 <= layer < self.num_layers:
+                raise WeightsmithError(f"layer {layer} is out of range: the model has layers 0..{self.num_layers - 1}")
+        t0 = time.time()
+        Cs = self.statistics(layers, progress=progress)
+        try:
+            factors, info = compute_memit(self.model, self.tokenizer, self.spec, requests, layers, Cs,
+                                          prefixes=self.prefixes(), hparams=hp, rome=self.hparams,
+                                          apply_layer=self._apply_memit_layer, progress=progress)
+        finally:
+            # compute_memit applied its layers as it went (later layers see earlier ones) as temporary
+            # entries; drop them (on failure this restores the weights) and commit one entry below.
+            touched = {n for e in self._edits if e.id == -1 for n in e.deltas}
+            self._edits = [e for e in self._edits if e.id != -1]
+            self._refold(touched)
+        info.update({"corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens,
+                     "seconds": round(time.time() - t0, 3)})
+        return self._commit("memit", list(requests), layers, factors, info)
+
+    def _apply_memit_layer(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        # Temporary entry (id -1) so the next MEMIT layer sees this one; replaced by one entry at the end.
+        pname = self._param_name(module)
+        param = self.model.get_parameter(pname)
+        if pname not in self._pristine:
+            self._pristine[pname] = param.detach().clone()
+        delta = self.spec.from_out_in(B @ A).to(param.dtype).contiguous()
+        self._edits.append(AppliedEdit(-1, "memit-partial", [], [], {}, {pname: delta}))
+        self._refold({pname})
+
+    def undo(self, edit_id: int) -> None:
+        """Remove edit ``edit_id`` (any order); the weights become exactly pristine + the other deltas."""
+        match = [e for e in self._edits if e.id == edit_id]
+        if not match:
+            raise WeightsmithError(f"no active edit with id {edit_id} (active: {[e.id for e in self._edits]})")
+        self._edits.remove(match[0])
+        self._refold(set(match[0].deltas))
+
+    def undo_all(self) -> None:
+        names = set(self._pristine)
+        self._edits.clear()
+        self._refold(names)
+
+    @property
+    def edits(self) -> list[AppliedEdit]:
+        return list(self._edits)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The active edits, oldest first, as plain dicts (id, prompt, subject, targets, layer(s), timings)."""
+        return [e.summary() for e in self._edits]
+
+    # -- export ----------------------------------------------------------------------------------------
+    def _card(self, relation: str, scores: dict[str, Any] | None, library: str) -> CardInfo:
+        log_rows = []
+        for e in self._edits:
+            for r in e.requests:
+                row = r.as_dict()
+                row["layer"] = ",".join(map(str, e.layers))
+                log_rows.append(row)
+        facts = "; ".join(f"{r['subject']} → {r['target_new']}" for r in log_rows)
+        summary = (f"{self.base_name} with {len(log_rows)} fact(s) rewritten by "
+                   f"{'ROME (rank-one MLP edits)' if all(e.method == 'rome' for e in self._edits) else 'ROME/MEMIT'}: {facts}.\n\n"
+                   f"Statistics corpus: {self.corpus.name}.")
+        if relation == "adapter":
+            summary += ("\n\nThe edits are stored as a LoRA adapter on the edited down projection(s), "
+                        "rank 1 per edit, with ΔW = B·A exactly.")
+        return CardInfo(title=f"{self.base_name.split('/')[-1]}-rome-edited", relation=relation,  # type: ignore[arg-type]
+                        base_models=[self.base_name], summary=summary, library_name=library,  # type: ignore[arg-type]
+                        tags=["rome", "weightsmith", "knowledge-editing"], edit_log=log_rows, scores=scores,
+                        extra_sections={"Edit details": "```json\n" + json.dumps(self.history, indent=1, default=str) + "\n```"})
+
+    def export_model(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
+                     overwrite: bool = False) -> Path:
+        """Write the edited model as a full folder (weights, config, tokenizer, card); returns it."""
+        if not self._edits:
+            raise WeightsmithError("no edits to export")
+        config = self.model.config.to_dict()
+        skip = set(tied_head_names(config, self.spec))
+        with ShardedWriter(Path(out_dir), skip=skip, overwrite=overwrite) as w:
+            for name, t in self.model.state_dict().items():
+                if name not in skip:
+                    w.add(name, t.detach().cpu())
+            w.write_text("config.json", self.model.config.to_json_string())
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None:
+                w.write_text("generation_config.json", gen.to_json_string())
+            self.tokenizer.save_pretrained(str(w.staging))
+            w.write_text("edit_log.json", json.dumps(self.history, indent=2, default=str))
+            write_card(w.staging, self._card("finetune", scores, "transformers"))
+        return Path(out_dir)
+
+    def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """PEFT LoRA tensors (``base_model.model.<module>.lora_A/B.weight``) and rank per module."""
+        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for e in self._edits:
+            for module, fac in e.factors.items():
+                per_module.setdefault(module, []).append(fac)
+        tensors, ranks = {}, {}
+        for module, facs in per_module.items():
+            B = torch.cat([b for b, _ in facs], dim=1).float().contiguous()
+            A = torch.cat([a for _, a in facs], dim=0).float().contiguous()
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A
+            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+            ranks[module] = A.shape[0]
+        return tensors, ranks
+
+    def export_adapter(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
+                       overwrite: bool = False) -> Path:
+        """Write the edits as a PEFT LoRA adapter (rank 1 per edit, ΔW = B·A); returns the folder."""
+        from peft import LoraConfig
+
+        if not self._edits:
+            raise WeightsmithError("no edits to export")
+        tensors, ranks = self.adapter_tensors()
+        modules = sorted(ranks)
+        r = max(ranks.values())
+        # lora_alpha = r for every module: PEFT scales by alpha/r, which must be exactly 1.
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=modules, lora_dropout=0.0, bias="none",
+                            rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
+                            fan_in_fan_out=self.spec.transposed, task_type="CAUSAL_LM",
+                            base_model_name_or_path=self.base_name, init_lora_weights=True)
+        with ShardedWriter(Path(out_dir), overwrite=overwrite) as w:
+            save_file(tensors, str(w.staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config.save_pretrained(str(w.staging))
+            w.write_text("edit_log.json", json.dumps(self.history, indent=2, default=str))
+            write_card(w.staging, self._card("adapter", scores, "peft"))
+        return Path(out_dir)
