@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from checkpoints.errors import WeightsmithError
+from hub_fixtures import fake_hub, hub_env, no_internet  # noqa: F401
 from merging.adapters import (
     ADAPTER_METHODS,
     AdapterEntry,
@@ -429,3 +430,17 @@ def test_cli_mix_adapters(tmp_path, tiny_llama_dir, llama_adapters, capsys):
     path.write_text(f"base_model: {tiny_llama_dir}\nadapters: [{a}]\nmethod: nope\n")
     assert main(["mix-adapters", str(path), str(tmp_path / "o2")]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_adapter_from_the_hub(tmp_path, tiny_llama_dir, llama_adapters, hub_env):
+    """A Hub id downloads only the adapter files (no pickles, no code) and mixes like a folder."""
+    a = llama_adapters["a"]
+    files = {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()}
+    hub_env["hub"].seed("alice/lora-a", {**files, "evil.py": b"raise SystemExit", "adapter_model.bin": b"x"})
+    r = AdapterMixRecipe(str(tiny_llama_dir), [AdapterEntry("alice/lora-a", 2.0)], "cat")
+    res = mix_adapters(r, tmp_path / "hub")
+    assert res.adapters == ["alice/lora-a"]
+    q = "model.layers.1.self_attn.q_proj"
+    torch.testing.assert_close(deltas(tmp_path / "hub")[q], 2.0 * deltas(a)[q], rtol=0, atol=1e-6)
+    fetched = [p for _, p, _ in hub_env["hub"].requests if "/resolve/" in p]
+    assert fetched and not any(p.endswith(("evil.py", ".bin")) for p in fetched)
