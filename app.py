@@ -690,7 +690,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                     + (", or a folder on this server" if config.allow_paths else ""))
 
         # ---- Models -----------------------------------------------------------
-        with gr.Tab("Models", id="models"):
+        with gr.Tab("Models", id="models", elem_id="tab-models"):
             with gr.Row():
                 with gr.Column(scale=1):
                     gr.Markdown("### Inspect a model")
@@ -722,7 +722,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         edit_parts = _edit_tab(wb, picker, heavy)
 
         # ---- Playground ----------------------------------------------------------
-        with gr.Tab("Playground", id="playground"):
+        with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
             with gr.Row():
                 p_work = picker("Working model", kind="any", info="e.g. your merge or mix result (ws:…)")
                 p_orig = picker("Original model")
@@ -736,7 +736,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                 p_out_o = gr.Textbox(label="Original model", lines=8)
 
         # ---- Export --------------------------------------------------------------
-        with gr.Tab("Export", id="export"):
+        with gr.Tab("Export", id="export", elem_id="tab-export"):
             with gr.Row():
                 e_item = gr.Dropdown(label="Workspace item", choices=[], allow_custom_value=True)
                 e_refresh = gr.Button("Refresh", size="sm", scale=0)
@@ -999,11 +999,11 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
     try:
         from merging.methods import REGISTRY
     except ImportError:
-        with gr.Tab("Merge", id="merge"):
+        with gr.Tab("Merge", id="merge", elem_id="tab-merge"):
             gr.Markdown("The merging library is not available in this build.")
         return {}
     default_method = "task_arithmetic" if "task_arithmetic" in REGISTRY else next(iter(REGISTRY))
-    with gr.Tab("Merge", id="merge"):
+    with gr.Tab("Merge", id="merge", elem_id="tab-merge"):
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row():
@@ -1182,11 +1182,11 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
     try:
         from merging.adapters import ADAPTER_METHODS, demo_adapters
     except ImportError:
-        with gr.Tab("Adapters", id="adapters"):
+        with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
             gr.Markdown("The adapter library is not available in this build.")
         return {}
     demo_refs = [DEMO_ADAPTER_PREFIX + n for n in demo_adapters()]
-    with gr.Tab("Adapters", id="adapters"):
+    with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
         with gr.Row():
             with gr.Column(scale=3):
                 base = picker("Base model")
@@ -1260,10 +1260,10 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
     try:
         import editing.session  # noqa: F401
     except ImportError:
-        with gr.Tab("Edit", id="edit"):
+        with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
             gr.Markdown("The editing library is not available in this build.")
         return {}
-    with gr.Tab("Edit", id="edit"):
+    with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
         with gr.Row():
             model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")
             layer = gr.Number(label="Layer", value=None, precision=0,

@@ -1,0 +1,93 @@
+"""One browser test: Playwright drives Debian's Chromium through a small merge in the page.
+
+``playwright install`` cannot download browsers here, so the test launches
+``/usr/bin/chromium`` (``make browser`` installs it) and is skipped with a
+clear reason when it is missing. It saves a screenshot of the result.
+
+Run as a script to regenerate the README screenshots of every tab on the
+real demo model: ``python tests/test_app_browser.py assets/screenshots``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import app  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+pytestmark = pytest.mark.browser
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+def set_dropdown(page, label: str, value: str, *, scope=None) -> None:
+    """Type a value into a Gradio dropdown (custom values allowed) and commit it with Enter."""
+    box = (scope or page).get_by_label(label, exact=True)
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+    page.wait_for_timeout(300)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_llama_family):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium) to enable the browser test")
+    pytest.importorskip("playwright.sync_api")
+    root = tmp_path_factory.mktemp("browser-ws")
+    cfg = app.AppConfig(workspace_root=root, named_models={
+        "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"]),
+        "tiny-ft2": str(tiny_llama_family["ft2"])})
+    demo = app.build_app(config=cfg)
+    demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_kwargs(cfg))
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+def test_merge_through_the_page(served, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot = tmp_path / "merge-result.png"
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served.local_url)
+            page.get_by_role("tab", name="Merge").click()
+            merge = page.locator("#tab-merge")
+            expect(merge.get_by_text("Task Arithmetic", exact=False).first).to_be_visible(timeout=30_000)
+            set_dropdown(page, "Base model", "tiny-base", scope=merge)
+            for ref in ("tiny-ft1", "tiny-ft2"):
+                set_dropdown(page, "Add a model", ref, scope=merge)
+                merge.get_by_role("button", name="Add ▾").click()
+                page.wait_for_timeout(500)
+            recipe = merge.locator(".cm-content")
+            expect(recipe).to_contain_text("tiny-ft2", timeout=15_000)
+            expect(recipe).to_contain_text("base_model: tiny-base")
+            expect(merge.get_by_text("✓ recipe is valid")).to_be_visible()
+            merge.get_by_label("Output name").fill("ui-merge")
+            merge.get_by_role("button", name="Merge", exact=True).click()
+            expect(merge.get_by_text("tensors changed")).to_be_visible(timeout=60_000)
+            expect(merge.get_by_text("ws:ui-merge").first).to_be_visible()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    # The merge really landed in that browser session's workspace, and nowhere else.
+    wb = served.workbench
+    found = [p for p in wb.workspaces.config.root.glob("*/items/ui-merge")]
+    assert len(found) == 1 and (found[0] / "model.safetensors").exists()
