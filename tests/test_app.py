@@ -337,3 +337,20 @@ def test_trace_suggests_a_layer(edit_wb):
     assert fig.axes  # a heatmap figure
     with pytest.raises(gr.Error, match="subject is empty"):
         edit_wb.trace("tiny-base", "{} is in", " ", "mlp", 1, req("t"), None)
+
+
+def test_stop_cancels_a_running_merge_and_leaves_nothing(wb):
+    text, _ = app.merge_yaml_from_form(*_merge_form())
+    r = req("s")
+
+    def press_stop(*args, **kwargs):  # the Stop button, pressed while the first tensors are merged
+        wb.stop(r)
+
+    with pytest.raises(gr.Error, match="(?i)cancel|stop"):
+        wb.merge(text, "stopped", r, press_stop)
+    ws = wb.workspace(r)
+    assert ws.items() == [] and not ws.item_path("stopped").exists()
+    assert not ws.items_dir.exists() or not any(ws.items_dir.iterdir())  # no staging left behind either
+    # The session is usable again right after.
+    md, _, ref = wb.merge(text, "after-stop", r, None)
+    assert ref == "ws:after-stop"

@@ -91,3 +91,91 @@ def test_merge_through_the_page(served, tmp_path):
     wb = served.workbench
     found = [p for p in wb.workspaces.config.root.glob("*/items/ui-merge")]
     assert len(found) == 1 and (found[0] / "model.safetensors").exists()
+
+
+def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
+    """Drive the real app on the demo model through every tab and save one screenshot per tab."""
+    from playwright.sync_api import expect, sync_playwright
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = app.AppConfig()
+    demo = app.build_app(config=cfg)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **app.launch_kwargs(cfg))
+    saved = []
+    try:
+        with sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            page.goto(demo.local_url)
+
+            def tab(name: str):
+                page.get_by_role("tab", name=name).click()
+                page.wait_for_timeout(800)
+                return page.locator(f"#tab-{name.lower()}")
+
+            def shot(name: str):
+                page.wait_for_timeout(1200)
+                path = out_dir / f"{name}.png"
+                page.screenshot(path=str(path), full_page=True)
+                saved.append(path)
+
+            t = tab("Models")
+            t.get_by_role("button", name="Inspect").click()
+            expect(t.get_by_text("134,515,008")).to_be_visible(timeout=60_000)
+            shot("models")
+
+            t = tab("Adapters")
+            t.get_by_label("merged model").check()
+            t.get_by_label("Output name").fill("caps-pirate")
+            t.get_by_role("button", name="Mix", exact=True).click()
+            expect(t.get_by_text("exact in ΔW space").first).to_be_visible(timeout=300_000)
+            shot("adapters")
+
+            t = tab("Merge")
+            set_dropdown(page, "Add a model", "ws:caps-pirate", scope=t)
+            t.get_by_role("button", name="Add ▾").click()
+            page.wait_for_timeout(500)
+            t.get_by_label("LiNeS layer scaling").check()
+            t.get_by_label("α auto").uncheck()
+            t.get_by_label("α", exact=True).fill("0.3")
+            t.get_by_label("β", exact=True).fill("0.7")
+            t.get_by_label("β", exact=True).press("Tab")
+            t.get_by_label("Output name").fill("caps-pirate-lines")
+            t.get_by_role("button", name="Merge", exact=True).click()
+            expect(t.get_by_text("tensors changed")).to_be_visible(timeout=300_000)
+            shot("merge")
+
+            t = tab("Playground")
+            t.get_by_label("Prompt").fill("Tell me about the sea.")
+            t.get_by_role("button", name="Generate").click()
+            page.wait_for_timeout(30_000)
+            shot("playground")
+
+            t = tab("Edit")
+            t.get_by_role("button", name="Trace").click()
+            expect(t.get_by_text("set as the edit layer")).to_be_visible(timeout=300_000)
+            t.get_by_role("button", name="Apply ROME edit").click()
+            expect(t.get_by_text("Edit **1**").or_(t.get_by_text("Edit 1"))).to_be_visible(timeout=600_000)
+            t.get_by_role("button", name="Evaluate").click()
+            expect(t.get_by_text("efficacy").first).to_be_visible(timeout=120_000)
+            shot("edit")
+
+            t = tab("Export")
+            set_dropdown(page, "Workspace item", "ws:caps-pirate-lines", scope=t)
+            expect(t.get_by_text("weightsmith").first).to_be_visible(timeout=30_000)
+            t.get_by_role("button", name="Make zip").click()
+            page.wait_for_timeout(15_000)
+            shot("export")
+            browser.close()
+    finally:
+        demo.close()
+    return saved
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    for path in make_screenshots(Path(sys.argv[1] if len(sys.argv) > 1 else "assets/screenshots")):
+        print(path)
