@@ -224,10 +224,8 @@ def _session_key(request: Any) -> str:
 
 
 def _md_table(rows: list[tuple[str, Any]]) -> str:
-    out = ["| | |", "|---|---|"]
-    for k, v in rows:
-        out.append(f"| **{k}** | {v} |")
-    return "\n".join(out)
+    """Key/value facts as a compact Markdown list."""
+    return "\n".join(f"- **{k}**: {v}" for k, v in rows)
 
 
 class Workbench:
@@ -339,8 +337,12 @@ class Workbench:
     # ---- playground -------------------------------------------------------------
     @user_errors
     def generate(self, working: str, original: str, prompt: str, max_new_tokens: float,
-                 request: gr.Request):
-        """Stream continuations of ``prompt`` from the working model and the original, side by side."""
+                 request: gr.Request, chat: bool = True):
+        """Stream continuations of ``prompt`` from the working model and the original, side by side.
+
+        ``chat``: wrap the prompt in the model's chat template (when it has one), as instruct models
+        and the demo adapters expect.
+        """
         ws = self.workspace(request)
         n = max(1, min(int(max_new_tokens), self.config.max_new_tokens))
         if not (prompt or "").strip():
@@ -349,7 +351,11 @@ class Workbench:
         for ref in (working, original):
             if ref:
                 loaded = self.loaded_model(ws, ref)
-                streams.append(stream_text(loaded, prompt, max_new_tokens=n, device=self.config.device))
+                text = prompt
+                if chat and getattr(loaded.tokenizer, "chat_template", None):
+                    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                                tokenize=False, add_generation_prompt=True)
+                streams.append(stream_text(loaded, text, max_new_tokens=n, device=self.config.device))
             else:
                 streams.append(iter(()))
         texts = ["", ""]
@@ -728,7 +734,8 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                 p_orig = picker("Original model")
             p_prompt = gr.Textbox(value="The capital of France is", label="Prompt", lines=2)
             with gr.Row():
-                p_n = gr.Slider(1, config.max_new_tokens, value=32, step=1, label="Max new tokens")
+                p_n = gr.Slider(1, config.max_new_tokens, value=48, step=1, label="Max new tokens")
+                p_chat = gr.Checkbox(value=True, label="Chat template", info="as a user message (instruct models)")
                 p_btn = gr.Button("Generate", variant="primary")
                 p_stop = gr.Button("Stop", variant="stop")
             with gr.Row():
@@ -778,7 +785,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         ws_del.click(wb.delete_item, [ws_del_item], u_msg, api_visibility="private").then(**refresh_kw)
         demo.load(**refresh_kw)
 
-        gen_ev = p_btn.click(wb.generate, [p_work, p_orig, p_prompt, p_n], [p_out_w, p_out_o], api_name="generate",
+        gen_ev = p_btn.click(wb.generate, [p_work, p_orig, p_prompt, p_n, p_chat], [p_out_w, p_out_o], api_name="generate",
                              concurrency_limit=config.generate_concurrency, concurrency_id="generate")
         p_stop.click(None, None, None, cancels=[gen_ev], api_visibility="private", queue=False)
 
@@ -1023,16 +1030,14 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
                 shared = gr.Dataframe(value=merge_shared_rows(default_method), headers=["parameter", "value", "about"],
                                       label="Shared parameters", interactive=True, type="array",
                                       static_columns=[0, 2], column_count=3)
-                with gr.Group():
-                    with gr.Row():
-                        lines_on = gr.Checkbox(label="LiNeS layer scaling", value=False,
-                                               info="λ(ℓ) = α + β·ℓ/(L−1) on the merged task vector")
-                        alpha_auto = gr.Checkbox(label="α auto", value=True)
-                        alpha = gr.Number(label="α", value=0.5, step=0.05)
-                        beta = gr.Number(label="β", value=0.5, step=0.05)
-                    num_blocks = gr.State(30)
-                    lines_fig = gr.Plot(lines_plot(False, True, 0.5, 0.5, 30), label="Per-block scale",
-                                        show_label=False)
+                with gr.Row():
+                    lines_on = gr.Checkbox(label="LiNeS layer scaling", value=False,
+                                           info="λ(ℓ) = α + β·ℓ/(L−1) on the merged task vector")
+                    alpha_auto = gr.Checkbox(label="α auto", value=True)
+                    alpha = gr.Number(label="α", value=0.5, step=0.05)
+                    beta = gr.Number(label="β", value=0.5, step=0.05)
+                num_blocks = gr.State(30)
+                lines_fig = gr.Plot(lines_plot(False, True, 0.5, 0.5, 30), label="Per-block scale")
                 with gr.Row():
                     out_dtype = gr.Dropdown(["", "float32", "bfloat16", "float16"], value="", label="out_dtype",
                                             info="empty: as the inputs")

@@ -247,7 +247,7 @@ def test_mix_adapters_handler_and_playground(wb, tiny_adapters):
     recipe = ("base_model: tiny-base\nadapters:\n  - {adapter: ws:ad1, weight: 0.7}\n"
               "  - {adapter: ws:ad2, weight: 0.3}\nmethod: cat\n")
     md, ref = wb.mix_adapters(recipe, "mix", req("a"), None)
-    assert ref == "ws:mix" and "exact in ΔW space** | yes" in md
+    assert ref == "ws:mix" and "**exact in ΔW space**: yes" in md
     assert wb.workspace(req("a")).item("mix").kind == "adapter"
     md2, ref2 = wb.mix_adapters(recipe + "merge_into_base: true\n", "mixm", req("a"), None)
     assert wb.workspace(req("a")).item("mixm").kind == "model"
