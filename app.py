@@ -233,7 +233,7 @@ class Workbench:
 
     def __init__(self, config: AppConfig | None = None):
         self.config = config or AppConfig()
-        root = self.config.workspace_root or Path(tempfile.gettempdir()) / "weightsmith-workspaces"
+        root = workspace_root(self.config)
         self.workspaces = WorkspaceManager(WorkspaceConfig(
             root=Path(root), max_age_seconds=self.config.workspace_max_age,
             max_bytes=self.config.workspace_max_bytes))
@@ -246,7 +246,8 @@ class Workbench:
         try:
             from editing.stats import StatsCache
 
-            self.stats = StatsCache(self.config.stats_root)  # on disk, keyed by (model, layer, corpus): shared safely by sessions
+            # On disk, keyed by (model, layer, corpus): sessions share it safely.
+            self.stats = StatsCache(self.config.stats_root)
         except ImportError:
             pass
         self._lock = threading.Lock()
@@ -274,13 +275,17 @@ class Workbench:
             with self._lock:
                 for k in [k for k, v in self._sessions.items() if v in removed]:
                     del self._sessions[k]
+                for ws_id in removed:
+                    self._edit_sessions.pop(ws_id, None)  # frees that session's edited model copy
 
-    def end_session(self, request: Any) -> None:
-        """Forget the session's mapping (its files go with the age-based cleanup)."""
+    def end_session(self, request: gr.Request) -> None:
+        """The browser tab closed: free its edited model now; its files go with the age-based cleanup."""
         key = getattr(request, "session_hash", None)
         if key:
             with self._lock:
-                self._sessions.pop(str(key), None)
+                ws_id = self._sessions.pop(str(key), None)
+                if ws_id:
+                    self._edit_sessions.pop(ws_id, None)
 
     def ref(self, ws: Workspace, ref: str) -> str:
         """A user's model reference -> what the resolver accepts, under this server's policy."""
@@ -795,6 +800,8 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         e_push.click(wb.push, [e_item, e_repo, e_private, e_token], e_push_msg, api_name="push",
                      concurrency_limit=2, concurrency_id="push")
 
+        demo.unload(wb.end_session)
+
         for parts in (merge_parts, adapter_parts, edit_parts):
             for ev in parts.get("creates_items", []):
                 ev.then(**refresh_kw)
@@ -806,7 +813,6 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                 fn, ins, outs = parts["init"]
                 demo.load(fn, ins, outs, api_visibility="private", queue=False)
 
-        demo.unload(lambda: None)
     return demo
 
 
@@ -1331,8 +1337,18 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
     return {"creates_items": [save_ev]}
 
 
+def workspace_root(config: AppConfig) -> Path:
+    return Path(config.workspace_root or Path(tempfile.gettempdir()) / "weightsmith-workspaces")
+
+
 def launch_kwargs(config: AppConfig) -> dict:
-    """What ``launch`` needs for this config (the upload size limit)."""
+    """What ``launch`` needs for this config (the upload size limit).
+
+    The workspace root is deliberately not in ``allowed_paths``: Gradio's file route never serves
+    it, and a file reaches a browser only as the output of that session's own call (Gradio copies
+    it into its cache under a content hash). Keep the root under the system temp folder (the
+    default) or the working directory, where Gradio accepts returned files.
+    """
     return dict(max_file_size=config.max_file_size)
 
 

@@ -354,3 +354,11 @@ def test_stop_cancels_a_running_merge_and_leaves_nothing(wb):
     # The session is usable again right after.
     md, _, ref = wb.merge(text, "after-stop", r, None)
     assert ref == "ws:after-stop"
+
+
+def test_end_session_frees_the_edit_model(edit_wb):
+    r = req("bye")
+    edit_wb.edit_session(edit_wb.workspace(r), "tiny-base")
+    assert len(edit_wb._edit_sessions) == 1
+    edit_wb.end_session(r)
+    assert edit_wb._edit_sessions == {}
