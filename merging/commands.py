@@ -42,7 +42,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
-                           seed=args.seed)
+                           seed=args.seed, collect_norms=False)
     except KeyboardInterrupt:
         cancel.set()
         raise

@@ -101,7 +101,7 @@ class _TensorPlan:
 
 def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", progress: Progress | None = None,
               cancel: threading.Event | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False, seed: int | None = None) -> MergeResult:
+              overwrite: bool = False, seed: int | None = None, collect_norms: bool = True) -> MergeResult:
     """Run ``recipe`` and write the merged model to ``out_dir``.
 
     Args:
@@ -112,6 +112,8 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         cancel: when set, the merge stops at the next tensor and nothing is written.
         max_shard_bytes: shard size of the output safetensors.
         seed: overrides the recipe's ``seed`` for random methods (dare, della).
+        collect_norms: fill ``MergeResult.block_norms`` (per-block task-vector norms, for
+            plotting). It costs two extra passes over each input, so the CLI turns it off.
 
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`MergeCancelled` when cancelled.
@@ -131,7 +133,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     lines = recipe.lines
     auto = lines is not None and lines.alpha == "auto"
     total_steps = len(plans) * (2 if auto else 1)
-    norms = _NormTracker(recipe, ckpts, method, num_blocks)
+    norms = _NormTracker(recipe, ckpts, method, num_blocks, enabled=collect_norms)
     out_config = _output_config(recipe, ref, num_blocks)
     skip = tied_head_names(out_config, ref.spec)
 
@@ -443,9 +445,10 @@ def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev:
     shared, per_model = _resolve_params(method, plan)
     norms.last_task_sum_l1 = 0.0
     ctx = TensorContext(plan.out_name, seed=seed or 0, device=dev)
-    if base is not None:
+    if base is not None and (norms.enabled or want_task_sum):
         if method.observes:
-            ctx.observe_delta = lambda i, d: norms.add(plan, i, d)
+            if norms.enabled:
+                ctx.observe_delta = lambda i, d: norms.add(plan, i, d)
             if want_task_sum:
                 ctx.observe_task_sum = norms.set_task_sum
         else:
@@ -510,8 +513,10 @@ def _report(progress: Progress | None, done: int, total: int, name: str) -> None
 class _NormTracker:
     """Per-block L2 norms of each model's task vector, accumulated as squares."""
 
-    def __init__(self, recipe: MergeRecipe, ckpts: dict[str, LocalCheckpoint], method: MergeMethod, num_blocks: int):
-        self.enabled = bool(recipe.models) and recipe.base_model is not None and method.needs_base != "none"
+    def __init__(self, recipe: MergeRecipe, ckpts: dict[str, LocalCheckpoint], method: MergeMethod, num_blocks: int,
+                 *, enabled: bool = True):
+        self.enabled = (enabled and bool(recipe.models) and recipe.base_model is not None
+                        and method.needs_base != "none")
         self.names = [ckpts[m.model].name for m in recipe.non_base_models()] if self.enabled else []
         self.num_blocks = num_blocks
         self.squares = [[0.0] * num_blocks for _ in self.names]
@@ -519,7 +524,7 @@ class _NormTracker:
 
     def add(self, plan: _TensorPlan, i: int, delta: torch.Tensor) -> None:
         if self.enabled and plan.block is not None and plan.block < self.num_blocks:
-            self.squares[i][plan.block] += float(delta.square().sum(dtype=torch.float64))
+            self.squares[i][plan.block] += float(torch.linalg.vector_norm(delta)) ** 2
 
     def set_task_sum(self, total: torch.Tensor) -> None:
         self.last_task_sum_l1 = float(total.abs().sum(dtype=torch.float64))

@@ -13,8 +13,10 @@
 Why not ``torch.argsort``: mergekit sorts every tensor (O(n log n), 4 s for a
 28M-entry embedding here). A rank range only needs two order statistics, which
 :func:`kth_smallest` finds by bracketing them with a small sample and selecting
-inside the bracket: a few linear passes. Values tied exactly at a cut are taken
-in index order; mergekit's unstable sort leaves that choice unspecified.
+inside the bracket: a few linear passes. Only when equal values straddle a cut
+(common in bf16, where many |τ| coincide) does the sort decide which are kept;
+then the same ``torch.argsort`` call as mergekit's is made, so the result is
+identical, not just equivalent.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.kthvalue(values, rank + 1).values
 
 
-def rank_range_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Boolean mask of the entries whose ascending rank in ``values`` lies in ``[lo, hi)``.
+def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool = False) -> torch.Tensor:
+    """Boolean mask of the entries of ``values`` at positions ``[lo, hi)`` of its sorted order.
 
-    Ties are ranked by index, so exactly ``hi − lo`` entries are selected.
+    The order is what mergekit uses: ``torch.argsort(values.reshape(-1), descending=...)``.
+    When no group of equal values straddles a cut the selection is found by two
+    order statistics (linear time); when one does, which of the equal values
+    the sort puts first is an artefact of its algorithm, so the same
+    ``torch.argsort`` call is made to reproduce it exactly.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -63,27 +69,34 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return torch.zeros_like(flat, dtype=torch.bool).reshape(values.shape)
     if lo == 0 and hi == n:
         return torch.ones_like(flat, dtype=torch.bool).reshape(values.shape)
+    # In ascending terms the selection is ranks [alo, ahi).
+    alo, ahi = (n - hi, n - lo) if descending else (lo, hi)
     mask = torch.ones_like(flat, dtype=torch.bool)
-    if lo > 0:
-        a = kth_smallest(flat, lo)
+    if alo > 0:
+        a = kth_smallest(flat, alo)
         mask &= flat >= a
-        _fix_ties(flat, mask, a, lo, keep_from_rank=True)
-    if hi < n:
-        b = kth_smallest(flat, hi - 1)
+        if _straddles(flat, a, alo):
+            return _by_sort(flat, lo, hi, descending).reshape(values.shape)
+    if ahi < n:
+        b = kth_smallest(flat, ahi - 1)
         mask &= flat <= b
-        _fix_ties(flat, mask, b, hi, keep_from_rank=False)
+        if _straddles(flat, b, ahi):
+            return _by_sort(flat, lo, hi, descending).reshape(values.shape)
     return mask.reshape(values.shape)
 
 
-def _fix_ties(flat: torch.Tensor, mask: torch.Tensor, cut: torch.Tensor, rank: int, *, keep_from_rank: bool) -> None:
-    """Among entries equal to ``cut``, keep only those on the right side of ``rank`` (index order)."""
-    equal = (flat == cut).nonzero().reshape(-1)
-    if equal.numel() <= 1:
-        return
-    first_rank = int((flat < cut).sum())
-    ranks = first_rank + torch.arange(equal.numel(), device=flat.device)
-    drop = equal[ranks < rank] if keep_from_rank else equal[ranks >= rank]
-    mask[drop] = False
+def _straddles(flat: torch.Tensor, cut: torch.Tensor, rank: int) -> bool:
+    """True when entries equal to ``cut`` sit on both sides of ascending position ``rank``."""
+    below = int((flat < cut).sum())
+    equal = int((flat == cut).sum())
+    return below < rank < below + equal
+
+
+def _by_sort(flat: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    order = torch.argsort(flat, descending=descending)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[lo:hi]] = True
+    return mask
 
 
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -106,7 +119,7 @@ def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False) ->
     if density <= 0 or n == 0:
         return tensor.zero_()
     k = max(1, int(density * n))
-    mask = rank_range_mask(tensor.abs(), n - k, n)
+    mask = rank_range_mask(tensor.abs(), 0, k, descending=True)
     return rescaled(tensor, mask, rescale)
 
 
