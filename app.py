@@ -629,7 +629,12 @@ class Workbench:
         card = path / "README.md"
         if not card.exists():
             return f"*{path.name} has no model card (uploads have none); it will be pushed without one.*"
-        return card.read_text()
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---\n") and "\n---" in text[4:]:
+            # Show the front matter (what the Hub indexes) as YAML, then the card's body.
+            front, body = text[4:].split("\n---", 1)
+            return f"**Front matter**\n```yaml\n{front.strip()}\n```\n{body.lstrip('-').lstrip()}"
+        return text
 
     @user_errors
     def push(self, item: str, repo_id: str, private: bool, token: str, request: gr.Request,

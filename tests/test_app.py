@@ -105,7 +105,8 @@ def test_card_preview(wb, tiny_llama_family):
     ref = _upload_tiny(wb, "a", tiny_llama_family["ft2"], "nocard")
     assert "no model card" in wb.card_preview(ref, req("a"))
     (wb.workspace(req("a")).item_path(ref) / "README.md").write_text("---\ntags: [x]\n---\n# Hello card")
-    assert "# Hello card" in wb.card_preview(ref, req("a"))
+    preview = wb.card_preview(ref, req("a"))
+    assert "# Hello card" in preview and "```yaml\ntags: [x]\n```" in preview
 
 
 def test_push_through_the_hub_library(wb, tiny_llama_family, hub_env, fake_hub):
