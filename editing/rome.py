@@ -303,7 +303,7 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
             p.requires_grad_(True)
     info = {"nll": losses, "steps": steps, "seconds_v": round(time.time() - t0, 3),
             "target_prob_before": round(prob_before, 5), "target_prob_after_geomean": round(prob_after, 5),
-            "delta_norm": round(float(delta.norm()), 5), "v_init_norm": round(float(v_init.norm()), 5),
+            "delta_norm": round(float(delta.detach().norm()), 5), "v_init_norm": round(float(v_init.norm()), 5),
             "prompts": len(seqs)}
     return delta.detach(), v_init, info
 

@@ -251,6 +251,7 @@ class EditSession:
             for r in e.requests:
                 row = r.as_dict()
                 row["layer"] = ",".join(map(str, e.layers))
+                row["method"] = e.method
                 log_rows.append(row)
         facts = "; ".join(f"{r['subject']} → {r['target_new']}" for r in log_rows)
         summary = (f"{self.base_name} with {len(log_rows)} fact(s) rewritten by "
@@ -261,7 +262,8 @@ class EditSession:
                         "rank 1 per edit, with ΔW = B·A exactly.")
         return CardInfo(title=f"{self.base_name.split('/')[-1]}-rome-edited", relation=relation,  # type: ignore[arg-type]
                         base_models=[self.base_name], summary=summary, library_name=library,  # type: ignore[arg-type]
-                        tags=["rome", "weightsmith", "knowledge-editing"], edit_log=log_rows, scores=scores,
+                        tags=["weightsmith", *sorted({e.method for e in self._edits}), "knowledge-editing"],
+                        edit_log=log_rows, scores=scores,
                         extra_sections={"Edit details": "```json\n" + json.dumps(self.history, indent=1, default=str) + "\n```"})
 
     def export_model(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,

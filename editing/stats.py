@@ -202,7 +202,9 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], 
         if corpus.kind == "sampled":
             _sample_into(model, tokenizer, acc, n_tokens, corpus.seed, progress, device)
         else:
-            chunks = _text_batches(tokenizer, corpus.text or "", n_tokens, seq_len)
+            cfg = model.config
+            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            chunks = _text_batches(tokenizer, corpus.text or "", n_tokens, min(seq_len, limit or seq_len))
             for i in range(0, len(chunks), batch_size):
                 group = chunks[i:i + batch_size]
                 width = max(len(c) for c in group)
@@ -243,6 +245,8 @@ def _sample_into(model, tokenizer, acc: _Accumulator, n_tokens: int, seed: int, 
                  batch: int = 64, length: int = 128) -> None:
     """Sample text from the model; the hooks see every sampled token's keys as it is generated."""
     gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    length = min(length, (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or length) - 1)
     start = _start_token(tokenizer)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     while acc.count < n_tokens:
