@@ -1,0 +1,91 @@
+"""Causal tracing on tiny random llama and gpt2: shapes, identities, files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoints.errors import WeightsmithError
+from editing.hooks import capture_input, start_from_block
+from editing.trace import TraceResult, causal_trace, plot_trace, save_trace
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def pair(request, tiny_llama_dir, tiny_gpt2_dir):
+    return load(tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir)
+
+
+def test_hidden_trace_shape_and_identities(pair):
+    model, tok = pair
+    r = causal_trace(model, tok, PROMPT, "Eiffel Tower", samples=2)
+    T, L = len(tok(PROMPT)["input_ids"]), model.config.num_hidden_layers
+    assert isinstance(r, TraceResult) and r.scores.shape == (T, L) and len(r.tokens) == T
+    assert r.subject_range == (1, 3) and r.tokens[1:3] == [" Eiffel", " Tower"]
+    assert 0 <= r.low_score <= 1 and 0 <= r.high_score <= 1 and r.low_score != r.high_score
+    # Tokens before the subject are not corrupted: restoring them changes nothing.
+    assert torch.all(r.scores[0] == r.low_score)
+    # Restoring the last token's final hidden state restores the clean output.
+    assert r.scores[T - 1, L - 1] == pytest.approx(r.high_score, abs=1e-5)
+    # Restoring every corrupted token at layer 0 would too; one token alone gives something in between.
+    assert not torch.allclose(r.scores[1:], torch.full_like(r.scores[1:], r.low_score))
+    assert 0 <= r.suggest_layer() < L
+    assert r.answer == tok.decode([r.answer_id])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attn"])
+def test_window_trace_shape(tiny_llama_dir, kind):
+    model, tok = load(tiny_llama_dir)
+    r = causal_trace(model, tok, "The {} is located in", "Eiffel Tower", kind=kind, samples=2, window=2)
+    assert r.scores.shape == (len(tok("The Eiffel Tower is located in")["input_ids"]), 4)
+    assert r.kind == kind and r.window == 2
+    assert torch.all(r.scores[0] == r.low_score)
+
+
+def test_start_from_block_reproduces_clean_run(tiny_llama_dir):
+    # The shortcut the trace relies on: starting at block j from the cached input of block j
+    # gives exactly the full forward pass.
+    model, tok = load(tiny_llama_dir)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    blocks = [f"model.layers.{i}" for i in range(4)]
+    with torch.no_grad():
+        full = model(ids).logits
+        with capture_input(model, blocks[2]) as seen:
+            model(ids)
+        with start_from_block(model, blocks, 2, seen.value):
+            started = model(ids).logits
+        with start_from_block(model, blocks, 2, seen.value * 0.5):
+            other = model(ids).logits
+        again = model(ids).logits  # hooks removed: the normal forward is back
+    torch.testing.assert_close(started, full, atol=1e-5, rtol=1e-5)
+    assert (other - full).abs().max() > 1e-3
+    assert torch.equal(again, full)
+
+
+def test_plot_and_files(tiny_gpt2_dir, tmp_path):
+    model, tok = load(tiny_gpt2_dir)
+    r = causal_trace(model, tok, PROMPT, "Eiffel Tower", samples=1)
+    fig = plot_trace(r)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[1].endswith("*") and labels[2].endswith("*") and not labels[0].endswith("*")
+    png, js = save_trace(r, tmp_path / "t.png")
+    assert png.stat().st_size > 1000
+    data = json.loads(js.read_text())
+    assert data["tokens"] == r.tokens and len(data["scores"]) == len(r.tokens) and data["answer"] == r.answer
+
+
+def test_trace_bad_input(tiny_llama_dir):
+    model, tok = load(tiny_llama_dir)
+    with pytest.raises(WeightsmithError, match="does not occur"):
+        causal_trace(model, tok, PROMPT, "Louvre")
+    with pytest.raises(WeightsmithError, match="unknown trace kind"):
+        causal_trace(model, tok, PROMPT, "Eiffel Tower", kind="mlpx")  # type: ignore[arg-type]
