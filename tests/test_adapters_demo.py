@@ -63,7 +63,7 @@ def test_demo_mix_recipe_loads_and_changes_behaviour(tmp_path):
         caps_out = caps.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
     caps_text = tok.decode(caps_out[0, ids.shape[1]:], skip_special_tokens=True)
     letters = [c for c in caps_text if c.isalpha()]
-    assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.8, caps_text
+    assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.6, caps_text
     assert sum(c.isupper() for c in base_text) < len(base_text) / 4, base_text  # non-vacuous: base is not caps
     caps.load_adapter(str(tmp_path / "mix"), adapter_name="mix")
     caps.set_adapter("mix")
