@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -139,6 +140,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
 
     changed = 0
     alpha: float | None = None
+    loader = _Loader()
     with ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
         try:
@@ -149,7 +151,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
                 if plan.out_name in skip:
                     _report(progress, i + 1, total_steps, plan.out_name)
                     continue
-                merged, base = _merge_one(plan, method, recipe, dev, seed, norms, want_task_sum=auto)
+                merged, base = _merge_one(plan, method, recipe, dev, seed, norms, loader, want_task_sum=auto)
                 if not merged.is_floating_point():  # integer buffers are copied, never scaled
                     writer.add(plan.out_name, merged)
                     direct.add(i)
@@ -171,7 +173,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
                 for i, plan in enumerate(plans):
                     _check_cancel(cancel)
                     if plan.out_name not in skip and i not in direct:
-                        base = _load(plan.base, recipe, dev) if plan.base is not None else None
+                        base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
                         tau = _unspill(spill_dir, i, dev)
                         scale = lines_scale(plan.block, num_blocks, alpha, lines.beta)  # type: ignore[union-attr]
                         merged = base.clone() if scale == 0 else tau.mul_(scale).add_(base)
@@ -400,8 +402,49 @@ def _plan(recipe: MergeRecipe, method: MergeMethod, ckpts: dict[str, LocalCheckp
 # Merging one tensor
 # ---------------------------------------------------------------------------
 
-def _load(inp: _Input, recipe: MergeRecipe, dev: torch.device) -> torch.Tensor:
-    t = inp.ckpt.reader().get(inp.name, dtype=None)
+class _Loader:
+    """Reads one tensor at a time into fresh memory with ``readinto`` (one run's header cache).
+
+    ``safe_open`` returns tensors backed by a memory map, so the first arithmetic
+    on them pays a page fault per 4 KB page; on this kind of machine that was
+    most of a merge's time. A plain read into a new buffer copies at memory
+    speed instead (and with ``THP_MEM_ALLOC_ENABLE=1`` torch backs the buffer
+    with huge pages). Pickled checkpoints go through the normal reader.
+    """
+
+    def __init__(self) -> None:
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+
+    def _header(self, path: Path) -> tuple[int, dict[str, Any]]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[path] = (8 + n, json.loads(f.read(n)))
+        return self._headers[path]
+
+    def get(self, inp: _Input) -> torch.Tensor:
+        reader = inp.ckpt.reader()
+        meta = reader.meta(inp.name)
+        if inp.ckpt.kind == "pickle" or meta.file.suffix != ".safetensors":
+            return reader.get(inp.name, dtype=None)
+        start, header = self._header(meta.file)
+        begin, end = header[inp.name]["data_offsets"]
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        if end > begin:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(meta.file, "rb", buffering=0) as f:
+                f.seek(start + begin)
+                got = 0
+                while got < end - begin:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise WeightsmithError(f"{meta.file.name}: truncated while reading tensor {inp.name}")
+                    got += n
+        return out
+
+
+def _load(inp: _Input, recipe: MergeRecipe, dev: torch.device, loader: "_Loader | None" = None) -> torch.Tensor:
+    t = loader.get(inp) if loader is not None else inp.ckpt.reader().get(inp.name, dtype=None)
     if t.is_floating_point():
         compute = recipe.torch_dtype("dtype")
         # Round to the recipe's dtype first (as mergekit reads it), then compute in float32.
@@ -435,9 +478,9 @@ def _resolve_params(method: MergeMethod, plan: _TensorPlan) -> tuple[dict[str, A
 
 
 def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev: torch.device, seed: int | None,
-               norms: "_NormTracker", *, want_task_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    base = _load(plan.base, recipe, dev) if plan.base is not None else None
-    tensors = [_load(inp, recipe, dev) for inp in plan.inputs]
+               norms: "_NormTracker", loader: _Loader, *, want_task_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
+    tensors = [_load(inp, recipe, dev, loader) for inp in plan.inputs]
     first = base if base is not None else tensors[0]
     if not first.is_floating_point():
         # Integer buffers (position ids...) are not merged: keep the base's (or first model's).
@@ -479,7 +522,7 @@ def _changed(merged: torch.Tensor, base: torch.Tensor | None, plan: _TensorPlan,
     if base is None:
         if not plan.inputs:
             return 0
-        first = _load(plan.inputs[0], recipe, merged.device)
+        first = _load(plan.inputs[0], recipe, merged.device, _Loader())
         return int(not torch.equal(merged.to(first.dtype), first))
     return int(not torch.equal(merged, base))
 
