@@ -550,7 +550,7 @@ def _check_cancel(cancel: Cancel | Any | None) -> None:
 
 
 def _report(progress: Progress | None, fraction: float, desc: str) -> None:
-    log.info("%s", desc)
+    log.debug("%s", desc)
     if progress is not None:
         progress(fraction, desc)
 
