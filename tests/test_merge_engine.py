@@ -1,0 +1,176 @@
+"""The streaming engine end to end: sharding, tied heads, Conv1D models, card, cancel, CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from checkpoints.errors import WeightsmithError
+from checkpoints.tensors import CheckpointReader
+from merging.engine import MergeCancelled, run_merge
+from merging.recipe import MergeRecipe
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    r = CheckpointReader.from_folder(Path(folder))
+    return {k: r.get(k) for k in r.keys()}
+
+
+def ties_recipe(base: Path, fts: list[Path], extra: str = "") -> MergeRecipe:
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.6}}\n" for f in fts)
+    return MergeRecipe.from_yaml(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}{extra}")
+
+
+def test_gpt2_conv1d_sharded_tied(tmp_path, tiny_gpt2_family):
+    from transformers import AutoModelForCausalLM
+
+    f = tiny_gpt2_family
+    out = tmp_path / "merged"
+    calls = []
+    res = run_merge(ties_recipe(f["base"], [f["ft1"], f["ft2"]], "lines: {alpha: 0.5, beta: 0.5}\n"), out,
+                    max_shard_bytes=20_000, progress=lambda d, n, name: calls.append((d, n)))
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = load(out)
+    base = load(f["base"])
+    assert set(index) == set(merged) == set(base)  # tied lm_head not written, nothing lost
+    assert "lm_head.weight" not in merged
+    # Conv1D weights keep their stored [in, out] layout
+    assert merged["transformer.h.0.mlp.c_fc.weight"].shape == base["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    assert not torch.equal(merged["transformer.h.1.attn.c_attn.weight"], base["transformer.h.1.attn.c_attn.weight"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)  # still tied after loading
+    assert torch.equal(model.transformer.wte.weight, merged["transformer.wte.weight"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert calls[-1][0] == calls[-1][1] == res.tensors_total
+    assert res.block_norms and all(len(v) == 4 and min(v) > 0 for v in res.block_norms.values())
+    card = (out / "README.md").read_text()
+    for needle in ("merge", "weightsmith", "lines", "https://arxiv.org/abs/2306.01708", "```yaml"):
+        assert needle in card
+    assert str(tmp_path) not in card and str(tmp_path) not in (out / "weightsmith_recipe.yml").read_text()
+    assert MergeRecipe.from_yaml((out / "weightsmith_recipe.yml").read_text()).merge_method == "ties"
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+
+
+def test_llama_tied_head_and_out_dtype(tmp_path, tiny_llama_tied_dir):
+    from conftest import build_tiny_llama, perturbed, save_model
+
+    ft = save_model(perturbed(build_tiny_llama(0, tie=True), seed=5), tmp_path / "ft")
+    recipe = MergeRecipe.from_yaml(f"""
+merge_method: task_arithmetic
+base_model: {tiny_llama_tied_dir}
+models:
+  - model: {ft}
+    parameters: {{weight: 0.5}}
+out_dtype: bfloat16
+""")
+    res = run_merge(recipe, tmp_path / "out")
+    merged = load(tmp_path / "out")
+    assert "lm_head.weight" not in merged
+    raw = CheckpointReader.from_folder(tmp_path / "out")
+    assert raw.dtypes() == ["bfloat16"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    base, f = load(tiny_llama_tied_dir), load(ft)
+    emb = "model.embed_tokens.weight"
+    expected = (base[emb] + 0.5 * (f[emb] - base[emb])).to(torch.bfloat16).float()
+    assert torch.equal(merged[emb], expected)
+    assert res.tensors_changed == res.tensors_total
+
+
+def test_card_tags_and_public_names(tmp_path, tiny_llama_family):
+    f = tiny_llama_family
+    run_merge(ties_recipe(f["base"], [f["ft1"], f["ft2"]]), tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "merge" in front["tags"] and "weightsmith" in front["tags"] and "lines" not in front["tags"]
+    assert f["ft1"].name in card and str(f["ft1"]) not in card
+
+
+def test_passthrough_slices_stack_layers(tmp_path, tiny_llama_family):
+    f = tiny_llama_family
+    recipe = MergeRecipe.from_yaml(f"""
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {f['ft1']}
+        layer_range: [0, 3]
+  - sources:
+      - model: {f['ft2']}
+        layer_range: [1, 4]
+""")
+    res = run_merge(recipe, tmp_path / "out")
+    merged, a, b = load(tmp_path / "out"), load(f["ft1"]), load(f["ft2"])
+    assert res.num_blocks == 6
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert torch.equal(merged["model.layers.2.mlp.up_proj.weight"], a["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(merged["model.layers.3.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(merged["model.layers.5.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], b["model.norm.weight"])
+    assert not torch.equal(a["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_cancel_leaves_no_output(tmp_path, tiny_llama_family):
+    f = tiny_llama_family
+    cancel = threading.Event()
+
+    def progress(done, total, name):
+        if done == 5:
+            cancel.set()
+
+    with pytest.raises(MergeCancelled):
+        run_merge(ties_recipe(f["base"], [f["ft1"]]), tmp_path / "out", progress=progress, cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_llama_family):
+    f = tiny_llama_family
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(WeightsmithError, match="already exists"):
+        run_merge(ties_recipe(f["base"], [f["ft1"]]), tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").exists()
+    run_merge(ties_recipe(f["base"], [f["ft1"]]), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_cli_merge(tmp_path, tiny_llama_family, capsys):
+    from checkpoints.cli import main
+
+    f = tiny_llama_family
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(ties_recipe(f["base"], [f["ft1"], f["ft2"]]).to_yaml())
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--max-shard-size", "40KB"]) == 0
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    assert "wrote" in capsys.readouterr().out
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: nope\nmodels:\n  - model: a/b\n")
+    assert main(["merge", str(bad), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown merge method 'nope'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_demo_merge_card_has_hub_base_model(tmp_path, demo_dir):
+    """With a Hub-named model the card carries base_model and base_model_relation: merge."""
+    recipe = MergeRecipe.from_yaml(f"""
+merge_method: task_arithmetic
+base_model: demo
+models:
+  - model: {demo_dir}
+    parameters: {{weight: 1.0}}
+""")
+    res = run_merge(recipe, tmp_path / "out")
+    assert res.tensors_changed == 0  # a model minus itself is no task vector
+    front = yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert front["base_model_relation"] == "merge"
+    assert "lm_head.weight" not in load(tmp_path / "out")
