@@ -1361,7 +1361,9 @@ def serve(*, host: str = "127.0.0.1", port: int = 7860, allow_paths: bool = Fals
           max_file_size: str = "2gb", workspace_max_age: float = 3600.0) -> None:
     """Start the app (``weightsmith serve`` and ``make run`` call this)."""
     parse_size(max_file_size)  # one clear error for a bad size before anything starts
-    config = AppConfig(allow_paths=allow_paths, max_file_size=max_file_size, workspace_max_age=workspace_max_age)
+    # The ROME statistics corpus (a text file) can be set for a deployment; default: model-sampled text.
+    config = AppConfig(allow_paths=allow_paths, max_file_size=max_file_size, workspace_max_age=workspace_max_age,
+                       edit_corpus=os.environ.get("WEIGHTSMITH_EDIT_CORPUS") or None)
     build_app(config=config).queue(default_concurrency_limit=2).launch(
         server_name=host, server_port=port, share=share, **launch_kwargs(config))
 

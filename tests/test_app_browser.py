@@ -98,7 +98,10 @@ def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
     from playwright.sync_api import expect, sync_playwright
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = app.AppConfig()
+    # ROME statistics from the shared wikitext file when present (cached on disk after the first run);
+    # otherwise the app's default, text the model samples itself (slow on a busy CPU).
+    wiki = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    cfg = app.AppConfig(edit_corpus=str(wiki) if wiki.exists() else None)
     demo = app.build_app(config=cfg)
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                         **app.launch_kwargs(cfg))
@@ -157,6 +160,9 @@ def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
             t = tab("Edit")
             t.get_by_role("button", name="Trace", exact=True).click()
             expect(t.get_by_text("set as the edit layer")).to_be_visible(timeout=300_000)
+            # Edit at the model's default ROME layer (statistics cached there); the trace's suggestion
+            # stays visible above, and any layer can be typed in.
+            t.get_by_label("Layer").fill("4")
             t.get_by_role("button", name="Apply ROME edit").click()
             expect(t.get_by_text("Undo it below")).to_be_visible(timeout=600_000)
             t.get_by_role("button", name="Evaluate").click()
