@@ -12,7 +12,7 @@
 
 Why not ``torch.argsort``: mergekit sorts every tensor (O(n log n), 4 s for a
 28M-entry embedding here). A rank range only needs two order statistics, which
-:func:`kth_smallest` finds by bracketing them with a small sample and selecting
+:func:`select` finds by bracketing them with a small sample and selecting
 inside the bracket: a few linear passes. Only when equal values straddle a cut
 (common in bf16, where many |τ| coincide) does the sort decide which are kept;
 then the same ``torch.argsort`` call as mergekit's is made, so the result is
@@ -25,39 +25,44 @@ import torch
 
 from checkpoints.errors import WeightsmithError
 
-# Below this size torch.kthvalue is as fast as anything cleverer.
-_DIRECT_SELECT = 1 << 20
-_SAMPLE = 1 << 16
+# Below this size torch.kthvalue on the whole tensor is as fast as anything cleverer.
+_DIRECT_SELECT = 1 << 16
+
+
+def select(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int, int]:
+    """The value at 0-based ascending ``rank`` of 1-D ``values``, with how many entries
+    are smaller than it and how many equal it (to see whether a cut splits a group of ties)."""
+    n = values.numel()
+    if n > _DIRECT_SELECT:
+        # Bracket the answer with a strided sample, then select among the few
+        # entries inside the bracket. A bad bracket only costs the fallback below.
+        m = max(1024, min(1 << 16, n // 16))
+        stride = max(1, n // m)
+        sample = values[::stride].sort().values
+        m = sample.numel()
+        pos = rank / max(1, n - 1) * (m - 1)
+        margin = 4 * int(m**0.5) + 8
+        lo = sample[max(0, int(pos) - margin)]
+        hi = sample[min(m - 1, int(pos) + margin + 1)]
+        below = int((values < lo).sum())
+        candidates = values[(values >= lo) & (values <= hi)]
+        if below <= rank < below + candidates.numel():
+            v = torch.kthvalue(candidates, rank - below + 1).values
+            return v, below + int((candidates < v).sum()), int((candidates == v).sum())
+    v = torch.kthvalue(values, rank + 1).values
+    return v, int((values < v).sum()), int((values == v).sum())
 
 
 def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     """The value of 0-based ascending ``rank`` in 1-D ``values`` (what ``kthvalue(rank + 1)`` returns)."""
-    n = values.numel()
-    if n <= _DIRECT_SELECT:
-        return torch.kthvalue(values, rank + 1).values
-    # A strided sample is deterministic and, for selection, as good as a random one:
-    # a bad bracket only costs the fallback below, never a wrong answer.
-    stride = max(1, n // _SAMPLE)
-    sample = values[::stride].sort().values
-    m = sample.numel()
-    pos = rank / max(1, n - 1) * (m - 1)
-    margin = 4 * int(m**0.5) + 8
-    lo = sample[max(0, int(pos) - margin)]
-    hi = sample[min(m - 1, int(pos) + margin + 1)]
-    below = int((values < lo).sum())
-    inside = (values >= lo) & (values <= hi)
-    n_inside = int(inside.sum())
-    if below <= rank < below + n_inside:
-        candidates = values[inside]
-        return torch.kthvalue(candidates, rank - below + 1).values
-    return torch.kthvalue(values, rank + 1).values
+    return select(values, rank)[0]
 
 
 def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool = False) -> torch.Tensor:
     """Boolean mask of the entries of ``values`` at positions ``[lo, hi)`` of its sorted order.
 
     The order is what mergekit uses: ``torch.argsort(values.reshape(-1), descending=...)``.
-    When no group of equal values straddles a cut the selection is found by two
+    When no group of equal values straddles a cut the selection is found by
     order statistics (linear time); when one does, which of the equal values
     the sort puts first is an artefact of its algorithm, so the same
     ``torch.argsort`` call is made to reproduce it exactly.
@@ -71,25 +76,20 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool 
         return torch.ones_like(flat, dtype=torch.bool).reshape(values.shape)
     # In ascending terms the selection is ranks [alo, ahi).
     alo, ahi = (n - hi, n - lo) if descending else (lo, hi)
-    mask = torch.ones_like(flat, dtype=torch.bool)
+    mask: torch.Tensor | None = None
     if alo > 0:
-        a = kth_smallest(flat, alo)
-        mask &= flat >= a
-        if _straddles(flat, a, alo):
+        a, below, equal = select(flat, alo)
+        if below < alo < below + equal:
             return _by_sort(flat, lo, hi, descending).reshape(values.shape)
+        mask = flat >= a
     if ahi < n:
-        b = kth_smallest(flat, ahi - 1)
-        mask &= flat <= b
-        if _straddles(flat, b, ahi):
+        b, below, equal = select(flat, ahi - 1)
+        if below < ahi < below + equal:
             return _by_sort(flat, lo, hi, descending).reshape(values.shape)
+        upper = flat <= b
+        mask = upper if mask is None else mask.logical_and_(upper)
+    assert mask is not None
     return mask.reshape(values.shape)
-
-
-def _straddles(flat: torch.Tensor, cut: torch.Tensor, rank: int) -> bool:
-    """True when entries equal to ``cut`` sit on both sides of ascending position ``rank``."""
-    below = int((flat < cut).sum())
-    equal = int((flat == cut).sum())
-    return below < rank < below + equal
 
 
 def _by_sort(flat: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _by_sort(flat: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Te
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
     """``tensor * mask``; with ``rescale`` the result's L1 norm is matched to ``tensor``'s."""
     before = tensor.abs().sum() if rescale else None
-    masked = tensor.mul_(mask) if mask.dtype != torch.bool else tensor.masked_fill_(~mask, 0)
+    masked = tensor.mul_(mask)
     if not rescale:
         return masked
     after = masked.abs().sum()
