@@ -164,3 +164,15 @@ def test_layer_and_vocab_mismatch(tmp_path, tiny_llama_dir):
     with pytest.raises(WeightsmithError, match="different layer counts: .* has 4 layers but deeper has 6"):
         run_merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_example_recipes_parse_and_round_trip():
+    folder = Path(__file__).resolve().parents[1] / "assets" / "recipes"
+    found = 0
+    for path in sorted(folder.glob("*.yml")):
+        if "merge_method:" not in path.read_text():
+            continue  # adapter-mix recipes live here too
+        recipe = MergeRecipe.from_yaml(path)
+        assert MergeRecipe.from_yaml(recipe.to_yaml()) == recipe, path.name
+        found += 1
+    assert found >= 5
