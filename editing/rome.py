@@ -240,9 +240,11 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
     device = next(model.parameters()).device
     module = module or spec.module("mlp_out", layer)
     tgt = target_ids(tokenizer, request.target)
+    if hparams.v_prompts is not None and hparams.v_prompts < len(prefixes):
+        # An even spread over the prefixes keeps both lengths (5 and 10 tokens) in the loss.
+        n = hparams.v_prompts
+        prefixes = [prefixes[(i * len(prefixes)) // n] for i in range(n)]
     texts = prefixed(prefixes, request.text)
-    if hparams.v_prompts is not None:
-        texts = texts[: 1 + hparams.v_prompts]
     seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject),
                      target=tgt) for t in texts]
     kl_text = fill("{} is a", request.subject)
@@ -341,22 +343,30 @@ def rank_one_update(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.
     return B, A
 
 
+def compute_key_value(model, tokenizer, spec: ArchSpec, request: EditRequest, *, layer: int, prefixes: list[str],
+                      hparams: RomeHyperParams | None = None, progress: Progress | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """k* and v* of ``request`` at ``layer`` (they do not depend on the statistics); returns (W[out,in], k*, v*, info)."""
+    hp = hparams or RomeHyperParams()
+    name = spec.module("mlp_out", layer)
+    W = spec.as_out_in(get_module(model, name).weight.detach()).float()
+    texts = prefixed(prefixes, request.text)
+    seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject))
+            for t in texts]
+    k_star = compute_keys(model, tokenizer, spec, layer, seqs).mean(0)
+    delta, _v_init, info = compute_value(model, tokenizer, spec, request, layer, prefixes, hp, progress=progress)
+    return W, k_star, W @ k_star + delta, info
+
+
 def compute_rome(model, tokenizer, spec: ArchSpec, request: EditRequest, C: torch.Tensor, *, layer: int,
                  prefixes: list[str], hparams: RomeHyperParams | None = None,
                  progress: Progress | None = None) -> RomeResult:
     """Compute (do not apply) the ROME edit of ``request`` at ``layer`` with statistics ``C``."""
     hp = hparams or RomeHyperParams()
     t0 = time.time()
-    name = spec.module("mlp_out", layer)
-    weight = get_module(model, name).weight
-    W = spec.as_out_in(weight.detach()).float()
-    texts = prefixed(prefixes, request.text)
-    seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject))
-            for t in texts]
-    keys = compute_keys(model, tokenizer, spec, layer, seqs)
-    k_star = keys.mean(0)
-    delta, v_init, info = compute_value(model, tokenizer, spec, request, layer, prefixes, hp, progress=progress)
-    v_star = W @ k_star + delta
+    W, k_star, v_star, info = compute_key_value(model, tokenizer, spec, request, layer=layer, prefixes=prefixes,
+                                                hparams=hp, progress=progress)
     B, A = rank_one_update(W, k_star, v_star, C.to(W.device), ridge=hp.mom2_ridge)
+    name = spec.module("mlp_out", layer)
     info.update({"seconds": round(time.time() - t0, 3), "layer": layer, "module": name})
     return RomeResult(layer, name, B, A, info)
