@@ -123,11 +123,6 @@ def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
                 page.screenshot(path=str(path), full_page=True)
                 saved.append(path)
 
-            t = tab("Models")
-            t.get_by_role("button", name="Inspect").click()
-            expect(t.get_by_text("134,515,008")).to_be_visible(timeout=60_000)
-            shot("models")
-
             t = tab("Adapters")
             t.get_by_label("merged model").check()
             t.get_by_label("Output name").fill("caps-pirate")
@@ -175,6 +170,13 @@ def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
             t.get_by_role("button", name="Make zip").click()
             page.wait_for_timeout(15_000)
             shot("export")
+
+            t = tab("Models")
+            t.get_by_role("button", name="Inspect").click()
+            expect(t.get_by_text("134,515,008")).to_be_visible(timeout=60_000)
+            t.get_by_role("button", name="Refresh").click()
+            expect(t.get_by_text("ws:caps-pirate-lines").first).to_be_visible(timeout=30_000)
+            shot("models")
             browser.close()
     finally:
         demo.close()
