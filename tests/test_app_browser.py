@@ -84,6 +84,17 @@ def test_merge_through_the_page(served, tmp_path):
             expect(merge.get_by_text("tensors changed")).to_be_visible(timeout=60_000)
             expect(merge.get_by_text("ws:ui-merge").first).to_be_visible()
             page.screenshot(path=str(shot), full_page=True)
+            # YAML -> form: typing a recipe updates the method, the models table and LiNeS.
+            recipe.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.insert_text("merge_method: ties\nbase_model: tiny-base\nmodels:\n"
+                                      "  - model: tiny-ft2\n    parameters: {weight: 0.3, density: 0.6}\n"
+                                      "lines: {alpha: 0.25, beta: 0.75}\n")
+            expect(merge.get_by_text("form updated from YAML")).to_be_visible(timeout=15_000)
+            expect(merge.get_by_label("Method")).to_have_value("TIES (ties)")
+            expect(merge.get_by_label("LiNeS layer scaling")).to_be_checked()
+            expect(merge.get_by_label("β", exact=True)).to_have_value("0.75")
+            expect(merge.get_by_role("gridcell", name="0.6")).to_be_visible()
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
