@@ -52,6 +52,8 @@ def test_api_names_are_stable(server):
     fns = {f.api_name: f for f in demo.fns.values()}
     heavy = {n: (fns[n].concurrency_id, fns[n].concurrency_limit) for n in ("merge", "mix_adapters", "edit", "trace")}
     assert set(heavy.values()) == {("heavy", cfg.heavy_concurrency)} and cfg.heavy_concurrency == 1
+    # The configured upload limit reached Gradio.
+    assert demo.max_file_size is not None and 49 * 10**6 <= demo.max_file_size <= 53 * 2**20
 
 
 def test_inspect_and_errors(server):

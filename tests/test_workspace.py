@@ -220,3 +220,68 @@ def test_upload_refuses_pickles_and_unknown(manager, tmp_path):
         import_upload(ws, [s])
     with pytest.raises(WeightsmithError, match="no files uploaded"):
         import_upload(ws, [])
+
+
+def test_upload_sharded_model(manager, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import build_tiny_llama, save_model
+
+    folder = tmp_path / "sharded"
+    save_model(build_tiny_llama(0), folder, max_shard_size="20KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").exists()
+    ws = manager.create()
+    item = import_upload(ws, [p for p in folder.iterdir() if p.is_file()], name="sharded")
+    from checkpoints.sources import resolve
+
+    ckpt = resolve(ws.resolve_ref(item.ref))
+    assert len(ckpt.files) == len(shards) and ckpt.summary()["layers"] == 4
+    # A shard missing from the upload is named in the error, and nothing is kept.
+    with pytest.raises(WeightsmithError, match="missing"):
+        import_upload(ws, [p for p in folder.iterdir() if p.is_file() and p != shards[0]], name="broken")
+    assert [i.name for i in ws.items()] == ["sharded"]
+
+
+def test_upload_adapter_as_zip(manager, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "lora"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "peft_type": "LORA"}))
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 8)}, str(src / "adapter_model.safetensors"))
+    z = tmp_path / "lora.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for p in src.iterdir():
+            zf.write(p, f"my-lora/{p.name}")
+        zf.writestr("__MACOSX/._junk", b"x")
+    ws = manager.create()
+    item = import_upload(ws, [z])
+    assert item.kind == "adapter" and item.name == "lora"
+    assert sorted(item.files) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_upload_gguf_is_converted_into_the_workspace(manager, tmp_path, monkeypatch):
+    """The GGUF branch hands the file to the foundation's converter with the item folder as output."""
+    import checkpoints.gguf_convert as gc
+
+    seen = {}
+
+    def fake_convert(gguf, *, cache_root=None, out_dir=None):
+        seen["gguf"], seen["out"] = Path(gguf).name, out_dir
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(gc, "convert_gguf", fake_convert)
+    g = tmp_path / "tiny.Q8_0.gguf"
+    g.write_bytes(b"GGUF")
+    ws = manager.create()
+    item = import_upload(ws, [g], name="from-gguf")
+    assert item.kind == "model" and seen["gguf"] == "tiny.Q8_0.gguf" and seen["out"] == ws.item_path("from-gguf")
+    two = tmp_path / "b.gguf"
+    two.write_bytes(b"GGUF")
+    with pytest.raises(WeightsmithError, match="one .gguf"):
+        import_upload(ws, [g, two])
