@@ -40,6 +40,7 @@ from .adapters import (
     _check_cancel,
     _report,
     compact_targets,
+    few_threads,
     write_adapter_folder,
 )
 
@@ -159,7 +160,8 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: i
             unchanged += 1
             continue
         d = spec.as_out_in(delta)  # [out, in]
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        with few_threads(device):
+            u, s, vh = torch.linalg.svd(d, full_matrices=False)
         r = choose_rank(s, rank, energy)
         root = s[:r].sqrt()
         b = u[:, :r] * root  # [out, r]
