@@ -444,3 +444,24 @@ def test_adapter_from_the_hub(tmp_path, tiny_llama_dir, llama_adapters, hub_env)
     torch.testing.assert_close(deltas(tmp_path / "hub")[q], 2.0 * deltas(a)[q], rtol=0, atol=1e-6)
     fetched = [p for _, p, _ in hub_env["hub"].requests if "/resolve/" in p]
     assert fetched and not any(p.endswith(("evil.py", ".bin")) for p in fetched)
+
+
+def test_merge_into_tied_base_keeps_the_tie(tmp_path, tiny_llama_tied_dir):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    ad = make_adapter(tiny_llama_tied_dir, tmp_path / "ad", r=2, seed=9, targets=["v_proj", "up_proj"])
+    mix_adapters(recipe(tiny_llama_tied_dir, [ad], [1.5]), tmp_path / "full", merge_into_base=True)
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full")).eval()
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    mix_adapters(recipe(tiny_llama_tied_dir, [ad], [1.5]), tmp_path / "adapter")
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_tied_dir)),
+                                    str(tmp_path / "adapter")).merge_and_unload().eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_tied_dir)).eval()
+    with torch.no_grad():
+        got, want, plain = ours(IDS).logits, ref(IDS).logits, base(IDS).logits
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
