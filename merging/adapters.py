@@ -484,7 +484,8 @@ class AdapterMixRecipe:
 
         data: dict[str, Any] = {
             "base_model": public_name(self.base_model) if public else self.base_model,
-            "adapters": [{"adapter": ref(e.adapter), "weight": e.weight} for e in self.adapters],
+            "adapters": [{"adapter": ref(self.adapter_ref(e) if public else e.adapter), "weight": e.weight}
+                         for e in self.adapters],
             "method": self.method,
         }
         if self.parameters:

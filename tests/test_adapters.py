@@ -333,7 +333,7 @@ def test_adapters_of_different_bases_rejected(tmp_path, tiny_llama_dir, llama_ad
 
 def test_shape_mismatch_same_name_rejected(tmp_path, tiny_llama_dir):
     """An adapter that claims the right base but was made for another width fails the shape check."""
-    from tests.conftest import build_tiny_llama, save_model
+    from tests.conftest import save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
