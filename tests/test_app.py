@@ -274,10 +274,16 @@ def test_mix_form_yaml_marks_exactness():
     assert "not exact" in app.adapter_method_md("linear")
 
 
+@pytest.fixture(scope="module")
+def stats_root(tmp_path_factory):
+    """ROME/MEMIT statistics shared by this module's edit tests (computed once per layer)."""
+    return tmp_path_factory.mktemp("rome-stats")
+
+
 @pytest.fixture
-def edit_wb(tmp_path, tiny_llama_family):
+def edit_wb(tmp_path, tiny_llama_family, stats_root):
     cfg = app.AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny-base": str(tiny_llama_family["base"])},
-                        edit_stats_tokens=2000, stats_root=tmp_path / "stats")
+                        edit_stats_tokens=1000, stats_root=stats_root)
     return app.Workbench(cfg)
 
 
@@ -363,3 +369,23 @@ def test_end_session_frees_the_edit_model(edit_wb):
     assert len(edit_wb._edit_sessions) == 1
     edit_wb.end_session(r)
     assert edit_wb._edit_sessions == {}
+
+
+def test_batch_edit_from_csv_is_one_history_entry(edit_wb, tmp_path):
+    import torch
+
+    csv_file = tmp_path / "facts.csv"
+    csv_file.write_text("prompt,subject,target_new,ground_truth\n"
+                        "{} is located in the city of,The Eiffel Tower,Rome,Paris\n"
+                        "The capital of {} is,Germany,Madrid,Berlin\n")
+    r = req("batch")
+    session = edit_wb.edit_session(edit_wb.workspace(r), "tiny-base")
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    hist, msg = edit_wb.edit_batch("tiny-base", str(csv_file), r, None)
+    assert "2 facts" in msg
+    assert len(hist) == 2 and {row[0] for row in hist} == {1} and {row[1] for row in hist} == {"memit"}
+    assert any(not torch.equal(v, before[k]) for k, v in session.model.state_dict().items())
+    edit_wb.undo("tiny-base", 1, r)
+    assert all(torch.equal(v, before[k]) for k, v in session.model.state_dict().items())
+    with pytest.raises(gr.Error, match="upload a JSON or CSV"):
+        edit_wb.edit_batch("tiny-base", None, r, None)
