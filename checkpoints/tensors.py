@@ -286,12 +286,18 @@ class ShardedWriter:
         max_shard_bytes: start a new shard when the current one would exceed this.
         dtype: cast floating tensors to this dtype on write (None keeps them).
         skip: names not to write (e.g. a tied ``lm_head.weight``).
+        header_reserve: bytes kept free at the start of each shard's data file for its
+            header. When the header fits (it is padded with spaces, which the format
+            allows), the shard is finished in place instead of being copied behind
+            its header: one write of the weights instead of two. 0 = always copy.
     """
 
     def __init__(self, out_dir: Path, *, max_shard_bytes: int = 5 * 10**9, dtype: torch.dtype | None = None,
-                 skip: Iterable[str] = (), overwrite: bool = False, metadata: dict[str, str] | None = None):
+                 skip: Iterable[str] = (), overwrite: bool = False, metadata: dict[str, str] | None = None,
+                 header_reserve: int = 0):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = int(max_shard_bytes)
+        self.header_reserve = (int(header_reserve) + 7) // 8 * 8 if header_reserve > 0 else 0
         self.dtype = dtype
         self.skip = set(skip)
         self.overwrite = overwrite
@@ -334,6 +340,8 @@ class ShardedWriter:
         if self._current is None:
             data_path = self.tmp / f".shard-{len(self._shards):05d}.data"
             self._current = _OpenShard(data_path, open(data_path, "wb"))
+            if self.header_reserve:
+                self._current.handle.write(b" " * self.header_reserve)  # type: ignore[attr-defined]
         cur = self._current
         # uint8 view of the tensor's bytes: no extra copy for contiguous tensors.
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
@@ -353,13 +361,24 @@ class ShardedWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors aligns data to 8 bytes
         final = self.tmp / f".shard-{len(self._shards):05d}.safetensors"
-        with open(final, "wb") as out, open(cur.data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            shutil.copyfileobj(data, out, 16 * 2**20)
-            out.flush()
-            os.fsync(out.fileno())
-        cur.data_path.unlink()
+        if self.header_reserve and 8 + len(blob) <= self.header_reserve:
+            # The header fits the reserved space: pad it with spaces and finish in place.
+            blob += b" " * (self.header_reserve - 8 - len(blob))
+            with open(cur.data_path, "r+b") as out:
+                out.write(struct.pack("<Q", len(blob)))
+                out.write(blob)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(cur.data_path, final)
+        else:
+            with open(final, "wb") as out, open(cur.data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(blob)))
+                out.write(blob)
+                data.seek(self.header_reserve)
+                shutil.copyfileobj(data, out, 16 * 2**20)
+                out.flush()
+                os.fsync(out.fileno())
+            cur.data_path.unlink()
         self._shards.append((final, list(cur.entries)))
         self._current = None
 

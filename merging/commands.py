@@ -51,7 +51,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
-                           seed=args.seed, collect_norms=False)
+                           seed=args.seed, collect_norms=False, threads=args.threads or None)
     except KeyboardInterrupt:
         cancel.set()
         raise
@@ -80,4 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500M (default 5GB)")
     p.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe's seed)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: merging is memory-bound, and a second thread on a busy "
+                        "machine costs more than it gives; 0 keeps torch's default)")
     p.set_defaults(func=_merge)

@@ -102,7 +102,8 @@ class _TensorPlan:
 
 def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", progress: Progress | None = None,
               cancel: threading.Event | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False, seed: int | None = None, collect_norms: bool = True) -> MergeResult:
+              overwrite: bool = False, seed: int | None = None, collect_norms: bool = True,
+              threads: int | None = None) -> MergeResult:
     """Run ``recipe`` and write the merged model to ``out_dir``.
 
     Args:
@@ -115,10 +116,23 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         seed: overrides the recipe's ``seed`` for random methods (dare, della).
         collect_norms: fill ``MergeResult.block_norms`` (per-block task-vector norms, for
             plotting). It costs two extra passes over each input, so the CLI turns it off.
+        threads: torch intra-op threads for the duration of the merge (None: leave as is).
+            The work is memory-bound; on a shared machine one thread is much faster
+            than two fighting for cores, so the CLI defaults to 1. This sets a
+            process-wide torch setting: leave it None in a multi-user server.
 
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`MergeCancelled` when cancelled.
     """
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(threads)))
+        try:
+            return run_merge(recipe, out_dir, device=device, progress=progress, cancel=cancel,
+                             max_shard_bytes=max_shard_bytes, overwrite=overwrite, seed=seed,
+                             collect_norms=collect_norms, threads=None)
+        finally:
+            torch.set_num_threads(previous)
     started = time.perf_counter()
     recipe.validate()
     method = recipe.method
@@ -141,7 +155,8 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     changed = 0
     alpha: float | None = None
     loader = _Loader()
-    with ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite) as writer:
+    with ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
+                       header_reserve=_header_bound(plans, skip)) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
         try:
             sum_l1 = merged_l1 = 0.0
@@ -312,6 +327,19 @@ def _input(ckpt: LocalCheckpoint, name: str, scopes: list[dict[str, Any]], ref: 
                 f"shape mismatch in tensor {name}: {ref.name} has {list(want)} but {ckpt.name} has {list(have)}"
             )
     return _Input(ckpt, stored, scopes)
+
+
+def _header_bound(plans: list[_TensorPlan], skip: list[str]) -> int:
+    """Bytes a shard header can need if every planned tensor lands in it (so the writer can
+    reserve that much and finish shards in place rather than copy them)."""
+    total = 512  # "__metadata__" and the length prefix
+    for plan in plans:
+        if plan.out_name in skip:
+            continue
+        src = plan.base or plan.inputs[0]
+        shape = src.ckpt.reader().meta(src.name).shape
+        total += len(json.dumps(plan.out_name)) + len(json.dumps(list(shape))) + 80
+    return total
 
 
 def _out_dtype(recipe: MergeRecipe, stored: torch.dtype) -> torch.dtype:
