@@ -1211,6 +1211,10 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
                                           label="Add an adapter", allow_custom_value=True,
                                           info="a demo adapter, your uploads (ws:…), or a Hub id")
                     add_btn = gr.Button("Add ▾", scale=0, min_width=90)
+                up_files = gr.File(file_count="multiple", file_types=[".json", ".safetensors", ".zip"],
+                                   label="…or upload a PEFT adapter (adapter_config.json + "
+                                         "adapter_model.safetensors, or a zip)", height=120)
+                up_msg = gr.Markdown()
                 table = gr.Dataframe(value={"headers": ["adapter", "weight"],
                                             "data": [[r, "0.5"] for r in demo_refs[:2]] or [["", ""]]},
                                      headers=["adapter", "weight"], type="array", interactive=True,
@@ -1250,14 +1254,28 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
         data = [r for r in _rows(rows) if r and str(r[0] or "").strip()] + [[ref, "1.0"]]
         return gr.update(value={"headers": ["adapter", "weight"], "data": data})
 
+    @user_errors
+    def on_upload(files, rows, request: gr.Request):
+        if not files:
+            return gr.skip(), gr.skip()
+        ws = wb.workspace(request)
+        item = import_upload(ws, [f if isinstance(f, str) else getattr(f, "name", f) for f in files])
+        if item.kind != "adapter":
+            ws.delete_item(item.name)
+            raise WeightsmithError("that upload is a model, not an adapter: import it in the Models tab")
+        data = [r for r in _rows(rows) if r and str(r[0] or "").strip()] + [[item.ref, "1.0"]]
+        return gr.update(value={"headers": ["adapter", "weight"], "data": data}), f"Imported **{item.ref}**"
+
     method.input(on_method, [method], [params, method_info], **private).then(
         mix_form_to_yaml, form, [recipe, status], **private)
+    up_ev = up_files.upload(on_upload, [up_files, table], [table, up_msg], api_visibility="private", **heavy)
+    up_ev.then(mix_form_to_yaml, form, [recipe, status], **private)
     add_btn.click(on_add, [table, add_ref], table, **private).then(mix_form_to_yaml, form, [recipe, status], **private)
     for comp in (base, table, params, lines_on, alpha, beta, output):
         comp.input(mix_form_to_yaml, form, [recipe, status], **private)
     run_ev = run.click(wb.mix_adapters, [recipe, out_name], [result, result_ref], api_name="mix_adapters", **heavy)
     stop.click(wb.stop, None, result, cancels=[run_ev], **private)
-    return {"creates_items": [run_ev], "result_ref": result_ref, "adapter_picker": add_ref,
+    return {"creates_items": [run_ev, up_ev], "result_ref": result_ref, "adapter_picker": add_ref,
             "demo_adapters": demo_refs, "init": (mix_form_to_yaml, form, [recipe, status])}
 
 

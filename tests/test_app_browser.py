@@ -104,6 +104,28 @@ def test_merge_through_the_page(served, tmp_path):
     assert len(found) == 1 and (found[0] / "model.safetensors").exists()
 
 
+def test_adapter_upload_in_the_adapters_tab(served, tmp_path, tiny_llama_family):
+    from playwright.sync_api import expect, sync_playwright
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_app import make_tiny_adapter
+
+    ad = make_tiny_adapter(tiny_llama_family["base"], tmp_path / "browser-lora", seed=3)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served.local_url)
+            page.get_by_role("tab", name="Adapters").click()
+            tab = page.locator("#tab-adapters")
+            tab.locator("input[type=file]").first.set_input_files(
+                [str(ad / "adapter_config.json"), str(ad / "adapter_model.safetensors")])
+            expect(tab.get_by_text("Imported")).to_be_visible(timeout=30_000)
+            expect(tab.locator(".cm-content")).to_contain_text("adapter: ws:", timeout=15_000)
+        finally:
+            browser.close()
+
+
 def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
     """Drive the real app on the demo model through every tab and save one screenshot per tab."""
     from playwright.sync_api import expect, sync_playwright
