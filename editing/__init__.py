@@ -1,0 +1,15 @@
+"""Fact editing: causal tracing, ROME, MEMIT, edit sessions with exact undo, CounterFact scores.
+
+Public API (stable)::
+
+    from editing.trace import causal_trace, plot_trace, save_trace, TraceResult
+    from editing.request import EditRequest
+    from editing.session import EditSession          # apply / apply_batch / undo / history / export_model / export_adapter
+    from editing.evaluate import evaluate_edit, load_records, run_eval
+    from editing.stats import StatsCache, corpus_from_file, sampled_corpus, resolve_corpus
+    from editing.rome import RomeHyperParams, default_layer
+    from editing.memit import MemitHyperParams
+
+Submodules import torch/transformers lazily from the caller's side: nothing is
+imported here, so ``import editing`` stays cheap.
+"""
