@@ -742,7 +742,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
             with gr.Row():
                 p_work = picker("Working model", kind="any", info="e.g. your merge or mix result (ws:…)")
                 p_orig = picker("Original model")
-            p_prompt = gr.Textbox(value="The capital of France is", label="Prompt", lines=2)
+            p_prompt = gr.Textbox(value="What is the capital of France?", label="Prompt", lines=2)
             with gr.Row():
                 p_n = gr.Slider(1, config.max_new_tokens, value=48, step=1, label="Max new tokens")
                 p_chat = gr.Checkbox(value=True, label="Chat template", info="as a user message (instruct models)")
