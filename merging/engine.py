@@ -154,7 +154,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
 
     changed = 0
     alpha: float | None = None
-    loader = _Loader()
+    loader = _Loader(capacity=max((_numel(p) for p in plans), default=0))
     with ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
                        header_reserve=_header_bound(plans, skip)) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
@@ -163,6 +163,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
             direct: set[int] = set()
             for i, plan in enumerate(plans):
                 _check_cancel(cancel)
+                loader.reset()  # the previous tensor is written: its buffers are free
                 if plan.out_name in skip:
                     _report(progress, i + 1, total_steps, plan.out_name)
                     continue
@@ -187,6 +188,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
                 log.info("LiNeS auto alpha = %.6g (Σ‖τ_t‖₁ %.6g, ‖τ_merged‖₁ %.6g)", alpha, sum_l1, merged_l1)
                 for i, plan in enumerate(plans):
                     _check_cancel(cancel)
+                    loader.reset()
                     if plan.out_name not in skip and i not in direct:
                         base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
                         tau = _unspill(spill_dir, i, dev)
@@ -329,6 +331,11 @@ def _input(ckpt: LocalCheckpoint, name: str, scopes: list[dict[str, Any]], ref: 
     return _Input(ckpt, stored, scopes)
 
 
+def _numel(plan: _TensorPlan) -> int:
+    src = plan.base or plan.inputs[0]
+    return math.prod(src.ckpt.reader().meta(src.name).shape)
+
+
 def _header_bound(plans: list[_TensorPlan], skip: list[str]) -> int:
     """Bytes a shard header can need if every planned tensor lands in it (so the writer can
     reserve that much and finish shards in place rather than copy them)."""
@@ -431,17 +438,38 @@ def _plan(recipe: MergeRecipe, method: MergeMethod, ckpts: dict[str, LocalCheckp
 # ---------------------------------------------------------------------------
 
 class _Loader:
-    """Reads one tensor at a time into fresh memory with ``readinto`` (one run's header cache).
+    """Reads one tensor at a time with ``readinto`` into reusable buffers (one run's state).
 
     ``safe_open`` returns tensors backed by a memory map, so the first arithmetic
-    on them pays a page fault per 4 KB page; on this kind of machine that was
-    most of a merge's time. A plain read into a new buffer copies at memory
-    speed instead (and with ``THP_MEM_ALLOC_ENABLE=1`` torch backs the buffer
-    with huge pages). Pickled checkpoints go through the normal reader.
+    on them pays a page fault per 4 KB page, and every fresh 100 MB buffer pays
+    them again; on this kind of machine that was most of a merge's time. Here a
+    plain read copies at memory speed into buffers that are allocated once per
+    run (as many as one tensor's inputs, each the size of the largest tensor)
+    and handed out again for every tensor after :meth:`reset`. Anything a method
+    returns that aliases a buffer must be written before the next ``reset``.
+    Pickled checkpoints go through the normal reader.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 0) -> None:
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self.capacity = capacity  # elements of the largest tensor
+        self._slots: list[torch.Tensor] = []
+        self._used = 0
+        self._raw: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._used = 0
+
+    def empty(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """A float32 CPU tensor of ``shape`` from the pool (fresh memory when it is too big)."""
+        numel = math.prod(shape)
+        if numel > self.capacity:
+            return torch.empty(shape, dtype=torch.float32)
+        if self._used == len(self._slots):
+            self._slots.append(torch.empty(self.capacity, dtype=torch.float32))
+        slot = self._slots[self._used]
+        self._used += 1
+        return slot[:numel].view(shape)
 
     def _header(self, path: Path) -> tuple[int, dict[str, Any]]:
         if path not in self._headers:
@@ -450,16 +478,25 @@ class _Loader:
                 self._headers[path] = (8 + n, json.loads(f.read(n)))
         return self._headers[path]
 
-    def get(self, inp: _Input) -> torch.Tensor:
+    def get(self, inp: _Input, compute_dtype: torch.dtype | None) -> torch.Tensor:
+        """The tensor as float32 (rounded through ``compute_dtype`` first, as mergekit reads it)."""
         reader = inp.ckpt.reader()
         meta = reader.meta(inp.name)
-        if inp.ckpt.kind == "pickle" or meta.file.suffix != ".safetensors":
-            return reader.get(inp.name, dtype=None)
+        if inp.ckpt.kind == "pickle" or meta.file.suffix != ".safetensors" or not meta.dtype.is_floating_point:
+            return _to_compute(reader.get(inp.name, dtype=None), compute_dtype)
         start, header = self._header(meta.file)
         begin, end = header[inp.name]["data_offsets"]
-        out = torch.empty(meta.shape, dtype=meta.dtype)
+        direct = meta.dtype == torch.float32 and compute_dtype in (None, torch.float32)
+        out = self.empty(meta.shape)
+        if direct:
+            target = out
+        else:
+            nbytes = end - begin
+            if self._raw is None or self._raw.numel() < nbytes:
+                self._raw = torch.empty(max(nbytes, self.capacity * 4), dtype=torch.uint8)
+            target = self._raw[:nbytes].view(meta.dtype).view(meta.shape)
         if end > begin:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
             with open(meta.file, "rb", buffering=0) as f:
                 f.seek(start + begin)
                 got = 0
@@ -468,18 +505,23 @@ class _Loader:
                     if not n:
                         raise WeightsmithError(f"{meta.file.name}: truncated while reading tensor {inp.name}")
                     got += n
+        if not direct:
+            out.copy_(_to_compute(target, compute_dtype))
         return out
 
 
-def _load(inp: _Input, recipe: MergeRecipe, dev: torch.device, loader: "_Loader | None" = None) -> torch.Tensor:
-    t = loader.get(inp) if loader is not None else inp.ckpt.reader().get(inp.name, dtype=None)
-    if t.is_floating_point():
-        compute = recipe.torch_dtype("dtype")
-        # Round to the recipe's dtype first (as mergekit reads it), then compute in float32.
-        if compute is not None and t.dtype != compute:
-            t = t.to(compute)
-        t = t.to(torch.float32)
-    return t.to(dev)
+def _to_compute(t: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    # Round to the recipe's dtype first (as mergekit reads it), then compute in float32.
+    if compute_dtype is not None and t.dtype != compute_dtype:
+        t = t.to(compute_dtype)
+    return t.to(torch.float32)
+
+
+def _load(inp: _Input, recipe: MergeRecipe, dev: torch.device, loader: _Loader | None = None) -> torch.Tensor:
+    loader = loader if loader is not None else _Loader()
+    return loader.get(inp, recipe.torch_dtype("dtype")).to(dev)
 
 
 def _resolve_params(method: MergeMethod, plan: _TensorPlan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -515,7 +557,8 @@ def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev:
         return first, base
     shared, per_model = _resolve_params(method, plan)
     norms.last_task_sum_l1 = 0.0
-    ctx = TensorContext(plan.out_name, seed=seed or 0, device=dev)
+    ctx = TensorContext(plan.out_name, seed=seed or 0, device=dev,
+                        new_tensor=loader.empty if dev.type == "cpu" else None)
     if base is not None and (norms.enabled or want_task_sum):
         if method.observes:
             if norms.enabled:
@@ -550,7 +593,7 @@ def _changed(merged: torch.Tensor, base: torch.Tensor | None, plan: _TensorPlan,
     if base is None:
         if not plan.inputs:
             return 0
-        first = _load(plan.inputs[0], recipe, merged.device, _Loader())
+        first = _load(plan.inputs[0], recipe, merged.device)
         return int(not torch.equal(merged.to(first.dtype), first))
     return int(not torch.equal(merged, base))
 

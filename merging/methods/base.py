@@ -88,7 +88,15 @@ class TensorContext:
     device: str | torch.device = "cpu"
     observe_delta: Callable[[int, torch.Tensor], None] | None = None
     observe_task_sum: Callable[[torch.Tensor], None] | None = None
+    # Scratch float32 tensors for a method's output (the engine's reusable buffers).
+    new_tensor: Callable[[torch.Size], torch.Tensor] | None = None
     _generator: torch.Generator | None = field(default=None, repr=False)
+
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialised float32 tensor shaped like ``t`` (from the engine's pool when it has one)."""
+        if self.new_tensor is not None and t.dtype == torch.float32 and t.device.type == "cpu":
+            return self.new_tensor(t.shape)
+        return torch.empty_like(t)
 
     def generator(self) -> torch.Generator:
         if self._generator is None:

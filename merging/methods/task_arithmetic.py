@@ -92,7 +92,7 @@ def generalized_task_arithmetic(base: torch.Tensor | None, tensors: list[torch.T
         # Plain task arithmetic is linear: base + s·Σ wᵢ(θᵢ − base) = (1 − s·Σwᵢ)·base + Σ s·wᵢ·θᵢ.
         # One pass per model instead of three; rounding differs by ~1 ulp of θ.
         coefficients = [plain_scale * w for w in weights]
-        out = base.mul(1 - sum(coefficients))
+        out = torch.mul(base, 1 - sum(coefficients), out=ctx.empty_like(base))
         for t, c in zip(tensors, coefficients):
             out.add_(t, alpha=c)
         tensors.clear()
