@@ -305,14 +305,16 @@ def big_case(work: Path) -> None:
             weight_map.update({n: fname for n in part})
             del state
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    recipe = root / "ties.yml"
-    recipe.write_text(f"merge_method: ties\nbase_model: {folders[0]}\nmodels:\n"
-                      + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in folders[1:])
+    # task_arithmetic: the point is memory. (TIES on random bf16 weights is dominated by the
+    # exact-tie sort that reproduces mergekit, since bf16 magnitudes tie everywhere.)
+    recipe = root / "ta.yml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {folders[0]}\nmodels:\n"
+                      + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5}}\n" for f in folders[1:])
                       + "dtype: bfloat16\n")
     ws = run_weightsmith(recipe, root / "out")
     largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
     model_bytes = n_params * 2
-    print(f"\n== synthetic llama, {n_params / 1e9:.2f}B parameters, bf16 ({model_bytes / 1e9:.2f} GB per model), ties of base + 2 ==")
+    print(f"\n== synthetic llama, {n_params / 1e9:.2f}B parameters, bf16 ({model_bytes / 1e9:.2f} GB per model), task_arithmetic of base + 2 ==")
     if not ws.ok:
         print(ws.log)
         return

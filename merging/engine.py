@@ -506,7 +506,8 @@ class _Loader:
                         raise WeightsmithError(f"{meta.file.name}: truncated while reading tensor {inp.name}")
                     got += n
         if not direct:
-            out.copy_(_to_compute(target, compute_dtype))
+            rounded = compute_dtype in (None, torch.float32, meta.dtype)
+            out.copy_(target if rounded else target.to(compute_dtype))  # copy_ converts to float32
         return out
 
 
