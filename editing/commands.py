@@ -103,7 +103,7 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
                    help="text file for the key statistics; hf:NAME/CONFIG for a datasets corpus; "
                         "default: text the model samples itself (offline)")
     p.add_argument("--stats-tokens", type=int, default=None,
-                   help="tokens of corpus for the statistics (default 100000 for text, 20000 sampled)")
+                   help="tokens of corpus for the statistics (default 100000 for text, 10000 sampled)")
     p.add_argument("--layer", type=int, default=None, help="edited layer (default: per-architecture table)")
 
 

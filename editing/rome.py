@@ -69,14 +69,16 @@ def default_layer(model_type: str, num_layers: int) -> int:
 class RomeHyperParams:
     """ROME settings; defaults tuned on SmolLM2-135M from the authors' table (GPT-2/GPT-J/Llama)."""
 
-    v_lr: float = 0.5
+    v_lr: float = 1.0  # authors: 0.5; 1.0 needs fewer steps on SmolLM2 with the same quality
     v_steps: int = 20
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     early_stop_loss: float = 5e-2
     prefix_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
-    v_prompts: int | None = None  # prefixed prompts used in v*'s loss (None = all)
+    # Prefixed prompts in v*'s loss (None = all 20). k* always averages over all of them; 5 in
+    # the loss cost a quarter of the time with the same CounterFact scores on SmolLM2 (bench).
+    v_prompts: int | None = 5
     seed: int = 0
     mom2_ridge: float = 0.0  # added to C's diagonal (relative to its mean diagonal); 0 = plain C⁻¹
 

@@ -82,7 +82,7 @@ class EditSession:
         hparams: ROME settings (:class:`RomeHyperParams`).
         corpus: statistics corpus: a :class:`Corpus`, a text-file path, ``"hf:NAME/CONFIG"``,
             or None for text the model samples itself (offline default).
-        stats_tokens: tokens of corpus for the statistics (default 100k for text, 20k sampled).
+        stats_tokens: tokens of corpus for the statistics (default 100k for text, 10k sampled).
         base_name: public name of the base model for cards (default: from the config).
     """
 
