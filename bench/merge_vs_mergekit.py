@@ -80,9 +80,9 @@ def timed(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None) -> Run:
     return Run(seconds, int(rss.group(1)) * 1024 if rss else 0, proc.returncode == 0, err[-3000:])
 
 
-def run_weightsmith(recipe: Path, out: Path) -> Run:
+def run_weightsmith(recipe: Path, out: Path, *extra: str) -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    return timed([*WEIGHTSMITH, "merge", str(recipe), str(out)], env={"PYTHONPATH": str(ROOT)})
+    return timed([*WEIGHTSMITH, "merge", str(recipe), str(out), *extra], env={"PYTHONPATH": str(ROOT)})
 
 
 def run_mergekit(recipe: Path, out: Path) -> Run:
@@ -189,6 +189,13 @@ def speed_case(work: Path, use_mergekit: bool) -> None:
               f"peak RSS {ws.peak_rss_bytes / mk.peak_rss_bytes:.0%} of mergekit's (target <= 50%), "
               f"max |diff| {diff:.2e} at {where or '-'} (target <= {TOLERANCE:g})"
               + (f", tensors in one output only: {only}" if only else ""), flush=True)
+        if method == "ties":
+            fast = run_weightsmith(recipe, work / "ws-ties-fast", "--fast-ties")
+            fdiff, fwhere, _ = max_abs_diff(work / "ws-ties-fast", work / f"mk-{method}")
+            print(f"{'ties':<16}{'ws --fast-ties':<12}{fast.seconds:>8.2f}{fast.peak_rss_bytes / 1e9:>13.2f}   "
+                  f"speed-up {mk.seconds / fast.seconds:.2f}x, max |diff| {fdiff:.2e} at {fwhere or '-'} "
+                  "(ties in |delta| at the density cut broken by index, not by mergekit's sort)", flush=True)
+            shutil.rmtree(work / "ws-ties-fast", ignore_errors=True)
         shutil.rmtree(work / f"mk-{method}", ignore_errors=True)
         shutil.rmtree(work / f"ws-{method}", ignore_errors=True)
 

@@ -51,7 +51,8 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
-                           seed=args.seed, collect_norms=False, threads=args.threads or None)
+                           seed=args.seed, collect_norms=False, threads=args.threads or None,
+                           exact_ties=not args.fast_ties)
     except KeyboardInterrupt:
         cancel.set()
         raise
@@ -83,4 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: merging is memory-bound, and a second thread on a busy "
                         "machine costs more than it gives; 0 keeps torch's default)")
+    p.add_argument("--fast-ties", action="store_true",
+                   help="TIES/breadcrumbs: break exact ties in |delta| at the density cut by index (linear time) "
+                        "instead of reproducing mergekit's sort order (identical output, slower)")
     p.set_defaults(func=_merge)

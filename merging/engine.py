@@ -103,7 +103,7 @@ class _TensorPlan:
 def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", progress: Progress | None = None,
               cancel: threading.Event | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               overwrite: bool = False, seed: int | None = None, collect_norms: bool = True,
-              threads: int | None = None) -> MergeResult:
+              threads: int | None = None, exact_ties: bool = True) -> MergeResult:
     """Run ``recipe`` and write the merged model to ``out_dir``.
 
     Args:
@@ -120,6 +120,9 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
             The work is memory-bound; on a shared machine one thread is much faster
             than two fighting for cores, so the CLI defaults to 1. This sets a
             process-wide torch setting: leave it None in a multi-user server.
+        exact_ties: when equal magnitudes straddle a TIES/breadcrumbs density cut, keep the
+            ones mergekit's sort keeps (identical output, but an O(n log n) sort of that
+            tensor); False takes them in index order (linear time, same number kept).
 
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`MergeCancelled` when cancelled.
@@ -130,7 +133,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         try:
             return run_merge(recipe, out_dir, device=device, progress=progress, cancel=cancel,
                              max_shard_bytes=max_shard_bytes, overwrite=overwrite, seed=seed,
-                             collect_norms=collect_norms, threads=None)
+                             collect_norms=collect_norms, threads=None, exact_ties=exact_ties)
         finally:
             torch.set_num_threads(previous)
     started = time.perf_counter()
@@ -167,7 +170,8 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
                 if plan.out_name in skip:
                     _report(progress, i + 1, total_steps, plan.out_name)
                     continue
-                merged, base = _merge_one(plan, method, recipe, dev, seed, norms, loader, want_task_sum=auto)
+                merged, base = _merge_one(plan, method, recipe, dev, seed, norms, loader, want_task_sum=auto,
+                                          exact_ties=exact_ties)
                 if not merged.is_floating_point():  # integer buffers are copied, never scaled
                     writer.add(plan.out_name, merged)
                     direct.add(i)
@@ -549,7 +553,8 @@ def _resolve_params(method: MergeMethod, plan: _TensorPlan) -> tuple[dict[str, A
 
 
 def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev: torch.device, seed: int | None,
-               norms: "_NormTracker", loader: _Loader, *, want_task_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               norms: "_NormTracker", loader: _Loader, *, want_task_sum: bool,
+               exact_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
     tensors = [_load(inp, recipe, dev, loader) for inp in plan.inputs]
     first = base if base is not None else tensors[0]
@@ -559,7 +564,7 @@ def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev:
     shared, per_model = _resolve_params(method, plan)
     norms.last_task_sum_l1 = 0.0
     ctx = TensorContext(plan.out_name, seed=seed or 0, device=dev,
-                        new_tensor=loader.empty if dev.type == "cpu" else None)
+                        new_tensor=loader.empty if dev.type == "cpu" else None, exact_ties=exact_ties)
     if base is not None and (norms.enabled or want_task_sum):
         if method.observes:
             if norms.enabled:

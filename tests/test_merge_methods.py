@@ -300,6 +300,12 @@ def test_sparsify_matches_a_full_sort():
             ref2 = torch.zeros(n, dtype=torch.bool)
             ref2[torch.argsort(v.abs())[lo:hi]] = True
             assert torch.equal(rank_range_mask(v.abs(), lo, hi), ref2)
+    # index-order ties (--fast-ties): same count, differs from the sort only among equal values
+    v = (torch.randn(200_000, generator=g) * 30).round().abs()
+    fast = rank_range_mask(v, 0, 50_000, descending=True, exact_ties=False)
+    exact = rank_range_mask(v, 0, 50_000, descending=True)
+    assert int(fast.sum()) == int(exact.sum()) == 50_000
+    assert v[fast ^ exact].unique().numel() <= 1 and (v[fast] >= v[~fast].max()).all()
     t = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05])
     # n=5, keep int(0.4·5)=2, drop int(0.2·5)=1 outlier (-5.0) and the 2 smallest
     assert torch.equal(magnitude_outliers(t.clone(), density=0.4, gamma=0.2), torch.tensor([0.0, 0, 0.2, 3.0, 0]))

@@ -90,6 +90,8 @@ class TensorContext:
     observe_task_sum: Callable[[torch.Tensor], None] | None = None
     # Scratch float32 tensors for a method's output (the engine's reusable buffers).
     new_tensor: Callable[[torch.Size], torch.Tensor] | None = None
+    # Reproduce mergekit's sort order among tied magnitudes at a density cut (see sparsify).
+    exact_ties: bool = True
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:

@@ -58,14 +58,17 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     return select(values, rank)[0]
 
 
-def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool = False) -> torch.Tensor:
+def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool = False,
+                    exact_ties: bool = True) -> torch.Tensor:
     """Boolean mask of the entries of ``values`` at positions ``[lo, hi)`` of its sorted order.
 
     The order is what mergekit uses: ``torch.argsort(values.reshape(-1), descending=...)``.
     When no group of equal values straddles a cut the selection is found by
     order statistics (linear time); when one does, which of the equal values
     the sort puts first is an artefact of its algorithm, so the same
-    ``torch.argsort`` call is made to reproduce it exactly.
+    ``torch.argsort`` call is made to reproduce it exactly. With ``exact_ties=False``
+    tied entries are taken in index order instead (linear time, same count kept,
+    differs from mergekit only at those ties).
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -80,16 +83,32 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool 
     if alo > 0:
         a, below, equal = select(flat, alo)
         if below < alo < below + equal:
-            return _by_sort(flat, lo, hi, descending).reshape(values.shape)
-        mask = flat >= a
+            if exact_ties:
+                return _by_sort(flat, lo, hi, descending).reshape(values.shape)
+            mask = flat > a
+            _keep_ties(flat, mask, a, alo - below, from_end=True)
+        else:
+            mask = flat >= a
     if ahi < n:
         b, below, equal = select(flat, ahi - 1)
         if below < ahi < below + equal:
-            return _by_sort(flat, lo, hi, descending).reshape(values.shape)
-        upper = flat <= b
+            if exact_ties:
+                return _by_sort(flat, lo, hi, descending).reshape(values.shape)
+            upper = flat < b
+            _keep_ties(flat, upper, b, ahi - below, from_end=False)
+        else:
+            upper = flat <= b
         mask = upper if mask is None else mask.logical_and_(upper)
     assert mask is not None
     return mask.reshape(values.shape)
+
+
+def _keep_ties(flat: torch.Tensor, mask: torch.Tensor, cut: torch.Tensor, skip_or_take: int, *, from_end: bool) -> None:
+    """Add to ``mask`` the entries equal to ``cut``: all but the first ``skip_or_take`` (by index)
+    when ``from_end``, else only the first ``skip_or_take``."""
+    equal = (flat == cut).nonzero().reshape(-1)
+    chosen = equal[skip_or_take:] if from_end else equal[:skip_or_take]
+    mask[chosen] = True
 
 
 def _by_sort(flat: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
@@ -111,7 +130,7 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float
     return masked.mul_(before / after)
 
 
-def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False, exact_ties: bool = True) -> torch.Tensor:
     """Keep the ``max(1, int(density·n))`` entries of largest magnitude (in place)."""
     if density >= 1:
         return tensor
@@ -119,11 +138,12 @@ def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False) ->
     if density <= 0 or n == 0:
         return tensor.zero_()
     k = max(1, int(density * n))
-    mask = rank_range_mask(tensor.abs(), 0, k, descending=True)
+    mask = rank_range_mask(tensor.abs(), 0, k, descending=True, exact_ties=exact_ties)
     return rescaled(tensor, mask, rescale)
 
 
-def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, *, rescale: bool = False,
+                       exact_ties: bool = True) -> torch.Tensor:
     """Breadcrumbs: drop the ``int(gamma·n)`` largest and the smallest, keeping ``int(density·n)`` (in place)."""
     if density >= 1:
         return tensor
@@ -131,7 +151,7 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, *, re
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    mask = rank_range_mask(tensor.abs(), bottom, bottom + keep)
+    mask = rank_range_mask(tensor.abs(), bottom, bottom + keep, exact_ties=exact_ties)
     return rescaled(tensor, mask, rescale)
 
 

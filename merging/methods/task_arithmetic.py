@@ -66,9 +66,10 @@ _CHUNK = 1 << 22
 def _sparsify(delta: torch.Tensor, method: Sparsifier, p: dict[str, Any], rescale: bool, ctx: TensorContext) -> torch.Tensor:
     density = float(p.get("density", 1.0))
     if method == "magnitude":
-        return sparsify.magnitude(delta, density, rescale=rescale)
+        return sparsify.magnitude(delta, density, rescale=rescale, exact_ties=ctx.exact_ties)
     if method == "magnitude_outliers":
-        return sparsify.magnitude_outliers(delta, density, float(p.get("gamma", 0.01)), rescale=rescale)
+        return sparsify.magnitude_outliers(delta, density, float(p.get("gamma", 0.01)), rescale=rescale,
+                                           exact_ties=ctx.exact_ties)
     if method == "random":
         return sparsify.bernoulli(delta, density, ctx.generator(), rescale=rescale)
     if method == "della_magprune":
