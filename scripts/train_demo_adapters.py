@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         samples = [{"prompt": q, "before": b, "after": a} for q, b, a in zip(HELD_OUT, held_before, held_after)]
         out = save_adapter(peft_model, name, args.out, samples, args, len(data))
         size = (out / "adapter_model.safetensors").stat().st_size
+        if size > 5 * 10**6:  # the repo ships these files: keep each under 5 MB
+            raise SystemExit(f"{name}: adapter is {size / 1e6:.1f} MB, over the 5 MB budget (lower --rank)")
         print(f"== {name}: {out} ({size / 1e6:.2f} MB)")
         for s in samples:
             print(f"  prompt: {s['prompt']}\n    before: {s['before']!r}\n    after:  {s['after']!r}")
