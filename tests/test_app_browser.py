@@ -126,7 +126,7 @@ def test_adapter_upload_in_the_adapters_tab(served, tmp_path, tiny_llama_family)
             browser.close()
 
 
-def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
+def make_screenshots(out_dir: Path, *, port: int = 7870, only_models: bool = False) -> list[Path]:
     """Drive the real app on the demo model through every tab and save one screenshot per tab."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -155,6 +155,23 @@ def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
                 path = out_dir / f"{name}.png"
                 page.screenshot(path=str(path), full_page=True)
                 saved.append(path)
+
+            t = tab("Models")
+            from merging.adapters import demo_adapters
+
+            caps = demo_adapters().get("caps")
+            if caps is not None:  # an upload, so the workspace table shows an item
+                t.locator("input[type=file][multiple]").first.set_input_files(
+                    [str(caps / "adapter_config.json"), str(caps / "adapter_model.safetensors")])
+                page.wait_for_timeout(2_000)
+                t.get_by_label("Name").fill("my-caps-adapter")
+                t.get_by_role("button", name="Import").click()
+                expect(t.get_by_text("Imported")).to_be_visible(timeout=60_000)
+            t.get_by_role("button", name="Inspect").click()
+            expect(t.get_by_text("134,515,008")).to_be_visible(timeout=60_000)
+            shot("models")
+            if only_models:
+                return saved
 
             t = tab("Adapters")
             t.get_by_label("merged model").check()
@@ -204,12 +221,6 @@ def make_screenshots(out_dir: Path, *, port: int = 7870) -> list[Path]:
             page.wait_for_timeout(15_000)
             shot("export")
 
-            t = tab("Models")
-            t.get_by_role("button", name="Inspect").click()
-            expect(t.get_by_text("134,515,008")).to_be_visible(timeout=60_000)
-            t.get_by_role("button", name="Refresh").click()
-            expect(t.get_by_text("ws:caps-pirate-lines").first).to_be_visible(timeout=30_000)
-            shot("models")
             browser.close()
     finally:
         demo.close()
@@ -220,5 +231,7 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.INFO)
-    for path in make_screenshots(Path(sys.argv[1] if len(sys.argv) > 1 else "assets/screenshots")):
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    for path in make_screenshots(Path(args[0] if args else "assets/screenshots"),
+                                 only_models="--models-only" in sys.argv):
         print(path)
