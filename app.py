@@ -1213,7 +1213,7 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
                     add_btn = gr.Button("Add ▾", scale=0, min_width=90)
                 up_files = gr.File(file_count="multiple", file_types=[".json", ".safetensors", ".zip"],
                                    label="…or upload a PEFT adapter (adapter_config.json + "
-                                         "adapter_model.safetensors, or a zip)", height=120)
+                                         "adapter_model.safetensors, or a zip)", height=170)
                 up_msg = gr.Markdown()
                 table = gr.Dataframe(value={"headers": ["adapter", "weight"],
                                             "data": [[r, "0.5"] for r in demo_refs[:2]] or [["", ""]]},
