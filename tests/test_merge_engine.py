@@ -174,3 +174,12 @@ models:
     assert front["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
     assert front["base_model_relation"] == "merge"
     assert "lm_head.weight" not in load(tmp_path / "out")
+
+
+def test_check_recipe_reads_headers_only(tmp_path, tiny_llama_family):
+    from merging.engine import check_recipe
+
+    f = tiny_llama_family
+    summary = check_recipe(ties_recipe(f["base"], [f["ft1"], f["ft2"]]))
+    assert summary["architecture"] == "llama" and summary["blocks"] == 4 and summary["tensors"] > 30
+    assert list(tmp_path.iterdir()) == []
