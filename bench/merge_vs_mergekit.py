@@ -13,8 +13,11 @@ Cases:
 * ``--equivalence``: every deterministic method on tiny random llamas
   (linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp,
   model_stock, passthrough with slices, gradients and filters), max |Δ| each;
-* ``--big``: a synthetic ~1B-parameter llama (random bf16 weights) plus 2 fine-tunes,
+* ``--big``: a synthetic 1.03B-parameter llama (random bf16 weights) plus 2 others,
   Weightsmith only, to show peak memory follows the largest tensor, not the model.
+
+``ties`` is also timed with ``--fast-ties`` (ties in |τ| at the density cut broken
+by index instead of by mergekit's sort order), with its max |Δ| to mergekit.
 
 Usage::
 
@@ -278,13 +281,13 @@ def big_case(work: Path) -> None:
     """~1B-parameter llama, bf16 random weights: Weightsmith's peak RSS against the model size."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
     root = work / "big"
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (32000, 2048), "model.norm.weight": (2048,),
                                           "lm_head.weight": (32000, 2048)}
     h, i, kv = 2048, 5632, 2048 * 8 // 32
-    for layer in range(16):
+    for layer in range(20):
         p = f"model.layers.{layer}."
         shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
@@ -337,16 +340,17 @@ def main() -> None:
     ap.add_argument("--equivalence", action="store_true", help="also compare every deterministic method on tiny models")
     ap.add_argument("--only-equivalence", action="store_true", help="only the tiny-model comparison")
     ap.add_argument("--big", action="store_true", help="also the synthetic 1B bf16 memory case (slow)")
+    ap.add_argument("--only-big", action="store_true", help="only the synthetic 1B memory case")
     ap.add_argument("--workdir", type=Path, default=None, help="keep fixtures here (default: a temp folder)")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ws-merge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        if not args.only_equivalence:
+        if not (args.only_equivalence or args.only_big):
             speed_case(work, not args.no_mergekit)
         if args.equivalence or args.only_equivalence:
             equivalence(work)
-        if args.big:
+        if args.big or args.only_big:
             big_case(work)
     finally:
         if args.workdir is None:

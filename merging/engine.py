@@ -497,7 +497,7 @@ class _Loader:
         else:
             nbytes = end - begin
             if self._raw is None or self._raw.numel() < nbytes:
-                self._raw = torch.empty(max(nbytes, self.capacity * 4), dtype=torch.uint8)
+                self._raw = torch.empty(max(nbytes, self.capacity * meta.dtype.itemsize), dtype=torch.uint8)
             target = self._raw[:nbytes].view(meta.dtype).view(meta.shape)
         if end > begin:
             view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
