@@ -44,9 +44,8 @@ def _merge(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, name: str) -> None:
         if bar.total != total:
             bar.total = total
-        bar.n = done
         bar.set_postfix_str(name[-40:], refresh=False)
-        bar.refresh()
+        bar.update(done - bar.n)  # redraws at most every mininterval
 
     try:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
