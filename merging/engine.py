@@ -157,21 +157,25 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
 
     changed = 0
     alpha: float | None = None
-    loader = _Loader(capacity=max((_numel(p) for p in plans), default=0))
-    with ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
+    capacity = max((_numel(p) for p in plans), default=0)
+    loader = _Loader(capacity=capacity)
+    with _Prefetcher(plans, skip, recipe, dev, capacity) as prefetch, ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
                        header_reserve=_header_bound(plans, skip)) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
         try:
             sum_l1 = merged_l1 = 0.0
             direct: set[int] = set()
+            prefetch.start_after(-1)
             for i, plan in enumerate(plans):
                 _check_cancel(cancel)
-                loader.reset()  # the previous tensor is written: its buffers are free
                 if plan.out_name in skip:
                     _report(progress, i + 1, total_steps, plan.out_name)
                     continue
-                merged, base = _merge_one(plan, method, recipe, dev, seed, norms, loader, want_task_sum=auto,
-                                          exact_ties=exact_ties)
+                inputs, buffers = prefetch.take(i)
+                prefetch.start_after(i)  # read the next tensor while this one is merged and written
+                merged, base = _merge_one(plan, method, recipe, dev, seed, norms, buffers, want_task_sum=auto,
+                                          exact_ties=exact_ties, inputs=inputs)
+                del inputs
                 if not merged.is_floating_point():  # integer buffers are copied, never scaled
                     writer.add(plan.out_name, merged)
                     direct.add(i)
@@ -470,7 +474,9 @@ class _Loader:
         if numel > self.capacity:
             return torch.empty(shape, dtype=torch.float32)
         if self._used == len(self._slots):
-            self._slots.append(torch.empty(self.capacity, dtype=torch.float32))
+            self._slots.append(torch.empty(numel, dtype=torch.float32))
+        elif self._slots[self._used].numel() < numel:
+            self._slots[self._used] = torch.empty(numel, dtype=torch.float32)  # grow: slots hold the largest seen
         slot = self._slots[self._used]
         self._used += 1
         return slot[:numel].view(shape)
@@ -552,11 +558,56 @@ def _resolve_params(method: MergeMethod, plan: _TensorPlan) -> tuple[dict[str, A
     return shared, per_model
 
 
+def _read_inputs(plan: _TensorPlan, recipe: MergeRecipe, dev: torch.device,
+                 loader: _Loader) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
+    return base, [_load(inp, recipe, dev, loader) for inp in plan.inputs]
+
+
+class _Prefetcher:
+    """Reads the next tensor's inputs on one background thread while the current one is
+    merged and written (file reads and torch release the GIL). Two buffer pools take
+    turns, so the thread never writes into memory still in use."""
+
+    def __init__(self, plans: list[_TensorPlan], skip: list[str], recipe: MergeRecipe, dev: torch.device,
+                 capacity: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.plans, self.skip, self.recipe, self.dev = plans, set(skip), recipe, dev
+        self.loaders = [_Loader(capacity), _Loader(capacity)]
+        self.turn = 0
+        self.pending: dict[int, tuple[Any, _Loader]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+
+    def __enter__(self) -> "_Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future, _ in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+    def start_after(self, i: int) -> None:
+        j = i + 1
+        while j < len(self.plans) and self.plans[j].out_name in self.skip:
+            j += 1
+        if j < len(self.plans) and j not in self.pending:
+            loader = self.loaders[self.turn]
+            self.turn ^= 1
+            loader.reset()
+            self.pending[j] = (self.pool.submit(_read_inputs, self.plans[j], self.recipe, self.dev, loader), loader)
+
+    def take(self, i: int) -> tuple[tuple[torch.Tensor | None, list[torch.Tensor]], _Loader]:
+        future, loader = self.pending.pop(i)
+        return future.result(), loader
+
+
 def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev: torch.device, seed: int | None,
                norms: "_NormTracker", loader: _Loader, *, want_task_sum: bool,
-               exact_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
-    tensors = [_load(inp, recipe, dev, loader) for inp in plan.inputs]
+               exact_ties: bool = True,
+               inputs: tuple[torch.Tensor | None, list[torch.Tensor]] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    base, tensors = inputs if inputs is not None else _read_inputs(plan, recipe, dev, loader)
     first = base if base is not None else tensors[0]
     if not first.is_floating_point():
         # Integer buffers (position ids...) are not merged: keep the base's (or first model's).
