@@ -165,7 +165,6 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         try:
             sum_l1 = merged_l1 = 0.0
             direct: set[int] = set()
-            prefetch.start_after(-1)
             for i, plan in enumerate(plans):
                 _check_cancel(cancel)
                 if plan.out_name in skip:
@@ -566,16 +565,21 @@ def _read_inputs(plan: _TensorPlan, recipe: MergeRecipe, dev: torch.device,
 
 class _Prefetcher:
     """Reads the next tensor's inputs on one background thread while the current one is
-    merged and written (file reads and torch release the GIL). Two buffer pools take
-    turns, so the thread never writes into memory still in use."""
+    merged and written (file reads and torch release the GIL).
+
+    Two buffer pools take turns, so the thread never writes into memory still in
+    use. A read-ahead that would hold two large tensors at once (together more than
+    the largest one) is skipped, so peak memory stays at one large tensor's inputs.
+    """
 
     def __init__(self, plans: list[_TensorPlan], skip: list[str], recipe: MergeRecipe, dev: torch.device,
                  capacity: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.plans, self.skip, self.recipe, self.dev = plans, set(skip), recipe, dev
+        self.capacity = capacity
         self.loaders = [_Loader(capacity), _Loader(capacity)]
-        self.turn = 0
+        self.last = self.loaders[0]  # the pool of the tensor being merged
         self.pending: dict[int, tuple[Any, _Loader]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
 
@@ -591,15 +595,22 @@ class _Prefetcher:
         j = i + 1
         while j < len(self.plans) and self.plans[j].out_name in self.skip:
             j += 1
-        if j < len(self.plans) and j not in self.pending:
-            loader = self.loaders[self.turn]
-            self.turn ^= 1
-            loader.reset()
-            self.pending[j] = (self.pool.submit(_read_inputs, self.plans[j], self.recipe, self.dev, loader), loader)
+        if i < 0 or j >= len(self.plans) or j in self.pending:
+            return
+        if _numel(self.plans[i]) + _numel(self.plans[j]) > self.capacity:
+            return  # two large tensors at once: read j when it is its turn instead
+        loader = self.loaders[1] if self.last is self.loaders[0] else self.loaders[0]
+        loader.reset()
+        self.pending[j] = (self.pool.submit(_read_inputs, self.plans[j], self.recipe, self.dev, loader), loader)
 
     def take(self, i: int) -> tuple[tuple[torch.Tensor | None, list[torch.Tensor]], _Loader]:
-        future, loader = self.pending.pop(i)
-        return future.result(), loader
+        if i in self.pending:
+            future, loader = self.pending.pop(i)
+            self.last = loader
+            return future.result(), loader
+        # Not read ahead: the previous tensor is written, so its pool is free.
+        self.last.reset()
+        return _read_inputs(self.plans[i], self.recipe, self.dev, self.last), self.last
 
 
 def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev: torch.device, seed: int | None,
