@@ -56,7 +56,11 @@ def main() -> int:
     ap.add_argument("--clamp", type=float, default=None)
     ap.add_argument("--kl", type=float, default=None)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 is far steadier when other processes share the cores)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cf, wiki = DATA / "counterfact" / "dev-1000.json", DATA / "wikitext-2-raw" / "wiki.test.raw"
     if not cf.is_file() or not wiki.is_file():

@@ -26,7 +26,10 @@ def main() -> int:
     ap.add_argument("--kind", default="hidden")
     ap.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
     ap.add_argument("--subject", default="Eiffel Tower")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = resolve("demo")
     model, tok = ckpt.load_model(), ckpt.load_tokenizer()
     n = len(tok(args.prompt)["input_ids"])
