@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--v-steps", type=int, default=None)
     ap.add_argument("--clamp", type=float, default=None)
     ap.add_argument("--kl", type=float, default=None)
+    ap.add_argument("--wd", type=float, default=None)
+    ap.add_argument("--early-stop", type=float, default=None)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 is far steadier when other processes share the cores)")
@@ -72,7 +74,8 @@ def main() -> int:
     layer = args.layer if args.layer is not None else default_layer(spec.model_type, ckpt.num_layers)
     hp = RomeHyperParams()
     for field_, value in (("v_prompts", args.v_prompts), ("v_lr", args.v_lr), ("v_steps", args.v_steps),
-                          ("clamp_norm_factor", args.clamp), ("kl_factor", args.kl)):
+                          ("clamp_norm_factor", args.clamp), ("kl_factor", args.kl),
+                          ("v_weight_decay", args.wd), ("early_stop_loss", args.early_stop)):
         if value is not None:
             hp = replace(hp, **{field_: value})
     records = load_records(cf)[args.offset: args.offset + args.n]
