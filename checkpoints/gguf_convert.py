@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import WeightsmithError
+from .staging import staged_folder
 from .home import weightsmith_home
 
 log = logging.getLogger(__name__)
@@ -57,15 +55,8 @@ def convert_gguf(gguf: Path, *, cache_root: Path | None = None, out_dir: Path | 
         raise WeightsmithError(f"{gguf.name}: converted weights do not match the config (missing {missing[:3]})")
     clean.tie_weights()
     clean.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    # overwrite: a half-converted leftover (no weights) is replaced, never trusted
+    with staged_folder(target, overwrite=True) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import WeightsmithError
+from .staging import new_staging_dir, publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +302,7 @@ class ShardedWriter:
         self.skip = set(skip)
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
-        if self.out_dir.exists() and not overwrite:
-            raise WeightsmithError(f"{self.out_dir} already exists (choose another folder or allow overwrite)")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.tmp = new_staging_dir(self.out_dir, overwrite=overwrite)
         self._shards: list[tuple[Path, list[str]]] = []
         self._current: _OpenShard | None = None
         self._names: set[str] = set()
@@ -420,13 +417,7 @@ class ShardedWriter:
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        if self.out_dir.exists():  # overwrite=True: swap atomically, then drop the old folder
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-            os.replace(self.out_dir, old / "x")
-            os.replace(self.tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out_dir)
+        publish_folder(self.tmp, self.out_dir)
         self._done = True
         log.info("wrote %d tensors in %d shard(s) to %s", len(weight_map), n, self.out_dir)
         return self.out_dir

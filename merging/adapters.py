@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +43,7 @@ import yaml
 from checkpoints.arch import ArchSpec
 from checkpoints.cards import CardInfo, write_card
 from checkpoints.errors import WeightsmithError
+from checkpoints.staging import staged_folder
 from checkpoints.sources import LocalCheckpoint, download_from_hub, public_name, resolve
 from checkpoints.tensors import ShardedWriter, load_pickle_state_dict, read_safetensors_header
 from merging.lines import LinesConfig, auto_alpha, lines_scale
@@ -863,26 +861,12 @@ def write_adapter_folder(out_dir: Path, config: dict[str, Any], state: Mapping[s
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise WeightsmithError(f"{out_dir} already exists (choose another folder)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if card is not None:
             write_card(tmp, card)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote adapter (%d tensors) to %s", len(state), out_dir)
     return out_dir
 

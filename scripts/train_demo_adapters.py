@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from checkpoints.cards import CardInfo, write_card  # noqa: E402
 from checkpoints.demo import DEMO_NAME  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
+from checkpoints.staging import staged_folder  # noqa: E402
 
 log = logging.getLogger("train_demo_adapters")
 
@@ -183,9 +182,8 @@ def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], arg
 
 def save_adapter(model, name: str, out_root: Path, samples: list[dict], args, data_size: int) -> Path:
     """Write ``out_root/name`` atomically: adapter weights, config naming the public base, a card."""
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_root))
-    try:
+    final = out_root / name
+    with staged_folder(final, overwrite=True) as tmp:
         model.save_pretrained(tmp, selected_adapters=[name])
         saved = tmp / name if (tmp / name / "adapter_config.json").exists() else tmp
         if saved != tmp:  # PEFT puts a non-default adapter in a subfolder
@@ -212,17 +210,6 @@ def save_adapter(model, name: str, out_root: Path, samples: list[dict], args, da
                      "questions, rewritten by string rules."),
             extra_sections={"Held-out samples (greedy, chat template)": "\n".join(rows)},
         ))
-        final = out_root / name
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out_root))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
