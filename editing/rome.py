@@ -65,6 +65,19 @@ def default_layer(model_type: str, num_layers: int) -> int:
     return max(0, min(num_layers - 1, round(frac * (num_layers - 1))))
 
 
+def plausible_layers(model_type: str, num_layers: int) -> range:
+    """Layers where a ROME edit of a fact is plausible: the early-middle MLPs.
+
+    Every published choice (GPT-2 medium/XL 8/17, GPT-J 5, Llama-7B 5) and our
+    SmolLM2 traces lie between 8% and 45% of the depth; always includes
+    :func:`default_layer`.
+    """
+    lo = max(1, round(0.08 * num_layers)) if num_layers > 2 else 0
+    hi = max(lo + 1, round(0.45 * num_layers) + 1)
+    d = default_layer(model_type, num_layers)
+    return range(min(lo, d), min(num_layers, max(hi, d + 1)))
+
+
 @dataclass
 class RomeHyperParams:
     """ROME settings; defaults tuned on SmolLM2-135M from the authors' table (GPT-2/GPT-J/Llama)."""

@@ -69,9 +69,43 @@ class TraceResult:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def suggest_layer(self) -> int:
-        """The layer whose restoration at the subject's last token recovers the answer most."""
-        return int(self.scores[self.subject_range[1] - 1].argmax())
+    def effect_profile(self) -> torch.Tensor:
+        """Indirect effect per layer (``[layers]``, in units of high − low) that :meth:`suggest_layer` ranks.
+
+        ROME reads its key at the subject's last token, so for MLP/attention
+        traces that token's row is the paper's criterion. When that row is
+        flat (less than a quarter of the strongest subject-token effect: the
+        recall happens at an earlier subject token, as with " Tower" vs
+        "iffel" on SmolLM2), and for hidden-state traces (whose subject rows
+        fall with depth as the information moves on), the per-layer maximum
+        over the subject tokens is used instead.
+        """
+        a, b = self.subject_range
+        span = max(self.high_score - self.low_score, 1e-12)
+        effect = ((self.scores[a:b] - self.low_score) / span).clamp(min=0.0)
+        best_any = effect.max(dim=0).values
+        last = effect[-1]
+        if self.kind != "hidden" and float(last.max()) >= 0.25 * float(best_any.max()) and float(last.max()) > 0:
+            return last
+        return best_any
+
+    def suggest_layer(self, layers: range | None = None) -> int:
+        """The layer to edit: argmax of :meth:`effect_profile` within ``layers``.
+
+        ``layers`` defaults to the plausible ROME range for this depth
+        (:func:`editing.rome.plausible_layers`: early-middle MLPs); a trace
+        with no effect anywhere in it (the model does not know the fact)
+        returns the range's default layer.
+        """
+        from .rome import default_layer, plausible_layers
+
+        L = self.scores.shape[1]
+        model_type = self.extra.get("model_type", "")
+        rng = layers if layers is not None else plausible_layers(model_type, L)
+        prof = self.effect_profile()[rng.start:rng.stop]
+        if prof.numel() == 0 or float(prof.max()) <= 0:
+            return default_layer(model_type, L)
+        return rng.start + int(prof.argmax())
 
     def to_dict(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "subject": self.subject, "kind": self.kind, "answer": self.answer,
@@ -193,7 +227,8 @@ def causal_trace(model, tokenizer, prompt: str, subject: str, *, kind: Kind = "h
             progress((layer + 1) / L, f"tracing layer {layer + 1}/{L}")
     tokens = [tokenizer.decode([int(t)]) for t in ids[0]]
     return TraceResult(text, subject, kind, scores, tokens, (first, last + 1), tokenizer.decode([answer_id]),
-                       answer_id, low, high, samples, noise, window, time.time() - t_start)
+                       answer_id, low, high, samples, noise, window, time.time() - t_start,
+                       extra={"model_type": spec.model_type})
 
 
 def _noise_rows(y: torch.Tensor, eps: torch.Tensor, sample_of_row: torch.Tensor, first: int, last: int) -> torch.Tensor:

@@ -89,3 +89,38 @@ def test_trace_bad_input(tiny_llama_dir):
         causal_trace(model, tok, PROMPT, "Louvre")
     with pytest.raises(WeightsmithError, match="unknown trace kind"):
         causal_trace(model, tok, PROMPT, "Eiffel Tower", kind="mlpx")  # type: ignore[arg-type]
+
+
+def _result(kind: str, scores: torch.Tensor, subject_range=(1, 3)) -> TraceResult:
+    return TraceResult("p", "s", kind, scores, ["t"] * scores.shape[0], subject_range, " a", 0, 0.1, 0.9, 3, 3.0, 10,
+                       extra={"model_type": "llama"})
+
+
+def test_suggest_layer_rules():
+    from editing.rome import default_layer, plausible_layers
+
+    T, L = 5, 30
+    rng = plausible_layers("llama", L)
+    assert rng == range(2, 15) and default_layer("llama", L) in rng
+    low = torch.full((T, L), 0.1)
+    # MLP trace with a clear peak at the subject's last token (row 2): that peak, as in the paper.
+    s = low.clone()
+    s[2, 7], s[1, 3] = 0.8, 0.5
+    assert _result("mlp", s).suggest_layer() == 7
+    # A flat last-token row (<1/4 of the strongest subject effect): the strongest subject token decides.
+    s = low.clone()
+    s[1, 4], s[2, 9] = 0.9, 0.2
+    assert _result("mlp", s).effect_profile()[4] == pytest.approx(1.0)
+    assert _result("mlp", s).suggest_layer() == 4
+    # Peaks outside the plausible range are ignored (here the last layers and layer 0)...
+    s = low.clone()
+    s[2, 27], s[2, 0], s[2, 6] = 0.9, 0.9, 0.5
+    assert _result("mlp", s).suggest_layer() == 6
+    assert _result("mlp", s).suggest_layer(range(0, L)) == 0
+    # ...hidden traces use the subject tokens' maximum (their rows fall with depth)...
+    s = low.clone()
+    s[1, :] = torch.linspace(0.9, 0.1, L)
+    s[1, 5] = 0.95
+    assert _result("hidden", s).suggest_layer() == 5
+    # ...and no effect at all falls back to the default layer.
+    assert _result("mlp", low.clone()).suggest_layer() == default_layer("llama", L)
