@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--kl", type=float, default=None)
     ap.add_argument("--wd", type=float, default=None)
     ap.add_argument("--early-stop", type=float, default=None)
+    ap.add_argument("--ridges", default="",
+                    help="comma-separated extra mom2 ridges scored on the same k*, v* (e.g. 0.01,0.1)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 is far steadier when other processes share the cores)")
@@ -107,12 +109,16 @@ def main() -> int:
     name = spec.module("mlp_out", layer)
     param = get_module(model, name).weight
     orig = param.detach().clone()
+    ridges = [float(x) for x in args.ridges.split(",") if x.strip()]
     per_c: dict[str, list] = {k: [] for k in Cs}
+    per_c.update({f"wikitext_ridge{r:g}": [] for r in ridges})
     seconds, steps = [], []
     for i, rec in enumerate(records):
         t0 = time.time()
         W, k, v, info = compute_key_value(model, tok, spec, rec.request(layer), layer=layer, prefixes=prefixes, hparams=hp)
         facs = {key: rank_one_update(W, k, v, C, ridge=hp.mom2_ridge) for key, C in Cs.items()}
+        for r in ridges:
+            facs[f"wikitext_ridge{r:g}"] = rank_one_update(W, k, v, Cs["wikitext"], ridge=r)
         seconds.append(time.time() - t0 - 0.0)
         steps.append(info["steps"])
         for key, (B, A) in facs.items():
@@ -141,6 +147,12 @@ def main() -> int:
         "seconds_per_edit<=10 (ratio)": round(report["seconds_per_edit_mean"] / 10, 2),
     }
     report["checks"] = checks
+    # Per record: which neighbourhood prompts an edit flipped (true answer lost) or fixed.
+    report["neighborhood_flips"] = [
+        {"subject": rec.subject, "target_new": rec.target_new, "unedited": b0.get("neighborhood"),
+         "edited": e0.get("neighborhood"), "magnitude_unedited": round(b0.get("neighborhood_magnitude", 0.0), 5),
+         "magnitude_edited": round(e0.get("neighborhood_magnitude", 0.0), 5)}
+        for rec, b0, e0 in zip(records, base, per_c["wikitext"]) if b0.get("neighborhood") != e0.get("neighborhood")]
     if "sampled" in per_c:
         report["neighborhood_sampled_minus_wikitext"] = round(
             report["edited_sampled_stats"]["neighborhood"] - w["neighborhood"], 4)
