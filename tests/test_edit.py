@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -285,30 +283,35 @@ def test_evaluate_formats(tiny_llama_dir, tmp_path):
         parse_record({"prompt": "x"})
 
 
-def test_cli_edit_and_eval(tiny_llama_dir, corpus_file, tmp_path):
-    env = {**__import__("os").environ, "WEIGHTSMITH_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "checkpoints.cli"]
+def test_cli_edit_and_eval(tiny_llama_dir, corpus_file, tmp_path, monkeypatch, capsys):
+    # In-process (cli.main is what the console script calls): three interpreter start-ups cost
+    # ~30 s of imports. Statistics go to a temp WEIGHTSMITH_HOME, never the user's cache.
+    from checkpoints.cli import main
+
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
     out = tmp_path / "adapter"
-    r = subprocess.run(cmd + ["edit", str(tiny_llama_dir), "--prompt", "The {} is located in the city of", "--subject",
-                              "Eiffel Tower", "--target", "Rome", "--out", str(out), "--as-adapter", "--layer", "1",
-                              "--stats-corpus", str(corpus_file)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
+    code = main(["edit", str(tiny_llama_dir), "--prompt", "The {} is located in the city of", "--subject",
+                 "Eiffel Tower", "--target", "Rome", "--out", str(out), "--as-adapter", "--layer", "1",
+                 "--stats-corpus", str(corpus_file)])
+    assert code == 0, capsys.readouterr().err
     assert (out / "adapter_model.safetensors").stat().st_size < 10_000
+    assert list((tmp_path / "home" / "stats").glob("*.safetensors"))  # the statistics landed in the temp home
     records = tmp_path / "recs.json"
     records.write_text(json.dumps([{"prompt": "The {} is located in the city of", "subject": "Eiffel Tower",
                                     "target_new": "Rome", "ground_truth": "Paris",
                                     "rephrase_prompt": "The Eiffel Tower is in", "locality_prompt": "Berlin is in",
                                     "locality_ground_truth": "Germany"}]))
-    r = subprocess.run(cmd + ["eval-edits", str(tiny_llama_dir), str(records), "--limit", "1", "--layer", "1",
-                              "--stats-corpus", str(corpus_file), "--json"], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    capsys.readouterr()
+    code = main(["eval-edits", str(tiny_llama_dir), str(records), "--limit", "1", "--layer", "1",
+                 "--stats-corpus", str(corpus_file), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
     assert set(result) >= {"n", "efficacy", "paraphrase", "neighborhood", "score", "seconds_per_edit", "baseline"}
     assert result["n"] == 1 and 0.0 <= result["efficacy"] <= 1.0 and result["baseline"]["n"] == 1
-    r = subprocess.run(cmd + ["edit", str(tiny_llama_dir), "--prompt", "The tower is in", "--subject", "Louvre",
-                              "--target", "Rome", "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "does not occur" in r.stderr and not (tmp_path / "x").exists()
+    code = main(["edit", str(tiny_llama_dir), "--prompt", "The tower is in", "--subject", "Louvre",
+                 "--target", "Rome", "--out", str(tmp_path / "x")])
+    assert code == 2 and "does not occur" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -321,12 +324,15 @@ def test_demo_edit_changes_generation(demo_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(demo_dir).eval()
     tok = AutoTokenizer.from_pretrained(demo_dir)
     wiki = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+    # Kept cheap: a small statistics corpus (a wikitext slice when present, else model-sampled text)
+    # in a temp cache (never the user's), and 4 five-token prefixes instead of 20 for k*.
     if wiki.is_file():
-        corpus, n = corpus_from_file(wiki), 20_000
+        corpus, n = corpus_from_file(wiki), 5_000
     else:
-        corpus, n = None, 6_000  # model-sampled text
+        corpus, n = None, 4_000  # model-sampled text
     s = EditSession(model, tok, stats=StatsCache(tmp_path / "stats"), corpus=corpus, stats_tokens=n,
-                    hparams=RomeHyperParams(mom2_ridge=0.0 if wiki.is_file() else 0.05))
+                    hparams=RomeHyperParams(mom2_ridge=0.0 if wiki.is_file() else 0.05,
+                                            prefix_lengths=((5, 4),)))
     prompt = "The Eiffel Tower is located in the city of"
 
     def greedy() -> str:
