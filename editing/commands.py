@@ -32,7 +32,7 @@ def _trace(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(f"answer {result.answer!r}: clean {result.high_score:.4f}, corrupted {result.low_score:.4f}; "
-          f"strongest layer at the subject's last token: {result.suggest_layer()} ({result.seconds:.1f} s)")
+          f"suggested edit layer: {result.suggest_layer()} ({result.seconds:.1f} s)")
     print(f"wrote {png} and {js}")
     return 0
 

@@ -93,7 +93,7 @@ class TraceResult:
         """The layer to edit: argmax of :meth:`effect_profile` within ``layers``.
 
         ``layers`` defaults to the plausible ROME range for this depth
-        (:func:`editing.rome.plausible_layers`: early-middle MLPs); a trace
+        (:func:`editing.rome.plausible_layers`: early-middle MLPs, 10-45% of the depth); a trace
         with no effect anywhere in it (the model does not know the fact)
         returns the range's default layer.
         """

@@ -101,7 +101,7 @@ def test_suggest_layer_rules():
 
     T, L = 5, 30
     rng = plausible_layers("llama", L)
-    assert rng == range(2, 15) and default_layer("llama", L) in rng
+    assert rng == range(3, 15) and default_layer("llama", L) in rng
     low = torch.full((T, L), 0.1)
     # MLP trace with a clear peak at the subject's last token (row 2): that peak, as in the paper.
     s = low.clone()
