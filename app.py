@@ -529,8 +529,9 @@ class Workbench:
         layer = result.suggest_layer()
         fig = plot_trace(result)
         md = (f"The model's answer: **{result.answer.strip()}** ({result.seconds:.1f} s, {result.samples} noise "
-              f"samples). Restoring the {result.kind} state at the subject's last token helps most at layer "
-              f"**{layer}**: set as the edit layer.")
+              f"samples). Suggested edit layer: **{layer}** (strongest {result.kind} effect at the subject's "
+              f"last token, or at its strongest token when that row is flat, within the layers ROME edits well); "
+              f"set as the edit layer.")
         return fig, md, layer
 
     @user_errors

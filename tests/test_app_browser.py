@@ -49,7 +49,7 @@ def served(tmp_path_factory, tiny_llama_family):
     root = tmp_path_factory.mktemp("browser-ws")
     cfg = app.AppConfig(workspace_root=root, named_models={
         "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"]),
-        "tiny-ft2": str(tiny_llama_family["ft2"])})
+        "tiny-ft2": str(tiny_llama_family["ft2"])}, stats_root=root / "stats")
     demo = app.build_app(config=cfg)
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_kwargs(cfg))
     try:
