@@ -529,7 +529,7 @@ class Workbench:
         layer = result.suggest_layer()
         fig = plot_trace(result)
         md = (f"The model's answer: **{result.answer.strip()}** ({result.seconds:.1f} s, {result.samples} noise "
-              f"samples). Suggested edit layer: **{layer}** (strongest {result.kind} effect at the subject's "
+              f"samples). Suggested edit layer **{layer}** (strongest {result.kind} effect at the subject's "
               f"last token, or at its strongest token when that row is flat, within the layers ROME edits well); "
               f"set as the edit layer.")
         return fig, md, layer
