@@ -177,8 +177,7 @@ def _from_folder(ref: str, folder: Path, kind: str, name: str, hub_id: str | Non
         if not pickles:
             raise
         files, ckind = pickles[:1], "pickle"
-    ckpt = LocalCheckpoint(ref, name, ckind, folder, files, config, hub_id=hub_id)
-    return ckpt
+    return LocalCheckpoint(ref, name, ckind, folder, files, config, hub_id=hub_id)
 
 
 def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool = True) -> LocalCheckpoint:

@@ -534,26 +534,32 @@ def _load(inp: _Input, recipe: MergeRecipe, dev: torch.device, loader: _Loader |
     return loader.get(inp, recipe.torch_dtype("dtype")).to(dev)
 
 
+def _param_value(p, scopes, tensor_name: str, t: float, missing: str, where: str) -> Any:
+    """One parameter's value for one tensor: the scoped setting, else its default (``missing`` if required)."""
+    value = resolve_setting(p.name, scopes, tensor_name, t, default=None)
+    if value is None:
+        if p.required:
+            raise WeightsmithError(missing)
+        value = p.default
+    return p.coerce(value, where) if value is not None else None
+
+
 def _resolve_params(method: MergeMethod, plan: _TensorPlan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    shared = {}
-    for p in method.shared_parameters:
-        value = resolve_setting(p.name, plan.shared_scopes, plan.out_name, plan.t, default=None)
-        if value is None:
-            if p.required:
-                raise WeightsmithError(f"{method.name} needs parameter {p.name} for tensor {plan.out_name}")
-            value = p.default
-        shared[p.name] = p.coerce(value, f"tensor {plan.out_name}") if value is not None else None
-    per_model = []
-    for inp in plan.inputs:
-        values = {}
-        for p in method.model_parameters:
-            value = resolve_setting(p.name, inp.scopes, inp.name, plan.t, default=None)
-            if value is None:
-                if p.required:
-                    raise WeightsmithError(f"model {inp.ckpt.name} has no {p.name} for tensor {plan.out_name}")
-                value = p.default
-            values[p.name] = p.coerce(value, f"model {inp.ckpt.name}, tensor {plan.out_name}") if value is not None else None
-        per_model.append(values)
+    shared = {
+        p.name: _param_value(p, plan.shared_scopes, plan.out_name, plan.t,
+                             f"{method.name} needs parameter {p.name} for tensor {plan.out_name}",
+                             f"tensor {plan.out_name}")
+        for p in method.shared_parameters
+    }
+    per_model = [
+        {
+            p.name: _param_value(p, inp.scopes, inp.name, plan.t,
+                                 f"model {inp.ckpt.name} has no {p.name} for tensor {plan.out_name}",
+                                 f"model {inp.ckpt.name}, tensor {plan.out_name}")
+            for p in method.model_parameters
+        }
+        for inp in plan.inputs
+    ]
     return shared, per_model
 
 
