@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--early-stop", type=float, default=None)
     ap.add_argument("--ridges", default="",
                     help="comma-separated extra mom2 ridges scored on the same k*, v* (e.g. 0.01,0.1)")
+    ap.add_argument("--compare-mean-key", action="store_true",
+                    help="also score ΔW made exact at the mean key k* (the paper's equation) on the same k*, v*")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 is far steadier when other processes share the cores)")
@@ -112,13 +114,20 @@ def main() -> int:
     ridges = [float(x) for x in args.ridges.split(",") if x.strip()]
     per_c: dict[str, list] = {k: [] for k in Cs}
     per_c.update({f"wikitext_ridge{r:g}": [] for r in ridges})
+    if args.compare_mean_key:
+        per_c["wikitext_at_mean_key"] = []
     seconds, steps = [], []
     for i, rec in enumerate(records):
         t0 = time.time()
-        W, k, v, info = compute_key_value(model, tok, spec, rec.request(layer), layer=layer, prefixes=prefixes, hparams=hp)
-        facs = {key: rank_one_update(W, k, v, C, ridge=hp.mom2_ridge) for key, C in Cs.items()}
+        kv = compute_key_value(model, tok, spec, rec.request(layer), layer=layer, prefixes=prefixes, hparams=hp)
+        info = kv.info
+        facs = {key: kv.update(C, ridge=hp.mom2_ridge) for key, C in Cs.items()}
         for r in ridges:
-            facs[f"wikitext_ridge{r:g}"] = rank_one_update(W, k, v, Cs["wikitext"], ridge=r)
+            facs[f"wikitext_ridge{r:g}"] = kv.update(Cs["wikitext"], ridge=r)
+        if args.compare_mean_key:
+            # Same k*, δ; ΔW exact at the mean key k* (the paper's equation) instead of the bare prompt's.
+            v_mean = kv.v - kv.W @ kv.at + kv.W @ kv.k_star
+            facs["wikitext_at_mean_key"] = rank_one_update(kv.W, kv.k_star, v_mean, Cs["wikitext"], ridge=hp.mom2_ridge)
         seconds.append(time.time() - t0 - 0.0)
         steps.append(info["steps"])
         for key, (B, A) in facs.items():

@@ -6,8 +6,12 @@
   addition to that module's output at the subject's last token, so that the
   model predicts the new target after every prefixed prompt, while a KL term
   on "{subject} is a" keeps what else the model says about the subject;
-* :func:`rank_one_update` — ΔW = (v* − W k*)(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*), in the
+* :func:`rank_one_update` — ΔW = (v* − W k)(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k), in the
   ``[out, in]`` view (GPT-2's Conv1D is converted by the architecture map).
+  The direction is always C⁻¹k* (k* the mean key); ``k`` is where the update is
+  made exact. The paper's equation takes k = k*; the authors' code takes the
+  bare prompt's own key, so the edited prompt gets exactly δ whatever its key's
+  angle to the mean (``RomeHyperParams.update_at``, default "prompt").
 
 Speed on a CPU comes from where the optimisation spends no work: δ only
 changes positions from the subject's last token on, so everything before it
@@ -99,6 +103,10 @@ class RomeHyperParams:
     v_prompts: int | None = 5
     seed: int = 0
     mom2_ridge: float = 0.0  # added to C's diagonal (relative to its mean diagonal); 0 = plain C⁻¹
+    # Where ΔW must reproduce v* exactly: "prompt" (the bare prompt's key, as the authors' code
+    # does) or "mean" (k*, the paper's equation). With "mean" the bare prompt only receives
+    # δ·(u·k)/(u·k*), which on SmolLM2 left 3 of 50 CounterFact edits short of the target.
+    update_at: str = "prompt"
 
 
 @dataclass
@@ -343,39 +351,59 @@ def _run_capturing(batch: SplitBatch, model, module: str) -> tuple[torch.Tensor,
 
 
 def rank_one_update(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, *,
-                    ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of ΔW = (v − W k)(C⁻¹k)ᵀ / ((C⁻¹k)ᵀ k) for ``W`` in ``[out, in]``.
+                    ridge: float = 0.0, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ΔW = (v − W a)(C⁻¹k)ᵀ / ((C⁻¹k)ᵀ a) for ``W`` in ``[out, in]``, with ``a = at`` (default ``k``).
 
-    Returns ``(B [out], A [in])`` in float32 with ΔW = outer(B, A) exactly,
-    so the rank-one LoRA export (B·A) is the same update. Solved in float64.
+    ``k`` sets the direction C⁻¹k; ``(W + ΔW) a = v`` holds exactly. Returns
+    ``(B [out], A [in])`` in float32 with ΔW = outer(B, A) exactly, so the
+    rank-one LoRA export (B·A) is the same update. Solved in float64.
     """
     C64 = C.double()
     if ridge:
         C64 = C64 + ridge * C64.diagonal().mean() * torch.eye(C64.shape[0], dtype=C64.dtype, device=C64.device)
     k64 = k.double()
+    a64 = k64 if at is None else at.double()
     u = torch.linalg.solve(C64, k64)
-    denom = float(u @ k64)
+    denom = float(u @ a64)
     if not math.isfinite(denom) or abs(denom) < 1e-20:
         raise WeightsmithError("the statistics matrix is singular for this key: use a larger statistics corpus")
-    resid = v.double() - W.double() @ k64
+    resid = v.double() - W.double() @ a64
     B = (resid / denom).float()
     A = u.float()
     return B, A
 
 
+@dataclass
+class KeyValue:
+    """What a ROME edit needs besides the statistics: ΔW = rank_one_update(W, k_star, v, C, at=at)."""
+
+    W: torch.Tensor  # [out, in], float32
+    k_star: torch.Tensor  # mean key over the bare and prefixed prompts
+    at: torch.Tensor  # key where the update is exact (bare prompt's key, or k_star)
+    v: torch.Tensor  # W·at + δ
+    info: dict[str, Any]
+
+    def update(self, C: torch.Tensor, *, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return rank_one_update(self.W, self.k_star, self.v, C.to(self.W.device), ridge=ridge, at=self.at)
+
+
 def compute_key_value(model, tokenizer, spec: ArchSpec, request: EditRequest, *, layer: int, prefixes: list[str],
-                      hparams: RomeHyperParams | None = None, progress: Progress | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """k* and v* of ``request`` at ``layer`` (they do not depend on the statistics); returns (W[out,in], k*, v*, info)."""
+                      hparams: RomeHyperParams | None = None, progress: Progress | None = None) -> KeyValue:
+    """k* and v* of ``request`` at ``layer`` (they do not depend on the statistics)."""
     hp = hparams or RomeHyperParams()
+    if hp.update_at not in ("prompt", "mean"):
+        raise WeightsmithError(f"update_at must be 'prompt' or 'mean', not {hp.update_at!r}")
     name = spec.module("mlp_out", layer)
     W = spec.as_out_in(get_module(model, name).weight.detach()).float()
     texts = prefixed(prefixes, request.text)
     seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject))
             for t in texts]
-    k_star = compute_keys(model, tokenizer, spec, layer, seqs).mean(0)
+    keys = compute_keys(model, tokenizer, spec, layer, seqs)
+    k_star = keys.mean(0)
+    at = keys[0] if hp.update_at == "prompt" else k_star  # texts[0] is the bare prompt
     delta, _v_init, info = compute_value(model, tokenizer, spec, request, layer, prefixes, hp, progress=progress)
-    return W, k_star, W @ k_star + delta, info
+    info["update_at"] = hp.update_at
+    return KeyValue(W, k_star, at, W @ at + delta, info)
 
 
 def compute_rome(model, tokenizer, spec: ArchSpec, request: EditRequest, C: torch.Tensor, *, layer: int,
@@ -384,9 +412,10 @@ def compute_rome(model, tokenizer, spec: ArchSpec, request: EditRequest, C: torc
     """Compute (do not apply) the ROME edit of ``request`` at ``layer`` with statistics ``C``."""
     hp = hparams or RomeHyperParams()
     t0 = time.time()
-    W, k_star, v_star, info = compute_key_value(model, tokenizer, spec, request, layer=layer, prefixes=prefixes,
-                                                hparams=hp, progress=progress)
-    B, A = rank_one_update(W, k_star, v_star, C.to(W.device), ridge=hp.mom2_ridge)
+    kv = compute_key_value(model, tokenizer, spec, request, layer=layer, prefixes=prefixes, hparams=hp,
+                           progress=progress)
+    B, A = kv.update(C, ridge=hp.mom2_ridge)
+    info = kv.info
     name = spec.module("mlp_out", layer)
     info.update({"seconds": round(time.time() - t0, 3), "layer": layer, "module": name})
     return RomeResult(layer, name, B, A, info)

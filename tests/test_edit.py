@@ -11,7 +11,7 @@ import torch
 from checkpoints.errors import WeightsmithError
 from editing.evaluate import evaluate_edit, load_records, parse_record, target_logprobs
 from editing.request import EditRequest, subject_span, target_ids
-from editing.rome import RomeHyperParams, SplitBatch
+from editing.rome import RomeHyperParams, SplitBatch, rank_one_update
 from editing.session import EditSession
 from editing.stats import StatsCache, corpus_from_file
 
@@ -111,6 +111,24 @@ def test_split_batch_equals_full_forward(tiny_llama_dir):
         for i, (r, s) in enumerate(zip(rows, split)):
             full = model.base_model(input_ids=torch.tensor([r])).last_hidden_state[0]
             torch.testing.assert_close(h[i, : len(r) - s], full[s:], atol=1e-5, rtol=1e-5)
+
+
+def test_rank_one_update_is_exact_at_the_chosen_key():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 5, generator=g)
+    X = torch.randn(50, 5, generator=g)
+    C = X.T @ X / 50
+    k_star, at, v = torch.randn(5, generator=g), torch.randn(5, generator=g), torch.randn(6, generator=g)
+    for where in (None, at):
+        B, A = rank_one_update(W, k_star, v, C, at=where)
+        a = k_star if where is None else at
+        dW = torch.outer(B, A)
+        torch.testing.assert_close((W + dW) @ a, v, atol=1e-5, rtol=1e-5)  # v reproduced exactly at that key
+        u = torch.linalg.solve(C.double(), k_star.double()).float()
+        torch.testing.assert_close(A, u)  # the direction is C⁻¹k* either way
+        assert (W @ a - v).abs().max() > 0.1  # non-vacuous: W alone does not give v
+    # The two choices differ unless the keys coincide.
+    assert not torch.allclose(rank_one_update(W, k_star, v, C)[0], rank_one_update(W, k_star, v, C, at=at)[0])
 
 
 def test_rank_one_and_target_rises(folder, corpus_file, stats):
