@@ -21,9 +21,16 @@ identical, not just equivalent.
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+
+import numpy as np
 import torch
 
 from checkpoints.errors import WeightsmithError
+
+log = logging.getLogger(__name__)
 
 # Below this size torch.kthvalue on the whole tensor is as fast as anything cleverer.
 _DIRECT_SELECT = 1 << 16
@@ -59,16 +66,17 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool = False,
-                    exact_ties: bool = True) -> torch.Tensor:
+                    exact_ties: bool = True, overwrite: bool = False) -> torch.Tensor:
     """Boolean mask of the entries of ``values`` at positions ``[lo, hi)`` of its sorted order.
 
     The order is what mergekit uses: ``torch.argsort(values.reshape(-1), descending=...)``.
     When no group of equal values straddles a cut the selection is found by
-    order statistics (linear time); when one does, which of the equal values
-    the sort puts first is an artefact of its algorithm, so the same
-    ``torch.argsort`` call is made to reproduce it exactly. With ``exact_ties=False``
-    tied entries are taken in index order instead (linear time, same count kept,
-    differs from mergekit only at those ties).
+    order statistics (linear time). When one does, which of the equal values
+    the sort puts first is an artefact of its algorithm; :func:`sorted_prefix_mask`
+    reproduces it exactly by replaying only the part of that sort that decides
+    the cut. With ``exact_ties=False`` tied entries are taken in index order
+    instead (same count kept, differs from mergekit only at those ties).
+    ``overwrite=True`` lets this function use ``values`` as scratch space.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -79,26 +87,40 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool 
         return torch.ones_like(flat, dtype=torch.bool).reshape(values.shape)
     # In ascending terms the selection is ranks [alo, ahi).
     alo, ahi = (n - hi, n - lo) if descending else (lo, hi)
+    # A cut is where the selection ends in the sort's own direction: prefix(hi) minus prefix(lo).
+    straddled: list[int] = []  # sort positions whose cut splits a group of equal values
     mask: torch.Tensor | None = None
     if alo > 0:
         a, below, equal = select(flat, alo)
         if below < alo < below + equal:
             if exact_ties:
-                return _by_sort(flat, lo, hi, descending).reshape(values.shape)
-            mask = flat > a
-            _keep_ties(flat, mask, a, alo - below, from_end=True)
+                straddled.append(hi if descending else lo)
+            else:
+                mask = flat > a
+                _keep_ties(flat, mask, a, alo - below, from_end=True)
         else:
             mask = flat >= a
+    upper: torch.Tensor | None = None
     if ahi < n:
         b, below, equal = select(flat, ahi - 1)
         if below < ahi < below + equal:
             if exact_ties:
-                return _by_sort(flat, lo, hi, descending).reshape(values.shape)
-            upper = flat < b
-            _keep_ties(flat, upper, b, ahi - below, from_end=False)
+                straddled.append(lo if descending else hi)
+            else:
+                upper = flat < b
+                _keep_ties(flat, upper, b, ahi - below, from_end=False)
         else:
             upper = flat <= b
+    if upper is not None:
         mask = upper if mask is None else mask.logical_and_(upper)
+    for position in straddled:
+        # positions [0, hi) of the sort are kept, positions [0, lo) are not
+        keep = position == hi
+        scratch = overwrite and position == straddled[-1]
+        prefix = _sort_prefix(flat, position, descending, overwrite=scratch)
+        if not keep:
+            prefix.logical_not_()
+        mask = prefix if mask is None else mask.logical_and_(prefix)
     assert mask is not None
     return mask.reshape(values.shape)
 
@@ -111,11 +133,208 @@ def _keep_ties(flat: torch.Tensor, mask: torch.Tensor, cut: torch.Tensor, skip_o
     mask[chosen] = True
 
 
-def _by_sort(flat: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
-    order = torch.argsort(flat, descending=descending)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[lo:hi]] = True
+def _sort_prefix(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool) -> torch.Tensor:
+    """Mask of the first ``k`` entries of ``torch.argsort(flat, descending=...)``."""
+    mask = sorted_prefix_mask(flat, k, descending=descending, overwrite=overwrite)
+    if mask is None:  # a case the replay does not model: make the sort itself
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.argsort(flat, descending=descending)[:k]] = True
     return mask
+
+
+# libstdc++'s std::sort (introsort) stops partitioning segments of this many
+# entries and leaves them to one final insertion sort (``_S_threshold``).
+_SEGMENT = 16
+
+
+def sorted_prefix_mask(values: torch.Tensor, k: int, *, descending: bool,
+                       overwrite: bool = False) -> torch.Tensor | None:
+    """Which entries land in positions ``[0, k)`` of ``torch.argsort(values.reshape(-1), descending=...)``
+    on the CPU: a 1-D boolean mask over ``values.reshape(-1)``, found in (expected) linear time;
+    ``None`` where the replay does not apply.
+
+    Why: TIES and breadcrumbs keep the ``k`` largest (smallest) magnitudes, and
+    mergekit picks them with ``torch.argsort``. When equal magnitudes straddle
+    the cut, which of them are kept is an artefact of that sort, which is not
+    stable: on the CPU it is ``std::sort`` (libstdc++ introsort, what the torch
+    wheels are built with) over (value, index) pairs, comparing values only
+    (``torch/aten/src/ATen/native/cpu/SortingKernel.cpp``). To give the same
+    tensors as mergekit we reproduce that choice rather than sort.
+
+    How: introsort partitions a range around a median-of-three pivot (Hoare
+    partition, unguarded) and recurses into both halves until segments hold at
+    most 16 entries, then runs one insertion sort over everything. No entry
+    crosses a partition boundary afterwards, and the insertion sort is stable and
+    never moves an entry past an equal one. So the set at positions ``[0, k)`` is
+    decided by the partitions on the path to position ``k`` alone (quickselect
+    style): the left part of each partition is entirely before ``k`` or the path
+    goes into it. Each partition is replayed exactly, vectorised: the left scan
+    stops at entries not ordered before the pivot (``L``), the right scan at
+    entries the pivot is not ordered before (``R``); pairs ``(L_i, R_i)`` are
+    swapped while ``L_i < R_i``, and the cut is ``min(L_m, R_{m-1})`` for the first
+    ``m`` where that fails. The last segment (≤ 16 entries) is sorted stably.
+
+    Returns ``None`` (the caller then sorts for real) when the values hold a NaN
+    or the path reaches introsort's depth limit (where it switches to heapsort).
+    ``values`` must be what the sort sees (float32 on the CPU, as mergekit casts).
+    ``overwrite=True`` reorders ``values`` in place (it becomes scratch space).
+    The replay is checked against ``torch.argsort`` in ``tests/test_merge_sort_order.py``.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or not _replay_verified(*_torch_build()):
+        return None
+    if math.isnan(float(flat.max())):  # max propagates NaN; NaNs sort first (descending) or last
+        return None
+    return _replay(flat, k, descending, overwrite=overwrite)
+
+
+def _replay(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool) -> torch.Tensor | None:
+    """The replay itself, for a 1-D CPU float32 tensor without NaN and 0 < k < n."""
+    n = flat.numel()
+    vals = flat.numpy() if overwrite else flat.numpy().copy()
+    mask = np.zeros(n, dtype=np.bool_)
+    itype = np.int32 if n < 2**31 else np.int64
+    # not before the pivot / pivot not before: the left and right scans' stop tests
+    stop_left, stop_right = (np.less_equal, np.greater_equal) if descending else (np.greater_equal, np.less_equal)
+    depth = _depth_limit(n)
+    idx = None  # flat index of each entry of ``vals``; None while the segment is the whole tensor
+    while True:
+        s = vals.shape[0]
+        if k <= 0:
+            break
+        if k >= s:
+            mask[idx if idx is not None else slice(0, s)] = True
+            break
+        if s <= _SEGMENT:
+            order = np.argsort(-vals if descending else vals, kind="stable")[:k]
+            mask[order if idx is None else idx[order]] = True
+            break
+        if depth == 0:
+            return None  # std::sort heap-sorts this range: not replayed
+        depth -= 1
+        med = _median_of_three(vals, s, descending)
+        vals[0], vals[med] = vals[med], vals[0]  # the pivot goes first
+        if idx is not None:
+            idx[0], idx[med] = idx[med], idx[0]
+        pivot = vals[0]
+        # Stoppers in [1, s): the pivot itself is outside the scanned range.
+        is_l = stop_left(vals, pivot)
+        is_l[0] = False
+        left = np.flatnonzero(is_l)
+        del is_l
+        is_r = stop_right(vals, pivot)
+        is_r[0] = False
+        right = np.flatnonzero(is_r)  # ascending; the scan meets them from the end
+        del is_r
+        n_l, n_r = left.shape[0], right.shape[0]
+        # Swapping rounds: left[i] < right[n_r - 1 - i]; left rises and right falls, so a prefix.
+        a, b = 0, min(n_l, n_r)
+        while a < b:
+            h = (a + b) // 2
+            if left[h] < right[n_r - 1 - h]:
+                a = h + 1
+            else:
+                b = h
+        swaps = a
+        cut = min(int(left[swaps]) if swaps < n_l else s, int(right[n_r - swaps]) if swaps > 0 else s)
+        ls = left[:swaps]  # ascending, paired with rs (descending)
+        rs_up = right[n_r - swaps:]
+        rs = rs_up[::-1]
+        del left, right
+        if k >= cut:
+            # [0, cut) all comes first: mark it, continue in [cut, s).
+            if idx is None:
+                mask[:cut] = True
+                if med >= cut:  # position 0 holds flat entry med, position med holds entry 0
+                    mask[0] = False
+                    mask[med] = True
+                mask[_level0(ls, med, itype)] = False
+                mask[_level0(rs_up, med, itype)] = True
+                idx = np.arange(cut, s, dtype=itype)
+                if med >= cut:
+                    idx[med - cut] = 0
+                idx[rs - cut] = _level0(ls, med, itype)
+            else:
+                mask[idx[:cut]] = True
+                mask[idx[ls]] = False
+                mask[idx[rs]] = True
+                idx[rs] = idx[ls]
+                idx = idx[cut:]
+            vals[rs] = vals[ls]
+            vals = vals[cut:]
+            k -= cut
+        else:
+            if idx is None:
+                idx = np.arange(cut, dtype=itype)
+                idx[0] = med
+                if med < cut:
+                    idx[med] = 0
+                idx[ls] = _level0(rs_up, med, itype)[::-1]
+            else:
+                idx[ls] = idx[rs]
+                idx = idx[:cut]
+            vals[ls] = vals[rs]
+            vals = vals[:cut]
+    return torch.from_numpy(mask)
+
+
+def _depth_limit(n: int) -> int:
+    """Partitions std::sort makes on one path before it heap-sorts the rest: 2·⌊log₂ n⌋."""
+    return 2 * (n.bit_length() - 1)
+
+
+def _torch_build() -> tuple[str, str]:
+    return torch.__version__, torch.backends.cpu.get_cpu_capability()
+
+
+@functools.lru_cache(maxsize=None)
+def _replay_verified(version: str, capability: str) -> bool:
+    """Whether this torch's CPU sort is the one :func:`sorted_prefix_mask` replays (keyed by the
+    build, which fixes the sort): a build with another algorithm (say x86-simd-sort) makes
+    every caller fall back to ``torch.argsort`` instead of giving different tensors."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, 30_011):
+        for v in ((torch.randn(n, generator=g) * 8).round().abs(), torch.randn(n, generator=g).abs()):
+            for descending in (True, False):
+                order = torch.argsort(v, descending=descending)
+                for k in (1, n // 3, n // 2, n - 1):
+                    ref = torch.zeros(n, dtype=torch.bool)
+                    ref[order[:k]] = True
+                    got = _replay(v, k, descending, overwrite=False)
+                    if got is None or not torch.equal(got, ref):
+                        log.warning("torch %s sorts differently from libstdc++ std::sort; "
+                                    "TIES ties are resolved with torch.argsort", version)
+                        return False
+    return True
+
+
+def _median_of_three(vals, s: int, descending: bool) -> int:
+    """Where std::__move_median_to_first finds its pivot among positions 1, s//2 and s−1."""
+    a, b, c = vals[1], vals[s // 2], vals[s - 1]
+    if descending:
+        ab, bc, ac = a > b, b > c, a > c
+    else:
+        ab, bc, ac = a < b, b < c, a < c
+    if ab:
+        return s // 2 if bc else (s - 1 if ac else 1)
+    if ac:
+        return 1
+    return s - 1 if bc else s // 2
+
+
+def _level0(pos, med: int, itype):
+    """Flat indices of the ascending positions ``pos`` (never 0) after the first pivot swap,
+    which put flat entry 0 at position ``med``."""
+    out = pos.astype(itype)
+    i = int(np.searchsorted(pos, med))
+    if i < pos.shape[0] and pos[i] == med:
+        out[i] = 0
+    return out
 
 
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -138,7 +357,7 @@ def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False, ex
     if density <= 0 or n == 0:
         return tensor.zero_()
     k = max(1, int(density * n))
-    mask = rank_range_mask(tensor.abs(), 0, k, descending=True, exact_ties=exact_ties)
+    mask = rank_range_mask(tensor.abs(), 0, k, descending=True, exact_ties=exact_ties, overwrite=True)
     return rescaled(tensor, mask, rescale)
 
 
@@ -151,7 +370,7 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, *, re
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    mask = rank_range_mask(tensor.abs(), bottom, bottom + keep, exact_ties=exact_ties)
+    mask = rank_range_mask(tensor.abs(), bottom, bottom + keep, exact_ties=exact_ties, overwrite=True)
     return rescaled(tensor, mask, rescale)
 
 
