@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import re
 import shutil
 import struct
@@ -159,7 +160,9 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     alpha: float | None = None
     capacity = max((_numel(p) for p in plans), default=0)
     loader = _Loader(capacity=capacity)
-    with _Prefetcher(plans, skip, recipe, dev, capacity) as prefetch, ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
+    # Methods that only read their inputs get mapped views of the files (no read copy).
+    mapped = dev.type == "cpu" and method.reads_inputs_only
+    with _Prefetcher(plans, skip, recipe, dev, capacity, mapped=mapped) as prefetch, ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
                        header_reserve=_header_bound(plans, skip)) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
         try:
@@ -457,8 +460,9 @@ class _Loader:
     Pickled checkpoints go through the normal reader.
     """
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, *, mapped: bool = False) -> None:
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self.mapped = mapped  # hand out read-only inputs as mapped views (see get)
         self.capacity = capacity  # elements of the largest tensor
         self._slots: list[torch.Tensor] = []
         self._used = 0
@@ -488,7 +492,13 @@ class _Loader:
         return self._headers[path]
 
     def get(self, inp: _Input, compute_dtype: torch.dtype | None) -> torch.Tensor:
-        """The tensor as float32 (rounded through ``compute_dtype`` first, as mergekit reads it)."""
+        """The tensor as float32 (rounded through ``compute_dtype`` first, as mergekit reads it).
+
+        With ``mapped`` a float32 tensor that needs no conversion comes back as a
+        copy-on-write view of the file's pages (no copy at all; the method must only
+        read it, or pay a page copy per write); others are converted straight from
+        the mapped bytes into a pool buffer.
+        """
         reader = inp.ckpt.reader()
         meta = reader.meta(inp.name)
         if inp.ckpt.kind == "pickle" or meta.file.suffix != ".safetensors" or not meta.dtype.is_floating_point:
@@ -496,6 +506,13 @@ class _Loader:
         start, header = self._header(meta.file)
         begin, end = header[inp.name]["data_offsets"]
         direct = meta.dtype == torch.float32 and compute_dtype in (None, torch.float32)
+        raw = _map(meta.file, start + begin, end - begin, meta.dtype, meta.shape)
+        if raw is not None:
+            if direct and self.mapped:
+                return raw
+            out = self.empty(meta.shape)
+            rounded = compute_dtype in (None, torch.float32, meta.dtype)
+            return out.copy_(raw if rounded else raw.to(compute_dtype))  # copy_ converts to float32
         out = self.empty(meta.shape)
         if direct:
             target = out
@@ -518,6 +535,26 @@ class _Loader:
             rounded = compute_dtype in (None, torch.float32, meta.dtype)
             out.copy_(target if rounded else target.to(compute_dtype))  # copy_ converts to float32
         return out
+
+
+def _map(path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A copy-on-write (MAP_PRIVATE) view of ``nbytes`` at ``offset`` in ``path``, or None when
+    the bytes are not aligned for ``dtype`` or empty (the caller then reads them).
+
+    Reading mapped page-cache pages costs a minor fault per 16 pages (the kernel maps
+    neighbours around a fault), several times less than copying them with ``read``.
+    The mapping lives as long as the tensor; writing to it copies the touched pages
+    and never reaches the file.
+    """
+    if nbytes <= 0 or offset % dtype.itemsize:
+        return None
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), nbytes + offset - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    except (OSError, ValueError):
+        return None
+    return torch.frombuffer(m, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - aligned).view(shape)
 
 
 def _to_compute(t: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
@@ -579,12 +616,12 @@ class _Prefetcher:
     """
 
     def __init__(self, plans: list[_TensorPlan], skip: list[str], recipe: MergeRecipe, dev: torch.device,
-                 capacity: int) -> None:
+                 capacity: int, *, mapped: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.plans, self.skip, self.recipe, self.dev = plans, set(skip), recipe, dev
         self.capacity = capacity
-        self.loaders = [_Loader(capacity), _Loader(capacity)]
+        self.loaders = [_Loader(capacity, mapped=mapped), _Loader(capacity, mapped=mapped)]
         self.last = self.loaders[0]  # the pool of the tensor being merged
         self.pending: dict[int, tuple[Any, _Loader]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")

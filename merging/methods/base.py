@@ -134,6 +134,9 @@ class MergeMethod:
     # True when ``func`` reports each raw task vector through ``ctx.observe_delta``
     # and Σ τ after sparsification through ``ctx.observe_task_sum``.
     observes: bool = False
+    # True when ``func`` never writes into its input tensors (``base`` and ``tensors``) nor
+    # returns one of them; the engine may then hand it copy-on-write views of the files.
+    reads_inputs_only: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.parameters:

@@ -103,8 +103,10 @@ def generalized_task_arithmetic(base: torch.Tensor | None, tensors: list[torch.T
     task_sum: torch.Tensor | None = None
     deltas: list[torch.Tensor] = []
     for i, t in enumerate(tensors):
-        delta = t.sub_(base)  # the input is ours: reuse its memory for τᵢ
+        # τᵢ in a scratch buffer: the inputs stay untouched (they may be mapped file pages).
+        delta = torch.sub(t, base, out=ctx.empty_like(base))
         tensors[i] = None  # type: ignore[call-overload]  # drop our reference as we go
+        del t
         if ctx.observe_delta is not None:
             ctx.observe_delta(i, delta)
         delta = _sparsify(delta, sparsifier, per_model[i], bool(params["rescale"]), ctx)
@@ -185,7 +187,7 @@ def _entry(name, label, url, sparsifier, consensus, normalize, rescale, descript
         name=name, label=label, paper_url=url, func=_family(sparsifier, consensus),
         parameters=_params(normalize=normalize, rescale=rescale, sparsifier=sparsifier),
         needs_base="required", deterministic=sparsifier not in ("random", "della_magprune"),
-        description=description, observes=True,
+        description=description, observes=True, reads_inputs_only=True,
     )
 
 
