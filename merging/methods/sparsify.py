@@ -38,8 +38,20 @@ _DIRECT_SELECT = 1 << 16
 
 def select(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int, int]:
     """The value at 0-based ascending ``rank`` of 1-D ``values``, with how many entries
-    are smaller than it and how many equal it (to see whether a cut splits a group of ties)."""
+    are smaller than it and how many equal it (to see whether a cut splits a group of ties).
+
+    On the CPU this is ``numpy.partition`` (introselect, SIMD where numpy has it: about
+    1 ns an entry here, ten times less than bracketing and ``torch.kthvalue``) and two counts.
+    """
     n = values.numel()
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and 0 <= rank < n:
+        part = np.partition(values.reshape(-1).numpy(), rank)
+        v = part[rank]
+        if not np.isnan(v):
+            # Entries before ``rank`` are <= v, entries after it >= v.
+            below = int(np.count_nonzero(part[:rank] < v))
+            equal = rank - below + 1 + int(np.count_nonzero(part[rank + 1:] == v))
+            return torch.from_numpy(np.array(v)), below, equal
     if n > _DIRECT_SELECT:
         # Bracket the answer with a strided sample, then select among the few
         # entries inside the bracket. A bad bracket only costs the fallback below.
