@@ -100,13 +100,13 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool 
     # In ascending terms the selection is ranks [alo, ahi).
     alo, ahi = (n - hi, n - lo) if descending else (lo, hi)
     # A cut is where the selection ends in the sort's own direction: prefix(hi) minus prefix(lo).
-    straddled: list[int] = []  # sort positions whose cut splits a group of equal values
+    straddled: list[tuple[int, torch.Tensor]] = []  # sort positions whose cut splits equal values, and the value
     mask: torch.Tensor | None = None
     if alo > 0:
         a, below, equal = select(flat, alo)
         if below < alo < below + equal:
             if exact_ties:
-                straddled.append(hi if descending else lo)
+                straddled.append((hi if descending else lo, a))
             else:
                 mask = flat > a
                 _keep_ties(flat, mask, a, alo - below, from_end=True)
@@ -117,7 +117,7 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool 
         b, below, equal = select(flat, ahi - 1)
         if below < ahi < below + equal:
             if exact_ties:
-                straddled.append(lo if descending else hi)
+                straddled.append((lo if descending else hi, b))
             else:
                 upper = flat < b
                 _keep_ties(flat, upper, b, ahi - below, from_end=False)
@@ -125,11 +125,11 @@ def rank_range_mask(values: torch.Tensor, lo: int, hi: int, *, descending: bool 
             upper = flat <= b
     if upper is not None:
         mask = upper if mask is None else mask.logical_and_(upper)
-    for position in straddled:
+    for position, tie in straddled:
         # positions [0, hi) of the sort are kept, positions [0, lo) are not
         keep = position == hi
-        scratch = overwrite and position == straddled[-1]
-        prefix = _sort_prefix(flat, position, descending, overwrite=scratch)
+        scratch = overwrite and position == straddled[-1][0]
+        prefix = _sort_prefix(flat, position, descending, overwrite=scratch, tie_value=tie)
         if not keep:
             prefix.logical_not_()
         mask = prefix if mask is None else mask.logical_and_(prefix)
@@ -145,9 +145,10 @@ def _keep_ties(flat: torch.Tensor, mask: torch.Tensor, cut: torch.Tensor, skip_o
     mask[chosen] = True
 
 
-def _sort_prefix(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool) -> torch.Tensor:
+def _sort_prefix(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool,
+                 tie_value: torch.Tensor | None = None) -> torch.Tensor:
     """Mask of the first ``k`` entries of ``torch.argsort(flat, descending=...)``."""
-    mask = sorted_prefix_mask(flat, k, descending=descending, overwrite=overwrite)
+    mask = sorted_prefix_mask(flat, k, descending=descending, overwrite=overwrite, tie_value=tie_value)
     if mask is None:  # a case the replay does not model: make the sort itself
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.argsort(flat, descending=descending)[:k]] = True
@@ -159,8 +160,8 @@ def _sort_prefix(flat: torch.Tensor, k: int, descending: bool, *, overwrite: boo
 _SEGMENT = 16
 
 
-def sorted_prefix_mask(values: torch.Tensor, k: int, *, descending: bool,
-                       overwrite: bool = False) -> torch.Tensor | None:
+def sorted_prefix_mask(values: torch.Tensor, k: int, *, descending: bool, overwrite: bool = False,
+                       tie_value: float | torch.Tensor | None = None) -> torch.Tensor | None:
     """Which entries land in positions ``[0, k)`` of ``torch.argsort(values.reshape(-1), descending=...)``
     on the CPU: a 1-D boolean mask over ``values.reshape(-1)``, found in (expected) linear time;
     ``None`` where the replay does not apply.
@@ -185,6 +186,10 @@ def sorted_prefix_mask(values: torch.Tensor, k: int, *, descending: bool,
     entries the pivot is not ordered before (``R``); pairs ``(L_i, R_i)`` are
     swapped while ``L_i < R_i``, and the cut is ``min(L_m, R_{m-1})`` for the first
     ``m`` where that fails. The last segment (≤ 16 entries) is sorted stably.
+    Entries ordered strictly before (after) the value at position ``k − 1`` are in
+    (out) whatever the sort does, so only the entries equal to it are followed by
+    flat index; when no tie straddles the cut the values alone decide (no replay).
+    ``tie_value`` is that value when the caller already knows a tie straddles.
 
     Returns ``None`` (the caller then sorts for real) when the values hold a NaN
     or the path reaches introsort's depth limit (where it switches to heapsort).
@@ -202,37 +207,47 @@ def sorted_prefix_mask(values: torch.Tensor, k: int, *, descending: bool,
         return None
     if math.isnan(float(flat.max())):  # max propagates NaN; NaNs sort first (descending) or last
         return None
-    return _replay(flat, k, descending, overwrite=overwrite)
+    return _prefix(flat, k, descending, overwrite=overwrite, tie_value=tie_value)
 
 
-def _replay(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool) -> torch.Tensor | None:
-    """The replay itself, for a 1-D CPU float32 tensor without NaN and 0 < k < n."""
+def _prefix(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool,
+            tie_value: float | torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`sorted_prefix_mask` for a 1-D CPU float32 tensor without NaN and 0 < k < n."""
     n = flat.numel()
+    if tie_value is None:
+        v, below, equal = select(flat, n - k if descending else k - 1)  # the value at sort position k − 1
+        before = n - below - equal if descending else below  # entries the sort puts before any v
+        if k == before + equal:  # no tie straddles the cut: the values alone decide
+            return flat >= v if descending else flat <= v
+        tie_value = v
+    tie = np.float32(float(tie_value))
+    # Entries ordered strictly before the tied value are in, strictly after it out; only the
+    # ties are open. Their flat indices are followed through the partitions (everything
+    # else is only needed for where the partitions cut).
+    mask = flat > float(tie) if descending else flat < float(tie)  # before ``flat`` may become scratch
     vals = flat.numpy() if overwrite else flat.numpy().copy()
-    mask = np.zeros(n, dtype=np.bool_)
-    itype = np.int32 if n < 2**31 else np.int64
+    pos = np.flatnonzero(vals == tie)  # where each open tie sits in the current segment
+    orig = pos.copy()  # and its flat index
+    chosen: list[np.ndarray] = []
     # not before the pivot / pivot not before: the left and right scans' stop tests
     stop_left, stop_right = (np.less_equal, np.greater_equal) if descending else (np.greater_equal, np.less_equal)
     depth = _depth_limit(n)
-    idx = None  # flat index of each entry of ``vals``; None while the segment is the whole tensor
-    while True:
+    while pos.shape[0] and k > 0:
         s = vals.shape[0]
-        if k <= 0:
-            break
         if k >= s:
-            mask[idx if idx is not None else slice(0, s)] = True
+            chosen.append(orig)
             break
         if s <= _SEGMENT:
             order = np.argsort(-vals if descending else vals, kind="stable")[:k]
-            mask[order if idx is None else idx[order]] = True
+            chosen.append(orig[np.isin(pos, order)])
             break
         if depth == 0:
             return None  # std::sort heap-sorts this range: not replayed
         depth -= 1
         med = _median_of_three(vals, s, descending)
         vals[0], vals[med] = vals[med], vals[0]  # the pivot goes first
-        if idx is not None:
-            idx[0], idx[med] = idx[med], idx[0]
+        at0, atmed = pos == 0, pos == med
+        pos[at0], pos[atmed] = med, 0
         pivot = vals[0]
         # Stoppers in [1, s): the pivot itself is outside the scanned range.
         is_l = stop_left(vals, pivot)
@@ -254,45 +269,33 @@ def _replay(flat: torch.Tensor, k: int, descending: bool, *, overwrite: bool) ->
                 b = h
         swaps = a
         cut = min(int(left[swaps]) if swaps < n_l else s, int(right[n_r - swaps]) if swaps > 0 else s)
-        ls = left[:swaps]  # ascending, paired with rs (descending)
+        ls = left[:swaps]  # ascending; ls[i] swaps with rs_up[swaps - 1 - i]
         rs_up = right[n_r - swaps:]
-        rs = rs_up[::-1]
         del left, right
-        if k >= cut:
-            # [0, cut) all comes first: mark it, continue in [cut, s).
-            if idx is None:
-                mask[:cut] = True
-                if med >= cut:  # position 0 holds flat entry med, position med holds entry 0
-                    mask[0] = False
-                    mask[med] = True
-                mask[_level0(ls, med, itype)] = False
-                mask[_level0(rs_up, med, itype)] = True
-                idx = np.arange(cut, s, dtype=itype)
-                if med >= cut:
-                    idx[med - cut] = 0
-                idx[rs - cut] = _level0(ls, med, itype)
-            else:
-                mask[idx[:cut]] = True
-                mask[idx[ls]] = False
-                mask[idx[rs]] = True
-                idx[rs] = idx[ls]
-                idx = idx[cut:]
-            vals[rs] = vals[ls]
+        if swaps:
+            i = np.searchsorted(ls, pos)
+            from_l = ls[np.minimum(i, swaps - 1)] == pos
+            j = np.searchsorted(rs_up, pos)
+            from_r = rs_up[np.minimum(j, swaps - 1)] == pos
+            moved = pos.copy()
+            moved[from_l] = rs_up[swaps - 1 - i[from_l]]
+            moved[from_r] = ls[swaps - 1 - j[from_r]]
+            pos = moved
+        if k >= cut:  # [0, cut) all comes first: its ties are in; go on in [cut, s)
+            vals[rs_up] = vals[ls[::-1]]
             vals = vals[cut:]
+            inside = pos < cut
+            chosen.append(orig[inside])
+            pos, orig = pos[~inside] - cut, orig[~inside]
             k -= cut
-        else:
-            if idx is None:
-                idx = np.arange(cut, dtype=itype)
-                idx[0] = med
-                if med < cut:
-                    idx[med] = 0
-                idx[ls] = _level0(rs_up, med, itype)[::-1]
-            else:
-                idx[ls] = idx[rs]
-                idx = idx[:cut]
-            vals[ls] = vals[rs]
+        else:  # go on in [0, cut); the ties in [cut, s) are out
+            vals[ls] = vals[rs_up[::-1]]
             vals = vals[:cut]
-    return torch.from_numpy(mask)
+            inside = pos < cut
+            pos, orig = pos[inside], orig[inside]
+    if chosen:
+        mask[torch.from_numpy(np.concatenate(chosen))] = True
+    return mask
 
 
 def _depth_limit(n: int) -> int:
@@ -317,7 +320,7 @@ def _replay_verified(version: str, capability: str) -> bool:
                 for k in (1, n // 3, n // 2, n - 1):
                     ref = torch.zeros(n, dtype=torch.bool)
                     ref[order[:k]] = True
-                    got = _replay(v, k, descending, overwrite=False)
+                    got = _prefix(v, k, descending, overwrite=False)
                     if got is None or not torch.equal(got, ref):
                         log.warning("torch %s sorts differently from libstdc++ std::sort; "
                                     "TIES ties are resolved with torch.argsort", version)
@@ -337,16 +340,6 @@ def _median_of_three(vals, s: int, descending: bool) -> int:
     if ac:
         return 1
     return s - 1 if bc else s // 2
-
-
-def _level0(pos, med: int, itype):
-    """Flat indices of the ascending positions ``pos`` (never 0) after the first pivot swap,
-    which put flat entry 0 at position ``med``."""
-    out = pos.astype(itype)
-    i = int(np.searchsorted(pos, med))
-    if i < pos.shape[0] and pos[i] == med:
-        out[i] = 0
-    return out
 
 
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
