@@ -121,6 +121,15 @@ def max_abs_diff(a: Path, b: Path) -> tuple[float, str, list[str]]:
 # Fixtures
 # ---------------------------------------------------------------------------
 
+def _load() -> str:
+    """The 1/5/15-minute load averages (other work on the machine skews wall times)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def make_finetunes(base: Path, root: Path, n: int, scale: float = 0.003) -> list[Path]:
     """``n`` synthetic fine-tunes of ``base``: every tensor plus seeded Gaussian noise (float32)."""
     from checkpoints.tensors import CheckpointReader, SUPPORT_FILES
@@ -171,6 +180,8 @@ def speed_case(work: Path, use_mergekit: bool) -> None:
             while h.read(64 << 20):
                 pass
     print("\n== demo model (135M, float32): base + 3 fine-tunes ==")
+    print(f"weightsmith: CLI defaults (--threads 1, exact ties); mergekit: its defaults "
+          f"(torch uses {torch.get_num_threads()} threads here); {_load()}")
     print(f"{'method':<16}{'tool':<12}{'wall s':>8}{'peak RSS GB':>13}")
     for method in ("task_arithmetic", "ties"):
         recipe = work / f"{method}.yml"
@@ -201,6 +212,7 @@ def speed_case(work: Path, use_mergekit: bool) -> None:
             shutil.rmtree(work / "ws-ties-fast", ignore_errors=True)
         shutil.rmtree(work / f"mk-{method}", ignore_errors=True)
         shutil.rmtree(work / f"ws-{method}", ignore_errors=True)
+    print(_load())
 
 
 def _tiny_family(root: Path) -> dict[str, Path]:
