@@ -84,6 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads (default 1: merging is memory-bound, and a second thread on a busy "
                         "machine costs more than it gives; 0 keeps torch's default)")
     p.add_argument("--fast-ties", action="store_true",
-                   help="TIES/breadcrumbs: break exact ties in |delta| at the density cut by index (linear time) "
-                        "instead of reproducing mergekit's sort order (identical output, slower)")
+                   help="TIES/breadcrumbs: break exact ties in |delta| at the density cut by index instead of "
+                        "reproducing mergekit's sort order (the default, identical output)")
     p.set_defaults(func=_merge)

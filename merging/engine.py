@@ -122,8 +122,9 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
             than two fighting for cores, so the CLI defaults to 1. This sets a
             process-wide torch setting: leave it None in a multi-user server.
         exact_ties: when equal magnitudes straddle a TIES/breadcrumbs density cut, keep the
-            ones mergekit's sort keeps (identical output, but an O(n log n) sort of that
-            tensor); False takes them in index order (linear time, same number kept).
+            ones mergekit's sort keeps (identical output; found by replaying the part of
+            torch's sort that decides the cut, see ``sparsify.sorted_prefix_mask``); False
+            takes them in index order (same number kept, differs from mergekit at those ties).
 
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`MergeCancelled` when cancelled.
