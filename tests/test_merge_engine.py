@@ -183,3 +183,53 @@ def test_check_recipe_reads_headers_only(tmp_path, tiny_llama_family):
     summary = check_recipe(ties_recipe(f["base"], [f["ft1"], f["ft2"]]))
     assert summary["architecture"] == "llama" and summary["blocks"] == 4 and summary["tensors"] > 30
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file with tensors packed in the given order (no alignment padding between them)."""
+    import struct
+
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors:
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(blobs))
+
+
+def test_loader_mapped_views_unaligned_and_rounded(tmp_path, tiny_llama_family):
+    """Inputs read as mapped views, by plain reads when a tensor's bytes are not aligned, and
+    rounded through the recipe dtype all give the stored values; writing to a mapped view
+    never reaches the file."""
+    import shutil
+
+    from checkpoints.sources import resolve
+    from merging.engine import _Input, _Loader
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    want = CheckpointReader.from_folder(tiny_llama_family["ft1"]).get(name)
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    shutil.copy2(tiny_llama_family["ft1"] / "config.json", folder / "config.json")
+    odd = torch.arange(3, dtype=torch.bfloat16)  # 6 bytes: the float32 tensors after it sit 2 bytes off
+    _write_safetensors(folder / "model.safetensors",
+                       [("aligned", want), ("odd", odd), (name, want), ("half", want.to(torch.bfloat16))])
+    before = (folder / "model.safetensors").read_bytes()
+    ck = resolve(str(folder))
+    start, header = _Loader()._header(folder / "model.safetensors")
+    assert (start + header["aligned"]["data_offsets"][0]) % 4 == 0  # mapped
+    assert (start + header[name]["data_offsets"][0]) % 4 == 2  # read: a float32 view there is not allowed
+    for mapped in (False, True):
+        loader = _Loader(capacity=want.numel(), mapped=mapped)
+        for stored in ("aligned", name):
+            got = loader.get(_Input(ck, stored, []), None)
+            assert torch.equal(got, want), (mapped, stored)
+            got.add_(1.0)  # the method owns its inputs: this must not reach the file
+            rounded = loader.get(_Input(ck, stored, []), torch.bfloat16)
+            assert torch.equal(rounded, want.to(torch.bfloat16).float()) and not torch.equal(rounded, want)
+        assert torch.equal(loader.get(_Input(ck, "half", []), None), want.to(torch.bfloat16).float())
+    assert (folder / "model.safetensors").read_bytes() == before
