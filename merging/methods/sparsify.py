@@ -10,13 +10,14 @@
 ``rescale`` multiplies the kept values so the L1 norm is unchanged (mergekit's
 ``rescale`` is an L1-norm match, not PEFT's 1/density).
 
-Why not ``torch.argsort``: mergekit sorts every tensor (O(n log n), 4 s for a
+Why not ``torch.argsort``: mergekit sorts every tensor (O(n log n), 2-4 s for a
 28M-entry embedding here). A rank range only needs two order statistics, which
-:func:`select` finds by bracketing them with a small sample and selecting
-inside the bracket: a few linear passes. Only when equal values straddle a cut
-(common in bf16, where many |τ| coincide) does the sort decide which are kept;
-then the same ``torch.argsort`` call as mergekit's is made, so the result is
-identical, not just equivalent.
+:func:`select` finds in linear time. Only when equal values straddle a cut
+(common: float32 rounding of θ − θ_base and bf16 both make many |τ| coincide)
+does the sort decide which of them are kept; :func:`sorted_prefix_mask` then
+replays the part of torch's sort that decides it, so the result is identical to
+mergekit's, not just equivalent (``torch.argsort`` itself only where the replay
+does not apply).
 """
 
 from __future__ import annotations
