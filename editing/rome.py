@@ -53,7 +53,7 @@ DEFAULT_LAYER: dict[tuple[str, int], int] = {
     # SmolLM2-135M(-Instruct): the mean MLP indirect effect (window 10) at the subject's last token
     # peaks at layers 4-5 (0.203/0.207, bench/trace_layers.py, 6 known facts); on 25 CounterFact
     # records layers 3/4/5/6 give ES/PS/NS 1.00/0.84/0.64, 1.00/0.96/0.64, 1.00/0.92/0.64,
-    # 1.00/0.92/0.64 (bench/rome_counterfact.py): 4 has the best paraphrase score.
+    # 1.00/0.92/0.64 (bench/rome_counterfact.py, update_at="mean"): 4 has the best paraphrase score.
     ("llama", 30): 4,
     ("gpt2", 48): 17,  # GPT-2 XL (authors)
     ("gpt2", 24): 8,  # GPT-2 medium (authors)
