@@ -88,9 +88,11 @@ def run_weightsmith(recipe: Path, out: Path, *extra: str) -> Run:
     return timed([*WEIGHTSMITH, "merge", str(recipe), str(out), *extra], env={"PYTHONPATH": str(ROOT)})
 
 
-def run_mergekit(recipe: Path, out: Path) -> Run:
+def run_mergekit(recipe: Path, out: Path, threads: int | None = None) -> Run:
+    """mergekit-yaml on ``recipe``; ``threads`` pins its torch threads (OMP_NUM_THREADS), None keeps its default."""
     shutil.rmtree(out, ignore_errors=True)
-    return timed([str(ensure_mergekit()), str(recipe), str(out), "--quiet"])
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    return timed([str(ensure_mergekit()), str(recipe), str(out), "--quiet"], env=env)
 
 
 def tensors_of(folder: Path) -> dict[str, Path]:
@@ -169,7 +171,7 @@ def ta_recipe(base: Path, fts: list[Path], method: str) -> str:
 # Cases
 # ---------------------------------------------------------------------------
 
-def speed_case(work: Path, use_mergekit: bool) -> None:
+def speed_case(work: Path, use_mergekit: bool, mergekit_threads: int | None = None) -> None:
     from checkpoints.demo import demo_model_path
 
     base = demo_model_path()
@@ -180,8 +182,9 @@ def speed_case(work: Path, use_mergekit: bool) -> None:
             while h.read(64 << 20):
                 pass
     print("\n== demo model (135M, float32): base + 3 fine-tunes ==")
-    print(f"weightsmith: CLI defaults (--threads 1, exact ties); mergekit: its defaults "
-          f"(torch uses {torch.get_num_threads()} threads here); {_load()}")
+    mk_threads = (f"OMP_NUM_THREADS={mergekit_threads}" if mergekit_threads
+                  else f"its defaults (torch uses {torch.get_num_threads()} threads here)")
+    print(f"weightsmith: CLI defaults (--threads 1, exact ties); mergekit: {mk_threads}; {_load()}")
     print(f"{'method':<16}{'tool':<12}{'wall s':>8}{'peak RSS GB':>13}")
     for method in ("task_arithmetic", "ties"):
         recipe = work / f"{method}.yml"
@@ -193,7 +196,7 @@ def speed_case(work: Path, use_mergekit: bool) -> None:
         print(f"{method:<16}{'weightsmith':<12}{ws.seconds:>8.2f}{ws.peak_rss_bytes / 1e9:>13.2f}", flush=True)
         if not use_mergekit:
             continue
-        mk = run_mergekit(recipe, work / f"mk-{method}")
+        mk = run_mergekit(recipe, work / f"mk-{method}", mergekit_threads)
         if not mk.ok:
             print(mk.log)
             raise SystemExit(f"mergekit failed on {method}")
@@ -349,6 +352,9 @@ def big_case(work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-mergekit", action="store_true", help="time Weightsmith only")
+    ap.add_argument("--mergekit-threads", type=int, default=None,
+                    help="pin mergekit's torch threads (default: its own default, all cores); on a busy "
+                         "machine a multi-threaded run is slowed far more than a one-thread one")
     ap.add_argument("--equivalence", action="store_true", help="also compare every deterministic method on tiny models")
     ap.add_argument("--only-equivalence", action="store_true", help="only the tiny-model comparison")
     ap.add_argument("--big", action="store_true", help="also the synthetic 1B bf16 memory case (slow)")
@@ -359,7 +365,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         if not (args.only_equivalence or args.only_big):
-            speed_case(work, not args.no_mergekit)
+            speed_case(work, not args.no_mergekit, args.mergekit_threads)
         if args.equivalence or args.only_equivalence:
             equivalence(work)
         if args.big or args.only_big:
