@@ -132,3 +132,11 @@ def test_ties_and_breadcrumbs_keep_what_mergekit_keeps(kind):
             mask2 = torch.zeros(n)
             mask2[torch.sort(t.abs(), descending=False).indices[bottom:bottom + keep]] = 1
             assert torch.equal(magnitude_outliers(t.clone(), density, gamma), t * mask2), (kind, n, density)
+
+
+def test_a_torch_that_sorts_differently_is_caught(monkeypatch):
+    """The replay is checked once per torch build; a sort it does not model switches it off."""
+    assert sparsify._replay_verified(*sparsify._torch_build())  # this build: the replay agrees with argsort
+    monkeypatch.setattr(sparsify, "_prefix", lambda v, k, d, overwrite: torch.ones(v.numel(), dtype=torch.bool))
+    assert not sparsify._replay_verified("another-build", "AVX512")
+    sparsify._replay_verified.cache_clear()  # do not leave the fake build's answer behind
