@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -157,6 +158,11 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     out_config = _output_config(recipe, ref, num_blocks)
     skip = tied_head_names(out_config, ref.spec)
 
+    # The model card needs huggingface_hub, whose import costs ~0.2 s of pure Python; doing it
+    # on a thread while torch merges (GIL released) takes it off the merge's wall time.
+    card_import = threading.Thread(target=importlib.import_module, args=("checkpoints.cards",),
+                                   name="merge-card-import", daemon=True)
+    card_import.start()
     changed = 0
     alpha: float | None = None
     capacity = max((_numel(p) for p in plans), default=0)
