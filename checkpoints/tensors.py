@@ -317,17 +317,23 @@ class ShardedWriter:
             header. When the header fits (it is padded with spaces, which the format
             allows), the shard is finished in place instead of being copied behind
             its header: one write of the weights instead of two. 0 = always copy.
+        fsync: wait until each shard is on disk before it is published, so that the
+            published folder survives a power loss too (off by default, as in
+            ``save_pretrained`` and mergekit: it waits for the disk, ~0.35 s per 0.5 GB here).
+            Without it, the temp-folder-and-rename still means a failed, cancelled or
+            killed writer never leaves a partial folder.
     """
 
     def __init__(self, out_dir: Path, *, max_shard_bytes: int = 5 * 10**9, dtype: torch.dtype | None = None,
                  skip: Iterable[str] = (), overwrite: bool = False, metadata: dict[str, str] | None = None,
-                 header_reserve: int = 0):
+                 header_reserve: int = 0, fsync: bool = False):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = int(max_shard_bytes)
         self.header_reserve = (int(header_reserve) + 7) // 8 * 8 if header_reserve > 0 else 0
         self.dtype = dtype
         self.skip = set(skip)
         self.overwrite = overwrite
+        self.fsync = fsync
         self.metadata = {"format": "pt", **(metadata or {})}
         self.tmp = new_staging_dir(self.out_dir, overwrite=overwrite)
         self._shards: list[tuple[Path, list[str]]] = []
@@ -374,7 +380,7 @@ class ShardedWriter:
                              "data_offsets": [cur.nbytes, cur.nbytes + nbytes]}
         cur.nbytes += nbytes
         self._names.add(name)
-        if cur.nbytes - cur.flushed >= _WRITEBACK_BYTES:
+        if self.fsync and cur.nbytes - cur.flushed >= _WRITEBACK_BYTES:
             # The shard is fsynced before it is published; starting the disk writes as we
             # go lets them overlap the merge, so that fsync finds little left to wait for.
             cur.handle.flush()  # type: ignore[attr-defined]
@@ -399,7 +405,8 @@ class ShardedWriter:
                 out.write(struct.pack("<Q", len(blob)))
                 out.write(blob)
                 out.flush()
-                os.fsync(out.fileno())
+                if self.fsync:
+                    os.fsync(out.fileno())
             os.replace(cur.data_path, final)
         else:
             with open(final, "wb") as out, open(cur.data_path, "rb") as data:
@@ -408,7 +415,8 @@ class ShardedWriter:
                 data.seek(self.header_reserve)
                 shutil.copyfileobj(data, out, 16 * 2**20)
                 out.flush()
-                os.fsync(out.fileno())
+                if self.fsync:
+                    os.fsync(out.fileno())
             cur.data_path.unlink()
         self._shards.append((final, list(cur.entries)))
         self._current = None

@@ -51,7 +51,7 @@ def _merge(args: argparse.Namespace) -> int:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
                            seed=args.seed, collect_norms=False, threads=args.threads or None,
-                           exact_ties=not args.fast_ties)
+                           exact_ties=not args.fast_ties, fsync=args.fsync)
     except KeyboardInterrupt:
         cancel.set()
         raise
@@ -86,4 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast-ties", action="store_true",
                    help="TIES/breadcrumbs: break exact ties in |delta| at the density cut by index instead of "
                         "reproducing mergekit's sort order (the default, identical output)")
+    p.add_argument("--fsync", action="store_true",
+                   help="wait until the weights are on disk before publishing OUT_DIR (survives a power loss; "
+                        "slower). Without it a failed or cancelled merge still never leaves a partial folder")
     p.set_defaults(func=_merge)

@@ -105,7 +105,7 @@ class _TensorPlan:
 def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", progress: Progress | None = None,
               cancel: threading.Event | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               overwrite: bool = False, seed: int | None = None, collect_norms: bool = True,
-              threads: int | None = None, exact_ties: bool = True) -> MergeResult:
+              threads: int | None = None, exact_ties: bool = True, fsync: bool = False) -> MergeResult:
     """Run ``recipe`` and write the merged model to ``out_dir``.
 
     Args:
@@ -126,6 +126,10 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
             ones mergekit's sort keeps (identical output; found by replaying the part of
             torch's sort that decides the cut, see ``sparsify.sorted_prefix_mask``); False
             takes them in index order (same number kept, differs from mergekit at those ties).
+        fsync: wait until the weights are on disk before publishing the folder (survives a
+            power loss; ~0.35 s per 0.5 GB on this machine's disk). Off by default, as in
+            mergekit and ``save_pretrained``: the temp folder + rename already mean a failed,
+            cancelled or killed merge never leaves a partial output.
 
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`MergeCancelled` when cancelled.
@@ -136,7 +140,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         try:
             return run_merge(recipe, out_dir, device=device, progress=progress, cancel=cancel,
                              max_shard_bytes=max_shard_bytes, overwrite=overwrite, seed=seed,
-                             collect_norms=collect_norms, threads=None, exact_ties=exact_ties)
+                             collect_norms=collect_norms, threads=None, exact_ties=exact_ties, fsync=fsync)
         finally:
             torch.set_num_threads(previous)
     started = time.perf_counter()
@@ -170,7 +174,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     # Methods that only read their inputs get mapped views of the files (no read copy).
     mapped = dev.type == "cpu" and method.reads_inputs_only
     with _Prefetcher(plans, skip, recipe, dev, capacity, mapped=mapped) as prefetch, ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
-                       header_reserve=_header_bound(plans, skip)) as writer:
+                       header_reserve=_header_bound(plans, skip), fsync=fsync) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
         try:
             sum_l1 = merged_l1 = 0.0

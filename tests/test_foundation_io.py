@@ -27,6 +27,25 @@ def _state(ckpt):
     return {k: ckpt.reader().get(k, dtype=None) for k in ckpt.reader().keys()}
 
 
+@pytest.mark.parametrize("header_reserve", [0, 1 << 16])
+def test_fsync_only_when_asked_and_same_bytes(tiny_llama_dir, tmp_path, monkeypatch, header_reserve):
+    src = resolve(tiny_llama_dir)
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    outs = {}
+    for durable in (False, True):
+        out = outs[durable] = tmp_path / f"fsync-{durable}"
+        with ShardedWriter(out, max_shard_bytes=20_000, fsync=durable, header_reserve=header_reserve) as w:
+            for name in src.reader().keys():
+                w.add(name, src.reader().get(name, dtype=None))
+        shards = sorted(out.glob("model-*.safetensors"))
+        assert len(synced) == (len(shards) if durable else 0)  # one fsync per shard, none by default
+    a, b = (sorted(outs[d].iterdir()) for d in (False, True))
+    assert [x.name for x in a] == [y.name for y in b] and len(a) > 2
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+
+
 def test_sharded_round_trip_is_identical(tiny_llama_dir, tmp_path):
     src = resolve(tiny_llama_dir)
     out = tmp_path / "copy"
