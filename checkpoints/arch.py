@@ -60,6 +60,11 @@ class ArchSpec:
     # (e.g. gpt2 on the Hub stores "h.0.attn..." rather than "transformer.h.0...").
     optional_prefixes: tuple[str, ...] = ()
     generic: bool = False
+    # GGUF export: the architecture llama.cpp runs this model_type as (None: no export), and the
+    # q/k projections (relative to the block) whose rows llama.cpp's converter permutes into its
+    # rotary layout (transformers' GGUF loader permutes them back).
+    gguf_arch: str | None = None
+    gguf_rope_permute: tuple[str, str] | None = None
     _block_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,9 +158,9 @@ def _llama_like(model_type: str, **overrides: Any) -> ArchSpec:
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        _llama_like("llama"),
-        _llama_like("mistral"),
-        _llama_like("qwen2"),
+        _llama_like("llama", gguf_arch="llama", gguf_rope_permute=("self_attn.q_proj", "self_attn.k_proj")),
+        _llama_like("mistral", gguf_arch="llama", gguf_rope_permute=("self_attn.q_proj", "self_attn.k_proj")),
+        _llama_like("qwen2", gguf_arch="qwen2"),
         _llama_like("qwen3"),
         _llama_like("gemma"),
         _llama_like("gemma2"),
@@ -174,6 +179,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             weight_layout="in_out",  # transformers' Conv1D stores [in, out]
             num_layers_key="n_layer",
             optional_prefixes=("transformer.",),
+            gguf_arch="gpt2",
         ),
         ArchSpec(
             model_type="gpt_neox",
