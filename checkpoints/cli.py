@@ -2,7 +2,11 @@
 
 Each feature package contributes its subcommands through a ``register(subparsers)``
 function listed in :data:`COMMAND_MODULES`. A :class:`WeightsmithError` prints
-one line and exits with status 2, with no traceback.
+one line and exits with status 2, with no traceback; so does a full disk or a
+read-only output (:func:`checkpoints.staging.output_error`).
+
+Logging is set up with :func:`checkpoints.secrets.install_redaction` first, so
+no log line (any logger, any level, ``-v`` included) and no error shows a token.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import sys
 
 from .errors import WeightsmithError
+from .secrets import install_redaction, redact
+from .staging import output_error
 
 COMMAND_MODULES = [
     "merging.commands",
@@ -39,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_redaction()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -46,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except WeightsmithError as e:
-        print(f"weightsmith: error: {e}", file=sys.stderr)
+        print(f"weightsmith: error: {redact(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        known = output_error(e)
+        if known is None:
+            raise
+        print(f"weightsmith: error: {redact(known)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("weightsmith: cancelled", file=sys.stderr)

@@ -15,9 +15,15 @@ id and saved into the folder before the upload. ``ModelCard.push_to_hub`` is
 never used (its validation call ignores ``HF_ENDPOINT``).
 
 Tokens: explicit argument > ``HF_TOKEN`` > ``huggingface_hub``'s stored login.
-A token is passed to one ``HfApi`` object for the duration of the call and
-dropped; it is never logged, written to disk, or shown in an error (every
-message is scrubbed of it).
+A token is checked (:func:`checkpoints.secrets.check_token`: a malformed one
+is refused without repeating it), registered with :mod:`checkpoints.secrets`
+so that no log record or message can show it, passed to one ``HfApi`` object
+for the duration of the call and dropped. A folder whose text files hold the
+token is refused before anything is sent.
+
+Every request has a bounded wait (:mod:`checkpoints.hub_client`,
+``WEIGHTSMITH_HUB_TIMEOUT``): a Hub that stops answering ends the push with
+one line.
 
 Example::
 
@@ -39,6 +45,8 @@ from typing import Any
 
 from .cards import CardInfo, load_card, set_card_repo, write_card
 from .errors import WeightsmithError
+from .hub_client import configure_hub_client, is_timeout
+from .secrets import check_token, redact, register_secret
 from .sources import public_name
 
 log = logging.getLogger(__name__)
@@ -106,30 +114,44 @@ def token_for_push(oauth_token: Any, field_token: str | None) -> str | None:
 
 
 def resolve_token(token: str | None = None, *, allow_ambient_token: bool = True) -> str:
-    """Explicit ``token`` > ``HF_TOKEN`` > huggingface_hub's stored login; one-line error if none."""
+    """Explicit ``token`` > ``HF_TOKEN`` > huggingface_hub's stored login; one-line error if none or malformed.
+
+    Whichever token is chosen is registered as a secret (never logged or
+    shown) and checked by :func:`checkpoints.secrets.check_token`.
+    """
+    register_secret(token)
     if token is not None and token.strip():
         if is_mock_oauth_token(token):
             raise WeightsmithError("this is Gradio's local mock sign-in token, which the Hub rejects: " + TOKEN_HELP)
-        return token.strip()
+        return check_token(token)
     if allow_ambient_token:
-        env = (os.environ.get("HF_TOKEN") or "").strip()
-        if env:
-            return env
+        env = os.environ.get("HF_TOKEN") or ""
+        if env.strip():
+            return check_token(env)
         from huggingface_hub import get_token
 
         stored = get_token()
         if stored:
-            return stored
+            return check_token(stored)
     raise WeightsmithError("no Hugging Face token: " + TOKEN_HELP)
 
 
 def scrub(text: str, *secrets: str | None) -> str:
-    """``text`` with every secret (and any ``hf_…`` token-shaped string) replaced by ``***``."""
+    """``text`` with ``secrets`` (now registered), every registered secret and any ``hf_…`` token replaced by ``***``."""
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    # Hub user tokens are "hf_" + 34 letters/digits; catch them even when the caller did not name them.
-    return re.sub(r"\bhf_[A-Za-z0-9]{30,}\b", "hf_***", text)
+        register_secret(secret)
+    return redact(text)
+
+
+def _refuse_secret_in_files(files: list[tuple[str, Path | bytes]]) -> None:
+    """One line when a text file about to be published holds a registered token (a card, a recipe)."""
+    for name, item in files:
+        if not name.endswith(_TEXT_SUFFIXES):
+            continue
+        raw = item if isinstance(item, bytes) else item.read_bytes() if item.stat().st_size < 2**24 else b""
+        text = raw.decode("utf-8", errors="replace")
+        if redact(text) != text:
+            raise WeightsmithError(f"{name}: holds a Hugging Face token; remove it before pushing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +246,11 @@ def _explain(err: BaseException, repo_id: str, revision: str | None, stage: str)
         if isinstance(err, RepositoryNotFoundError):
             return f"{repo_id}: repo not found, or this token cannot see it ({nothing})"
         return f"the Hub answered {status} while {stage}: {detail} ({nothing})"
+    if is_timeout(err):
+        from .hub_client import ENV_VAR, hub_timeout
+
+        return (f"the Hub did not answer within {hub_timeout():g} s while {stage} ({nothing}; "
+                f"try again later, or raise {ENV_VAR})")
     if isinstance(err, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE=1 is set: pushing needs the network; unset it"
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
@@ -292,6 +319,8 @@ def push_folder(
     load_card(folder)  # one clear error when the card is missing or the Hub would refuse it
     collect_files(folder)  # refuse local paths before anything reaches the network
     secret = resolve_token(token, allow_ambient_token=allow_ambient_token)
+    _refuse_secret_in_files(collect_files(folder))
+    configure_hub_client()
     stage = "creating the repo"
     try:
         api = HfApi(token=secret, library_name="weightsmith")
@@ -301,6 +330,7 @@ def push_folder(
         if set_card_repo(folder, repo_id):  # the card is saved into the folder before upload
             log.info("README.md: loading snippet now points at %s", repo_id)
         files = collect_files(folder)
+        _refuse_secret_in_files(files)
         # A branch is created from main when missing; refs/pr/N (an open pull request) is committed to as is.
         if revision and not create_pr and revision != constants.DEFAULT_REVISION and not revision.startswith("refs/"):
             stage = f"creating branch {revision}"
