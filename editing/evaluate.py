@@ -9,6 +9,10 @@ of ``" " + target`` (no special tokens) after the prompt.
 * ``*_magnitude``: the mean probability differences (P(new) − P(true), resp. P(true) − P(new));
 * score: harmonic mean of ES, PS and NS.
 
+With a :class:`~editing.generation_checks.GenerationConfig`, :func:`run_eval`
+also reports the checks by generation (gen_efficacy, gen_paraphrase,
+gen_neighborhood, fluency; defined in :mod:`editing.generation_checks`).
+
 Records come in the original CounterFact format (``requested_rewrite``,
 ``paraphrase_prompts``, ``neighborhood_prompts``) or the flat one
 (``prompt``, ``subject``, ``target_new``, ``ground_truth``, ``rephrase_prompt``,
@@ -34,9 +38,11 @@ import torch.nn.functional as F
 
 from checkpoints.errors import WeightsmithError
 
+from .generation_checks import GenerationConfig, generation_scores
 from .request import EditRequest, fill, prompt_ids, target_ids
 from .rome import _pad_id
 
+GENERATION_KEYS = ("gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency")
 
 @dataclass
 class EvalRecord:
@@ -191,23 +197,36 @@ def aggregate(per_record: list[dict[str, float]]) -> dict[str, Any]:
     """Mean of each score over records (records lacking a score are skipped for it) and the harmonic mean."""
     out: dict[str, Any] = {"n": len(per_record)}
     for key in ("efficacy", "paraphrase", "neighborhood", "efficacy_magnitude", "paraphrase_magnitude",
-                "neighborhood_magnitude"):
+                "neighborhood_magnitude", *GENERATION_KEYS):
         vals = [r[key] for r in per_record if key in r]
         out[key] = round(sum(vals) / len(vals), 4) if vals else None
+    for key in GENERATION_KEYS:  # only when generation checks ran
+        if out[key] is None:
+            del out[key]
     out["score"] = round(harmonic_mean([out[k] for k in ("efficacy", "paraphrase", "neighborhood")
                                         if out[k] is not None]), 4)
     return out
 
 
+def scores_now(model, tokenizer, record: EvalRecord, generation: GenerationConfig | None = None) -> dict[str, float]:
+    """Teacher-forced scores, plus the generation checks when ``generation`` is given."""
+    out = evaluate_edit(model, tokenizer, record)
+    if generation is not None:
+        out.update(generation_scores(model, tokenizer, record, generation))
+    return out
+
+
 def run_eval(session, records: list[EvalRecord], *, layer: int | None = None,
-             progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[float, str], None] | None = None,
+             generation: GenerationConfig | None = None) -> dict[str, Any]:
     """Edit each record on fresh weights (undo between records) and score it; with the unedited baseline.
 
     Returns ``{"n", "efficacy", "paraphrase", "neighborhood", "score", ..., "seconds_per_edit",
-    "baseline": {...}}``.
+    "baseline": {...}}``; with ``generation``, also gen_efficacy / gen_paraphrase /
+    gen_neighborhood / fluency (:mod:`editing.generation_checks`).
     """
     model, tok = session.model, session.tokenizer
-    baseline = [evaluate_edit(model, tok, r) for r in records]
+    baseline = [scores_now(model, tok, r, generation) for r in records]
     edited, seconds = [], []
     for i, rec in enumerate(records):
         if progress:
@@ -216,7 +235,7 @@ def run_eval(session, records: list[EvalRecord], *, layer: int | None = None,
         edit = session.apply(rec.request(layer))
         seconds.append(time.time() - t0)
         try:
-            edited.append(evaluate_edit(model, tok, rec))
+            edited.append(scores_now(model, tok, rec, generation))
         finally:
             session.undo(edit.id)
     out = aggregate(edited)
