@@ -18,22 +18,22 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .arch import ArchSpec, spec_for
+from .containment import member_path
 from .errors import WeightsmithError
-from .tensors import CheckpointReader, TensorMeta, read_safetensors_header, tied_head_names, weight_files
+from .refs import is_hub_id
+from .tensors import (SUPPORT_FILES, CheckpointReader, TensorMeta, parse_json_object, read_safetensors_header,
+                      tied_head_names, weight_files)
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What we fetch from the Hub: weights as safetensors, plus what loads them. No pickles, no code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
@@ -141,6 +141,8 @@ def check_config_against_weights(name: str, config: dict, spec: ArchSpec, metas:
     vocab = config.get("vocab_size")
     for emb in spec.embeddings[:1]:
         for key in (f"{emb}.weight", f"{spec._strip(emb)}.weight"):
+            if key in metas and len(metas[key].shape) != 2:
+                raise WeightsmithError(f"{name}: {key} has shape {list(metas[key].shape)}, not a 2-D embedding matrix")
             if key in metas and vocab and metas[key].shape[0] != vocab:
                 raise WeightsmithError(
                     f"{name}: config says vocab_size {vocab} but {key} has {metas[key].shape[0]} rows"
@@ -153,15 +155,16 @@ def check_config_against_weights(name: str, config: dict, spec: ArchSpec, metas:
 
 
 def _read_config(folder: Path, who: str) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.exists():
+    if not (folder / "config.json").exists():
         raise WeightsmithError(f"{who}: no config.json in {folder.name}")
+    path = member_path(folder, "config.json", owner=who)
     try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightsmithError(f"{path}: corrupt JSON ({e})") from None
-    if "model_type" not in config:
-        raise WeightsmithError(f"{path}: config has no model_type")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise WeightsmithError(f"{who}: config.json: cannot read: {e.strerror or type(e).__name__}") from None
+    config = parse_json_object(raw, f"{who}: config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise WeightsmithError(f"{who}: config.json has no model_type")
     return config
 
 
@@ -169,6 +172,9 @@ def _from_folder(ref: str, folder: Path, kind: str, name: str, hub_id: str | Non
     config = _read_config(folder, name)
     if (folder / "adapter_config.json").exists() and not any(folder.glob("model*.safetensors")):
         raise WeightsmithError(f"{name}: this is a PEFT adapter, not a model (use it as an adapter)")
+    for support in SUPPORT_FILES:  # transformers reads these straight from the folder
+        if (folder / support).exists() or (folder / support).is_symlink():
+            member_path(folder, support, owner=name)
     try:
         files = weight_files(folder)
         ckind = kind
@@ -176,15 +182,25 @@ def _from_folder(ref: str, folder: Path, kind: str, name: str, hub_id: str | Non
         pickles = [p for p in (folder / "pytorch_model.bin", folder / "model.pt") if p.exists()]
         if not pickles:
             raise
-        files, ckind = pickles[:1], "pickle"
+        files, ckind = [member_path(folder, pickles[0].name, owner=name)], "pickle"
     return LocalCheckpoint(ref, name, ckind, folder, files, config, hub_id=hub_id)
 
 
-def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool = True) -> LocalCheckpoint:
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    real = path.resolve()
+    return any(real.is_relative_to(Path(r).resolve()) for r in roots)
+
+
+def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool = True,
+            allow_local: bool = True, trusted_roots: Sequence[Path] = ()) -> LocalCheckpoint:
     """Resolve a user's reference to a :class:`LocalCheckpoint`.
 
     ``config_from`` names (anything resolvable) where a bare weights file takes
-    its config and tokenizer. Raises :class:`WeightsmithError` with one line.
+    its config and tokenizer. ``allow_local=False`` is the policy of a public
+    server: only ``demo``, Hub ids (downloaded; a string that is a Hub id is then
+    never looked up on this machine's disk) and paths inside ``trusted_roots``
+    (the session's workspace, models the operator chose) are read.
+    Raises :class:`WeightsmithError` with one line.
     """
     ref_s = str(ref).strip()
     if not ref_s:
@@ -194,6 +210,13 @@ def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool 
 
         folder = demo_model_path()
         return _from_folder("demo", folder, "demo", DEMO_NAME, hub_id=DEMO_NAME)
+    if not allow_local:
+        if is_hub_id(ref_s):
+            return _from_hub(ref_s, allow_hub)
+        if "\x00" in ref_s or not _inside(Path(ref_s), trusted_roots):
+            raise WeightsmithError(
+                f"{ref_s}: local paths are not allowed here (name demo, a Hub id owner/name or a workspace item)"
+            )
     path = Path(ref_s).expanduser()
     if path.is_dir():
         return _from_folder(ref_s, path, "folder", path.resolve().name)
@@ -209,7 +232,7 @@ def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool 
                 raise WeightsmithError(
                     f"{path.name}: a bare weights file needs a config: name a base model to take it from"
                 )
-            base = resolve(config_from, allow_hub=allow_hub)
+            base = resolve(config_from, allow_hub=allow_hub, allow_local=allow_local, trusted_roots=trusted_roots)
             if suffix == ".safetensors":
                 read_safetensors_header(path)  # fail early and clearly on a bad file
                 kind = "safetensors"
@@ -217,11 +240,15 @@ def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool 
                 kind = "pickle"
             return LocalCheckpoint(ref_s, path.stem, kind, base.support_dir, [path], dict(base.config))
         raise WeightsmithError(f"{path.name}: unsupported file type {suffix!r} (use .safetensors, .gguf or a folder)")
-    if _HUB_ID.match(ref_s) and not ref_s.startswith((".", "/", "~")):
-        if not allow_hub:
-            raise WeightsmithError(f"{ref_s}: Hub ids are not allowed here")
-        return _from_folder(ref_s, download_from_hub(ref_s), "hub", ref_s, hub_id=ref_s)
+    if is_hub_id(ref_s):
+        return _from_hub(ref_s, allow_hub)
     raise WeightsmithError(f"{ref_s}: no such file or folder, and not a Hub repo id (owner/name)")
+
+
+def _from_hub(repo_id: str, allow_hub: bool) -> LocalCheckpoint:
+    if not allow_hub:
+        raise WeightsmithError(f"{repo_id}: Hub ids are not allowed here")
+    return _from_folder(repo_id, download_from_hub(repo_id), "hub", repo_id, hub_id=repo_id)
 
 
 def download_from_hub(repo_id: str, *, revision: str | None = None, token: str | None = None,
@@ -274,6 +301,6 @@ def public_name(ref: str) -> str:
     s = str(ref).strip().rstrip("/")
     if s == "demo" or (s and Path(s).expanduser().resolve() == demo_folder().resolve()):
         return DEMO_NAME
-    if _HUB_ID.match(s) and not Path(s).exists():
+    if is_hub_id(s) and not Path(s).exists():
         return s
     return Path(s).name or s

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from .containment import member_path
 from .errors import WeightsmithError
 from .staging import new_staging_dir, publish_folder
 
@@ -64,6 +65,10 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    # Where the tensor's bytes lie in ``file`` (validated by read_safetensors_header);
+    # None for tensors of a pickle, which has no such extents.
+    data_start: int | None = None
+    nbytes: int | None = None
 
     @property
     def numel(self) -> int:
@@ -73,12 +78,42 @@ class TensorMeta:
         return n
 
 
+def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json`` hook: a header or index naming a key twice is ambiguous (readers disagree on which wins)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def parse_json_object(raw: bytes | str, what: str) -> dict[str, object]:
+    """Parse ``raw`` as one JSON object; anything else (a list, a number, bad UTF-8, a key
+    given twice, nesting deep enough to exhaust the stack) is one :class:`WeightsmithError`."""
+    try:
+        data = json.loads(raw, object_pairs_hook=_strict_object)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise WeightsmithError(f"{what}: corrupt JSON ({first})") from None
+    if not isinstance(data, dict):
+        raise WeightsmithError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
     """Parse and check the header of one ``.safetensors`` file.
 
-    Returns name -> :class:`TensorMeta`. Raises :class:`WeightsmithError`
-    naming the file when it is truncated, its header claims impossible sizes,
-    or its JSON is corrupt.
+    Returns name -> :class:`TensorMeta` with each tensor's validated byte extent.
+    Raises :class:`WeightsmithError` naming the file (never its directory) when it
+    is truncated, its header is not a JSON object of well-typed entries, a shape
+    disagrees with its byte count, or the extents do not tile the data exactly
+    (negative, reversed, overlapping, gapped or past the end), as ``safetensors``
+    itself requires.
     """
     try:
         size = path.stat().st_size
@@ -94,27 +129,26 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
                 )
             raw = f.read(header_len)
     except OSError as e:
-        raise WeightsmithError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsmithError(f"{path.name}: corrupt safetensors header ({e})") from None
+        raise WeightsmithError(f"{path.name}: cannot read: {e.strerror or type(e).__name__}") from None
+    if not raw.startswith(b"{"):
+        raise WeightsmithError(f"{path.name}: corrupt safetensors header (it does not start with '{{')")
+    header = parse_json_object(raw, f"{path.name}: safetensors header")
+    meta_block = header.pop("__metadata__", {})
+    if not isinstance(meta_block, dict) or not all(isinstance(v, str) for v in meta_block.values()):
+        raise WeightsmithError(f"{path.name}: corrupt safetensors header (__metadata__ must map names to strings)")
     data_len = size - 8 - header_len
     metas: dict[str, TensorMeta] = {}
+    extents: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise WeightsmithError(f"{path.name}: corrupt safetensors header entry for tensor {name!r}") from None
-        meta = TensorMeta(name, shape, dtype, path)
-        expected = meta.numel * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expected or begin < 0:
+        dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info, dict) and isinstance(info.get("dtype"), str) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (dtype is None or not isinstance(shape, list) or not all(_is_count(s) for s in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets)):
+            raise WeightsmithError(f"{path.name}: corrupt safetensors header entry for tensor {name!r}")
+        begin, end = offsets
+        meta = TensorMeta(name, tuple(shape), dtype, path, data_start=8 + header_len + begin, nbytes=end - begin)
+        if end < begin or end - begin != meta.numel * dtype.itemsize:
             raise WeightsmithError(
                 f"{path.name}: header of tensor {name!r} claims shape {list(shape)} but {end - begin} bytes"
             )
@@ -124,6 +158,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
                 f"only {data_len} bytes of data"
             )
         metas[name] = meta
+        extents.append((begin, end, name))
+    # The extents must tile the data: sorted, each starting where the previous ended.
+    at, prev = 0, None
+    for begin, end, name in sorted(extents):
+        if begin < at:
+            raise WeightsmithError(f"{path.name}: corrupt safetensors header: tensors {prev!r} and {name!r} overlap")
+        if begin > at:
+            raise WeightsmithError(f"{path.name}: corrupt safetensors header: bytes {at}..{begin} belong to no tensor")
+        at, prev = end, name
+    if at != data_len:
+        raise WeightsmithError(
+            f"{path.name}: corrupt safetensors header: {data_len - at} bytes after the last tensor belong to no tensor"
+        )
     return metas
 
 
@@ -221,28 +268,49 @@ def _has_safetensors(folder: Path) -> bool:
 def _pickle_file(folder: Path) -> Path:
     for cand in ("pytorch_model.bin", "model.pt", "model.bin"):
         if (folder / cand).exists():
-            return folder / cand
-    raise WeightsmithError(f"{folder}: no weights found (no *.safetensors, no pytorch_model.bin)")
+            return member_path(folder, cand, owner=folder.name)
+    raise WeightsmithError(f"{folder.name}: no weights found (no *.safetensors, no pytorch_model.bin)")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard name) of an index file, checked to be a non-empty map of strings."""
+    try:
+        raw = index.read_bytes()
+    except OSError as e:
+        raise WeightsmithError(f"{index.name}: cannot read: {e.strerror or type(e).__name__}") from None
+    weight_map = parse_json_object(raw, index.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsmithError(f"{index.name}: corrupt index (weight_map must map tensor names to shard files)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise WeightsmithError(f"{index.name}: corrupt index (tensor {name!r} maps to {type(shard).__name__}, "
+                                   "not a shard file name)")
+    return weight_map
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of an HF folder, checked against its index when there is one."""
+    """The safetensors files of an HF folder, checked against its index when there is one.
+
+    Every file must lie inside the folder once symlinks are followed (see
+    :func:`checkpoints.containment.member_path`); an index naming anything else is refused.
+    """
+    folder = Path(folder)
     index = folder / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise WeightsmithError(f"{index}: corrupt index (no weight_map)") from None
+        index = member_path(folder, INDEX_NAME, owner=folder.name)
         files = []
-        for shard in sorted(set(weight_map.values())):
-            path = folder / shard
-            if not path.exists():
-                raise WeightsmithError(f"{index.name} names shard {shard} but {path} is missing")
+        for shard in sorted(set(read_index(index).values())):
+            path = member_path(folder, shard, owner=INDEX_NAME)
+            if not shard.endswith(".safetensors"):
+                raise WeightsmithError(f"{INDEX_NAME} names shard {shard!r}, which is not a .safetensors file")
+            if not path.is_file():
+                raise WeightsmithError(f"{INDEX_NAME} names shard {shard} but it is missing")
             files.append(path)
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = [member_path(folder, f.name, owner=folder.name) for f in sorted(folder.glob("*.safetensors"))]
+    files = [f for f in files if f.is_file()]
     if not files:
-        raise WeightsmithError(f"{folder}: no safetensors weights")
+        raise WeightsmithError(f"{folder.name}: no safetensors weights")
     return files
 
 
@@ -433,9 +501,12 @@ class ShardedWriter:
         """Copy config/tokenizer/generation config from folder ``source``; returns what was copied."""
         copied = []
         for n in names:
-            if (Path(source) / n).is_file():
-                self.copy_file(Path(source) / n, n)
-                copied.append(n)
+            if os.path.lexists(Path(source) / n):
+                # A tokenizer file linked to a server file must not be copied into an output.
+                src = member_path(Path(source), n, owner=Path(source).name)
+                if src.is_file():
+                    self.copy_file(src, n)
+                    copied.append(n)
         return copied
 
     @property
