@@ -29,13 +29,12 @@ import math
 import mmap
 import re
 import shutil
-import struct
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -44,6 +43,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.sources import LocalCheckpoint, public_name, resolve
 from checkpoints.tensors import SUPPORT_FILES, ShardedWriter, tied_head_names
 
+from .finite import FiniteCheck
 from .lines import auto_alpha, lines_curve, lines_scale
 from .methods import MergeMethod, TensorContext
 from .recipe import MergeRecipe
@@ -78,6 +78,7 @@ class MergeResult:
     lines_curve: list[float] | None = None
     output_bytes: int = 0
     files: list[str] = field(default_factory=list)
+    finite_check: str = ""  # e.g. "all 272 output tensors finite (inputs checked too)"
 
 
 @dataclass
@@ -105,7 +106,9 @@ class _TensorPlan:
 def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", progress: Progress | None = None,
               cancel: threading.Event | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               overwrite: bool = False, seed: int | None = None, collect_norms: bool = True,
-              threads: int | None = None, exact_ties: bool = True, fsync: bool = False) -> MergeResult:
+              threads: int | None = None, exact_ties: bool = True, fsync: bool = False,
+              allow_nonfinite: bool = False, allow_local: bool = True,
+              trusted_roots: Sequence[Path] = ()) -> MergeResult:
     """Run ``recipe`` and write the merged model to ``out_dir``.
 
     Args:
@@ -130,6 +133,10 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
             power loss; ~0.35 s per 0.5 GB on this machine's disk). Off by default, as in
             mergekit and ``save_pretrained``: the temp folder + rename already mean a failed,
             cancelled or killed merge never leaves a partial output.
+        allow_nonfinite: merge inputs holding NaN/Inf and write non-finite outputs (counted in
+            ``MergeResult.finite_check``) instead of stopping with an error naming the tensor.
+        allow_local, trusted_roots: the resolver's policy for the recipe's models
+            (see :func:`checkpoints.sources.resolve`).
 
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`MergeCancelled` when cancelled.
@@ -140,7 +147,8 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         try:
             return run_merge(recipe, out_dir, device=device, progress=progress, cancel=cancel,
                              max_shard_bytes=max_shard_bytes, overwrite=overwrite, seed=seed,
-                             collect_norms=collect_norms, threads=None, exact_ties=exact_ties, fsync=fsync)
+                             collect_norms=collect_norms, threads=None, exact_ties=exact_ties, fsync=fsync,
+                             allow_nonfinite=allow_nonfinite, allow_local=allow_local, trusted_roots=trusted_roots)
         finally:
             torch.set_num_threads(previous)
     started = time.perf_counter()
@@ -150,10 +158,11 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise WeightsmithError(f"{out_dir} already exists (choose another folder or allow overwrite)")
-    ckpts = _resolve_models(recipe)
+    ckpts = _resolve_models(recipe, allow_local=allow_local, trusted_roots=trusted_roots)
     ref = ckpts[recipe.base_model] if recipe.base_model else ckpts[_first_model(recipe)]
     _check_compatible(recipe, ckpts)
     plans, num_blocks = _plan(recipe, method, ckpts, ref)
+    finite = FiniteCheck(allow=allow_nonfinite)
     seed = recipe.seed if seed is None else seed
     lines = recipe.lines
     auto = lines is not None and lines.alpha == "auto"
@@ -173,7 +182,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
     loader = _Loader(capacity=capacity)
     # Methods that only read their inputs get mapped views of the files (no read copy).
     mapped = dev.type == "cpu" and method.reads_inputs_only
-    with _Prefetcher(plans, skip, recipe, dev, capacity, mapped=mapped) as prefetch, ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
+    with _Prefetcher(plans, skip, recipe, dev, capacity, mapped=mapped, finite=finite) as prefetch, ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes, skip=skip, overwrite=overwrite,
                        header_reserve=_header_bound(plans, skip), fsync=fsync) as writer:
         spill_dir = Path(tempfile.mkdtemp(prefix=".lines-spill-", dir=out_dir.parent)) if auto else None
         try:
@@ -201,7 +210,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
                     if lines is not None and base is not None:
                         merged = _apply_lines(merged, base, lines_scale(plan.block, num_blocks, float(lines.alpha), lines.beta))
                     changed += _changed(merged, base, plan, recipe)
-                    writer.add(plan.out_name, merged.to(plan.out_dtype))
+                    writer.add(plan.out_name, finite.output(plan.out_name, merged.to(plan.out_dtype)))
                 del merged, base
                 _report(progress, i + 1, total_steps, plan.out_name)
             if auto:
@@ -216,7 +225,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
                         scale = lines_scale(plan.block, num_blocks, alpha, lines.beta)  # type: ignore[union-attr]
                         merged = base.clone() if scale == 0 else tau.mul_(scale).add_(base)
                         changed += _changed(merged, base, plan, recipe)
-                        writer.add(plan.out_name, merged.to(plan.out_dtype))
+                        writer.add(plan.out_name, finite.output(plan.out_name, merged.to(plan.out_dtype)))
                         del base, tau, merged
                     _report(progress, len(plans) + i + 1, total_steps, plan.out_name)
         finally:
@@ -234,13 +243,15 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, device: str = "cpu", 
         block_norms=norms.result(), lines_alpha=alpha, lines_beta=lines.beta if lines else None,
         lines_curve=lines_curve(alpha, lines.beta, num_blocks) if lines is not None and alpha is not None else None,
         output_bytes=sum(p.stat().st_size for p in out_dir.glob("*.safetensors")), files=files,
+        finite_check=finite.summary(),
     )
 
 
-def check_recipe(recipe: MergeRecipe) -> dict[str, Any]:
+def check_recipe(recipe: MergeRecipe, *, allow_local: bool = True,
+                 trusted_roots: Sequence[Path] = ()) -> dict[str, Any]:
     """Resolve and header-check a recipe without merging; returns a summary (for the app's Check button)."""
     recipe.validate()
-    ckpts = _resolve_models(recipe)
+    ckpts = _resolve_models(recipe, allow_local=allow_local, trusted_roots=trusted_roots)
     ref = ckpts[recipe.base_model] if recipe.base_model else ckpts[_first_model(recipe)]
     _check_compatible(recipe, ckpts)
     plans, num_blocks = _plan(recipe, recipe.method, ckpts, ref)
@@ -269,11 +280,12 @@ def _first_model(recipe: MergeRecipe) -> str:
     return recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model
 
 
-def _resolve_models(recipe: MergeRecipe) -> dict[str, LocalCheckpoint]:
+def _resolve_models(recipe: MergeRecipe, *, allow_local: bool = True,
+                    trusted_roots: Sequence[Path] = ()) -> dict[str, LocalCheckpoint]:
     out: dict[str, LocalCheckpoint] = {}
     for ref in recipe.model_refs():
         try:
-            out[ref] = resolve(ref)
+            out[ref] = resolve(ref, allow_local=allow_local, trusted_roots=trusted_roots)
         except WeightsmithError as e:
             raise WeightsmithError(f"model {ref!r} of the recipe: {e}") from None
     return out
@@ -472,7 +484,6 @@ class _Loader:
     """
 
     def __init__(self, capacity: int = 0, *, mapped: bool = False) -> None:
-        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
         self.mapped = mapped  # hand out read-only inputs as mapped views (see get)
         self.capacity = capacity  # elements of the largest tensor
         self._slots: list[torch.Tensor] = []
@@ -495,13 +506,6 @@ class _Loader:
         self._used += 1
         return slot[:numel].view(shape)
 
-    def _header(self, path: Path) -> tuple[int, dict[str, Any]]:
-        if path not in self._headers:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                self._headers[path] = (8 + n, json.loads(f.read(n)))
-        return self._headers[path]
-
     def get(self, inp: _Input, compute_dtype: torch.dtype | None) -> torch.Tensor:
         """The tensor as float32 (rounded through ``compute_dtype`` first, as mergekit reads it).
 
@@ -514,8 +518,8 @@ class _Loader:
         meta = reader.meta(inp.name)
         if inp.ckpt.kind == "pickle" or meta.file.suffix != ".safetensors" or not meta.dtype.is_floating_point:
             return _to_compute(reader.get(inp.name, dtype=None), compute_dtype)
-        start, header = self._header(meta.file)
-        begin, end = header[inp.name]["data_offsets"]
+        # Byte extent as validated by read_safetensors_header (inside the file, matching the shape).
+        start, begin, end = meta.data_start, 0, meta.nbytes
         direct = meta.dtype == torch.float32 and compute_dtype in (None, torch.float32)
         raw = _map(meta.file, start + begin, end - begin, meta.dtype, meta.shape)
         if raw is not None:
@@ -611,10 +615,15 @@ def _resolve_params(method: MergeMethod, plan: _TensorPlan) -> tuple[dict[str, A
     return shared, per_model
 
 
-def _read_inputs(plan: _TensorPlan, recipe: MergeRecipe, dev: torch.device,
-                 loader: _Loader) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def _read_inputs(plan: _TensorPlan, recipe: MergeRecipe, dev: torch.device, loader: _Loader,
+                 finite: FiniteCheck | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     base = _load(plan.base, recipe, dev, loader) if plan.base is not None else None
-    return base, [_load(inp, recipe, dev, loader) for inp in plan.inputs]
+    tensors = [_load(inp, recipe, dev, loader) for inp in plan.inputs]
+    if finite is not None:
+        for inp, t in ((plan.base, base), *zip(plan.inputs, tensors)):
+            if t is not None:
+                finite.input(t, inp.ckpt.name, inp.name)
+    return base, tensors
 
 
 class _Prefetcher:
@@ -627,9 +636,10 @@ class _Prefetcher:
     """
 
     def __init__(self, plans: list[_TensorPlan], skip: list[str], recipe: MergeRecipe, dev: torch.device,
-                 capacity: int, *, mapped: bool = False) -> None:
+                 capacity: int, *, mapped: bool = False, finite: FiniteCheck | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        self.finite = finite
         self.plans, self.skip, self.recipe, self.dev = plans, set(skip), recipe, dev
         self.capacity = capacity
         self.loaders = [_Loader(capacity, mapped=mapped), _Loader(capacity, mapped=mapped)]
@@ -655,7 +665,7 @@ class _Prefetcher:
             return  # two large tensors at once: read j when it is its turn instead
         loader = self.loaders[1] if self.last is self.loaders[0] else self.loaders[0]
         loader.reset()
-        self.pending[j] = (self.pool.submit(_read_inputs, self.plans[j], self.recipe, self.dev, loader), loader)
+        self.pending[j] = (self.pool.submit(_read_inputs, self.plans[j], self.recipe, self.dev, loader, self.finite), loader)
 
     def take(self, i: int) -> tuple[tuple[torch.Tensor | None, list[torch.Tensor]], _Loader]:
         if i in self.pending:
@@ -664,7 +674,7 @@ class _Prefetcher:
             return future.result(), loader
         # Not read ahead: the previous tensor is written, so its pool is free.
         self.last.reset()
-        return _read_inputs(self.plans[i], self.recipe, self.dev, self.last), self.last
+        return _read_inputs(self.plans[i], self.recipe, self.dev, self.last, self.finite), self.last
 
 
 def _merge_one(plan: _TensorPlan, method: MergeMethod, recipe: MergeRecipe, dev: torch.device, seed: int | None,
