@@ -51,7 +51,7 @@ def _merge(args: argparse.Namespace) -> int:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
                            seed=args.seed, collect_norms=False, threads=args.threads or None,
-                           exact_ties=not args.fast_ties, fsync=args.fsync)
+                           exact_ties=not args.fast_ties, fsync=args.fsync, allow_nonfinite=args.allow_nonfinite)
     except KeyboardInterrupt:
         cancel.set()
         raise
@@ -59,7 +59,7 @@ def _merge(args: argparse.Namespace) -> int:
         bar.close()
     extra = f", LiNeS alpha {result.lines_alpha:.4g}" if result.lines_alpha is not None else ""
     print(f"wrote {result.out_dir} ({result.tensors_changed}/{result.tensors_total} tensors changed, "
-          f"{result.output_bytes / 1e9:.2f} GB, {result.seconds:.1f} s{extra})")
+          f"{result.output_bytes / 1e9:.2f} GB, {result.seconds:.1f} s{extra}; {result.finite_check})")
     return 0
 
 
@@ -89,4 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fsync", action="store_true",
                    help="wait until the weights are on disk before publishing OUT_DIR (survives a power loss; "
                         "slower). Without it a failed or cancelled merge still never leaves a partial folder")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="merge inputs that hold NaN/Inf and write non-finite outputs (reported) instead of stopping "
+                        "with an error naming the model and tensor")
     p.set_defaults(func=_merge)
