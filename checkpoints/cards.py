@@ -40,8 +40,7 @@ from typing import Any, Literal
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import WeightsmithError
-from .refs import is_hub_id
-from .sources import public_name
+from .sources import _HUB_ID, public_name
 
 Relation = Literal["merge", "adapter", "finetune"]
 
@@ -70,6 +69,11 @@ class CardInfo:
     scores: dict[str, Any] | None = None  # measured numbers, shown as a table
     license: str | None = None
     extra_sections: dict[str, str] = field(default_factory=dict)  # heading -> Markdown
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a syntactically valid Hub repo id ``owner/name`` (what ``base_model`` accepts)."""
+    return bool(_HUB_ID.match(name)) and "--" not in name and ".." not in name and not name.endswith((".git", "."))
 
 
 def scrub_local_paths(text: str) -> str:
@@ -162,11 +166,14 @@ def build_card(info: CardInfo, *, repo_id: str | None = None) -> ModelCard:
     if info.recipe_yaml:
         parts += ["## Recipe", "", "```yaml", _scrub_recipe(info.recipe_yaml.strip()), "```", ""]
     if info.edit_log:
-        parts += ["## Edit log", "", "| # | prompt | subject | new target | layer |", "|---|---|---|---|---|"]
+        checked = any("check" in e for e in info.edit_log)  # editing sessions add the method and their checks
+        parts += ["## Edit log", "", "| # | prompt | subject | new target | layer |" + (" method | check |" if checked else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if checked else "")]
         for i, e in enumerate(info.edit_log, 1):
             target = e.get("target_new", e.get("target", ""))
             parts.append(f"| {i} | {_cell(e.get('prompt', ''))} | {_cell(e.get('subject', ''))} | {_cell(target)} "
-                         f"| {_cell(e.get('layer', ''))} |")
+                         f"| {_cell(e.get('layer', ''))} |"
+                         + (f" {_cell(e.get('method', ''))} | {_cell(e.get('check', ''))} |" if checked else ""))
         parts.append("")
     if info.scores:
         parts += ["## Scores", "", _scores_table(info.scores), ""]

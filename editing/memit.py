@@ -7,7 +7,9 @@ the subject's last token) is optimised like ROME's v*. Then, layer by layer
 * K = keys of every fact at that layer (averaged over the prefixed prompts), ``[in, n]``;
 * R = (z − h) / (layers left), with h the current residual, ``[out, n]``;
 * ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, solved in float64 — stored as B = R, A = ((λC + KKᵀ)⁻¹K)ᵀ,
-  so ΔW = B·A exactly and each layer's update has rank ≤ n (one per fact).
+  so ΔW = B·A exactly and each layer's update has rank ≤ n (one per fact);
+* or, with ``alpha`` (AlphaEdit, :mod:`editing.alphaedit`), ΔW = R Kᵀ P (K_pK_pᵀP + KKᵀP + λI)⁻¹
+  with P that layer's null-space projector and K_p the keys of the session's earlier edits there.
 
 Example::
 
@@ -25,6 +27,7 @@ import torch
 
 from checkpoints.arch import ArchSpec
 
+from .alphaedit import AlphaEditHyperParams, alphaedit_factors
 from .hooks import capture_output
 from .request import EditRequest, tokenise
 from .rome import RomeHyperParams, compute_keys, compute_value, default_layer, prefixed, _pad_right, _pad_id
@@ -69,11 +72,15 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
                   Cs: dict[int, torch.Tensor], *, prefixes: list[str], hparams: MemitHyperParams | None = None,
                   rome: RomeHyperParams | None = None,
                   apply_layer: Callable[[str, torch.Tensor, torch.Tensor], None],
-                  progress: Callable[[float, str], None] | None = None
+                  progress: Callable[[float, str], None] | None = None,
+                  alpha: AlphaEditHyperParams | None = None, projectors: dict[int, torch.Tensor] | None = None,
+                  prior_keys: dict[int, torch.Tensor | None] | None = None,
                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Compute MEMIT factors for ``requests``; ``apply_layer(module, B, A)`` applies each layer as it goes.
 
-    Returns ``({module: (B [out, n], A [n, in])}, info)``.
+    With ``alpha``, the AlphaEdit update per layer from ``projectors[layer]`` and
+    ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used.
+    Returns ``({module: (B [out, n], A [n, in])}, info)``; ``info["keys"][layer]`` is K ``[in, n]``.
     """
     hp = hparams or MemitHyperParams()
     vp = replace(rome or RomeHyperParams(), v_steps=hp.v_steps, v_lr=hp.v_lr, kl_factor=hp.kl_factor,
@@ -89,6 +96,7 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
         logs.append(info)
     Z = torch.stack(zs)  # [n, hidden]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    keys: dict[int, torch.Tensor] = {}
     for li, layer in enumerate(layers):
         seqs_per_req = []
         for r in requests:
@@ -98,15 +106,21 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
         K = torch.stack([compute_keys(model, tokenizer, spec, layer, s).mean(0) for s in seqs_per_req]).T  # [in, n]
         H = _residuals(model, tokenizer, spec, requests, top)  # [n, hidden]
         R = ((Z - H) / (len(layers) - li)).T.double()  # [out, n]
-        C = Cs[layer].double().to(K.device)
-        lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(C.shape[0])
-        K64 = K.double()
-        adj = torch.linalg.solve(lam * C + K64 @ K64.T, K64)  # [in, n]
-        B, A = R.float().contiguous(), adj.T.float().contiguous()
+        if alpha is not None:
+            B, A = alphaedit_factors(R, K, projectors[layer], (prior_keys or {}).get(layer), l2=alpha.l2,
+                                     exact=alpha.exact)
+        else:
+            C = Cs[layer].double().to(K.device)
+            lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(C.shape[0])
+            K64 = K.double()
+            adj = torch.linalg.solve(lam * C + K64 @ K64.T, K64)  # [in, n]
+            B, A = R.float().contiguous(), adj.T.float().contiguous()
+        keys[layer] = K
         module = spec.module("mlp_out", layer)
         apply_layer(module, B, A)
         factors[module] = (B, A)
         log.info("MEMIT layer %d: residual norm %.3f", layer, float(R.norm()))
     info = {"seconds": round(time.time() - t0, 3), "facts": len(requests), "layers": layers,
-            "steps": [lg["steps"] for lg in logs], "target_prob_before": [lg["target_prob_before"] for lg in logs]}
+            "steps": [lg["steps"] for lg in logs], "target_prob_before": [lg["target_prob_before"] for lg in logs],
+            "keys": keys}
     return factors, info

@@ -107,6 +107,11 @@ class RomeHyperParams:
     # does) or "mean" (k*, the paper's equation). With "mean" the bare prompt only receives
     # δ·(u·k)/(u·k*), which on SmolLM2 left 3 of 50 CounterFact edits short of the target.
     update_at: str = "prompt"
+    # What ΔW must produce at that key (matters only with update_at="mean"): "key" is v* = W k* + δ,
+    # so the prompts' mean output moves by exactly the δ the optimisation added to each of them;
+    # "prompt" is v* = W k(s) + δ, as the r-ROME authors' code does (its v* starts from the bare
+    # prompt's output), which adds W (k(s) − k*) to the change at k*.
+    value_from: str = "key"
 
 
 @dataclass
@@ -118,6 +123,7 @@ class RomeResult:
     B: torch.Tensor  # [out]
     A: torch.Tensor  # [in]
     info: dict[str, Any] = field(default_factory=dict)
+    key: torch.Tensor | None = None  # k*, kept by the session as a key later AlphaEdit edits preserve
 
     def delta_out_in(self) -> torch.Tensor:
         return self.B[:, None] * self.A[None, :]
@@ -380,8 +386,9 @@ class KeyValue:
     W: torch.Tensor  # [out, in], float32
     k_star: torch.Tensor  # mean key over the bare and prefixed prompts
     at: torch.Tensor  # key where the update is exact (bare prompt's key, or k_star)
-    v: torch.Tensor  # W·at + δ
+    v: torch.Tensor  # W·(at or the bare prompt's key, see RomeHyperParams.value_from) + δ
     info: dict[str, Any]
+    k_prompt: torch.Tensor | None = None  # the bare prompt's key k(s)
 
     def update(self, C: torch.Tensor, *, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         return rank_one_update(self.W, self.k_star, self.v, C.to(self.W.device), ridge=ridge, at=self.at)
@@ -393,6 +400,8 @@ def compute_key_value(model, tokenizer, spec: ArchSpec, request: EditRequest, *,
     hp = hparams or RomeHyperParams()
     if hp.update_at not in ("prompt", "mean"):
         raise WeightsmithError(f"update_at must be 'prompt' or 'mean', not {hp.update_at!r}")
+    if hp.value_from not in ("key", "prompt"):
+        raise WeightsmithError(f"value_from must be 'key' or 'prompt', not {hp.value_from!r}")
     name = spec.module("mlp_out", layer)
     W = spec.as_out_in(get_module(model, name).weight.detach()).float()
     texts = prefixed(prefixes, request.text)
@@ -401,9 +410,12 @@ def compute_key_value(model, tokenizer, spec: ArchSpec, request: EditRequest, *,
     keys = compute_keys(model, tokenizer, spec, layer, seqs)
     k_star = keys.mean(0)
     at = keys[0] if hp.update_at == "prompt" else k_star  # texts[0] is the bare prompt
+    base = at if hp.value_from == "key" else keys[0]
     delta, _v_init, info = compute_value(model, tokenizer, spec, request, layer, prefixes, hp, progress=progress)
     info["update_at"] = hp.update_at
-    return KeyValue(W, k_star, at, W @ at + delta, info)
+    if hp.update_at == "mean":
+        info["value_from"] = hp.value_from
+    return KeyValue(W, k_star, at, W @ base + delta, info, keys[0])
 
 
 def compute_rome(model, tokenizer, spec: ArchSpec, request: EditRequest, C: torch.Tensor, *, layer: int,
@@ -418,4 +430,4 @@ def compute_rome(model, tokenizer, spec: ArchSpec, request: EditRequest, C: torc
     info = kv.info
     name = spec.module("mlp_out", layer)
     info.update({"seconds": round(time.time() - t0, 3), "layer": layer, "module": name})
-    return RomeResult(layer, name, B, A, info)
+    return RomeResult(layer, name, B, A, info, kv.k_star)

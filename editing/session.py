@@ -8,11 +8,23 @@ order with the same float operations. So undoing the last edit returns the
 bits from before it, undoing all edits returns the original bits, and
 undoing edit 1 of 2 gives exactly ``pristine + Δ₂``.
 
+Methods (:mod:`editing.methods`): ``rome``, ``r-rome``, ``alphaedit`` (one layer) and
+``memit``, ``alphaedit-memit`` (several layers), per session or per call. The
+session keeps every active edit's keys per layer, so a later AlphaEdit edit also
+preserves them (sequential editing); undoing an edit drops its keys. Statistics
+(and AlphaEdit's projectors) describe the unedited model: they are computed and
+looked up with the pristine weights swapped in.
+
+Every edit is checked (:mod:`editing.checks`): a non-finite update is refused;
+‖ΔW‖, ‖ΔW‖/‖W‖ and the KL on neutral text land in ``info["checks"]``, with a
+``warning`` when the update looks like a disabling edit.
+
 Example::
 
     session = EditSession(model, tokenizer, corpus=corpus_from_file("wiki.txt"))
     e = session.apply(EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"))
-    session.history            # [{"id": 1, "subject": "Eiffel Tower", ...}]
+    session.history            # [{"id": 1, "subject": "Eiffel Tower", "checks": {...}, ...}]
+    session.apply(EditRequest(...), method="alphaedit")
     session.export_adapter(Path("eiffel-rome-lora"))
     session.undo(e.id)
 """
@@ -22,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +48,9 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.sources import public_name
 from checkpoints.tensors import ShardedWriter, tied_head_names
 
-from .hooks import get_module
+from .alphaedit import AlphaEditHyperParams, compute_alphaedit
+from .checks import CheckSettings, neutral_logprobs, require_finite, update_checks, update_norms
+from .methods import DEFAULT_METHOD, MULTI_LAYER, check_method, rome_hparams_for
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
 from .stats import Corpus, StatsCache, resolve_corpus
@@ -50,7 +65,8 @@ class AppliedEdit:
     """One entry of the history: a ROME edit (one request) or a MEMIT batch (several).
 
     ``factors[module] = (B [out, r], A [r, in])`` with ``ΔW[out,in] = B @ A``;
-    ``deltas[param name]`` is the exact delta added to the stored weight.
+    ``deltas[param name]`` is the exact delta added to the stored weight;
+    ``keys[layer]`` ``[n, in]`` the keys the edit wrote (later AlphaEdit edits preserve them).
     """
 
     id: int
@@ -60,6 +76,7 @@ class AppliedEdit:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     deltas: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         facts = [r.as_dict() for r in self.requests]
@@ -69,8 +86,14 @@ class AppliedEdit:
         else:
             out["facts"] = [{k: v for k, v in f.items() if k != "layer"} for f in facts]
         out.update({k: v for k, v in self.info.items() if k in (
-            "seconds", "steps", "target_prob_before", "target_prob_after_geomean", "corpus", "stats_tokens")})
+            "seconds", "steps", "target_prob_before", "target_prob_after_geomean", "corpus", "stats_tokens",
+            "update_at", "value_from", "nullspace_dim", "residual_unreached", "checks")})
         return out
+
+    @property
+    def warning(self) -> str:
+        """The checks' one-line warning ("" when the update looks normal)."""
+        return str(self.info.get("checks", {}).get("warning", ""))
 
 
 class EditSession:
@@ -79,7 +102,10 @@ class EditSession:
     Args:
         model, tokenizer: the loaded pair (float32 recommended on CPU).
         stats: the statistics cache (default: on disk under ``weightsmith_home()``).
-        hparams: ROME settings (:class:`RomeHyperParams`).
+        hparams: ROME settings (:class:`RomeHyperParams`), also the keys/values of r-ROME and AlphaEdit.
+        method: default method of :meth:`apply` (:data:`editing.methods.METHODS`).
+        alpha_hparams: AlphaEdit settings (:class:`AlphaEditHyperParams`).
+        check_settings: thresholds of the disabling-edit checks (:class:`CheckSettings`).
         corpus: statistics corpus: a :class:`Corpus`, a text-file path, ``"hf:NAME/CONFIG"``,
             or None for text the model samples itself (offline default).
         stats_tokens: tokens of corpus for the statistics (default 100k for text, 10k sampled).
@@ -88,7 +114,9 @@ class EditSession:
 
     def __init__(self, model, tokenizer, *, stats: StatsCache | None = None,
                  hparams: RomeHyperParams | None = None, corpus: Corpus | str | Path | None = None,
-                 stats_tokens: int | None = None, base_name: str | None = None, memit_hparams: Any = None):
+                 stats_tokens: int | None = None, base_name: str | None = None, memit_hparams: Any = None,
+                 method: str | None = None, alpha_hparams: AlphaEditHyperParams | None = None,
+                 check_settings: CheckSettings | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec_for(getattr(model.config, "model_type", None), strict=True)
@@ -98,6 +126,11 @@ class EditSession:
         self.stats = stats if stats is not None else StatsCache()
         self.hparams = hparams or RomeHyperParams()
         self.memit_hparams = memit_hparams
+        self.method = check_method(method or DEFAULT_METHOD)
+        self.alpha_hparams = alpha_hparams or AlphaEditHyperParams()
+        self.check_settings = check_settings or CheckSettings()
+        # ‖ΔW‖ of every edit made in this session (undone ones too), per method: the outlier check's reference.
+        self._norms: dict[str, list[float]] = {}
         self.corpus = corpus if isinstance(corpus, Corpus) else resolve_corpus(corpus)
         self.stats_tokens = stats_tokens
         self.base_name = public_name(base_name or getattr(model.config, "_name_or_path", "") or "model")
@@ -123,10 +156,40 @@ class EditSession:
                                                seed=self.hparams.seed)
         return self._prefixes
 
+    @contextmanager
+    def _pristine_weights(self):
+        # Statistics describe the unedited model (as in the authors' code, which computes them once):
+        # with the pristine tensors in place the cache key is the base model's, so edits never force a
+        # recomputation (MEMIT's lower layers change the identity of the layers above them).
+        touched = {n for e in self._edits for n in e.deltas}
+        with torch.no_grad():
+            for name in touched:
+                self.model.get_parameter(name).copy_(self._pristine[name])
+        try:
+            yield
+        finally:
+            self._refold(touched)  # bit-exact: the same sums in the same order
+
     def statistics(self, layers: int | list[int], progress: Progress | None = None) -> dict[int, torch.Tensor]:
-        """C = E[kkᵀ] for ``layers`` from the cache (computed on first use)."""
-        return self.stats.get(self.model, self.tokenizer, self.spec, layers, self.corpus, self.stats_tokens,
-                              progress=progress)
+        """C = E[kkᵀ] of the unedited model for ``layers`` from the cache (computed on first use)."""
+        with self._pristine_weights():
+            return self.stats.get(self.model, self.tokenizer, self.spec, layers, self.corpus, self.stats_tokens,
+                                  progress=progress)
+
+    def projectors(self, layers: int | list[int], progress: Progress | None = None) -> dict[int, tuple[torch.Tensor, int]]:
+        """AlphaEdit's null-space projector of each layer's C: ``{layer: (P, kept directions)}`` (cached)."""
+        with self._pristine_weights():
+            return self.stats.projectors(self.model, self.tokenizer, self.spec, layers, self.corpus,
+                                         self.stats_tokens, threshold=self.alpha_hparams.nullspace_threshold,
+                                         progress=progress)
+
+    def prior_keys(self, layer: int) -> torch.Tensor | None:
+        """Keys ``[in, m]`` the active edits wrote at ``layer`` (K_p of sequential AlphaEdit), or None."""
+        rows = [e.keys[layer] for e in self._edits if layer in e.keys]
+        return torch.cat(rows, dim=0).T.contiguous() if rows else None
+
+    def _neutral(self) -> torch.Tensor:
+        return neutral_logprobs(self.model, self.tokenizer, self.check_settings.prompts)
 
     def _layer_of(self, request: EditRequest) -> int:
         return self.default_layer if request.layer is None else int(request.layer)
@@ -149,7 +212,11 @@ class EditSession:
                 self.model.get_parameter(pname).copy_(w)
 
     def _commit(self, method: str, requests: list[EditRequest], layers: list[int],
-                factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any]) -> AppliedEdit:
+                factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any], *,
+                keys: dict[int, torch.Tensor] | None = None, before: torch.Tensor | None = None) -> AppliedEdit:
+        require_finite(factors)  # before anything changes
+        current = {m: self.spec.as_out_in(self.model.get_parameter(self._param_name(m)).detach()) for m in factors}
+        norm, relative = update_norms(factors, current)
         deltas = {}
         for module, (B, A) in factors.items():
             pname = self._param_name(module)
@@ -157,60 +224,128 @@ class EditSession:
             if pname not in self._pristine:
                 self._pristine[pname] = param.detach().clone()
             deltas[pname] = self.spec.from_out_in(B @ A).to(param.dtype).contiguous()
-        edit = AppliedEdit(self._next_id, method, requests, layers, factors, deltas, info)
+        edit = AppliedEdit(self._next_id, method, requests, layers, factors, deltas, info,
+                           {layer: k.detach().float() for layer, k in (keys or {}).items()})
         self._next_id += 1
         self._edits.append(edit)
         self._refold(set(deltas))
+        after = self._neutral() if before is not None else None
+        earlier = self._norms.setdefault(method, [])
+        info["checks"] = update_checks(norm, relative, before, after, list(earlier), self.check_settings)
+        earlier.append(norm)
+        if info["checks"]["flag"]:
+            log.warning("edit %d: %s", edit.id, info["checks"]["warning"])
         return edit
 
     # -- public API ------------------------------------------------------------------------------------
-    def apply(self, request: EditRequest, progress: Progress | None = None) -> AppliedEdit:
-        """Compute and apply one ROME edit; returns the history entry. Bad input raises before any change."""
+    def apply(self, request: EditRequest, progress: Progress | None = None, *,
+              method: str | None = None) -> AppliedEdit:
+        """Compute and apply one edit (``method``: default the session's); returns the history entry.
+
+        ``memit``/``alphaedit-memit`` go through :meth:`apply_batch` with this one request.
+        Bad input raises before any change; so does a non-finite update.
+        """
+        method = check_method(method or self.method)
+        if method in MULTI_LAYER:
+            return self.apply_batch([request], progress=progress, method=method)
         self.check(request)
         layer = self._layer_of(request)
         t0 = time.time()
-        C = self.statistics(layer, progress=progress)[layer]
-        t_stats = time.time() - t0
-        result = compute_rome(self.model, self.tokenizer, self.spec, request, C, layer=layer,
-                              prefixes=self.prefixes(), hparams=self.hparams, progress=progress)
-        info = dict(result.info)
+        before = self._neutral()
+        module = self.spec.module("mlp_out", layer)
+        if method == "alphaedit":
+            P, kept = self.projectors(layer, progress=progress)[layer]
+            t_stats = time.time() - t0
+            B, A, K, info = compute_alphaedit(self.model, self.tokenizer, self.spec, [request], P, layer=layer,
+                                              prefixes=self.prefixes(), hparams=self.hparams, alpha=self.alpha_hparams,
+                                              prior_keys=self.prior_keys(layer), progress=progress)
+            info["nullspace_dim"] = kept
+            factors, keys = {module: (B, A)}, {layer: K.T}
+        else:
+            C = self.statistics(layer, progress=progress)[layer]
+            t_stats = time.time() - t0
+            result = compute_rome(self.model, self.tokenizer, self.spec, request, C, layer=layer,
+                                  prefixes=self.prefixes(), hparams=rome_hparams_for(method, self.hparams),
+                                  progress=progress)
+            info = dict(result.info)
+            factors, keys = {module: (result.B[:, None], result.A[None, :])}, {layer: result.key[None, :]}
         info.update({"corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens,
-                     "seconds_stats": round(t_stats, 3), "seconds": round(time.time() - t0, 3)})
+                     "seconds_stats": round(t_stats, 3)})
         req = EditRequest(request.prompt, request.subject, request.target, layer, request.target_true)
-        edit = self._commit("rome", [req], [layer], {result.module: (result.B[:, None], result.A[None, :])}, info)
-        log.info("edit %d: %s -> %s at layer %d in %.1f s", edit.id, request.subject, request.target, layer,
-                 info["seconds"])
+        edit = self._commit(method, [req], [layer], factors, info, keys=keys, before=before)
+        info["seconds"] = round(time.time() - t0, 3)
+        log.info("edit %d (%s): %s -> %s at layer %d in %.1f s", edit.id, method, request.subject, request.target,
+                 layer, info["seconds"])
         return edit
 
     def apply_batch(self, requests: list[EditRequest], *, layers: list[int] | None = None,
-                    progress: Progress | None = None) -> AppliedEdit:
-        """Apply many facts at once, MEMIT style, spread over ``layers``; one history entry."""
+                    progress: Progress | None = None, method: str | None = None) -> AppliedEdit:
+        """Apply many facts at once as one history entry.
+
+        ``method``: ``memit`` (default; ``alphaedit-memit`` when the session's method is an
+        AlphaEdit one) spreads them over ``layers``; ``alphaedit`` writes them all into one
+        layer (``layers=[L]`` or the default layer).
+        """
         from .memit import MemitHyperParams, compute_memit
 
+        if method is None:
+            method = "alphaedit-memit" if self.method.startswith("alphaedit") else "memit"
+        method = check_method(method)
+        if method in ("rome", "r-rome"):
+            raise WeightsmithError(f"{method} edits one fact at a time: use apply(), or method memit, "
+                                   "alphaedit-memit or alphaedit for a batch")
         if not requests:
             raise WeightsmithError("no edits given")
         for r in requests:
             self.check(r)
         hp = self.memit_hparams or MemitHyperParams()
+        if method == "alphaedit":
+            layers = list(layers or [self.default_layer])
+            if len(layers) != 1:
+                raise WeightsmithError("alphaedit edits one layer: give one layer, or use alphaedit-memit")
         layers = list(layers or hp.layers_for(self.spec.model_type, self.num_layers))
         for layer in layers:
             if not 0 <= layer < self.num_layers:
                 raise WeightsmithError(f"layer {layer} is out of range: the model has layers 0..{self.num_layers - 1}")
         t0 = time.time()
-        Cs = self.statistics(layers, progress=progress)
+        before = self._neutral()
+        if method == "alphaedit":
+            layer = layers[0]
+            P, kept = self.projectors(layer, progress=progress)[layer]
+            B, A, K, info = compute_alphaedit(self.model, self.tokenizer, self.spec, requests, P, layer=layer,
+                                              prefixes=self.prefixes(), hparams=self.hparams, alpha=self.alpha_hparams,
+                                              prior_keys=self.prior_keys(layer), progress=progress)
+            info.update({"nullspace_dim": kept, "corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens})
+            edit = self._commit(method, list(requests), layers, {self.spec.module("mlp_out", layer): (B, A)}, info,
+                                keys={layer: K.T}, before=before)
+            info["seconds"] = round(time.time() - t0, 3)
+            return edit
+        alpha, projectors, prior, Cs = None, None, None, {}
+        if method == "alphaedit-memit":
+            alpha = self.alpha_hparams
+            found = self.projectors(layers, progress=progress)
+            projectors = {layer: P for layer, (P, _) in found.items()}
+            prior = {layer: self.prior_keys(layer) for layer in layers}
+        else:
+            Cs = self.statistics(layers, progress=progress)
         try:
             factors, info = compute_memit(self.model, self.tokenizer, self.spec, requests, layers, Cs,
                                           prefixes=self.prefixes(), hparams=hp, rome=self.hparams,
-                                          apply_layer=self._apply_memit_layer, progress=progress)
+                                          apply_layer=self._apply_memit_layer, progress=progress,
+                                          alpha=alpha, projectors=projectors, prior_keys=prior)
         finally:
             # compute_memit applied its layers as it went (later layers see earlier ones) as temporary
             # entries; drop them (on failure this restores the weights) and commit one entry below.
             touched = {n for e in self._edits if e.id == -1 for n in e.deltas}
             self._edits = [e for e in self._edits if e.id != -1]
             self._refold(touched)
-        info.update({"corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens,
-                     "seconds": round(time.time() - t0, 3)})
-        return self._commit("memit", list(requests), layers, factors, info)
+        keys = {layer: K.T for layer, K in info.pop("keys").items()}
+        if alpha is not None:
+            info["nullspace_dim"] = {layer: kept for layer, (_, kept) in found.items()}
+        info.update({"corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens})
+        edit = self._commit(method, list(requests), layers, factors, info, keys=keys, before=before)
+        info["seconds"] = round(time.time() - t0, 3)
+        return edit
 
     def _apply_memit_layer(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
         # Temporary entry (id -1) so the next MEMIT layer sees this one; replaced by one entry at the end.
@@ -252,11 +387,17 @@ class EditSession:
                 row = r.as_dict()
                 row["layer"] = ",".join(map(str, e.layers))
                 row["method"] = e.method
+                row["check"] = e.warning or "ok"
                 log_rows.append(row)
         facts = "; ".join(f"{r['subject']} → {r['target_new']}" for r in log_rows)
+        methods = sorted({e.method for e in self._edits})
         summary = (f"{self.base_name} with {len(log_rows)} fact(s) rewritten by "
-                   f"{'ROME (rank-one MLP edits)' if all(e.method == 'rome' for e in self._edits) else 'ROME/MEMIT'}: {facts}.\n\n"
+                   f"{'ROME (rank-one MLP edits)' if methods == ['rome'] else ', '.join(methods)}: {facts}.\n\n"
                    f"Statistics corpus: {self.corpus.name}.")
+        flagged = [e.id for e in self._edits if e.warning]
+        if flagged:
+            summary += (f"\n\n**Warning:** edit(s) {', '.join(map(str, flagged))} looked like disabling edits "
+                        "(see the check column of the edit log).")
         if relation == "adapter":
             summary += ("\n\nThe edits are stored as a LoRA adapter on the edited down projection(s), "
                         "rank 1 per edit, with ΔW = B·A exactly.")

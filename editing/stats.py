@@ -275,15 +275,26 @@ class StatsKey:
     layer: int
     corpus: str
     n_tokens: int
+    kind: str = "C"  # "C" the second moment; "P<threshold>" AlphaEdit's null-space projector of that C
 
     def filename(self) -> str:
-        return f"{self.model_id[:20]}-L{self.layer}-{self.corpus[:20]}-{self.n_tokens}.safetensors"
+        suffix = "" if self.kind == "C" else f"-{self.kind}"
+        return f"{self.model_id[:20]}-L{self.layer}-{self.corpus[:20]}-{self.n_tokens}{suffix}.safetensors"
+
+    @property
+    def tensor_name(self) -> str:
+        return "C" if self.kind == "C" else "P"
+
+    def projector(self, threshold: float) -> "StatsKey":
+        """The key of the null-space projector computed from this C with ``threshold``."""
+        return StatsKey(self.model_id, self.layer, self.corpus, self.n_tokens, f"P{threshold:.6g}")
 
 
 class StatsCache:
-    """Explicit cache of second moments: in memory for this object, and on disk under ``root``.
+    """Explicit cache of second moments (and AlphaEdit projectors made from them): in memory for
+    this object, and on disk under ``root``.
 
-    Keyed by :class:`StatsKey`, so two models, layers or corpora never share an entry.
+    Keyed by :class:`StatsKey`, so two models, layers, corpora or thresholds never share an entry.
     """
 
     def __init__(self, root: Path | None = None, *, memory: bool = True):
@@ -301,7 +312,7 @@ class StatsCache:
         path = self.root / key.filename()
         if path.is_file():
             try:
-                c = load_file(str(path))["C"]
+                c = load_file(str(path))[key.tensor_name]
             except Exception:  # a damaged cache file is recomputed, not fatal
                 log.warning("ignoring unreadable statistics cache %s", path.name)
                 return None
@@ -317,7 +328,7 @@ class StatsCache:
         fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".partial", dir=self.root)
         os.close(fd)
         try:
-            save_file({"C": c.contiguous()}, tmp, metadata=meta)
+            save_file({key.tensor_name: c.contiguous()}, tmp, metadata=meta)
             os.replace(tmp, self.root / key.filename())
         finally:
             if os.path.exists(tmp):
@@ -342,4 +353,33 @@ class StatsCache:
                 self.store(keys[layer], c, {"layer": str(layer), "corpus": corpus.name, "tokens": str(used),
                                             "model_type": spec.model_type})
                 out[layer] = c
+        return out
+
+    def projectors(self, model, tokenizer, spec: ArchSpec, layers: int | list[int], corpus: Corpus,
+                   n_tokens: int | None = None, *, threshold: float, progress: Progress | None = None,
+                   device: str | torch.device | None = None) -> dict[int, tuple[torch.Tensor, int]]:
+        """AlphaEdit's null-space projector P of each layer's C: ``{layer: (P, kept directions)}``.
+
+        Computed once per (model identity, layer, corpus, tokens, threshold), from the cached C,
+        and cached the same way (the eigendecomposition costs about a second per layer).
+        """
+        from .alphaedit import nullspace_projector
+
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        if n_tokens is None:
+            n_tokens = DEFAULT_SAMPLED_TOKENS if corpus.kind == "sampled" else DEFAULT_TOKENS
+        keys = {layer: self.key(model, spec, layer, corpus, n_tokens).projector(threshold) for layer in layers}
+        out: dict[int, tuple[torch.Tensor, int]] = {}
+        for layer in layers:
+            P = self.lookup(keys[layer])
+            if P is not None:
+                out[layer] = (P, int(round(float(P.diagonal().sum()))))  # trace of a projector = its rank
+        missing = [layer for layer in layers if layer not in out]
+        if missing:
+            Cs = self.get(model, tokenizer, spec, missing, corpus, n_tokens, progress=progress, device=device)
+            for layer in missing:
+                P, kept = nullspace_projector(Cs[layer], threshold)
+                self.store(keys[layer], P, {"layer": str(layer), "corpus": corpus.name, "threshold": f"{threshold:g}",
+                                            "kept": str(kept), "model_type": spec.model_type})
+                out[layer] = (P, kept)
         return out

@@ -1,0 +1,120 @@
+"""Cheap checks after every edit: is the update finite, how large is it, did unrelated text move?
+
+A *disabling edit* (Gupta et al. 2024, "Rebuilding ROME") is an update with a
+huge norm that breaks the model; in sequential editing it shows as a norm far
+above the session's usual one (on the demo model: 1,233 against a median of
+32). Three signals, all shown to the user in the edit's ``checks``:
+
+* ``update_norm`` ‖ΔW‖ (Frobenius, over all edited matrices) and
+  ``relative_norm`` max ‖ΔW‖/‖W‖ per matrix, against an absolute bound for the
+  first edits and against ``outlier_factor`` × the median of the session's
+  earlier updates of the same method once there are ``min_history`` of them;
+* ``unrelated_kl``: the mean KL(before ‖ after) of the next-token distribution
+  over every position of a few fixed neutral texts, one batched forward pass
+  before and one after the edit (about 0.1 s each on the demo model);
+* ``finite``: a non-finite update is refused before anything changes
+  (:func:`require_finite`).
+
+Example::
+
+    before = neutral_logprobs(model, tok, settings.prompts)
+    ... apply ...
+    checks = update_checks(norms, before, neutral_logprobs(model, tok, settings.prompts), earlier, settings)
+    checks["flag"]  # "" or a one-line warning
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from checkpoints.errors import WeightsmithError
+
+# Texts about nothing an edit should touch (no named entities): everyday scenes and arithmetic.
+NEUTRAL_PROMPTS: tuple[str, ...] = (
+    "The weather was cold, so she put on a warm coat and walked to the",
+    "To make a cup of tea, first boil some water, then",
+    "He opened the window because the room was too",
+    "Two plus two is four, and three plus three is",
+    "After dinner, the children played in the garden until it got",
+)
+
+
+@dataclass
+class CheckSettings:
+    """Thresholds of the disabling-edit checks (tune them on the tuning half, like other settings)."""
+
+    prompts: tuple[str, ...] = NEUTRAL_PROMPTS
+    # Flag when ‖ΔW‖ > outlier_factor × median of the earlier updates (same method), once there are
+    # min_history of them. The issue's disabling edit was 38× the median; the largest r-ROME
+    # update in the same run 2.5×.
+    outlier_factor: float = 5.0
+    min_history: int = 3
+    max_relative_norm: float = 1.0  # ‖ΔW‖/‖W‖ of any edited matrix, for every edit (also the first)
+    max_unrelated_kl: float = 0.5  # nats, mean over the neutral texts' positions
+
+
+@torch.no_grad()
+def neutral_logprobs(model, tokenizer, prompts: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Next-token log-probabilities at every real position of ``prompts``: ``[positions, vocab]`` (one forward)."""
+    device = next(model.parameters()).device
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    return F.log_softmax(logits[mask.bool().to(device)].float(), -1)
+
+
+def unrelated_kl(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean over positions of KL(before ‖ after), from :func:`neutral_logprobs` outputs."""
+    return float(F.kl_div(after, before, log_target=True, reduction="none").sum(-1).mean())
+
+
+def require_finite(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse an update with NaN/inf entries before it touches the weights."""
+    for module, (B, A) in factors.items():
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise WeightsmithError(f"the computed update of {module} is not finite (NaN or inf): nothing was changed; "
+                                   "try another layer or a larger statistics corpus")
+
+
+def update_norms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(‖ΔW‖ over all modules, max per-module ‖ΔW‖/‖W‖) for ΔW = B A and W in ``weights[module]``."""
+    total, rel = 0.0, 0.0
+    for module, (B, A) in factors.items():
+        n = float((B.double() @ A.double()).norm())
+        total += n * n
+        rel = max(rel, n / max(float(weights[module].double().norm()), 1e-30))
+    return total ** 0.5, rel
+
+
+def update_checks(norm: float, relative: float, before: torch.Tensor | None, after: torch.Tensor | None,
+                  earlier: list[float], settings: CheckSettings) -> dict[str, Any]:
+    """The ``checks`` dict of an applied edit; ``flag`` is "" or a one-line warning."""
+    out: dict[str, Any] = {"finite": True, "update_norm": round(norm, 4), "relative_norm": round(relative, 5)}
+    reasons = []
+    if relative > settings.max_relative_norm:
+        reasons.append(f"‖ΔW‖/‖W‖ = {relative:.2f} > {settings.max_relative_norm:g}")
+    if len(earlier) >= settings.min_history:
+        med = statistics.median(earlier)
+        out["median_earlier_norm"] = round(med, 4)
+        if med > 0 and norm > settings.outlier_factor * med:
+            reasons.append(f"‖ΔW‖ = {norm:.4g} is {norm / med:.1f}× the median {med:.4g} of {len(earlier)} earlier edits")
+    if before is not None and after is not None:
+        kl = unrelated_kl(before, after)
+        out["unrelated_kl"] = round(kl, 5)
+        if not kl <= settings.max_unrelated_kl:  # NaN flags too
+            reasons.append(f"unrelated text moved: KL {kl:.3g} > {settings.max_unrelated_kl:g} nats")
+    out["flag"] = bool(reasons)
+    out["warning"] = ("possible disabling edit: " + "; ".join(reasons) + " (undo it if the model misbehaves)"
+                      if reasons else "")
+    return out

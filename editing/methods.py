@@ -1,0 +1,44 @@
+"""The editing methods a session offers, by name, and how each maps onto ROME/MEMIT settings.
+
+* ``rome``: ROME as in the authors' code: ΔW exact at the bare prompt's key k(s)
+  (``RomeHyperParams.update_at`` as configured, default "prompt");
+* ``r-rome``: "Rebuilding ROME" (Gupta et al. 2024): ΔW exact at the mean key k*,
+  the key v* was optimised for (``update_at="mean"``; ``value_from`` picks v*'s base);
+* ``alphaedit``: AlphaEdit at ROME's single layer: r-ROME's k*/v*, update projected
+  onto the null space of the preserved keys and of the session's earlier edits;
+* ``memit``: MEMIT, several facts over several layers;
+* ``alphaedit-memit``: AlphaEdit as published: MEMIT's targets, projected updates.
+
+``DEFAULT_METHOD`` is what a session uses when no method is named; it is chosen by
+measurement on the CounterFact tuning half (bench/), so switching it is this one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from checkpoints.errors import WeightsmithError
+
+from .rome import RomeHyperParams
+
+METHODS: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit")
+SINGLE_LAYER: tuple[str, ...] = ("rome", "r-rome", "alphaedit")
+MULTI_LAYER: tuple[str, ...] = ("memit", "alphaedit-memit")
+DEFAULT_METHOD = "rome"
+
+
+def check_method(method: str | None) -> str:
+    """The method's canonical name, or one clear error listing the choices."""
+    m = (method or DEFAULT_METHOD).strip().lower().replace("_", "-")
+    if m == "rrome":
+        m = "r-rome"
+    if m not in METHODS:
+        raise WeightsmithError(f"unknown editing method {method!r}: choose one of {', '.join(METHODS)}")
+    return m
+
+
+def rome_hparams_for(method: str, hparams: RomeHyperParams) -> RomeHyperParams:
+    """ROME settings that realise ``method`` (r-ROME and AlphaEdit make the update at k*)."""
+    if method in ("r-rome", "alphaedit"):
+        return replace(hparams, update_at="mean")
+    return hparams
