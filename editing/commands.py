@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .methods import DEFAULT_METHOD, METHODS
+
 
 def _load(ref: str):
     from checkpoints.arch import spec_for
@@ -40,7 +42,8 @@ def _trace(args: argparse.Namespace) -> int:
 def _session(args, ckpt, model, tok):
     from .session import EditSession
 
-    return EditSession(model, tok, corpus=args.stats_corpus, stats_tokens=args.stats_tokens, base_name=ckpt.name)
+    return EditSession(model, tok, corpus=args.stats_corpus, stats_tokens=args.stats_tokens, base_name=ckpt.name,
+                       method=args.method)
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -73,27 +76,35 @@ def _edit(args: argparse.Namespace) -> int:
     else:
         session.export_model(out, scores=scores)
     info = edit.info
-    print(f"edited layer {edit.layers[0]} in {info['seconds']:.1f} s ({info['steps']} steps; "
-          f"P(target) {info['target_prob_before']:.4f} -> {info['target_prob_after_geomean']:.4f}); "
+    checks = info["checks"]
+    steps = info["steps"][0] if isinstance(info["steps"], list) else info["steps"]
+    print(f"edited ({edit.method}) layer {','.join(map(str, edit.layers))} in {info['seconds']:.1f} s ({steps} steps; "
+          f"‖ΔW‖ {checks['update_norm']:.4g}, {checks['relative_norm']:.3g} of ‖W‖, "
+          f"KL on neutral text {checks.get('unrelated_kl', float('nan')):.3g}); "
           f"wrote {'adapter' if args.as_adapter else 'model'} to {out}")
+    if edit.warning:
+        print(f"warning: {edit.warning}", file=sys.stderr)
     return 0
 
 
 def _eval_edits(args: argparse.Namespace) -> int:
-    from .evaluate import load_records, run_eval
+    from .evaluate import GENERATION_KEYS, load_records, run_eval
+    from .generation_checks import GenerationConfig
 
     records = load_records(Path(args.file), limit=args.limit)
     ckpt, model, tok = _load(args.model)
     session = _session(args, ckpt, model, tok)
-    result = run_eval(session, records, layer=args.layer, progress=_progress)
+    gen = None if args.no_generation else GenerationConfig(answer_tokens=args.gen_tokens)
+    result = run_eval(session, records, layer=args.layer, progress=_progress, generation=gen)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
         b = result["baseline"]
-        for k in ("efficacy", "paraphrase", "neighborhood", "score"):
-            print(f"{k:<13} {result[k]}  (unedited {b[k]})")
+        for k in ("efficacy", "paraphrase", "neighborhood", "score", *GENERATION_KEYS):
+            if k in result:
+                print(f"{k:<16} {result[k]}  (unedited {b[k]})")
         print(f"n {result['n']}, {result['seconds_per_edit']} s per edit")
     return 0
 
@@ -105,6 +116,8 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-tokens", type=int, default=None,
                    help="tokens of corpus for the statistics (default 100000 for text, 10000 sampled)")
     p.add_argument("--layer", type=int, default=None, help="edited layer (default: per-architecture table)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help=f"editing method (default {DEFAULT_METHOD}); memit and alphaedit-memit spread over several layers")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,5 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="JSON records (original CounterFact or flat format)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-generation", action="store_true",
+                   help="skip the checks by generation (greedy: gen_efficacy, gen_paraphrase, gen_neighborhood, fluency)")
+    p.add_argument("--gen-tokens", type=int, default=20,
+                   help="new tokens in which a generated answer must appear (default 20)")
     _stats_args(p)
     p.set_defaults(func=_eval_edits)

@@ -126,3 +126,27 @@ def test_batched_generation_equals_one_at_a_time(tok):
     alone = [greedy_continuations(m, tok, [p], 8)[0] for p in prompts]
     assert together == alone
     assert len({tuple(r) for r in alone}) > 1  # non-vacuity: the prompts generate different text
+
+
+def test_cli_eval_edits_reports_generation_checks(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from checkpoints.cli import main
+
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["the capital of France is Paris . Rome is in Italy . Berlin is in Germany ."] * 60))
+    records = tmp_path / "recs.json"
+    records.write_text(json.dumps([{"prompt": "The {} is located in the city of", "subject": "Eiffel Tower",
+                                    "target_new": "Rome", "ground_truth": "Paris",
+                                    "rephrase_prompt": "The Eiffel Tower is in", "locality_prompt": "Berlin is in",
+                                    "locality_ground_truth": "Germany"}]))
+    args = ["eval-edits", str(tiny_llama_dir), str(records), "--layer", "1", "--stats-corpus", str(corpus), "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = {"gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency"}
+    assert keys <= set(result) and keys <= set(result["baseline"])
+    assert all(0.0 <= result[k] <= 1.0 for k in keys - {"fluency"}) and result["fluency"] >= 0.0
+    assert main(args + ["--no-generation"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert not keys & set(result) and not keys & set(result["baseline"])
