@@ -30,7 +30,8 @@ from typing import Any, Callable
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.generation import LoadedModel, ModelCache, stream_text
+from checkpoints.generation import stream_text
+from checkpoints.model_cache import LoadedModel, ModelCache, building_models, warm_imports
 from checkpoints.sources import resolve
 from checkpoints.uploads import import_upload
 from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager, parse_size
@@ -60,6 +61,8 @@ class AppConfig:
     max_loaded_models: int = 3
     heavy_concurrency: int = 1  # merges, mixes, edits at once (each may hold several models in memory)
     generate_concurrency: int = 2
+    default_concurrency: int = 2  # other queued events (inspect, upload, ...)
+    queue_max_size: int = 64  # requests waiting in the queue; more are turned away with "queue is full"
     max_new_tokens: int = 256
     cleanup_every: float = 300.0
     max_edit_sessions: int = 2  # in-memory edited models (each a full copy of its model)
@@ -237,10 +240,12 @@ class Workbench:
         self.workspaces = WorkspaceManager(WorkspaceConfig(
             root=Path(root), max_age_seconds=self.config.workspace_max_age,
             max_bytes=self.config.workspace_max_bytes))
+        warm_imports()  # before any request thread imports transformers
         self.models = ModelCache(max_models=self.config.max_loaded_models, device=self.config.device)
+        # Base + adapter, merged for the Playground: one at a time, each is a full model copy.
+        self.adapter_models = ModelCache(max_models=1, device=self.config.device)
         self.jobs = Jobs()
         self._sessions: dict[str, str] = {}  # gradio session hash -> workspace id (never sent to the browser)
-        self._adapter_models: dict[tuple, LoadedModel] = {}  # base + adapter, merged for the Playground
         self._edit_sessions: dict[str, tuple[str, Any]] = {}  # workspace id -> (model, EditSession)
         self.stats = None
         try:
@@ -470,17 +475,13 @@ class Workbench:
             declared = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
             base_ref = "demo" if declared in (DEMO_NAME, None, "") else declared
         key = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns, str(base_ref))
-        with self._lock:
-            if key in self._adapter_models:
-                return self._adapter_models[key]
         base = resolve(self.ref(ws, base_ref), allow_hub=self.config.allow_hub)
-        model = PeftModel.from_pretrained(base.load_model(device=self.config.device), str(path)).merge_and_unload()
-        loaded = LoadedModel(model.eval(), base.load_tokenizer(), item.name)
-        with self._lock:
-            self._adapter_models[key] = loaded
-            while len(self._adapter_models) > 1:  # one adapter model at a time: each is a full model copy
-                self._adapter_models.pop(next(iter(self._adapter_models)))
-        return loaded
+
+        def load() -> LoadedModel:
+            model = PeftModel.from_pretrained(base.load_model(device=self.config.device), str(path))
+            return LoadedModel(model.merge_and_unload().eval(), base.load_tokenizer(), item.name)
+
+        return self.adapter_models.get_or_load(key, load)
 
     # ---- edit ----------------------------------------------------------------------
     def edit_session(self, ws: Workspace, model_ref: str, *, create: bool = True):
@@ -496,7 +497,9 @@ class Workbench:
         if not create:
             raise WeightsmithError("no edits yet for this model in this session")
         ckpt = resolve(resolved, allow_hub=self.config.allow_hub)
-        session = EditSession(ckpt.load_model(device=self.config.device), ckpt.load_tokenizer(),
+        with building_models():
+            model, tokenizer = ckpt.load_model(device=self.config.device), ckpt.load_tokenizer()
+        session = EditSession(model, tokenizer,
                               stats=self.stats, base_name=ckpt.hub_id or ckpt.name,
                               corpus=self.config.edit_corpus, stats_tokens=self.config.edit_stats_tokens)
         with self._lock:
@@ -1376,6 +1379,11 @@ def launch_kwargs(config: AppConfig) -> dict:
     return dict(max_file_size=config.max_file_size)
 
 
+def queue_kwargs(config: AppConfig) -> dict:
+    """What ``queue`` needs for this config: a bounded queue, so a flood of requests is refused, not buffered."""
+    return dict(default_concurrency_limit=config.default_concurrency, max_size=config.queue_max_size)
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 7860, allow_paths: bool = False, share: bool = False,
           max_file_size: str = "2gb", workspace_max_age: float = 3600.0) -> None:
     """Start the app (``weightsmith serve`` and ``make run`` call this)."""
@@ -1383,7 +1391,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 7860, allow_paths: bool = Fals
     # The ROME statistics corpus (a text file) can be set for a deployment; default: model-sampled text.
     config = AppConfig(allow_paths=allow_paths, max_file_size=max_file_size, workspace_max_age=workspace_max_age,
                        edit_corpus=os.environ.get("WEIGHTSMITH_EDIT_CORPUS") or None)
-    build_app(config=config).queue(default_concurrency_limit=2).launch(
+    build_app(config=config).queue(**queue_kwargs(config)).launch(
         server_name=host, server_port=port, share=share, **launch_kwargs(config))
 
 

@@ -1,56 +1,16 @@
-"""Text generation with a loaded model, and an explicit cache of loaded models.
-
-The cache is an object the caller owns (one per app), keyed by the resolved
-checkpoint's files, never a module-level global.
-"""
+"""Text generation with a loaded model (models come from :class:`checkpoints.model_cache.ModelCache`)."""
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from .errors import WeightsmithError
-from .sources import resolve
+from .model_cache import LoadedModel, ModelCache
 
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    name: str
-
-
-class ModelCache:
-    """LRU of loaded (model, tokenizer) pairs keyed by the checkpoint's weight files and their mtimes."""
-
-    def __init__(self, max_models: int = 2, device: str | torch.device = "cpu"):
-        self.max_models = max_models
-        self.device = device
-        self._items: OrderedDict[tuple, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, ref: str | Path, **resolve_kw) -> LoadedModel:
-        ckpt = resolve(ref, **resolve_kw)
-        key = tuple((str(f), f.stat().st_mtime_ns) for f in ckpt.files)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        loaded = LoadedModel(ckpt.load_model(device=self.device), ckpt.load_tokenizer(), ckpt.name)
-        with self._lock:
-            self._items[key] = loaded
-            while len(self._items) > self.max_models:
-                self._items.popitem(last=False)
-        return loaded
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+__all__ = ["LoadedModel", "ModelCache", "generate_text", "stream_text"]
 
 
 def _inputs(loaded: LoadedModel, prompt: str, device) -> dict:
