@@ -30,7 +30,7 @@ def convert_gguf(gguf: Path, *, cache_root: Path | None = None, out_dir: Path | 
     """Convert ``gguf`` once; return the HF folder (config, tokenizer, float32 safetensors)."""
     gguf = Path(gguf)
     if not gguf.is_file():
-        raise WeightsmithError(f"{gguf}: no such GGUF file")
+        raise WeightsmithError(f"{gguf.name}: no such GGUF file")
     target = out_dir or (cache_root or weightsmith_home() / "models") / _cache_key(gguf)
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
@@ -42,7 +42,10 @@ def convert_gguf(gguf: Path, *, cache_root: Path | None = None, out_dir: Path | 
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise WeightsmithError(f"{gguf.name}: cannot read GGUF: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # The reader's messages may carry the file's folder; the user knows the file only by its name.
+        first = first.replace(str(gguf.parent.resolve()), "").replace(str(gguf.parent), "")
+        raise WeightsmithError(f"{gguf.name}: cannot read GGUF: {first}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

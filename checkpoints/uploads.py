@@ -10,9 +10,11 @@ Accepted uploads (several files at once, or one zip holding them):
 
 Safety: only known file types are accepted (no pickles, no code); zip member
 names are checked so none can escape the target folder (absolute names, ``..``,
-symlinks, drive letters are refused); the unpacked size is capped, so a zip bomb
-stops with a clear error; everything is staged in the workspace's scratch
-folder and moved into place only when it checks out.
+symlinks, drive letters, names given twice, names that are not UTF-8 are refused);
+the unpacked size is capped and so is the compression ratio, so a zip bomb stops
+with a clear error, as does a damaged member (bad CRC); every file the checkpoint
+names must lie inside the upload; everything is staged in the workspace's scratch
+folder and renamed into place only when it checks out.
 
 Example::
 
@@ -22,18 +24,20 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import secrets
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
+from .containment import member_path
 from .errors import WeightsmithError
-from .tensors import read_safetensors_header
+from .tensors import parse_json_object, read_safetensors_header
 from .workspace import Workspace, safe_item_name
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,10 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 # Zip members that archivers add and nobody wants.
 _JUNK = ("__MACOSX/", ".DS_Store")
 MAX_ZIP_MEMBERS = 10_000
+# Weights hardly compress (~1.1:1), JSON and tokenizers ~5-10:1; far beyond that is a bomb.
+MAX_RATIO = 100
+_RATIO_MIN_BYTES = 2**20  # small members may compress well (e.g. a config of spaces): not worth a refusal
+_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8
 
 
 @dataclass
@@ -59,6 +67,22 @@ class ImportedUpload:
         return f"ws:{self.name}"
 
 
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as UTF-8 text; one clear error when it is not."""
+    name = info.filename
+    if not info.flag_bits & _UTF8_FLAG:
+        # zipfile decoded the raw bytes as cp437; many archivers write UTF-8 without setting the flag.
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except UnicodeError:
+            raise WeightsmithError(
+                f"zip member {info.filename!r}: its name is not UTF-8 text, refused (re-create the zip)"
+            ) from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise WeightsmithError(f"zip member {name!r}: control characters in its name, refused")
+    return name
+
+
 def _check_member_name(name: str) -> PurePosixPath | None:
     """The safe relative path of a zip member, ``None`` for junk/dirs; raises on a dangerous name."""
     if name.endswith("/") or any(j in name for j in _JUNK):
@@ -72,12 +96,16 @@ def _check_member_name(name: str) -> PurePosixPath | None:
 
 
 def safe_extract_zip(zip_path: Path, dest: Path, *, max_bytes: int | None) -> list[Path]:
-    """Extract ``zip_path`` into ``dest`` refusing traversal, symlinks and oversize content."""
+    """Extract ``zip_path`` into ``dest`` refusing traversal, symlinks, duplicates, bombs and damage.
+
+    Every refusal is one :class:`WeightsmithError`; the caller removes ``dest`` then
+    (nothing of a refused zip is kept).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         raise WeightsmithError(f"{zip_path.name}: not a valid zip file") from None
     out = []
     with zf:
@@ -89,28 +117,54 @@ def safe_extract_zip(zip_path: Path, dest: Path, *, max_bytes: int | None) -> li
             raise WeightsmithError(
                 f"{zip_path.name}: unpacks to {total / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB limit"
             )
+        seen: set[PurePosixPath] = set()
         for info in infos:
-            rel = _check_member_name(info.filename)
+            name = _member_name(info)
+            rel = _check_member_name(name)
             if rel is None:
                 continue
+            if rel in seen:
+                raise WeightsmithError(f"zip member {name!r}: the zip holds it twice, refused")
+            seen.add(rel)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise WeightsmithError(f"zip member {info.filename!r}: symbolic link, refused")
+                raise WeightsmithError(f"zip member {name!r}: symbolic link, refused")
             _check_suffix(rel.name)
+            if info.file_size > _RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise WeightsmithError(
+                    f"zip member {name!r}: compressed {info.file_size // max(info.compress_size, 1)}:1, "
+                    f"over the {MAX_RATIO}:1 a checkpoint can reach (a zip bomb?), refused"
+                )
             target = (dest / rel).resolve()
             if root not in target.parents:
-                raise WeightsmithError(f"zip member {info.filename!r}: leaves the folder, refused")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with zf.open(info) as src, open(target, "wb") as dst:
-                # Count real bytes: the header's file_size may lie.
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > info.file_size or (max_bytes is not None and written > max_bytes):
-                        raise WeightsmithError(f"zip member {info.filename!r}: larger than declared, refused")
-                    dst.write(chunk)
-            out.append(target)
+                raise WeightsmithError(f"zip member {name!r}: leaves the folder, refused")
+            out.append(_extract_member(zf, info, name, target, max_bytes))
     return out
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, target: Path,
+                    max_bytes: int | None) -> Path:
+    written = 0
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as dst:
+            # Count real bytes: the header's file_size may lie.
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > info.file_size or (max_bytes is not None and written > max_bytes):
+                    raise WeightsmithError(f"zip member {name!r}: larger than declared, refused")
+                dst.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        # zipfile checks each member's CRC-32 as it reads it ("Bad CRC-32 for file ...").
+        why = "bad CRC-32" if "CRC" in str(e) else "damaged data"
+        raise WeightsmithError(f"zip member {name!r}: {why}; the zip is damaged, re-create it") from None
+    except NotImplementedError:
+        raise WeightsmithError(f"zip member {name!r}: unsupported compression method, refused") from None
+    except RuntimeError:  # "File ... is encrypted, password required"
+        raise WeightsmithError(f"zip member {name!r}: encrypted, refused") from None
+    except OSError as e:
+        raise WeightsmithError(f"zip member {name!r}: cannot unpack ({e.strerror or type(e).__name__})") from None
+    return target
 
 
 def _check_suffix(filename: str) -> None:
@@ -152,24 +206,24 @@ def _classify(folder: Path) -> str:
 
 
 def _check_adapter(folder: Path) -> None:
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise WeightsmithError(f"adapter_config.json: corrupt JSON ({e})") from None
-    if not isinstance(config, dict) or "r" not in config:
+    config_path = member_path(folder, "adapter_config.json", owner="adapter upload")
+    config = parse_json_object(config_path.read_bytes(), "adapter_config.json")
+    if "r" not in config:
         raise WeightsmithError("adapter_config.json: not a PEFT LoRA config (no 'r')")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.exists():
+    if not (folder / "adapter_model.safetensors").exists():
         raise WeightsmithError("adapter upload needs adapter_model.safetensors next to adapter_config.json")
-    read_safetensors_header(weights)
+    read_safetensors_header(member_path(folder, "adapter_model.safetensors", owner="adapter upload"))
 
 
 def import_upload(workspace: Workspace, files: Iterable[str | Path], *, name: str | None = None,
-                  config_from: str | None = None, max_unpacked_bytes: int | None = None) -> ImportedUpload:
+                  config_from: str | None = None, max_unpacked_bytes: int | None = None,
+                  allow_local: bool = True, trusted_roots: Iterable[Path] = ()) -> ImportedUpload:
     """Import uploaded ``files`` as one workspace item; return what it became.
 
     ``name``: the item's name (default: from the files). ``config_from``: a
-    resolvable model whose config and tokenizer a bare ``.safetensors`` takes.
+    resolvable model whose config and tokenizer a bare ``.safetensors`` takes,
+    resolved under ``allow_local``/``trusted_roots`` (see :func:`checkpoints.sources.resolve`;
+    the workspace is always trusted).
     ``max_unpacked_bytes``: cap on what a zip may unpack to (default: the
     workspace quota). Raises :class:`WeightsmithError` with one line; on error
     nothing is left in the workspace.
@@ -177,10 +231,13 @@ def import_upload(workspace: Workspace, files: Iterable[str | Path], *, name: st
     paths = [Path(f) for f in files if f]
     if not paths:
         raise WeightsmithError("no files uploaded")
+    names = [p.name for p in paths]
     for p in paths:
         if not p.is_file():
             raise WeightsmithError(f"{p.name}: upload is missing on the server (try again)")
         _check_suffix(p.name)
+        if names.count(p.name) > 1:
+            raise WeightsmithError(f"{p.name}: uploaded twice; upload each file once")
     incoming = sum(p.stat().st_size for p in paths)
     workspace.check_quota(incoming)
     cap = max_unpacked_bytes if max_unpacked_bytes is not None else workspace.config.max_bytes
@@ -201,12 +258,12 @@ def import_upload(workspace: Workspace, files: Iterable[str | Path], *, name: st
         if kind == "gguf":
             from .gguf_convert import convert_gguf
 
-            gguf = next(root.glob("*.gguf"))
+            gguf = member_path(root, next(root.glob("*.gguf")).name, owner="upload")
             convert_gguf(gguf, out_dir=target)
             kind = "model"
         elif kind == "adapter":
             _check_adapter(root)
-            shutil.move(str(root), str(target))
+            os.rename(root, target)  # same filesystem: the item appears complete or not at all
         else:
             if not (root / "config.json").exists():
                 if not config_from:
@@ -214,15 +271,20 @@ def import_upload(workspace: Workspace, files: Iterable[str | Path], *, name: st
                         "model upload has no config.json: add it (and the tokenizer files), "
                         "or choose a base model to take them from"
                     )
-                _copy_support_from(config_from, root)
+                _copy_support_from(config_from, root, allow_local=allow_local,
+                                   trusted_roots=(workspace.path, *trusted_roots))
             from .sources import resolve
 
             resolve(str(root)).check_matches_config()
-            shutil.move(str(root), str(target))
+            os.rename(root, target)
         item = workspace.register(target.name, kind=kind, origin="upload",
                                   details={"files": sorted(p.name for p in target.iterdir())})
         log.info("imported upload as %s item %s", kind, item.name)
         return ImportedUpload(item.name, kind, target, item.details["files"])
+    except OSError as e:  # disk full, permissions: one line, and nothing kept
+        if "target" in locals() and target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        raise WeightsmithError(f"upload: cannot store the files ({e.strerror or type(e).__name__})") from None
     except BaseException:
         if "target" in locals() and target.exists():
             shutil.rmtree(target, ignore_errors=True)
@@ -231,12 +293,11 @@ def import_upload(workspace: Workspace, files: Iterable[str | Path], *, name: st
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _copy_support_from(config_from: str, folder: Path) -> None:
+def _copy_support_from(config_from: str, folder: Path, *, allow_local: bool, trusted_roots: Iterable[Path]) -> None:
     from .sources import resolve
     from .tensors import SUPPORT_FILES
 
-    base = resolve(config_from)
+    base = resolve(config_from, allow_local=allow_local, trusted_roots=tuple(trusted_roots))
     for fname in SUPPORT_FILES:
-        src = base.support_dir / fname
-        if src.exists() and not (folder / fname).exists():
-            shutil.copyfile(src, folder / fname)
+        if (base.support_dir / fname).exists() and not (folder / fname).exists():
+            shutil.copyfile(member_path(base.support_dir, fname, owner=base.name), folder / fname)
