@@ -1,0 +1,401 @@
+"""Write a checkpoint as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+The file holds what llama.cpp's own ``convert_hf_to_gguf.py`` writes: the
+architecture keys, llama.cpp's tensor names (through the ``gguf`` package's
+:func:`gguf.get_tensor_name_map`, the converter's own table), the tokenizer
+(:mod:`checkpoints.gguf_vocab`), and the weights in the chosen type, quantised
+with :mod:`gguf.quants`. Which architecture llama.cpp runs a ``model_type`` as,
+and which projections it wants permuted, is declared in :mod:`checkpoints.arch`.
+
+Tensor types follow the converter (1-D tensors, norms, biases and GPT-2's position
+embedding stay float32; a row length that is not a multiple of the block size
+falls back to F16) and, for the 4/5-bit types, ``llama-quantize``: the output
+matrix (the token embedding when they are tied) is kept at 8 bits. llama-quantize
+uses Q6_K there, falling back to Q8_0 when rows are not a multiple of 256 (as in
+the SmolLM2 GGUF we ship); :mod:`gguf.quants` has no Q6_K quantiser, so Q8_0.
+
+Memory: ``GGUFWriter.add_tensor`` keeps every tensor in memory until
+``write_tensors_to_file``. We declare all tensor infos first (shapes and types
+are known from the headers), write header, metadata and tensor infos, then read,
+convert and write one tensor at a time with ``write_tensor_data``: peak memory
+follows the largest tensor. The file is written beside its destination in a
+staging folder (:func:`checkpoints.staging.new_staging_dir`) and renamed into
+place only when complete and read back.
+
+Example::
+
+    result = export_gguf("demo", Path("smollm2-q8_0.gguf"), qtype="q8_0")
+    result.summary()   # "wrote smollm2-q8_0.gguf: 145.0 MB, q8_0, 272 tensors (...)"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .arch import ArchSpec, supported_architectures
+from .errors import WeightsmithError
+from .staging import new_staging_dir
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]  # progress(done, total, tensor_name), as the merge engine calls it
+
+# --type value -> (GGML tensor type, general.file_type)
+GGUF_TYPES: dict[str, tuple[str, str]] = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+}
+_LOW_BIT = {"q4_0", "q4_1", "q5_0", "q5_1"}  # types whose output matrix llama-quantize keeps at 8 bits
+# Buffers some checkpoints store that are not weights (the converter drops them too).
+_SKIP_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# Tensors the converter always writes as float32 (besides 1-D tensors and norms).
+_ALWAYS_F32 = ("position_embd.weight",)
+
+
+def ggml_type(name: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[name]
+
+
+def check_type(qtype: str) -> str:
+    q = str(qtype).lower().strip()
+    if q not in GGUF_TYPES:
+        raise WeightsmithError(f"unknown GGUF type {qtype!r}: choose one of {', '.join(GGUF_TYPES)}")
+    return q
+
+
+def gguf_arch_of(spec: ArchSpec) -> str:
+    """llama.cpp's architecture name for ``spec``; one clear error when there is none."""
+    if spec.gguf_arch is None:
+        exportable = [m for m in supported_architectures() if _spec(m).gguf_arch]
+        raise WeightsmithError(
+            f"GGUF export does not support architecture {spec.model_type!r}: supported are {', '.join(exportable)}"
+        )
+    return spec.gguf_arch
+
+
+def _spec(model_type: str) -> ArchSpec:
+    from .arch import ARCHITECTURES
+
+    return ARCHITECTURES[model_type]
+
+
+# ---------------------------------------------------------------------------
+# Encoding one tensor
+# ---------------------------------------------------------------------------
+
+
+def storage(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], Any, int]:
+    """(shape handed to the writer, its numpy dtype, bytes) of a tensor of element ``shape`` in ``qtype``."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return shape, np.float32, int(np.prod(shape)) * 4
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return shape, np.float16, int(np.prod(shape)) * 2
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.uint8, int(np.prod(byte_shape))
+
+
+def encode(data: np.ndarray, qtype) -> np.ndarray:
+    """``data`` (float32) in ``qtype``'s bytes, by :func:`gguf.quants.quantize`."""
+    import gguf
+
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def fits_blocks(shape: tuple[int, ...], qtype) -> bool:
+    import gguf
+
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return shape[-1] % block == 0
+
+
+def llama_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q/k projection from HF's rotary layout (halves) to llama.cpp's (interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------
+# Streaming writer (shared by model and adapter export)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor to write: GGUF ``name``, element ``shape`` (numpy order), GGML type name, and a producer."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    produce: Callable[[], torch.Tensor] = field(repr=False)
+    source: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return storage(self.shape, ggml_type(self.qtype))[2]
+
+
+@dataclass
+class GGUFExportResult:
+    """What was written: where, in which type, how many tensors of which GGML types, how big, how long."""
+
+    path: Path
+    qtype: str
+    tensors: int
+    bytes: int
+    seconds: float
+    types: dict[str, int]
+    kind: str = "model"
+
+    def summary(self) -> str:
+        mix = ", ".join(f"{n} {t}" for t, n in sorted(self.types.items(), key=lambda kv: -kv[1]))
+        what = "adapter " if self.kind == "adapter" else ""
+        return (f"wrote {what}{self.path.name}: {self.bytes / 1e6:.1f} MB, {self.qtype}, "
+                f"{self.tensors} tensors ({mix}), {self.seconds:.1f} s")
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise WeightsmithError("GGUF export cancelled; nothing was written")
+
+
+def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], tensors: list[GGUFTensor], *,
+               overwrite: bool = False, progress: Progress | None = None,
+               cancel: threading.Event | None = None) -> tuple[Path, int]:
+    """Write a GGUF file tensor by tensor into a staging folder beside ``out_path``, check it, rename it into place.
+
+    Returns (path, bytes). Nothing is left at ``out_path`` on an error or a cancel.
+    """
+    import gguf
+
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise WeightsmithError(f"{out_path} is a folder; name the .gguf file to write")
+    staging = new_staging_dir(out_path, overwrite=overwrite)
+    tmp = staging / out_path.name
+    try:
+        writer = gguf.GGUFWriter(path=None, arch=arch)
+        add_metadata(writer)
+        for t in tensors:
+            shape, dtype, nbytes = storage(t.shape, ggml_type(t.qtype))
+            writer.add_tensor_info(t.name, shape, np.dtype(dtype), nbytes, raw_dtype=ggml_type(t.qtype))
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, t in enumerate(tensors):
+            _check_cancel(cancel)
+            data = t.produce()
+            if not bool(torch.isfinite(data).all()):
+                raise WeightsmithError(f"tensor {t.source or t.name} has NaN or infinite values; nothing was written")
+            if t.qtype == "F16" and float(data.abs().max()) > 65504.0:
+                raise WeightsmithError(f"tensor {t.source or t.name} exceeds the float16 range; choose f32 or bf16")
+            arr = encode(data.detach().to("cpu", torch.float32).numpy(), ggml_type(t.qtype))
+            writer.write_tensor_data(arr)
+            del data, arr
+            if progress is not None:
+                progress(i + 1, len(tensors), t.name)
+        writer.close()
+        _verify_layout(tmp, tensors)
+        size = tmp.stat().st_size
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise WeightsmithError(f"{out_path.name}: cannot write ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_path, size
+
+
+def _verify_layout(path: Path, tensors: list[GGUFTensor]) -> None:
+    """Read the written file back: every planned tensor present, with its shape and type (cheap: header only)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    found = {t.name: t for t in reader.tensors}
+    for t in tensors:
+        got = found.get(t.name)
+        if got is None:
+            raise WeightsmithError(f"{path.name}: tensor {t.name} missing after writing")
+        if tuple(int(x) for x in reversed(got.shape)) != tuple(t.shape) or got.tensor_type.name != t.qtype:
+            raise WeightsmithError(f"{path.name}: tensor {t.name} reads back as {got.tensor_type.name} "
+                                   f"{list(reversed(got.shape))}, expected {t.qtype} {list(t.shape)}")
+    if len(found) != len(tensors):
+        raise WeightsmithError(f"{path.name}: {len(found)} tensors read back, {len(tensors)} written")
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def _hparam(config: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    return None
+
+
+def plan_model(ckpt, qtype: str) -> list[GGUFTensor]:
+    """The GGUF tensors of checkpoint ``ckpt`` in type ``qtype``: names, shapes, types and how to produce each."""
+    import gguf
+
+    qtype = check_type(qtype)
+    spec = ckpt.spec
+    arch = gguf_arch_of(spec)
+    config = ckpt.config
+    reader = ckpt.reader()
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_enum, ckpt.num_layers)
+    skip = set(ckpt.tied_names())
+    n_head = _hparam(config, "num_attention_heads", "n_head")
+    n_kv = _hparam(config, "num_key_value_heads") or n_head
+    base_type = GGUF_TYPES[qtype][0]
+    plans: list[GGUFTensor] = []
+    for src, meta in reader.metas().items():
+        if src in skip or src.endswith(_SKIP_SUFFIXES):
+            continue
+        name = names.get_name(src, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise WeightsmithError(f"{ckpt.name}: tensor {src} has no llama.cpp name for architecture {arch!r}")
+        shape = tuple(meta.shape)
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        location = spec.locate(src)
+        if spec.transposed and location.kind == "block" and len(shape) == 2 and src.endswith(".weight"):
+            transform, shape = spec.as_out_in, (shape[1], shape[0])  # GPT-2 Conv1D: llama.cpp wants [out, in]
+        elif spec.gguf_rope_permute and location.block is not None:
+            q_mod, k_mod = (f"{spec.block(location.block)}.{m}." for m in spec.gguf_rope_permute)
+            if src.startswith(q_mod):
+                transform = lambda t, h=n_head: llama_rope_permute(t, h)  # noqa: E731
+            elif src.startswith(k_mod):
+                transform = lambda t, h=n_kv: llama_rope_permute(t, h)  # noqa: E731
+        plans.append(GGUFTensor(name, shape, _tensor_type(name, shape, base_type),
+                                _producer(reader, src, transform), source=src))
+    if qtype in _LOW_BIT:
+        head = next((p for p in plans if p.name == "output.weight"), None) or next(
+            (p for p in plans if p.name == "token_embd.weight"), None)
+        if head is not None and head.qtype == base_type and fits_blocks(head.shape, ggml_type("Q8_0")):
+            head.qtype = "Q8_0"
+    return plans
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], base_type: str) -> str:
+    """The converter's rule: float32 for 1-D tensors, norms, biases and position embeddings; F16 when rows do
+    not fill whole quantisation blocks; else the requested type."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name in _ALWAYS_F32:
+        return "F32"
+    if base_type not in ("F32", "F16", "BF16") and not fits_blocks(shape, ggml_type(base_type)):
+        return "F16"
+    return base_type
+
+
+def _producer(reader, src: str, transform) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        t = reader.get(src, dtype=torch.float32)
+        return transform(t).contiguous() if transform is not None else t
+    return produce
+
+
+def _add_model_metadata(writer, ckpt, qtype: str, name: str) -> None:
+    import gguf
+
+    config = ckpt.config
+    spec = ckpt.spec
+    arch = gguf_arch_of(spec)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType[GGUF_TYPES[qtype][1]])
+    writer.add_block_count(ckpt.num_layers)
+    if arch == "gpt2":
+        n_embd = config["n_embd"]
+        writer.add_context_length(_hparam(config, "n_ctx", "n_positions"))
+        writer.add_embedding_length(n_embd)
+        writer.add_feed_forward_length(_hparam(config, "n_inner") or 4 * n_embd)
+        writer.add_head_count(config["n_head"])
+        writer.add_layer_norm_eps(_hparam(config, "layer_norm_epsilon") or 1e-5)
+    else:
+        writer.add_context_length(config["max_position_embeddings"])
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(config["num_attention_heads"])
+        writer.add_head_count_kv(_hparam(config, "num_key_value_heads", "num_attention_heads"))
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+        elif rope_type not in (None, "default"):
+            raise WeightsmithError(f"{ckpt.name}: RoPE scaling {rope_type!r} is not supported by GGUF export here")
+        theta = rope.get("rope_theta", config.get("rope_theta"))
+        if theta is not None:
+            writer.add_rope_freq_base(float(theta))
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        if config.get("head_dim") is not None:
+            writer.add_key_length(config["head_dim"])
+            writer.add_value_length(config["head_dim"])
+        if arch == "llama":
+            writer.add_vocab_size(config["vocab_size"])
+            writer.add_rope_dimension_count(config.get("head_dim")
+                                            or config["hidden_size"] // config["num_attention_heads"])
+    from .gguf_vocab import add_tokenizer
+
+    add_tokenizer(writer, ckpt.support_dir, config, arch)
+
+
+def estimate_size(ckpt, qtype: str) -> int:
+    """Bytes of the weights in a GGUF export of ``ckpt`` in ``qtype`` (the tokenizer adds a few MB)."""
+    return sum(t.nbytes for t in plan_model(ckpt, qtype))
+
+
+def export_gguf(model: Any, out_path: Path | str, *, qtype: str = "q8_0", overwrite: bool = False,
+                progress: Progress | None = None, cancel: threading.Event | None = None,
+                name: str | None = None) -> GGUFExportResult:
+    """Export ``model`` (anything :func:`checkpoints.sources.resolve` accepts, or a ``LocalCheckpoint``) to GGUF.
+
+    Args:
+        out_path: the ``.gguf`` file to write; it must not exist unless ``overwrite``.
+        qtype: one of :data:`GGUF_TYPES`.
+        progress: called as ``progress(done, total, tensor_name)`` after each tensor.
+        cancel: when set, the export stops at the next tensor and nothing is written.
+        name: ``general.name`` in the file (default: the checkpoint's public name).
+
+    Raises :class:`WeightsmithError` (one line) for an unsupported architecture,
+    tokenizer or type, non-finite weights, or an unwritable destination.
+    """
+    from .sources import resolve
+
+    started = time.perf_counter()
+    qtype = check_type(qtype)
+    ckpt = resolve(model) if isinstance(model, (str, Path)) else model
+    ckpt.check_matches_config()
+    arch = gguf_arch_of(ckpt.spec)
+    plans = plan_model(ckpt, qtype)
+    path, size = write_gguf(Path(out_path), arch, lambda w: _add_model_metadata(w, ckpt, qtype, name or ckpt.name),
+                            plans, overwrite=overwrite, progress=progress, cancel=cancel)
+    result = GGUFExportResult(path, qtype, len(plans), size, time.perf_counter() - started,
+                              dict(Counter(p.qtype for p in plans)))
+    log.info("%s", result.summary())
+    return result
+
+
+def tensor_sources(plans: Iterable[GGUFTensor]) -> dict[str, str]:
+    """GGUF name -> checkpoint tensor name, for checks that compare a file with its source."""
+    return {p.name: p.source for p in plans}
