@@ -19,6 +19,11 @@ Anything else answers 404 and is recorded in :attr:`FakeHub.unhandled`, so a
 test can assert the client called nothing we did not model. Every request is
 recorded with the token it carried (:attr:`FakeHub.requests`).
 
+Hang mode: a request whose path matches one of :attr:`FakeHub.hang_paths`
+(regular expressions) is read and never answered (until the server stops),
+which is what a hung Hub looks like to the client; :attr:`FakeHub.hung`
+records those requests.
+
 Commits are atomic as on the Hub: a commit either lands whole or not at all,
 and an LFS pointer to an object that was never uploaded rejects the commit.
 
@@ -100,6 +105,9 @@ class FakeHub:
         self.validated_yaml: list[dict[str, Any]] = []  # front matter of every validate-yaml call
         self.drop_uploads: set[str] = set()  # LFS oids whose PUT is cut off midway (every attempt)
         self.dropped: list[str] = []
+        self.hang_paths: list[str] = []  # regexes: matching requests get no answer (see the module docstring)
+        self.hung: list[tuple[str, str]] = []
+        self._release = threading.Event()
         self._lock = threading.Lock()
         self._counter = 0
         self._server: ThreadingHTTPServer | None = None
@@ -120,6 +128,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._release.set()  # let hanging handlers finish
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -257,8 +266,9 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             msg = "Invalid credentials in Authorization header"
             if self.hub.echo_token_in_errors:
-                # Deliberately hostile: the body repeats the token, so callers must scrub it.
-                self._send(401, {"error": f"{msg} (got Bearer {token})"}, {"X-Error-Message": msg})
+                # Deliberately hostile: the body and a header repeat the token, so callers must scrub it.
+                self._send(401, {"error": f"{msg} (got Bearer {token})"},
+                           {"X-Error-Message": msg, "X-Echo-Authorization": f"Bearer {token}"})
             else:
                 self._error(401, msg)
             return False
@@ -270,6 +280,12 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self._body = None
         self.hub.requests.append((method, path, self._token()))
+        if any(re.search(p, path) for p in self.hub.hang_paths):
+            self.hub.hung.append((method, path))
+            self._read_body()
+            self.hub._release.wait(120)  # a hung Hub: the client must give up on its own
+            self.close_connection = True
+            return
         try:
             for pattern, meth, handler in _ROUTES:
                 if meth != method:
