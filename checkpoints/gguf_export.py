@@ -253,40 +253,58 @@ def _hparam(config: dict[str, Any], *keys: str) -> Any:
     return None
 
 
-def plan_model(ckpt, qtype: str) -> list[GGUFTensor]:
-    """The GGUF tensors of checkpoint ``ckpt`` in type ``qtype``: names, shapes, types and how to produce each."""
+def gguf_names(ckpt) -> Callable[[str], str]:
+    """HF tensor name -> llama.cpp tensor name for ``ckpt``'s architecture (the converter's own table)."""
     import gguf
 
+    arch = gguf_arch_of(ckpt.spec)
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    table = gguf.get_tensor_name_map(arch_enum, ckpt.num_layers)
+
+    def name_of(src: str) -> str:
+        name = table.get_name(src, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise WeightsmithError(f"{ckpt.name}: tensor {src} has no llama.cpp name for architecture {arch!r}")
+        return name
+    return name_of
+
+
+def rope_permute_heads(ckpt, src: str) -> int | None:
+    """Head count to permute ``src``'s rows with (llama q: heads, k: KV heads), None when not permuted."""
+    spec = ckpt.spec
+    block = spec.block_of(src)
+    if not spec.gguf_rope_permute or block is None:
+        return None
+    q_mod, k_mod = (f"{spec.block(block)}.{m}." for m in spec.gguf_rope_permute)
+    n_head = _hparam(ckpt.config, "num_attention_heads", "n_head")
+    if src.startswith(q_mod):
+        return n_head
+    if src.startswith(k_mod):
+        return _hparam(ckpt.config, "num_key_value_heads") or n_head
+    return None
+
+
+def plan_model(ckpt, qtype: str) -> list[GGUFTensor]:
+    """The GGUF tensors of checkpoint ``ckpt`` in type ``qtype``: names, shapes, types and how to produce each."""
     qtype = check_type(qtype)
     spec = ckpt.spec
-    arch = gguf_arch_of(spec)
-    config = ckpt.config
     reader = ckpt.reader()
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(arch_enum, ckpt.num_layers)
+    name_of = gguf_names(ckpt)
     skip = set(ckpt.tied_names())
-    n_head = _hparam(config, "num_attention_heads", "n_head")
-    n_kv = _hparam(config, "num_key_value_heads") or n_head
     base_type = GGUF_TYPES[qtype][0]
     plans: list[GGUFTensor] = []
     for src, meta in reader.metas().items():
         if src in skip or src.endswith(_SKIP_SUFFIXES):
             continue
-        name = names.get_name(src, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise WeightsmithError(f"{ckpt.name}: tensor {src} has no llama.cpp name for architecture {arch!r}")
+        name = name_of(src)
         shape = tuple(meta.shape)
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-        location = spec.locate(src)
-        if spec.transposed and location.kind == "block" and len(shape) == 2 and src.endswith(".weight"):
+        heads = rope_permute_heads(ckpt, src)
+        if spec.transposed and spec.block_of(src) is not None and len(shape) == 2 and src.endswith(".weight"):
             transform, shape = spec.as_out_in, (shape[1], shape[0])  # GPT-2 Conv1D: llama.cpp wants [out, in]
-        elif spec.gguf_rope_permute and location.block is not None:
-            q_mod, k_mod = (f"{spec.block(location.block)}.{m}." for m in spec.gguf_rope_permute)
-            if src.startswith(q_mod):
-                transform = lambda t, h=n_head: llama_rope_permute(t, h)  # noqa: E731
-            elif src.startswith(k_mod):
-                transform = lambda t, h=n_kv: llama_rope_permute(t, h)  # noqa: E731
-        plans.append(GGUFTensor(name, shape, _tensor_type(name, shape, base_type),
+        elif heads is not None:
+            transform = lambda t, h=heads: llama_rope_permute(t, h)  # noqa: E731
+        plans.append(GGUFTensor(name, shape, tensor_type(name, shape, base_type),
                                 _producer(reader, src, transform), source=src))
     if qtype in _LOW_BIT:
         head = next((p for p in plans if p.name == "output.weight"), None) or next(
@@ -296,10 +314,11 @@ def plan_model(ckpt, qtype: str) -> list[GGUFTensor]:
     return plans
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], base_type: str) -> str:
+def tensor_type(name: str, shape: tuple[int, ...], base_type: str) -> str:
     """The converter's rule: float32 for 1-D tensors, norms, biases and position embeddings; F16 when rows do
-    not fill whole quantisation blocks; else the requested type."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name in _ALWAYS_F32:
+    not fill whole quantisation blocks; else the requested type (LoRA factors included)."""
+    if (len(shape) <= 1 or name.endswith("_norm.weight") or name in _ALWAYS_F32
+            or not name.endswith((".weight", ".lora_a", ".lora_b"))):
         return "F32"
     if base_type not in ("F32", "F16", "BF16") and not fits_blocks(shape, ggml_type(base_type)):
         return "F16"

@@ -1,0 +1,133 @@
+"""Write a PEFT LoRA adapter as a GGUF LoRA for llama.cpp (``llama-cli -m base.gguf --lora adapter.gguf``).
+
+The layout is the one llama.cpp's ``convert_lora_to_gguf.py`` writes:
+``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha``,
+and for every adapted weight two tensors named after the base tensor,
+``blk.N.attn_q.weight.lora_a`` (A, ``[r, in]``) and ``….lora_b`` (B, ``[out, r]``).
+llama.cpp applies ``W + (alpha / r) · B·A`` with ``r`` read from each tensor.
+
+The adapter is read by :func:`merging.adapters.load_adapter` (the one reader), so
+mixed adapters and ROME's rank-1 adapters export alike. Per-module scalings
+that one global alpha cannot express (``rank_pattern``/``alpha_pattern``, as
+ROME's adapters use, or rsLoRA) are folded into B: B' = B · scaling · r / alpha,
+so ``(alpha / r) · B'·A`` is exactly PEFT's ``scaling · B·A``. The llama q/k
+rows are permuted as in the model export (only B carries output rows).
+
+Example::
+
+    result = export_adapter_gguf("out/eiffel-rome-lora", Path("eiffel.gguf"), base="demo")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpoints.demo import DEMO_NAME
+from checkpoints.errors import WeightsmithError
+from checkpoints.gguf_export import (
+    GGUFExportResult,
+    GGUFTensor,
+    Progress,
+    gguf_arch_of,
+    gguf_names,
+    llama_rope_permute,
+    rope_permute_heads,
+    tensor_type,
+    write_gguf,
+)
+from checkpoints.sources import resolve
+from merging.adapters import CONFIG_NAME, LoraAdapter, _base_tensor_name, check_compatible, load_adapter
+
+ADAPTER_GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_lora_to_gguf.py offers
+
+
+def is_adapter_folder(ref: str | Path) -> bool:
+    """True when ``ref`` is a local folder holding a PEFT adapter config."""
+    path = Path(str(ref)).expanduser()
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def declared_base(adapter: LoraAdapter) -> str:
+    """The base model the adapter names, as a reference the resolver accepts (``demo`` for the demo model)."""
+    declared = adapter.base_model
+    if declared in (None, "", DEMO_NAME):
+        return "demo"
+    return declared
+
+
+def plan_adapter(adapter: LoraAdapter, base, qtype: str) -> tuple[list[GGUFTensor], float]:
+    """(tensors to write, adapter.lora.alpha) for ``adapter`` on checkpoint ``base``."""
+    from checkpoints.gguf_export import GGUF_TYPES
+
+    base_type = GGUF_TYPES[qtype][0]
+    name_of = gguf_names(base)
+    names = base.reader().keys()
+    alpha = float(adapter.config.get("lora_alpha") or adapter.rank)
+    plans: list[GGUFTensor] = []
+    for module, (a, b) in sorted(adapter.factors.items(), key=lambda kv: _block_order(base, kv[0])):
+        src = _base_tensor_name(module, names, base.spec)
+        if src is None:
+            raise WeightsmithError(f"adapter {adapter.name}: the base {base.name} has no weight for {module}")
+        target = name_of(src)
+        rank = a.shape[0]
+        # fold PEFT's per-module scaling into B, so that llama.cpp's alpha / r gives it back exactly
+        b_scaled = b * (adapter.scaling(module) * rank / alpha)
+        heads = rope_permute_heads(base, src)
+        if heads is not None:
+            b_scaled = llama_rope_permute(b_scaled, heads)
+        for suffix, factor in ((".lora_a", a), (".lora_b", b_scaled)):
+            name = target + suffix
+            shape = tuple(factor.shape)
+            plans.append(GGUFTensor(name, shape, tensor_type(name, shape, base_type),
+                                    lambda f=factor: f.to(torch.float32).contiguous(), source=f"{module}{suffix}"))
+    return plans, alpha
+
+
+def _block_order(base, module: str) -> tuple[int, str]:
+    block = base.spec.block_of(module)
+    return (-1 if block is None else block, module)
+
+
+def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: str | None = None, qtype: str = "f32",
+                        overwrite: bool = False, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> GGUFExportResult:
+    """Export the PEFT LoRA adapter ``adapter_ref`` (folder, files or Hub id) as a GGUF LoRA.
+
+    ``base`` is the model the adapter applies to (anything the resolver accepts); by
+    default the one the adapter's config names. It supplies the architecture, the
+    tensor names and the head counts, and every A/B shape is checked against it.
+    """
+    started = time.perf_counter()
+    q = str(qtype).lower()
+    if q not in ADAPTER_GGUF_TYPES:
+        raise WeightsmithError(f"GGUF type {qtype!r} is not offered for LoRA adapters: choose one of "
+                               f"{', '.join(ADAPTER_GGUF_TYPES)}")
+    adapter = load_adapter(adapter_ref)
+    ckpt = resolve(base or declared_base(adapter))
+    check_compatible([adapter], ckpt, check_names=False)
+    arch = gguf_arch_of(ckpt.spec)
+    plans, alpha = plan_adapter(adapter, ckpt, q)
+
+    def metadata(writer) -> None:
+        import gguf
+
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(adapter.name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string("general.base_model.0.name", ckpt.hub_id or ckpt.name)
+        writer.add_uint32("general.base_model.count", 1)
+
+    path, size = write_gguf(Path(out_path), arch, metadata, plans, overwrite=overwrite, progress=progress,
+                            cancel=cancel)
+    result = GGUFExportResult(path, q, len(plans), size, time.perf_counter() - started,
+                              dict(Counter(p.qtype for p in plans)), kind="adapter")
+    return result
+
