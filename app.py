@@ -272,9 +272,10 @@ class Workbench:
         import time
 
         now = time.time()
-        if now - self._last_cleanup < self.config.cleanup_every:
-            return
-        self._last_cleanup = now
+        with self._lock:  # one request runs the cleanup; the others go on
+            if now - self._last_cleanup < self.config.cleanup_every:
+                return
+            self._last_cleanup = now
         removed = set(self.workspaces.cleanup(now=now))
         if removed:
             with self._lock:
@@ -667,11 +668,17 @@ class Workbench:
         return "Stopping…" if stopped else "Nothing to stop."
 
     def run_job(self, request: Any, fn: Callable[[threading.Event], Any]) -> Any:
-        """Run ``fn(cancel_event)`` registered so this session's Stop button can cancel it."""
+        """Run ``fn(cancel_event)`` registered so this session's Stop button can cancel it.
+
+        The session's workspace is held meanwhile: the age-based cleanup never removes it under a running job.
+        """
         key = _session_key(request)
+        with self._lock:
+            ws_id = self._sessions.get(key)
         ev = self.jobs.start(key)
         try:
-            return fn(ev)
+            with self.workspaces.hold(ws_id or ""):
+                return fn(ev)
         finally:
             self.jobs.finish(key, ev)
 

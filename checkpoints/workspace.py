@@ -29,11 +29,14 @@ import logging
 import re
 import secrets
 import shutil
+import threading
 import time
 import zipfile
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from .errors import WeightsmithError
 
@@ -48,6 +51,7 @@ _WS_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 # Item names are single path components a user can read and type.
 _ITEM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRASH = ".deleting-"  # an expired workspace renamed out of reach before its files are removed
 
 
 def parse_size(value: str | int | float | None) -> int | None:
@@ -169,10 +173,21 @@ class Workspace:
         return self.item_path(candidate)
 
     def register(self, name: str, *, kind: ItemKind, origin: str, details: dict | None = None) -> WorkspaceItem:
-        """Write the item's description next to its files (the folder must exist)."""
+        """Write the item's description next to its files (the folder must exist).
+
+        Every upload and result passes here, so this is where the quota holds: an item that takes
+        the workspace over it is deleted again and the user gets one line.
+        """
         path = self.item_path(name)
         if not path.is_dir():
             raise WeightsmithError(f"{name}: no such item in this workspace")
+        limit = self.config.max_bytes
+        if limit is not None and self.size_bytes() > limit:
+            item_mb = folder_bytes(path) / 2**20
+            shutil.rmtree(path, ignore_errors=True)
+            raise WeightsmithError(
+                f"workspace full: {path.name} ({item_mb:.0f} MB) would exceed the {limit / 2**20:.0f} MB quota, "
+                "so it was not kept (delete items or download and start a new session)")
         item = WorkspaceItem(path.name, kind, origin, time.time(), details or {})
         (path / ITEM_META).write_text(json.dumps(asdict(item), indent=1))
         self.touch()
@@ -264,6 +279,10 @@ class Workspace:
             raise WeightsmithError(f"{name}: no such item in this workspace")
         self.exports_dir.mkdir(parents=True, exist_ok=True)
         target = self.exports_dir / f"{src.name}.zip"
+        # Only the newest zip is kept (the app hands each one to Gradio, which copies it into its cache):
+        # the quota counts it, and older zips are removed once it is complete.
+        old = [p for p in self.exports_dir.iterdir() if p.name != target.name]
+        self.check_quota(folder_bytes(src) - sum(p.stat().st_size for p in old if p.is_file()))
         tmp = target.with_suffix(".zip.part")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             # Weights hardly compress; STORED keeps exports fast on a CPU-bound server.
@@ -271,6 +290,11 @@ class Workspace:
                 if path.is_file() and not path.is_symlink() and path.name != ITEM_META:
                     zf.write(path, f"{src.name}/{path.relative_to(src).as_posix()}")
         tmp.replace(target)
+        for p in old:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         self.touch()
         return target
 
@@ -280,12 +304,34 @@ class WorkspaceManager:
 
     ``get`` only accepts ids this process handed out earlier or folders that
     exist under the root with a well-formed id; ids are never listed to users.
+
+    Safe under concurrent requests: finding (and touching) a workspace and
+    deciding to delete it happen under one lock, and a workspace held by a
+    running job (:meth:`hold`) is never deleted, however long the job runs.
     """
 
     def __init__(self, config: WorkspaceConfig):
         self.config = config
         self.config.root = Path(config.root)
         self.config.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._held: Counter[str] = Counter()  # workspace id -> running jobs using it
+
+    @contextmanager
+    def hold(self, ws_id: str) -> Iterator[None]:
+        """Keep workspace ``ws_id`` out of cleanup while the block runs (a job reading or writing it)."""
+        with self._lock:
+            self._held[ws_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[ws_id] -= 1
+                if self._held[ws_id] <= 0:
+                    del self._held[ws_id]
+                path = self.config.root / ws_id
+                if ws_id and _WS_ID.match(ws_id) and path.is_dir():
+                    Workspace(ws_id, path, self.config).touch()  # the job's end counts as use
 
     def create(self) -> Workspace:
         """A new empty workspace with a fresh unguessable id."""
@@ -308,10 +354,11 @@ class WorkspaceManager:
 
     def get_or_create(self, ws_id: str | None) -> Workspace:
         """The session's workspace, or a new one when it has none yet or it expired."""
-        if ws_id and _WS_ID.match(str(ws_id)) and (self.config.root / ws_id).is_dir():
-            ws = Workspace(ws_id, self.config.root / ws_id, self.config)
-            ws.touch()
-            return ws
+        with self._lock:  # cleanup cannot remove it between the check and the touch
+            if ws_id and _WS_ID.match(str(ws_id)) and (self.config.root / ws_id).is_dir():
+                ws = Workspace(ws_id, self.config.root / ws_id, self.config)
+                ws.touch()
+                return ws
         return self.create()
 
     def delete(self, ws_id: str) -> None:
@@ -323,16 +370,28 @@ class WorkspaceManager:
         now = time.time() if now is None else now
         removed = []
         for path in self.config.root.iterdir():
+            if path.name.startswith(_TRASH) and path.is_dir():  # left by an interrupted cleanup
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             if not path.is_dir() or not _WS_ID.match(path.name):
                 continue
-            ws = Workspace(path.name, path, self.config)
-            try:
-                idle = now - ws.last_used()
-            except OSError:
-                continue
-            if idle > self.config.max_age_seconds:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
+            with self._lock:
+                if self._held[path.name]:
+                    continue
+                try:
+                    idle = now - Workspace(path.name, path, self.config).last_used()
+                except OSError:
+                    continue
+                if idle <= self.config.max_age_seconds:
+                    continue
+                # Renamed under the lock (atomic): from here no request can find it; deleted outside the lock.
+                trash = path.with_name(_TRASH + path.name)
+                try:
+                    path.rename(trash)
+                except OSError:
+                    continue
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(path.name)
         if removed:
             log.info("removed %d expired workspace(s)", len(removed))
         return removed

@@ -241,3 +241,58 @@ def test_distinct_tied_models_built_at_once_stay_correct(tmp_path):
     head, emb = later.model.get_output_embeddings().weight, later.model.get_input_embeddings().weight
     assert head.device.type == "cpu" and head.data_ptr() == emb.data_ptr()
     assert torch.isfinite(head).all()
+
+
+# ---- workspaces -----------------------------------------------------------------------------------
+
+def test_cleanup_never_removes_a_workspace_under_a_running_job(tmp_path, tiny_llama_family):
+    """Another session's request runs the age-based cleanup while this session's job runs: the job's
+    workspace survives (before, it was deleted under the job), and the job's end counts as use."""
+    from types import SimpleNamespace
+
+    wb = app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws", workspace_max_age=60, cleanup_every=0,
+                                     named_models={"tiny-base": str(tiny_llama_family["base"])}))
+    a = wb.workspace(SimpleNamespace(session_hash="a"))
+
+    def job(cancel):
+        (a.path / ".last-used").write_text("0")  # looks idle for ages ...
+        wb.workspace(SimpleNamespace(session_hash="b"))  # ... when another request triggers the cleanup
+        return a.path.is_dir()
+
+    assert wb.run_job(SimpleNamespace(session_hash="a"), job) is True
+    assert a.path.is_dir() and wb.workspace(SimpleNamespace(session_hash="a")).id == a.id
+    # Non-vacuous: once no job holds it, an idle workspace does go.
+    (a.path / ".last-used").write_text("0")
+    wb.workspace(SimpleNamespace(session_hash="b"))
+    assert not a.path.exists()
+
+
+def test_workspace_lookups_race_the_cleanup(tmp_path):
+    """Sessions look up their workspaces while cleanups run: no lookup fails, and held ones survive."""
+    from checkpoints.workspace import WorkspaceConfig, WorkspaceManager
+
+    m = WorkspaceManager(WorkspaceConfig(root=tmp_path / "ws", max_age_seconds=0.0))
+    ids = [m.create().id for _ in range(8)]
+    held = m.create()
+    errors, stop = [], threading.Event()
+
+    def lookups(ws_id):
+        while not stop.is_set():
+            try:
+                ws_id = m.get_or_create(ws_id).id
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+                return
+
+    def cleanups():
+        with m.hold(held.id):
+            for _ in range(200):
+                m.cleanup()
+                assert held.path.is_dir()
+        stop.set()
+
+    threads = [threading.Thread(target=lookups, args=(i,)) for i in ids] + [threading.Thread(target=cleanups)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert errors == [] and held.path.is_dir()
+    assert not [p for p in m.config.root.iterdir() if p.name.startswith(".deleting-")]  # nothing half-removed
