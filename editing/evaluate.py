@@ -242,3 +242,32 @@ def run_eval(session, records: list[EvalRecord], *, layer: int | None = None,
     out["seconds_per_edit"] = round(sum(seconds) / max(1, len(seconds)), 3)
     out["baseline"] = aggregate(baseline)
     return out
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: list[int], *, seq_len: int = 256, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over ``token_ids`` cut into consecutive windows of ``seq_len``.
+
+    Windows do not overlap; each window's first token is context only, so
+    ``len(token_ids) - windows`` tokens are predicted.
+    """
+    if len(token_ids) < 2:
+        raise WeightsmithError("perplexity needs at least two tokens")
+    device = next(model.parameters()).device
+    windows = [token_ids[i:i + seq_len] for i in range(0, len(token_ids), seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    nll, count = 0.0, 0
+    for s in range(0, len(windows), batch_size):
+        group = windows[s:s + batch_size]
+        width = max(len(w) for w in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, w in enumerate(group):
+            ids[i, :len(w)] = torch.tensor(w)
+            mask[i, :len(w)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
+        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    return math.exp(nll / count)

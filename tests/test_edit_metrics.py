@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from editing.evaluate import EvalRecord, aggregate, evaluate_edit, harmonic_mean, target_logprobs
+from editing.evaluate import EvalRecord, aggregate, evaluate_edit, harmonic_mean, perplexity, target_logprobs
 from bigram_model import bigram_model
 
 PROMPT = "The {} is located in the city of"  # last token "Ġof"
@@ -28,6 +28,7 @@ ROWS = {
     "Ġis": {"ĠParis": math.log(4)},  # neighbour: P(Paris) 4/67 vs P(Rome) 1/67: true wins
     "Ġa": {"ĠRome": math.log(2)},  # neighbour: P(Rome) 2/65 vs P(Paris) 1/65: new wins
     "ĠEiffel": {"ĠTower": math.log(7)},  # P(Tower | Eiffel) = 7/70
+    "ĠRome": {"Ġof": math.log(2)},  # P(of | Rome) = 2/65 (perplexity test)
 }
 
 
@@ -109,3 +110,12 @@ def test_aggregate_of_evaluated_records(model, tok):
     assert agg["efficacy_magnitude"] == pytest.approx(((3 / 66 - 1 / 66) + (1 / 66 - 3 / 66)) / 2, abs=1e-6)
     assert agg["paraphrase"] == 0.5 and agg["neighborhood"] == 0.5  # only REC has them
     assert agg["score"] == pytest.approx(0.5)
+
+
+def test_perplexity_by_hand(model, tok):
+    of, rome = tok.convert_tokens_to_ids(["Ġof", "ĠRome"])
+    ids = [of, rome, of, rome, of]
+    # One window: Rome|of, of|Rome, Rome|of, of|Rome -> exp(-mean log p) = 1 / sqrt(3/66 · 2/65).
+    assert perplexity(model, ids, seq_len=8) == pytest.approx(1 / math.sqrt(3 / 66 * 2 / 65), rel=1e-5)
+    # Windows of 2: [of Rome] [of Rome] [of]: only Rome|of is predicted (twice), the lone token is context.
+    assert perplexity(model, ids, seq_len=2) == pytest.approx(66 / 3, rel=1e-5)
