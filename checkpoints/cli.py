@@ -24,6 +24,7 @@ from .staging import output_error
 COMMAND_MODULES = [
     "merging.commands",
     "merging.adapter_commands",
+    "merging.gguf_commands",
     "checkpoints.commands",
     "checkpoints.hub_commands",
     "editing.commands",
