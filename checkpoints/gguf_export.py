@@ -411,7 +411,7 @@ def export_gguf(model: Any, out_path: Path | str, *, qtype: str = "q8_0", overwr
                             plans, overwrite=overwrite, progress=progress, cancel=cancel)
     result = GGUFExportResult(path, qtype, len(plans), size, time.perf_counter() - started,
                               dict(Counter(p.qtype for p in plans)))
-    log.info("%s", result.summary())
+    log.debug("%s", result.summary())
     return result
 
 
