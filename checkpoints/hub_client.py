@@ -4,12 +4,12 @@
 ``httpx`` client made by a factory (:func:`huggingface_hub.set_client_factory`).
 Its default client has no timeout at all, so ``create_repo``, ``preupload``,
 ``create_commit`` or ``whoami`` against a Hub that accepts the connection and
-never answers wait forever (downloads pass their own 10 s timeouts,
-``HF_HUB_ETAG_TIMEOUT``/``HF_HUB_DOWNLOAD_TIMEOUT``). :func:`configure_hub_client`
+never answers wait forever, and some calls pass ``timeout=None`` explicitly
+(downloads pass their own 10 s timeouts, ``HF_HUB_ETAG_TIMEOUT``/``HF_HUB_DOWNLOAD_TIMEOUT``). :func:`configure_hub_client`
 installs a client whose connect, read, write and pool timeouts are
 :func:`hub_timeout` seconds (``WEIGHTSMITH_HUB_TIMEOUT``, default 30): a
 request gives up after that long *without progress*, so a large upload that
-keeps moving is never cut off.
+keeps moving is never cut off; requests that ask for no timeout get this one.
 
 ``huggingface_hub`` retries timed-out requests (up to 5 times, pausing
 1+2+4+8+8 s). Waiting the full timeout on each retry would make a hung Hub
@@ -75,6 +75,11 @@ def _guard_class():
             if time.monotonic() < self._hung_until:
                 raise httpx2.ConnectTimeout(
                     f"the Hub did not answer within {self.timeout:g} s a moment ago; not waiting again", request=request)
+            # huggingface_hub passes timeout=None explicitly on some calls (repo_info inside snapshot_download),
+            # overriding the client default; others pass their own (10 s): none may exceed ours.
+            limits = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {k: self.timeout if limits.get(k) is None else min(limits[k], self.timeout)
+                                             for k in ("connect", "read", "write", "pool")}
             try:
                 response = self.inner.handle_request(request)
             except httpx2.TimeoutException:
