@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.staging import staged_folder
 from checkpoints.sources import LocalCheckpoint, download_from_hub, public_name, resolve
 from checkpoints.tensors import ShardedWriter, load_pickle_state_dict, read_safetensors_header
+from checkpoints.textfiles import load_yaml, read_text
 from merging.lines import LinesConfig, auto_alpha, lines_scale
 
 log = logging.getLogger(__name__)
@@ -273,7 +275,11 @@ def load_adapter(ref: str | Path | Sequence[str | Path]) -> LoraAdapter:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         module, which = _parse_key(name, key)
-        parts.setdefault(module, {})[which] = tensor.to(torch.float32)
+        tensor = tensor.to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            # A NaN/Inf factor would make every mixed ΔW of that module NaN/Inf, silently.
+            raise WeightsmithError(f"adapter {name}: tensor {key} holds NaN or Inf values")
+        parts.setdefault(module, {})[which] = tensor
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
@@ -408,10 +414,14 @@ class AdapterMixRecipe:
             extra = set(item) - {"adapter", "weight"}
             if extra:
                 raise WeightsmithError(f"adapter mix recipe: adapters[{i}] has unknown key(s) {', '.join(sorted(extra))}")
+            raw_weight = item.get("weight", 1.0)
             try:
-                weight = float(item.get("weight", 1.0))
+                weight = float(raw_weight) if not isinstance(raw_weight, bool) else float("nan")
             except (TypeError, ValueError):
-                raise WeightsmithError(f"adapter mix recipe: adapters[{i}].weight is not a number") from None
+                weight = float("nan")
+            if not math.isfinite(weight):
+                raise WeightsmithError(f"adapter mix recipe: adapters[{i}].weight must be a finite number, "
+                                       f"got {raw_weight!r}")
             entries.append(AdapterEntry(item["adapter"], weight))
         lines = data.get("lines")
         if lines is not None:
@@ -431,18 +441,11 @@ class AdapterMixRecipe:
         source_dir = None
         if isinstance(source, Path) or ("\n" not in source and Path(source).is_file()):
             path = Path(source)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise WeightsmithError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+            text = read_text(path, what="adapter mix recipe")
             source_dir = path.resolve().parent
         else:
             text = source
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise WeightsmithError(f"adapter mix recipe: invalid YAML ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(data or {}, source_dir=source_dir)
+        return cls.from_dict(load_yaml(text, what="adapter mix recipe") or {}, source_dir=source_dir)
 
     def validate(self) -> None:
         """Check the method and its parameters (not the files: that happens when mixing)."""
@@ -458,7 +461,8 @@ class AdapterMixRecipe:
                 f"adapter mix recipe: method {self.method} does not use {', '.join(sorted(unused))} (it takes {takes})"
             )
         p = self.resolved_parameters()
-        if "density" in p and not (isinstance(p["density"], (int, float)) and 0.0 < float(p["density"]) <= 1.0):
+        if "density" in p and not (isinstance(p["density"], (int, float)) and not isinstance(p["density"], bool)
+                                   and 0.0 < float(p["density"]) <= 1.0):
             raise WeightsmithError(f"adapter mix recipe: density must be in (0, 1], got {p['density']!r}")
         if p.get("rank") is not None and not (isinstance(p["rank"], int) and p["rank"] >= 1):
             raise WeightsmithError(f"adapter mix recipe: rank must be a positive integer, got {p['rank']!r}")

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,9 +60,12 @@ def _number(value: object, where: str) -> float:
     if isinstance(value, bool):
         raise WeightsmithError(f"{where} must be a number, got {value!r}")
     try:
-        return float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise WeightsmithError(f"{where} must be a number (or 'auto' for alpha), got {value!r}") from None
+    if not math.isfinite(number):
+        raise WeightsmithError(f"{where} must be a finite number, got {number}")
+    return number
 
 
 def lines_scale(block: int | None, num_blocks: int, alpha: float, beta: float) -> float:

@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.textfiles import load_yaml, read_text
 
 from .lines import LinesConfig
 from .methods import MergeMethod, get_method
@@ -93,21 +94,15 @@ class MergeRecipe:
     # -- reading -------------------------------------------------------------
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> "MergeRecipe":
-        """Parse YAML text, or the file at a path, and validate it."""
+        """Parse YAML text, or the file at a path, and validate it.
+
+        The file is read with :func:`checkpoints.textfiles.read_text` (UTF-8, one line otherwise) and
+        parsed with :func:`checkpoints.textfiles.load_yaml` (aliases bounded: no YAML bombs).
+        """
         text = str(text_or_path)
         if isinstance(text_or_path, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
-            path = Path(text_or_path)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise WeightsmithError(f"{path}: cannot read recipe: {e.strerror or e}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise WeightsmithError(f"recipe is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-        return cls.from_dict(data)
+            text = read_text(Path(text_or_path), what="recipe")
+        return cls.from_dict(load_yaml(text, what="recipe"))
 
     @classmethod
     def from_dict(cls, data: Any) -> "MergeRecipe":
