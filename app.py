@@ -17,18 +17,17 @@ The handlers live on :class:`Workbench` so tests can call them directly with a
 stand-in request (anything with a ``session_hash``).
 """
 
-import functools
-import inspect
 import logging
 import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import gradio as gr
 
+from app_endpoint import FilePath, Files, Range, endpoint, guard_preprocess
 from checkpoints.errors import WeightsmithError
 from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, ModelCache, building_models, warm_imports
@@ -69,45 +68,6 @@ class AppConfig:
     edit_corpus: str | None = None  # ROME statistics corpus: a text file, or None = model-sampled text
     edit_stats_tokens: int | None = None  # None: the editing library's default
     stats_root: Path | None = None  # where ROME statistics are cached (None: the library's default)
-
-
-class UserError(gr.Error):
-    """A library error shown in the page as one line."""
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn :class:`WeightsmithError` (and unexpected failures) into ``gr.Error`` so the page shows one line.
-
-    Keeps the signature (Gradio reads it to inject ``gr.Request`` / ``gr.Progress``)
-    and works for plain functions and generators alike.
-    """
-
-    def _convert(e: BaseException) -> gr.Error:
-        if isinstance(e, gr.Error):
-            return e
-        if isinstance(e, WeightsmithError):
-            return UserError(str(e))
-        if isinstance(e, InterruptedError):
-            return UserError(str(e) or "stopped")
-        log.exception("unexpected error in %s", fn.__name__)
-        return UserError(f"internal error in {fn.__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def gen_wrapper(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - every failure becomes one message; the server stays up
-                raise _convert(e) from None
-        return gen_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise _convert(e) from None
-    return wrapper
 
 
 class Jobs:
@@ -314,7 +274,7 @@ class Workbench:
                 for i in ws.items()]
 
     # ---- models panel ---------------------------------------------------------
-    @user_errors
+    @endpoint
     def inspect(self, model: str, request: gr.Request) -> list[list[Any]]:
         """Architecture, parameters, dtype and layers of a model (``LocalCheckpoint.summary``)."""
         ws = self.workspace(request)
@@ -330,24 +290,23 @@ class Workbench:
         rows.append(["files", ", ".join(info.get("files", []))[:200]])
         return rows
 
-    @user_errors
-    def upload(self, files: list[str] | None, name: str, config_from: str, request: gr.Request) -> str:
+    @endpoint
+    def upload(self, files: Files, name: str, config_from: str, request: gr.Request) -> str:
         """Import uploaded files (model, adapter, GGUF, or a zip) into this session's workspace."""
         ws = self.workspace(request)
-        paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
         cfg = self.ref(ws, config_from) if config_from else None
-        item = import_upload(ws, paths, name=name or None, config_from=cfg)
+        item = import_upload(ws, files, name=name or None, config_from=cfg)
         return f"Imported **{item.ref}** ({item.kind}): {', '.join(item.files)}"
 
-    @user_errors
+    @endpoint
     def delete_item(self, ref: str, request: gr.Request) -> str:
         ws = self.workspace(request)
         ws.delete_item(ref)
         return f"Deleted {ref}"
 
     # ---- playground -------------------------------------------------------------
-    @user_errors
-    def generate(self, working: str, original: str, prompt: str, max_new_tokens: float,
+    @endpoint
+    def generate(self, working: str, original: str, prompt: str, max_new_tokens: Annotated[float, Range(1)],
                  request: gr.Request, chat: bool = True):
         """Stream continuations of ``prompt`` from the working model and the original, side by side.
 
@@ -383,7 +342,7 @@ class Workbench:
             yield texts[0], texts[1]
 
     # ---- merge ---------------------------------------------------------------------
-    @user_errors
+    @endpoint
     def merge(self, recipe_yaml: str, out_name: str, request: gr.Request, progress=gr.Progress()):
         """Run a merge recipe (mergekit YAML) into a new workspace item.
 
@@ -426,7 +385,7 @@ class Workbench:
             raise WeightsmithError("no adapter named")
         return ws.resolve_ref(ref, allow_paths=self.config.allow_paths, allow_hub=self.config.allow_hub)
 
-    @user_errors
+    @endpoint
     def mix_adapters(self, recipe_yaml: str, out_name: str, request: gr.Request, progress=gr.Progress()):
         """Mix LoRA adapters from a mix recipe (YAML) into a new workspace item (adapter or merged model).
 
@@ -517,8 +476,9 @@ class Workbench:
             pass
         return text
 
-    @user_errors
-    def trace(self, model: str, prompt: str, subject: str, kind: str, samples: float,
+    @endpoint
+    def trace(self, model: str, prompt: str, subject: str, kind: Literal["hidden", "mlp", "attn"] | None,
+              samples: Annotated[float | None, Range(1, 10, integer=True)],
               request: gr.Request, progress=gr.Progress()):
         """Causal trace of the fact; returns (heatmap, Markdown with the suggested layer, suggested layer)."""
         from editing.trace import causal_trace, plot_trace
@@ -538,8 +498,9 @@ class Workbench:
               f"set as the edit layer.")
         return fig, md, layer
 
-    @user_errors
-    def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str, layer: float | None,
+    @endpoint
+    def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str,
+             layer: Annotated[float | None, Range(0, integer=True)],
              request: gr.Request, progress=gr.Progress()):
         """Apply one ROME edit; returns (generation before, after, summary, history table)."""
         from editing.request import EditRequest
@@ -557,7 +518,7 @@ class Workbench:
               f"in {info.get('seconds', '?')} s. Undo it below; save it from the history.")
         return req.text + before, req.text + after, md, history_rows(session.history)
 
-    @user_errors
+    @endpoint
     def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
                  neighbours: str, request: gr.Request, progress=gr.Progress()):
         """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts."""
@@ -578,8 +539,8 @@ class Workbench:
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
         return rows + [["active edits", str(n)]]
 
-    @user_errors
-    def undo(self, model: str, edit_id: float | None, request: gr.Request):
+    @endpoint
+    def undo(self, model: str, edit_id: Annotated[float | None, Range(0, integer=True)], request: gr.Request):
         ws = self.workspace(request)
         session = self.edit_session(ws, model, create=False)
         if edit_id in (None, ""):
@@ -587,21 +548,21 @@ class Workbench:
         session.undo(int(edit_id))
         return history_rows(session.history), f"Undid edit {int(edit_id)}; the weights are exactly as without it."
 
-    @user_errors
-    def edit_batch(self, model: str, file: str | None, request: gr.Request, progress=gr.Progress()):
+    @endpoint
+    def edit_batch(self, model: str, file: FilePath, request: gr.Request, progress=gr.Progress()):
         """Apply many facts from an uploaded JSON or CSV file in one MEMIT update."""
         ws = self.workspace(request)
         if not file:
             raise WeightsmithError("upload a JSON or CSV file of edits first")
-        requests = load_edit_requests(Path(file if isinstance(file, str) else file.name))
+        requests = load_edit_requests(Path(file))
         session = self.edit_session(ws, model)
         applied = self.run_job(request, lambda cancel: session.apply_batch(
             requests, progress=cancellable(progress, cancel)))
         return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
                                                f"{', '.join(map(str, applied.layers))}.")
 
-    @user_errors
-    def save_edits(self, model: str, save_as: str, name: str, request: gr.Request):
+    @endpoint
+    def save_edits(self, model: str, save_as: Literal["model", "adapter"] | None, name: str, request: gr.Request):
         """Write the session's edits to the workspace as a full model or a rank-1 LoRA adapter."""
         ws = self.workspace(request)
         session = self.edit_session(ws, model, create=False)
@@ -617,7 +578,7 @@ class Workbench:
         return f"Saved **ws:{out.name}** ({kind}); push or download it from **Export**."
 
     # ---- export ------------------------------------------------------------------
-    @user_errors
+    @endpoint
     def export(self, item: str, request: gr.Request) -> str:
         """Zip a workspace item for download; returns the zip's path (served as a file)."""
         ws = self.workspace(request)
@@ -625,7 +586,7 @@ class Workbench:
             raise WeightsmithError("choose a workspace item to export")
         return str(ws.zip_item(item))
 
-    @user_errors
+    @endpoint
     def card_preview(self, item: str, request: gr.Request) -> str:
         ws = self.workspace(request)
         if not item:
@@ -641,7 +602,7 @@ class Workbench:
             return f"**Front matter**\n```yaml\n{front.strip()}\n```\n{body.lstrip('-').lstrip()}"
         return text
 
-    @user_errors
+    @endpoint
     def push(self, item: str, repo_id: str, private: bool, token: str, request: gr.Request,
              oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()) -> str:
         """Push a workspace item to the Hub in one commit; returns the commit URL as Markdown."""
@@ -829,6 +790,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                 fn, ins, outs = parts["init"]
                 demo.load(fn, ins, outs, api_visibility="private", queue=False)
 
+    guard_preprocess(demo)
     return demo
 
 
@@ -1103,8 +1065,8 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
         return [f["method"], f["base"], gr.update(value=f["models"], headers=f["models"]["headers"]), f["shared"],
                 f["lines_on"], f["alpha_auto"], f["alpha"], f["beta"], f["out_dtype"], f["seed"], "✓ form updated from YAML"]
 
-    @user_errors
-    def on_base(ref, request: gr.Request):
+    @endpoint
+    def on_base(ref: str, request: gr.Request):
         try:
             return resolve(wb.ref(wb.workspace(request), ref), allow_hub=False).num_layers
         except WeightsmithError:
@@ -1265,12 +1227,12 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
         data = [r for r in _rows(rows) if r and str(r[0] or "").strip()] + [[ref, "1.0"]]
         return gr.update(value={"headers": ["adapter", "weight"], "data": data})
 
-    @user_errors
-    def on_upload(files, rows, request: gr.Request):
+    @endpoint
+    def on_upload(files: Files, rows, request: gr.Request):
         if not files:
             return gr.skip(), gr.skip()
         ws = wb.workspace(request)
-        item = import_upload(ws, [f if isinstance(f, str) else getattr(f, "name", f) for f in files])
+        item = import_upload(ws, files)
         if item.kind != "adapter":
             ws.delete_item(item.name)
             raise WeightsmithError("that upload is a model, not an adapter: import it in the Models tab")
