@@ -16,10 +16,12 @@ measurement on the CounterFact tuning half (bench/), so switching it is this one
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from checkpoints.errors import WeightsmithError
 
-from .rome import RomeHyperParams
+if TYPE_CHECKING:  # the CLI imports this module to build its parser: no torch at import time
+    from .rome import RomeHyperParams
 
 METHODS: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit")
 SINGLE_LAYER: tuple[str, ...] = ("rome", "r-rome", "alphaedit")
@@ -37,7 +39,7 @@ def check_method(method: str | None) -> str:
     return m
 
 
-def rome_hparams_for(method: str, hparams: RomeHyperParams) -> RomeHyperParams:
+def rome_hparams_for(method: str, hparams: "RomeHyperParams") -> "RomeHyperParams":
     """ROME settings that realise ``method`` (r-ROME and AlphaEdit make the update at k*)."""
     if method in ("r-rome", "alphaedit"):
         return replace(hparams, update_at="mean")

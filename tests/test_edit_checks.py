@@ -1,0 +1,113 @@
+"""Disabling-edit checks: norms, outliers against the session's history, KL on neutral text, refusal of NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import editing.session as session_module
+from checkpoints.errors import WeightsmithError
+from editing.checks import CheckSettings, unrelated_kl, update_checks, update_norms
+from editing.request import EditRequest
+
+from test_edit import EIFFEL, corpus_file, same, session_for, sharp_dirs, snapshot, stats  # noqa: F401
+
+# Edits of the sharpened tiny model are large against its small random weights (‖ΔW‖/‖W‖ ≈ 2):
+# the absolute bounds are raised here so that only the outlier rule and the KL decide.
+TINY = CheckSettings(max_relative_norm=20.0, max_unrelated_kl=5.0, outlier_factor=5.0, min_history=3)
+FACTS = [EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome", layer=1),
+         EditRequest("The capital of {} is", "France", "Berlin", layer=1),
+         EditRequest("{} is the capital of", "Madrid", "Italy", layer=1)]
+
+
+def test_update_checks_by_hand():
+    s = CheckSettings(outlier_factor=5.0, min_history=3, max_relative_norm=1.0, max_unrelated_kl=0.5)
+    ok = update_checks(9.0, 0.1, None, None, [1.0, 2.0, 3.0], s)
+    assert ok["flag"] is False and ok["warning"] == "" and ok["median_earlier_norm"] == 2.0
+    out = update_checks(10.5, 0.1, None, None, [1.0, 2.0, 3.0], s)  # 10.5 > 5 × median 2
+    assert out["flag"] is True and "5.2× the median 2 of 3 earlier edits" in out["warning"]
+    assert update_checks(10.5, 0.1, None, None, [1.0, 2.0], s)["flag"] is False  # too little history yet
+    assert "‖ΔW‖/‖W‖ = 1.50 > 1" in update_checks(1.0, 1.5, None, None, [], s)["warning"]  # absolute bound
+    p = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    q = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
+    kl = 0.5 * (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))  # KL(p‖q) on row 0, 0 on row 1
+    assert abs(unrelated_kl(p, q) - kl) < 1e-6 and unrelated_kl(p, p) == 0.0
+    moved = update_checks(1.0, 0.1, p, q, [], CheckSettings(max_unrelated_kl=0.1))
+    assert moved["flag"] and moved["unrelated_kl"] == round(kl, 5) and "unrelated text moved" in moved["warning"]
+
+
+def test_update_norms():
+    B, A = torch.tensor([[3.0], [4.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    W = torch.full((2, 3), 2.0)  # ‖W‖ = √24
+    norm, rel = update_norms({"m": (B, A)}, {"m": W})
+    assert norm == pytest.approx(5.0) and rel == pytest.approx(5.0 / math.sqrt(24.0))
+
+
+def test_huge_update_is_flagged_and_normal_ones_are_not(sharp_dirs, corpus_file, stats, monkeypatch):  # noqa: F811
+    s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
+    normal = [s.apply(r) for r in FACTS]
+    for e in normal:  # non-vacuous: ordinary edits pass, with the numbers the user sees
+        c = e.info["checks"]
+        assert c["finite"] and c["update_norm"] > 0 and c["unrelated_kl"] >= 0 and not c["flag"], c
+    assert "median_earlier_norm" not in normal[0].info["checks"]
+    real = session_module.compute_rome
+
+    def crafted(*args, **kwargs):  # the same edit with a 50× larger update, like the issue's 38× outlier
+        r = real(*args, **kwargs)
+        r.B = r.B * 50
+        return r
+
+    monkeypatch.setattr(session_module, "compute_rome", crafted)
+    huge = s.apply(FACTS[0])
+    c = huge.info["checks"]
+    assert c["flag"] and "the median" in c["warning"] and c["update_norm"] > 5 * c["median_earlier_norm"]
+    assert c["unrelated_kl"] > 0
+    assert s.history[-1]["checks"]["flag"] is True and huge.warning.startswith("possible disabling edit")
+    card = s._card("finetune", None, "transformers")
+    assert card.edit_log[-1]["check"] == huge.warning and card.edit_log[0]["check"] == "ok"
+    assert "looked like disabling edits" in card.summary
+
+
+def test_non_finite_update_is_refused(sharp_dirs, corpus_file, stats, monkeypatch):  # noqa: F811
+    s = session_for(sharp_dirs["llama"], corpus_file, stats)
+    before = snapshot(s.model)
+    real = session_module.compute_rome
+
+    def broken(*args, **kwargs):
+        r = real(*args, **kwargs)
+        r.B = r.B.clone()
+        r.B[0] = float("nan")
+        return r
+
+    monkeypatch.setattr(session_module, "compute_rome", broken)
+    with pytest.raises(WeightsmithError, match="not finite"):
+        s.apply(FACTS[0])
+    assert same(snapshot(s.model), before) and s.history == []
+
+
+def test_cli_method_and_warning_line(sharp_dirs, corpus_file, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from checkpoints.cli import main
+
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+    out = tmp_path / "adapter"
+    # The default bound ‖ΔW‖/‖W‖ ≤ 1 flags edits of the tiny model (≈ 2): the CLI must say so.
+    code = main(["edit", str(sharp_dirs["llama"]), "--prompt", EIFFEL.prompt, "--subject", EIFFEL.subject,
+                 "--target", "Rome", "--out", str(out), "--as-adapter", "--layer", "1", "--method", "r-rome",
+                 "--stats-corpus", str(corpus_file)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "edited (r-rome) layer 1" in captured.out and "of ‖W‖" in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: possible disabling edit")]
+    assert len(warnings) == 1
+    log = json.loads((out / "edit_log.json").read_text())
+    assert log[0]["method"] == "r-rome" and log[0]["checks"]["flag"] is True
+    card = (out / "README.md").read_text()
+    assert "| method | check |" in card and "| r-rome | possible disabling edit" in card
+    with pytest.raises(SystemExit) as exited:  # argparse: usage error, exit status 2
+        main(["edit", str(sharp_dirs["llama"]), "--prompt", EIFFEL.prompt, "--subject", EIFFEL.subject,
+              "--target", "Rome", "--out", str(tmp_path / "x"), "--method", "nope"])
+    assert exited.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
