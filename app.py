@@ -515,7 +515,8 @@ class Workbench:
         after = self._greedy(session, req.text)
         info = applied.summary()
         md = (f"Edit **{applied.id}**: {subject} → **{target}** at layer {','.join(map(str, applied.layers))} "
-              f"in {info.get('seconds', '?')} s. Undo it below; save it from the history.")
+              f"in {info.get('seconds', '?')} s. Undo it below; save it from the history."
+              + (f"\n\n**Warning:** {applied.warning}" if applied.warning else ""))
         return req.text + before, req.text + after, md, history_rows(session.history)
 
     @endpoint
@@ -1259,7 +1260,10 @@ def history_rows(history: list[dict]) -> list[list[Any]]:
         for f in facts:
             rows.append([h.get("id"), h.get("method", ""), ",".join(map(str, h.get("layers", []))),
                          str(f.get("prompt", "")).replace("{}", f.get("subject", "")),
-                         f.get("target_new", ""), f"{h.get('seconds', '')}"])
+                         f.get("target_new", ""), f"{h.get('seconds', '')}",
+                         # disabling-edit checks (editing/checks.py): the warning, else ‖ΔW‖/‖W‖
+                         (h.get("checks") or {}).get("warning") or
+                         (f"ok (‖ΔW‖/‖W‖ {h['checks']['relative_norm']:.3g})" if h.get("checks") else "")])
     return rows
 
 
@@ -1305,8 +1309,8 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
             eval_btn = gr.Button("Evaluate")
             scores = gr.Dataframe(headers=["score", "value"], interactive=False, column_count=2, label="Scores")
         gr.Markdown("### Edit history")
-        history = gr.Dataframe(headers=["id", "method", "layer", "prompt", "target", "seconds"], interactive=False,
-                               column_count=6)
+        history = gr.Dataframe(headers=["id", "method", "layer", "prompt", "target", "seconds", "check"],
+                               interactive=False, column_count=7)
         with gr.Row():
             undo_id = gr.Number(label="Edit id", precision=0, value=None)
             undo_btn = gr.Button("Undo edit")
