@@ -1,0 +1,229 @@
+"""Recipes and text files: YAML bombs, non-UTF-8 files, non-finite or wrong-type parameters each give one line.
+
+Issue 11, "Bad input that is not caught": a YAML alias bomb gave no answer
+after 60 s with memory growing; ``weight: .inf`` merged into an output full of
+NaN/Inf; a non-UTF-8 recipe or edit file gave a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoints.errors import WeightsmithError
+from merging.adapters import AdapterMixRecipe, load_adapter
+from merging.recipe import MergeRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bomb(levels: int = 9) -> str:
+    """The billion laughs: each anchor is a list of ten aliases of the previous one (10**levels leaves)."""
+    lines = ['l0: &l0 ["lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _merge_recipe(params: str) -> str:
+    return f"merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: ft\n    parameters: {params}\n"
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message and message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML bombs
+# ---------------------------------------------------------------------------------------------
+def test_billion_laughs_merge_recipe_is_refused(tmp_path):
+    # The bomb sits where validation walks it (a parameter schedule): before the fix this never returned.
+    levels = ["&l0 [1.0]"] + [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yml"
+    path.write_text(_merge_recipe("{weight: [" + ", ".join(levels) + "]}"))
+    with pytest.raises(WeightsmithError) as err:
+        MergeRecipe.from_yaml(path)
+    assert _one_line(err).startswith("recipe expands to more than 100000 values through aliases")
+
+
+def test_billion_laughs_adapter_recipe_and_loader(tmp_path):
+    from checkpoints.textfiles import load_yaml
+
+    with pytest.raises(WeightsmithError, match=r"^adapter mix recipe expands to more than"):
+        AdapterMixRecipe.from_yaml(_bomb() + "base_model: demo\nadapters: [a]\n")
+    with pytest.raises(WeightsmithError, match=r"^notes expands to more than"):
+        load_yaml(_bomb(), what="notes")
+    # Non-vacuity: aliases within the bound are fine and expand as YAML says.
+    small = load_yaml(_bomb(3) + "use: *l3\n")
+    assert len(small["use"]) == 10 and small["use"][0][0][0] == ["lol"]
+    assert sum(1 for a in small["use"] for b in a for c in b) == 1000
+
+
+def test_recursive_alias_and_deep_nesting_are_one_line():
+    from checkpoints.textfiles import load_yaml
+
+    with pytest.raises(WeightsmithError, match=r"^recipe holds a recursive alias"):
+        load_yaml("a: &a [1, *a]\n", what="recipe")
+    with pytest.raises(WeightsmithError, match=r"^recipe is nested too deeply"):
+        load_yaml("[" * 50_000 + "]" * 50_000, what="recipe")
+    with pytest.raises(WeightsmithError, match=r"^recipe is not valid YAML at line 2"):
+        MergeRecipe.from_yaml("merge_method: [\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# non-UTF-8 files
+# ---------------------------------------------------------------------------------------------
+def test_non_utf8_recipe_files_name_the_file(tmp_path):
+    bad = tmp_path / "latin1.yml"
+    bad.write_bytes("merge_method: linear\n# café\n".encode("latin-1"))
+    with pytest.raises(WeightsmithError) as err:
+        MergeRecipe.from_yaml(bad)
+    assert _one_line(err) == "recipe latin1.yml: not UTF-8 text (byte 0xe9 at offset 26); save it as UTF-8"
+    mix = tmp_path / "mix.yml"
+    mix.write_bytes(b"base_model: demo\nadapters: [\xff]\n")
+    with pytest.raises(WeightsmithError, match=r"^adapter mix recipe mix\.yml: not UTF-8 text \(byte 0xff"):
+        AdapterMixRecipe.from_yaml(mix)
+    # Non-vacuity: the same recipe in UTF-8 (with a BOM, as Windows editors write it) reads.
+    good = tmp_path / "utf8.yml"
+    good.write_bytes("\ufeffmerge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+                     "  - model: b\n    parameters: {weight: 1}\n# café\n".encode("utf-8"))
+    assert MergeRecipe.from_yaml(good).merge_method == "linear"
+
+
+def test_text_reader_for_edit_files(tmp_path):
+    from checkpoints.textfiles import read_text
+
+    edits = tmp_path / "edits.json"
+    edits.write_bytes(b'[{"prompt": "\x93quoted\x94"}]')
+    with pytest.raises(WeightsmithError, match=r"^edit requests edits\.json: not UTF-8 text \(byte 0x93 at offset 13\)"):
+        read_text(edits, what="edit requests")
+    with pytest.raises(WeightsmithError, match=r"^edit requests edits\.json: larger than 0 MiB"):
+        read_text(edits, what="edit requests", max_bytes=10)
+    with pytest.raises(WeightsmithError, match=r"^recipe missing\.yml: cannot read \(No such file"):
+        read_text(tmp_path / "missing.yml", what="recipe")
+    with pytest.raises(WeightsmithError, match=r"is a folder"):
+        read_text(tmp_path, what="recipe")
+    edits.write_text('[{"prompt": "“quoted”"}]', encoding="utf-8")
+    assert json.loads(read_text(edits))[0]["prompt"] == "“quoted”"
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite and wrong-type parameters
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, expected", [
+    ("{weight: .inf}", r"weight must be a finite number, got inf"),
+    ("{weight: -.inf}", r"weight must be a finite number, got -inf"),
+    ("{weight: .nan}", r"weight must be a finite number, got nan"),
+    ("{weight: 'inf'}", r"weight must be a finite number, got inf"),
+    ("{weight: [{filter: mlp, value: .inf}, {value: 1}]}", r"weight must be a finite number, got inf"),
+    ("{weight: [1, .nan]}", r"weight must be a finite number, got nan"),
+    ("{weight: 1, density: abc}", r"models\[ft\]\.parameters: density must be a number, got 'abc'"),
+    ("[1, 2]", r"models\[0\]\.parameters must be a mapping"),
+    ("{weight: {a: 1}}", r"parameters\.weight must be a number, a list, or \{filter, value\}"),
+    ("{weight: null}", r"weight must be a number, got None"),
+])
+def test_bad_merge_parameters_name_the_parameter(params, expected):
+    with pytest.raises(WeightsmithError, match=expected) as err:
+        MergeRecipe.from_yaml(_merge_recipe(params))
+    _one_line(err)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: abc}\n",
+     r"density must be a number, got 'abc'"),
+    ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}, {model: b}]\nparameters: {t: [1, .nan]}\n",
+     r"parameters: t must be a finite number, got nan"),
+    ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}, {model: b}]\nparameters: {t: [0, .inf, 1]}\n",
+     r"parameters: t must be a finite number, got inf"),
+    (_merge_recipe("{weight: 1}") + "lines: {alpha: .inf, beta: 0.5}\n", r"lines\.alpha must be a finite number"),
+    (_merge_recipe("{weight: 1}") + "lines: {alpha: auto, beta: .nan}\n", r"lines\.beta must be a finite number"),
+    ("merge_method: linear\nmodels: {a: 1}\n", r"recipe: models must be a list"),
+])
+def test_bad_shared_parameters_and_shapes(text, expected):
+    with pytest.raises(WeightsmithError, match=expected) as err:
+        MergeRecipe.from_yaml(text)
+    _one_line(err)
+
+
+def test_finite_parameters_still_pass():
+    recipe = MergeRecipe.from_yaml(_merge_recipe("{weight: [0, 0.5, 1.0e+300]}") + "lines: {alpha: 0.5, beta: 1}\n")
+    assert recipe.models[0].parameters["weight"][-1] == 1e300
+
+
+@pytest.mark.parametrize("adapter, expected", [
+    ("{adapter: a, weight: .inf}", r"adapters\[0\]\.weight must be a finite number, got inf"),
+    ("{adapter: a, weight: .nan}", r"adapters\[0\]\.weight must be a finite number, got nan"),
+    ("{adapter: a, weight: abc}", r"adapters\[0\]\.weight must be a finite number, got 'abc'"),
+    ("{adapter: a, weight: [1]}", r"adapters\[0\]\.weight must be a finite number, got \[1\]"),
+])
+def test_bad_adapter_weights_name_the_adapter(adapter, expected):
+    with pytest.raises(WeightsmithError, match=expected) as err:
+        AdapterMixRecipe.from_yaml(f"base_model: demo\nadapters:\n  - {adapter}\n")
+    _one_line(err)
+
+
+def test_bad_adapter_mix_parameters():
+    base = "base_model: demo\nadapters: [{adapter: a, weight: 0.5}]\n"
+    with pytest.raises(WeightsmithError, match=r"lines\.beta must be a finite number"):
+        AdapterMixRecipe.from_yaml(base + "lines: {alpha: 1, beta: .nan}\n")
+    with pytest.raises(WeightsmithError, match=r"density must be in \(0, 1\], got nan"):
+        AdapterMixRecipe.from_yaml(base + "method: ties\nparameters: {density: .nan}\n")
+    with pytest.raises(WeightsmithError, match=r"parameters must be a mapping"):
+        AdapterMixRecipe.from_yaml(base + "parameters: [1]\n")
+    assert AdapterMixRecipe.from_yaml(base).adapters[0].weight == 0.5
+
+
+def _adapter(folder: Path, poison: float | None) -> Path:
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "x"}))
+    a = torch.randn(2, 8)
+    b = torch.randn(8, 2)
+    if poison is not None:
+        b[3, 1] = poison
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_non_finite_adapter_tensor_names_adapter_and_tensor(tmp_path, poison):
+    bad = _adapter(tmp_path / "bad-adapter", poison)
+    with pytest.raises(WeightsmithError) as err:
+        load_adapter(bad)
+    assert _one_line(err) == ("adapter bad-adapter: tensor base_model.model.model.layers.0.self_attn.q_proj"
+                              ".lora_B.weight holds NaN or Inf values")
+    good = load_adapter(_adapter(tmp_path / "good-adapter", None))  # non-vacuity
+    assert list(good.factors) == ["model.layers.0.self_attn.q_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "checkpoints.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=cwd)
+
+
+def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
+    (tmp_path / "inf.yml").write_text(_merge_recipe("{weight: .inf}"))
+    (tmp_path / "latin1.yml").write_bytes(b"base_model: demo\nadapters: [caf\xe9]\n")
+    proc = _cli(["merge", "inf.yml", "out"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "weightsmith: error: models[ft].parameters: weight must be a finite number, got inf"], proc.stderr
+    proc = _cli(["mix-adapters", "latin1.yml", "out"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "weightsmith: error: adapter mix recipe latin1.yml: not UTF-8 text (byte 0xe9 at offset 31); save it as UTF-8"
+    ], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.yml", "latin1.yml"]
