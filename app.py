@@ -258,6 +258,24 @@ class Workbench:
         return ws.resolve_ref(ref, allow_paths=self.config.allow_paths, allow_hub=self.config.allow_hub,
                               named=self.config.named_models)
 
+    def policy(self, ws: Workspace, *, allow_hub: bool | None = None) -> dict:
+        """The resolver's policy for this session, passed to every library call that reads a model.
+
+        With local paths off, only ``demo``, Hub ids (downloaded, never looked up on this disk) and
+        folders inside the trusted roots are read: this session's workspace and the models the
+        operator named.
+        """
+        return dict(allow_hub=self.config.allow_hub if allow_hub is None else allow_hub, **self.local_policy(ws))
+
+    def local_policy(self, ws: Workspace) -> dict:
+        """The part of :meth:`policy` for library calls that take no ``allow_hub`` (merges, uploads)."""
+        return dict(allow_local=self.config.allow_paths,
+                    trusted_roots=(ws.items_dir, *(Path(p) for p in self.config.named_models.values())))
+
+    def checkpoint(self, ws: Workspace, ref: str, **policy):
+        """A user's model reference resolved under this server's policy."""
+        return resolve(self.ref(ws, ref), **{**self.policy(ws), **policy})
+
     def model_choices(self, request: Any, kind: str = "model") -> list[str]:
         ws = self.workspace(request)
         base = ["demo", *self.config.named_models] if kind == "model" else []
@@ -278,7 +296,7 @@ class Workbench:
     def inspect(self, model: str, request: gr.Request) -> list[list[Any]]:
         """Architecture, parameters, dtype and layers of a model (``LocalCheckpoint.summary``)."""
         ws = self.workspace(request)
-        ckpt = resolve(self.ref(ws, model), allow_hub=self.config.allow_hub)
+        ckpt = self.checkpoint(ws, model)
         ckpt.check_matches_config()
         info = ckpt.summary()
         rows = []
@@ -295,7 +313,7 @@ class Workbench:
         """Import uploaded files (model, adapter, GGUF, or a zip) into this session's workspace."""
         ws = self.workspace(request)
         cfg = self.ref(ws, config_from) if config_from else None
-        item = import_upload(ws, files, name=name or None, config_from=cfg)
+        item = import_upload(ws, files, name=name or None, config_from=cfg, **self.local_policy(ws))
         return f"Imported **{item.ref}** ({item.kind}): {', '.join(item.files)}"
 
     @endpoint
@@ -358,7 +376,8 @@ class Workbench:
         out = ws.new_item_dir(out_name or "merge", default="merge")
         progress_adapter(progress)(0.0, "checking models")
         result = self.run_job(request, lambda cancel: run_merge(
-            resolved, out, device=self.config.device, progress=progress_adapter(progress), cancel=cancel))
+            resolved, out, device=self.config.device, progress=progress_adapter(progress), cancel=cancel,
+            **self.local_policy(ws)))
         ws.register(out.name, kind="model", origin="merge",
                     details={"method": result.method, "tensors_changed": result.tensors_changed})
         rows = [("result", f"`ws:{out.name}`"), ("method", result.method),
@@ -420,7 +439,7 @@ class Workbench:
         """A model ready to generate: a checkpoint, or a workspace adapter applied to its base."""
         if str(ref).startswith("ws:") and ws.item(ref).kind == "adapter":
             return self._adapter_model(ws, ws.item(ref))
-        return self.models.get(self.ref(ws, ref), allow_hub=self.config.allow_hub)
+        return self.models.get(self.ref(ws, ref), **self.policy(ws))
 
     def _adapter_model(self, ws: Workspace, item) -> LoadedModel:
         import json
@@ -435,7 +454,7 @@ class Workbench:
             declared = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
             base_ref = "demo" if declared in (DEMO_NAME, None, "") else declared
         key = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns, str(base_ref))
-        base = resolve(self.ref(ws, base_ref), allow_hub=self.config.allow_hub)
+        base = self.checkpoint(ws, base_ref)
 
         def load() -> LoadedModel:
             model = PeftModel.from_pretrained(base.load_model(device=self.config.device), str(path))
@@ -456,7 +475,7 @@ class Workbench:
                 return entry[1]
         if not create:
             raise WeightsmithError("no edits yet for this model in this session")
-        ckpt = resolve(resolved, allow_hub=self.config.allow_hub)
+        ckpt = resolve(resolved, **self.policy(ws))
         with building_models():
             model, tokenizer = ckpt.load_model(device=self.config.device), ckpt.load_tokenizer()
         session = EditSession(model, tokenizer,
@@ -1069,7 +1088,7 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
     @endpoint
     def on_base(ref: str, request: gr.Request):
         try:
-            return resolve(wb.ref(wb.workspace(request), ref), allow_hub=False).num_layers
+            return wb.checkpoint(wb.workspace(request), ref, allow_hub=False).num_layers
         except WeightsmithError:
             return gr.skip()
 
@@ -1233,7 +1252,7 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
         if not files:
             return gr.skip(), gr.skip()
         ws = wb.workspace(request)
-        item = import_upload(ws, files)
+        item = import_upload(ws, files, **wb.local_policy(ws))
         if item.kind != "adapter":
             ws.delete_item(item.name)
             raise WeightsmithError("that upload is a model, not an adapter: import it in the Models tab")
