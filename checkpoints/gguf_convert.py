@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import WeightsmithError
 from .staging import staged_folder
 from .home import weightsmith_home
+from .model_cache import building_models
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,23 @@ def convert_gguf(gguf: Path, *, cache_root: Path | None = None, out_dir: Path | 
     target = out_dir or (cache_root or weightsmith_home() / "models") / _cache_key(gguf)
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
+    log.info("converting %s to a float32 Hugging Face folder (once)", gguf.name)
+    # transformers patches process-wide state while it builds a model: one build at a time.
+    with building_models():
+        clean, loaded, tok = _dequantised(gguf)
+    clean.generation_config = loaded.generation_config
+    # overwrite: a half-converted leftover (no weights) is replaced, never trusted
+    with staged_folder(target, overwrite=True) as tmp:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def _dequantised(gguf: Path):
+    """(clean float32 model, the loaded one, tokenizer) of ``gguf``; call under ``building_models``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a float32 Hugging Face folder (once)", gguf.name)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -57,9 +71,4 @@ def convert_gguf(gguf: Path, *, cache_root: Path | None = None, out_dir: Path | 
     if missing or unexpected:
         raise WeightsmithError(f"{gguf.name}: converted weights do not match the config (missing {missing[:3]})")
     clean.tie_weights()
-    clean.generation_config = loaded.generation_config
-    # overwrite: a half-converted leftover (no weights) is replaced, never trusted
-    with staged_folder(target, overwrite=True) as tmp:
-        clean.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    return target
+    return clean, loaded, tok

@@ -89,20 +89,25 @@ class LocalCheckpoint:
         """A transformers causal LM in ``dtype`` on ``device``; never runs remote code."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from .model_cache import building_models
+
         self.check_matches_config()
-        if self.kind in ("folder", "hub", "demo", "gguf") and self.support_dir == self.files[0].parent:
-            model = AutoModelForCausalLM.from_pretrained(str(self.support_dir), dtype=dtype, trust_remote_code=False)
-        else:
-            config = AutoConfig.from_pretrained(str(self.support_dir), trust_remote_code=False)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            state = {k: v for k, v in self.reader().iter_tensors(dtype=dtype)}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [m for m in missing if m not in self.tied_names()]
-            if missing or unexpected:
-                raise WeightsmithError(
-                    f"{self.name}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-                )
-            model.tie_weights()
+        direct = self.kind in ("folder", "hub", "demo", "gguf") and self.support_dir == self.files[0].parent
+        state = None if direct else {k: v for k, v in self.reader().iter_tensors(dtype=dtype)}
+        # transformers patches process-wide state while it builds a model: one build at a time.
+        with building_models():
+            if state is None:
+                model = AutoModelForCausalLM.from_pretrained(str(self.support_dir), dtype=dtype,
+                                                             trust_remote_code=False)
+            else:
+                config = AutoConfig.from_pretrained(str(self.support_dir), trust_remote_code=False)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                missing = [m for m in missing if m not in self.tied_names()]
+                if missing or unexpected:
+                    raise WeightsmithError(f"{self.name}: weights do not fit the config: missing {missing[:3]}, "
+                                           f"unexpected {unexpected[:3]}")
+                model.tie_weights()
         model.eval()
         return model.to(device)
 
