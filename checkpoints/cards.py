@@ -193,6 +193,24 @@ def write_card(folder: Path, info: CardInfo, *, repo_id: str | None = None) -> P
     return path
 
 
+def add_card_section(folder: Path, heading: str, body: str, *, tags: tuple[str, ...] = ()) -> Path:
+    """Put section ``## heading`` (replacing one of that heading) before "How to load", and add ``tags``.
+
+    For outputs added to a finished folder (a GGUF file). ``body`` is written as given, so that
+    relative file names such as ``./model.gguf`` survive: it must not name local paths (the push
+    refuses a card that does).
+    """
+    path = Path(folder) / "README.md"
+    card = ModelCard(path.read_text(encoding="utf-8"))
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+    block = f"## {heading}\n\n{body.strip()}\n\n"
+    text = re.sub(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", "", card.text, flags=re.M | re.S)
+    at = text.find("## How to load")
+    card.text = text[:at] + block + text[at:] if at >= 0 else text.rstrip() + "\n\n" + block
+    card.save(path)
+    return path
+
+
 def load_card(folder: Path) -> ModelCard:
     """The card in ``folder/README.md``; one-line error when it is missing or has no valid front matter.
 
