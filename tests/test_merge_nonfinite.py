@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints.errors import WeightsmithError
 from merging.engine import run_merge
-from merging.finite import all_finite
+from checkpoints.finite import all_finite
 from merging.recipe import MergeRecipe
 
 VICTIM = "model.layers.1.mlp.up_proj.weight"
