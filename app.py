@@ -33,7 +33,10 @@ from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, ModelCache, building_models, warm_imports
 from checkpoints.sources import resolve
 from checkpoints.uploads import import_upload
-from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager, parse_size
+from checkpoints.secrets import install_redaction
+from checkpoints.sizes import parse_size
+from checkpoints.textfiles import load_yaml
+from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +126,6 @@ def progress_adapter(progress: Any) -> Callable[..., None]:
             log.debug("progress update failed", exc_info=True)
 
     return report
-
-
-def parse_yaml(text: str, what: str) -> Any:
-    """YAML text typed in the page -> data (never a path: the server's files are not the user's)."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text or "")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise WeightsmithError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
 def cancellable(progress: Any, cancel: threading.Event) -> Callable[..., None]:
@@ -370,7 +361,7 @@ class Workbench:
         from merging.recipe import MergeRecipe
 
         ws = self.workspace(request)
-        recipe = MergeRecipe.from_dict(parse_yaml(recipe_yaml, "recipe"))
+        recipe = MergeRecipe.from_dict(load_yaml(recipe_yaml, what="recipe"))
         resolved = recipe.with_models_renamed(lambda r: self.ref(ws, r))
         ws.check_quota()
         out = ws.new_item_dir(out_name or "merge", default="merge")
@@ -413,7 +404,7 @@ class Workbench:
         from merging.adapters import AdapterMixRecipe, mix_adapters
 
         ws = self.workspace(request)
-        data = parse_yaml(recipe_yaml, "mix recipe")
+        data = load_yaml(recipe_yaml, what="mix recipe")
         recipe = AdapterMixRecipe.from_dict(data or {})
         base_ref = recipe.base_model
         recipe.base_model = self.ref(ws, recipe.base_model)
@@ -607,6 +598,38 @@ class Workbench:
         return str(ws.zip_item(item))
 
     @endpoint
+    def gguf_estimate(self, item: str, qtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"], request: gr.Request) -> str:
+        """Size of the item's GGUF export in ``qtype`` (Markdown), from the tensor headers alone."""
+        from merging.gguf_item import estimate_folder_gguf
+
+        ws = self.workspace(request)
+        if not item:
+            return "Choose a workspace item to see the size of its GGUF file."
+        size = estimate_folder_gguf(ws.item_path(item), qtype, base=self._gguf_base(ws, item), policy=self.policy(ws))
+        return f"{qtype}: about **{size / 2**20:.1f} MB** of weights (plus the tokenizer, a few MB)."
+
+    @endpoint
+    def export_gguf(self, item: str, qtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"], request: gr.Request, progress=gr.Progress()):
+        """Write a workspace item (model or LoRA adapter) as GGUF into the item, so that Push publishes it in the
+        same commit; returns (the file, Markdown with its size, type and read-back check)."""
+        from merging.gguf_item import estimate_folder_gguf, export_folder_gguf
+
+        ws = self.workspace(request)
+        if not item:
+            raise WeightsmithError("choose a workspace item to export")
+        folder = ws.item_path(item)
+        base, policy = self._gguf_base(ws, item), self.policy(ws)
+        ws.check_quota(estimate_folder_gguf(folder, qtype, base=base, policy=policy))
+        out = self.run_job(request, lambda cancel: export_folder_gguf(
+            folder, qtype, base=base, policy=policy, progress=progress_adapter(progress), cancel=cancel))
+        return str(out.result.path), f"{out.result.summary()}\n\n{out.check}. **Push** now adds it to the same commit."
+
+    def _gguf_base(self, ws: Workspace, item: str) -> str | None:
+        """The base an adapter item was made on (as the resolver takes it), else None."""
+        base = ws.item(item).details.get("base")
+        return self.ref(ws, base) if base else None
+
+    @endpoint
     def card_preview(self, item: str, request: gr.Request) -> str:
         ws = self.workspace(request)
         if not item:
@@ -671,6 +694,7 @@ class Workbench:
 def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> gr.Blocks:
     """The Gradio Blocks app. ``config`` overrides ``allow_paths`` when given."""
     config = config or AppConfig(allow_paths=allow_paths)
+    install_redaction()  # no token in any log line or traceback of this server, whichever logger writes it
     wb = Workbench(config)
     heavy = dict(concurrency_limit=config.heavy_concurrency, concurrency_id="heavy")
     in_space = bool(os.environ.get("SPACE_ID"))
@@ -763,6 +787,16 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                                          + "Or set HF_TOKEN on the server. Never stored or logged.")
                     e_push = gr.Button("Push", variant="primary")
                     e_push_msg = gr.Markdown()
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("### GGUF for llama.cpp, Ollama, LM Studio")
+                    e_gguf_type = gr.Dropdown(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                                              value="q8_0", label="GGUF type",
+                                              info="q8_0: near-lossless, half of f16; q4/q5: smaller, see README")
+                    e_gguf_size = gr.Markdown()
+                    e_gguf_btn = gr.Button("Export GGUF", variant="primary")
+                    e_gguf_msg = gr.Markdown()
+                    e_gguf_file = gr.File(label="GGUF", interactive=False)
             gr.Markdown("### Model card preview (what will be pushed)")
             e_card = gr.Markdown(container=True)
 
@@ -794,6 +828,10 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         e_zip_btn.click(wb.export, [e_item], e_file, api_name="export", concurrency_limit=2,
                         concurrency_id="export")
         e_item.change(wb.card_preview, [e_item], e_card, api_visibility="private", queue=False)
+        for trigger in (e_item.change, e_gguf_type.change):
+            trigger(wb.gguf_estimate, [e_item, e_gguf_type], e_gguf_size, api_visibility="private")
+        e_gguf_btn.click(wb.export_gguf, [e_item, e_gguf_type], [e_gguf_file, e_gguf_msg], api_name="export_gguf",
+                         **heavy).then(wb.card_preview, [e_item], e_card, api_visibility="private")
         e_push.click(wb.push, [e_item, e_repo, e_private, e_token], e_push_msg, api_name="push",
                      concurrency_limit=2, concurrency_id="push")
 
@@ -948,7 +986,7 @@ def merge_form_from_yaml(text: str) -> dict:
     """Parse the YAML box into widget values; raises WeightsmithError on a bad recipe."""
     from merging.recipe import MergeRecipe
 
-    recipe = MergeRecipe.from_dict(parse_yaml(text, "recipe"))
+    recipe = MergeRecipe.from_dict(load_yaml(text, what="recipe"))
     if recipe.slices:
         raise WeightsmithError("slices recipes are edited in the YAML only (the form shows models recipes)")
     names = merge_columns(recipe.merge_method)
@@ -1368,7 +1406,7 @@ def launch_kwargs(config: AppConfig) -> dict:
     it into its cache under a content hash). Keep the root under the system temp folder (the
     default) or the working directory, where Gradio accepts returned files.
     """
-    return dict(max_file_size=config.max_file_size)
+    return dict(max_file_size=parse_size(config.max_file_size, what="--max-file-size"))  # one size parser
 
 
 def queue_kwargs(config: AppConfig) -> dict:
