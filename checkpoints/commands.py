@@ -36,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
     import app
 
     app.serve(host=args.host, port=args.port, allow_paths=args.allow_local_paths, share=False,
-              max_file_size=args.max_file_size, workspace_max_age=args.workspace_max_age)
+              max_file_size=args.max_file_size, workspace_max_age=args.workspace_max_age,
+              workspace_quota=args.workspace_quota, queue_size=args.queue_size)
     return 0
 
 
@@ -58,4 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-file-size", default="2gb", help="upload size limit, e.g. 500mb")
     p.add_argument("--workspace-max-age", type=float, default=3600.0,
                    help="seconds after which a session's workspace is deleted")
+    p.add_argument("--workspace-quota", default="20GiB",
+                   help="disk space per session: uploads, results and downloads (e.g. 5GB)")
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="requests that may wait in the queue; more are refused with 'queue full'")
     p.set_defaults(func=_serve)
