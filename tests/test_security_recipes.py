@@ -227,3 +227,20 @@ def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
         "weightsmith: error: adapter mix recipe latin1.yml: not UTF-8 text (byte 0xe9 at offset 31); save it as UTF-8"
     ], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.yml", "latin1.yml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes (issue 17: two parsers disagreed, "2gb" was 2·10⁹ in merge and 2·2³⁰ in the workspace)
+# ---------------------------------------------------------------------------------------------
+def test_one_size_parser_decimal_and_binary():
+    from checkpoints.sizes import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("5gb") == 5 * 10**9 and parse_size("5G") == 5 * 10**9
+    assert parse_size("5GiB") == 5 * 2**30 and parse_size("5gi") == 5 * 2**30
+    assert parse_size("500M") == 500 * 10**6 and parse_size("1.5MiB") == 3 * 2**19
+    assert parse_size("10kb") == 10_000 and parse_size("1KiB") == 1024 and parse_size("2TB") == 2 * 10**12
+    assert parse_size("1234") == 1234 and parse_size("1234B") == 1234 and parse_size(1234) == 1234
+    assert parse_size(None) is None and parse_size("  ") is None
+    for bad in ("lots", "-5GB", "5XB", "GB", "1e3", "5 G B", float("nan"), float("inf"), -1, True):
+        with pytest.raises(WeightsmithError, match=r"^max shard size .*not a size"):
+            parse_size(bad, what="max shard size")
