@@ -9,7 +9,6 @@ trusted folders (the session's workspace) are read.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

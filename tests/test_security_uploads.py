@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -12,7 +11,6 @@ import torch
 from safetensors.torch import save
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.tensors import INDEX_NAME, ShardedWriter
 from checkpoints.uploads import import_upload
 from checkpoints.workspace import WorkspaceConfig, WorkspaceManager
 
@@ -152,18 +150,10 @@ def test_encrypted_member(ws, tmp_path):
 
 
 def _sharded_zip(tmp_path: Path, src: Path, shard_name: str) -> Path:
-    from checkpoints.sources import resolve
+    from test_security_resolver import _point_index_at, _sharded
 
-    ck = resolve(src)
-    out = tmp_path / "sharded"
-    with ShardedWriter(out, max_shard_bytes=20_000) as w:
-        for name in ck.reader().keys():
-            w.add(name, ck.reader().get(name, dtype=None))
-        w.copy_support_files(ck.support_dir)
-    index = json.loads((out / INDEX_NAME).read_text())
-    first = sorted(set(index["weight_map"].values()))[0]
-    index["weight_map"] = {k: (shard_name if v == first else v) for k, v in index["weight_map"].items()}
-    (out / INDEX_NAME).write_text(json.dumps(index))
+    out = _sharded(src, tmp_path / "sharded")
+    _point_index_at(out, shard_name)
     z = tmp_path / "model.zip"
     with zipfile.ZipFile(z, "w") as zf:
         for p in sorted(out.iterdir()):
