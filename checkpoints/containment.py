@@ -53,3 +53,12 @@ def member_path(folder: Path, entry: object, *, owner: str, root: Path | None = 
         # Same words whether or not the target exists: no hint about the server's files.
         raise WeightsmithError(f"{owner}: entry {entry!r} points outside the checkpoint folder, refused")
     return path
+
+
+def error_line(exc: BaseException, folder: Path) -> str:
+    """The first line of a third-party error, without ``folder``: the user knows files by name only."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    for form in {str(Path(folder).resolve()), str(folder)}:
+        first = first.replace(form + "/", "").replace(form, "")
+    return first

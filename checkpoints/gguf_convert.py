@@ -13,6 +13,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+from .containment import error_line
 from .errors import WeightsmithError
 from .staging import staged_folder
 from .home import weightsmith_home
@@ -56,10 +57,7 @@ def _dequantised(gguf: Path):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        # The reader's messages may carry the file's folder; the user knows the file only by its name.
-        first = first.replace(str(gguf.parent.resolve()), "").replace(str(gguf.parent), "")
-        raise WeightsmithError(f"{gguf.name}: cannot read GGUF: {first}") from None
+        raise WeightsmithError(f"{gguf.name}: cannot read GGUF: {error_line(e, gguf.parent)}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .arch import ArchSpec, spec_for
-from .containment import member_path
+from .containment import error_line, member_path
 from .errors import WeightsmithError
 from .refs import is_hub_id
 from .tensors import (SUPPORT_FILES, CheckpointReader, TensorMeta, parse_json_object, read_safetensors_header,
@@ -117,7 +117,7 @@ class LocalCheckpoint:
         try:
             return AutoTokenizer.from_pretrained(str(self.support_dir), trust_remote_code=False)
         except Exception as e:
-            raise WeightsmithError(f"{self.name}: cannot load tokenizer: {str(e).splitlines()[0] if str(e) else e}") from None
+            raise WeightsmithError(f"{self.name}: cannot load tokenizer: {error_line(e, self.support_dir)}") from None
 
     def summary(self) -> dict[str, Any]:
         """Architecture, layer count, parameter count, dtypes and files: what ``weightsmith info`` prints."""

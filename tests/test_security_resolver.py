@@ -256,3 +256,20 @@ def test_one_hub_id_rule():
     from checkpoints import cards
 
     assert cards.is_hub_id is is_hub_id
+
+
+def test_third_party_errors_lose_the_server_folder(tmp_path, tiny_llama_dir):
+    """A broken tokenizer or GGUF is reported by file name; transformers' own message carried the folder."""
+    from checkpoints.gguf_convert import convert_gguf
+
+    folder = _copy(tiny_llama_dir, tmp_path / "srv" / "m")
+    (folder / "tokenizer.json").write_text("{broken")
+    (folder / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(WeightsmithError, match="^m: cannot load tokenizer") as e:
+        resolve(folder).load_tokenizer()
+    assert str(tmp_path) not in str(e.value)
+    g = tmp_path / "srv" / "bad.gguf"
+    g.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(WeightsmithError, match="^bad.gguf: cannot read GGUF") as e:
+        convert_gguf(g, out_dir=tmp_path / "out")
+    assert str(tmp_path) not in str(e.value) and not (tmp_path / "out").exists()
