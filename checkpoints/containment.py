@@ -52,6 +52,10 @@ def member_path(folder: Path, entry: object, *, owner: str, root: Path | None = 
     if not real.is_relative_to(base):
         # Same words whether or not the target exists: no hint about the server's files.
         raise WeightsmithError(f"{owner}: entry {entry!r} points outside the checkpoint folder, refused")
+    try:
+        path.exists()  # a name too long for the filesystem, or unreadable, raises here rather than later
+    except OSError as e:
+        raise WeightsmithError(f"{owner}: entry {entry[:80]!r} cannot be used ({e.strerror or type(e).__name__})") from None
     return path
 
 

@@ -157,6 +157,7 @@ def _model(tmp_path, src) -> Path:
     ('{"weight_map": {"lm_head.weight": "config.json"}}', "not a .safetensors file"),
     ('{"weight_map": {"lm_head.weight": "model.safetensors"}, "weight_map": {}}', "twice"),
     (b'{"weight_map": {"x": "mod\xe9l.safetensors"}}', "corrupt JSON"),
+    ('{"weight_map": {"x": "%s.safetensors"}}' % ("a" * 300), "cannot be used .File name too long"),
 ])
 def test_index_of_the_wrong_type(tmp_path, tiny_llama_dir, index, match):
     folder = _model(tmp_path, tiny_llama_dir)
@@ -311,7 +312,8 @@ def test_fuzz_mutated_real_file(edits, cut):
                        st.fixed_dictionaries({"weight_map": st.dictionaries(
                            st.text(max_size=8), st.one_of(_junk, st.sampled_from(
                                ["model.safetensors", "../model.safetensors", "/etc/passwd", "sub/../model.safetensors",
-                                "./model.safetensors", "missing.safetensors", "model.safetensors\x00"])), max_size=3)})))
+                                "./model.safetensors", "missing.safetensors", "model.safetensors\x00",
+                                "x" * 300 + ".safetensors"])), max_size=3)})))
 def test_fuzz_index_inside_or_one_error(index):
     """Any index JSON either names files inside the folder or gives one error naming the index."""
     with tempfile.TemporaryDirectory() as d:
