@@ -160,7 +160,8 @@ def check_config_against_weights(name: str, config: dict, spec: ArchSpec, metas:
 
 
 def _read_config(folder: Path, who: str) -> dict[str, Any]:
-    if not (folder / "config.json").exists():
+    candidate = folder / "config.json"
+    if not (candidate.is_file() or candidate.is_symlink()):  # not a FIFO either: reading one would block
         raise WeightsmithError(f"{who}: no config.json in {folder.name}")
     path = member_path(folder, "config.json", owner=who)
     try:

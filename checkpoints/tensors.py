@@ -296,7 +296,7 @@ def weight_files(folder: Path) -> list[Path]:
     """
     folder = Path(folder)
     index = folder / INDEX_NAME
-    if index.exists():
+    if index.is_file() or index.is_symlink():
         index = member_path(folder, INDEX_NAME, owner=folder.name)
         files = []
         for shard in sorted(set(read_index(index).values())):
