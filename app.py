@@ -33,6 +33,7 @@ from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, ModelCache, building_models, warm_imports
 from checkpoints.sources import resolve
 from checkpoints.uploads import import_upload
+from checkpoints.hub_client import configure_hub_client
 from checkpoints.secrets import install_redaction
 from checkpoints.sizes import parse_size
 from checkpoints.textfiles import load_yaml
@@ -154,12 +155,14 @@ def load_edit_requests(path: Path) -> list:
     A CSV has a header row with the flat format's columns (prompt, subject, target_new, ground_truth).
     """
     import csv
+    import io
 
+    from checkpoints.textfiles import read_text
     from editing.evaluate import load_records, parse_record
 
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if any((v or "").strip() for v in r.values())]
+        text = io.StringIO(read_text(path, what="edit requests"), newline="")
+        rows = [r for r in csv.DictReader(text) if any((v or "").strip() for v in r.values())]
         if not rows:
             raise WeightsmithError(f"{path.name}: no edit rows (header: prompt,subject,target_new,ground_truth)")
         records = [parse_record({k.strip(): (v or "").strip() for k, v in r.items() if k}) for r in rows]
@@ -374,7 +377,7 @@ class Workbench:
         rows = [("result", f"`ws:{out.name}`"), ("method", result.method),
                 ("tensors changed", f"{result.tensors_changed} of {result.tensors_total}"),
                 ("blocks", result.num_blocks), ("output", f"{result.output_bytes / 2**20:.1f} MB"),
-                ("time", f"{result.seconds:.1f} s")]
+                ("weights", result.finite_check), ("time", f"{result.seconds:.1f} s")]
         if result.lines_alpha is not None:
             rows.append(("LiNeS", f"α = {result.lines_alpha:.4g}, β = {result.lines_beta:.4g}"))
         md = "### Merged\n" + _md_table(rows) + "\n\nTry it in the **Playground** or download it from **Export**."
@@ -532,8 +535,10 @@ class Workbench:
     @endpoint
     def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
                  neighbours: str, request: gr.Request, progress=gr.Progress()):
-        """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts."""
+        """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts,
+        and the checks by generation (gen_efficacy, gen_paraphrase, gen_neighborhood, fluency)."""
         from editing.evaluate import evaluate_edit, harmonic_mean
+        from editing.generation_checks import generation_scores
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
@@ -546,6 +551,8 @@ class Workbench:
         main = [scores[k] for k in ("efficacy", "paraphrase", "neighborhood") if k in scores]
         if len(main) == 3:
             scores["score"] = harmonic_mean(main)
+        # What the user would see: is the new answer in the greedy continuation (editing.generation_checks)?
+        scores.update(generation_scores(session.model, session.tokenizer, record))
         n = len(session.history)
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
         return rows + [["active edits", str(n)]]
@@ -695,6 +702,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
     """The Gradio Blocks app. ``config`` overrides ``allow_paths`` when given."""
     config = config or AppConfig(allow_paths=allow_paths)
     install_redaction()  # no token in any log line or traceback of this server, whichever logger writes it
+    configure_hub_client()  # every Hub request of this server has a timeout
     wb = Workbench(config)
     heavy = dict(concurrency_limit=config.heavy_concurrency, concurrency_id="heavy")
     in_space = bool(os.environ.get("SPACE_ID"))

@@ -20,7 +20,6 @@ Hints understood: ``str``, ``float``, ``int``, ``bool``, ``Literal[...]``, ``X |
 
 from __future__ import annotations
 
-import errno
 import functools
 import inspect
 import logging
@@ -35,6 +34,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.staging import output_error
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,9 @@ def _message(fn_name: str, e: BaseException) -> gr.Error:
         return UserError(scrub_paths(_one_line(e)))
     if isinstance(e, InterruptedError):
         return UserError(_one_line(e) or "stopped")
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        log.warning("%s: %s", fn_name, type(e).__name__)
-        return UserError(f"{fn_name}: the server's disk is full; nothing was saved")
-    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        log.warning("%s: %s", fn_name, type(e).__name__)
-        return UserError(f"{fn_name}: the server cannot write its output (read-only or no permission); "
-                         "nothing was saved")
+    if isinstance(e, OSError) and (fault := output_error(e)) is not None:  # disk full, read-only, ...
+        log.warning("%s: %s", fn_name, fault)
+        return UserError(scrub_paths(_one_line(fault)))
     # A bug: the traceback goes to the server log (tokens are redacted there); the page gets one line.
     log.exception("unexpected error in %s", fn_name)
     return UserError(f"{fn_name} failed on an unexpected server error (logged); nothing was saved")

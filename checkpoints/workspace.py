@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from .errors import WeightsmithError
+from .refs import is_hub_id
+from .sizes import parse_size  # noqa: F401 - the one size parser, re-exported for older imports
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +52,7 @@ ItemKind = Literal["model", "adapter", "other"]
 _WS_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 # Item names are single path components a user can read and type.
 _ITEM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRASH = ".deleting-"  # an expired workspace renamed out of reach before its files are removed
-
-
-def parse_size(value: str | int | float | None) -> int | None:
-    """``"2gb"``, ``"500mb"``, ``"10kb"``, ``1234`` -> bytes; ``None`` -> ``None`` (no limit)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?i?b?)\s*", str(value).lower())
-    if not m:
-        raise WeightsmithError(f"{value!r}: not a size (use e.g. 500mb or 2gb)")
-    unit = m.group(2).rstrip("b").rstrip("i")
-    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[unit]
-    return int(float(m.group(1)) * scale)
 
 
 def safe_item_name(name: str, *, default: str = "item") -> str:
@@ -245,7 +232,7 @@ class Workspace:
             return str(path)
         if allow_paths and (ref.startswith(("/", "~", ".")) or Path(ref).expanduser().exists()):
             return ref
-        if _HUB_ID.match(ref):
+        if is_hub_id(ref):
             if not allow_hub:
                 raise WeightsmithError(f"{ref}: Hub ids are not allowed on this server")
             return ref

@@ -192,3 +192,18 @@ def test_through_the_client_one_line_and_the_server_keeps_serving(server, api, a
         assert "root:" not in msg and "passwd" not in msg.replace("/etc/passwd", ""), msg
         assert not [i for i in server.workbench.workspaces.config.root.rglob("*") if i.name == "passwd"]
     assert dict(c.predict("tiny-base", api_name="/inspect")["data"])["layers"] == "4"
+
+
+def test_a_full_disk_is_one_line_without_the_server_path(wb, monkeypatch):
+    import errno
+
+    import merging.engine
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "/srv/weights/ws/items/out/model.safetensors")
+
+    monkeypatch.setattr(merging.engine, "run_merge", full)
+    with pytest.raises(gr.Error) as e:
+        wb.merge(MERGE, "out", req("disk"), None)
+    msg = str(e.value.message)
+    assert "no space left" in msg and "/srv" not in msg and "unexpected" not in msg, msg

@@ -13,7 +13,7 @@ import pytest
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.uploads import import_upload, safe_extract_zip
-from checkpoints.workspace import WorkspaceConfig, WorkspaceManager, parse_size
+from checkpoints.workspace import WorkspaceConfig, WorkspaceManager, parse_size  # re-exported from sizes
 
 
 @pytest.fixture
@@ -105,8 +105,8 @@ def test_quota(tmp_path):
 
 
 def test_parse_size():
-    assert parse_size("2gb") == 2 * 1024**3
-    assert parse_size("500MB") == 500 * 1024**2
+    assert parse_size("2GiB") == 2 * 1024**3  # the one parser (checkpoints.sizes): binary with "i" ...
+    assert parse_size("500MB") == 500 * 10**6  # ... decimal without
     assert parse_size(123) == 123
     assert parse_size(None) is None
     with pytest.raises(WeightsmithError, match="not a size"):
