@@ -94,14 +94,25 @@ def _block_order(base, module: str) -> tuple[int, str]:
     return (-1 if block is None else block, module)
 
 
-def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: str | None = None, qtype: str = "f32",
+def base_checkpoint(adapter: LoraAdapter, base: Any = None, policy: dict[str, Any] | None = None):
+    """The checkpoint ``adapter`` applies to: ``base`` (a reference or a ``LocalCheckpoint``), else the one its
+    config names, resolved under ``policy`` (the resolver's ``allow_local``/``trusted_roots``/``allow_hub``)."""
+    if base is not None and not isinstance(base, (str, Path)):
+        return base
+    return resolve(base or declared_base(adapter), **(policy or {}))
+
+
+def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: Any = None, qtype: str = "f32",
                         overwrite: bool = False, progress: Progress | None = None,
-                        cancel: threading.Event | None = None) -> GGUFExportResult:
+                        cancel: threading.Event | None = None,
+                        policy: dict[str, Any] | None = None) -> GGUFExportResult:
     """Export the PEFT LoRA adapter ``adapter_ref`` (folder, files or Hub id) as a GGUF LoRA.
 
-    ``base`` is the model the adapter applies to (anything the resolver accepts); by
-    default the one the adapter's config names. It supplies the architecture, the
-    tensor names and the head counts, and every A/B shape is checked against it.
+    ``base`` is the model the adapter applies to (a reference the resolver accepts, or a
+    ``LocalCheckpoint``); by default the one the adapter's config names, resolved under
+    ``policy`` (a server passes its own: an adapter's config must not make it read
+    arbitrary folders). It supplies the architecture, the tensor names and the head
+    counts, and every A/B shape is checked against it.
     """
     started = time.perf_counter()
     q = str(qtype).lower()
@@ -109,7 +120,7 @@ def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: str | N
         raise WeightsmithError(f"GGUF type {qtype!r} is not offered for LoRA adapters: choose one of "
                                f"{', '.join(ADAPTER_GGUF_TYPES)}")
     adapter = load_adapter(adapter_ref)
-    ckpt = resolve(base or declared_base(adapter))
+    ckpt = base_checkpoint(adapter, base, policy)
     check_compatible([adapter], ckpt, check_names=False)
     arch = gguf_arch_of(ckpt.spec)
     plans, alpha = plan_adapter(adapter, ckpt, q)

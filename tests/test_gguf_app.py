@@ -1,0 +1,91 @@
+"""The Export tab's GGUF handlers: size estimate, export into the item with progress, card, push in one commit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import app  # noqa: E402
+from checkpoints.cards import CardInfo, write_card  # noqa: E402
+from hub_fixtures import GOOD_TOKEN, fake_hub, hub_env, no_internet  # noqa: E402,F401
+from test_gguf_export import _save, _trained  # noqa: E402
+
+
+def req(name: str) -> SimpleNamespace:
+    return SimpleNamespace(session_hash=name)
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe_llama(tmp_path_factory) -> Path:
+    from conftest import build_tiny_llama
+
+    return _save(_trained(build_tiny_llama(0), steps=10), tmp_path_factory.mktemp("gguf-app") / "llama")
+
+
+@pytest.fixture
+def wb(tmp_path):
+    return app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws"))
+
+
+def _item(wb, session: str, folder: Path, name: str) -> str:
+    msg = wb.upload([str(p) for p in folder.iterdir() if p.is_file()], name, "", req(session))
+    assert f"ws:{name}" in msg
+    return f"ws:{name}"
+
+
+def test_export_gguf_into_the_item_and_push_it_in_one_commit(wb, tiny_bpe_llama, hub_env, fake_hub):
+    ref = _item(wb, "a", tiny_bpe_llama, "mymodel")
+    folder = wb.workspace(req("a")).item_path(ref)
+    write_card(folder, CardInfo(title="mymodel", relation="finetune", base_models=[], summary="A test model."))
+    estimate = wb.gguf_estimate(ref, "q8_0", req("a"))
+    calls = []
+    path, msg = wb.export_gguf(ref, "q8_0", req("a"), lambda frac, desc=None: calls.append(frac))
+    gguf = Path(path)
+    assert gguf.parent == folder and gguf.name == "mymodel-q8_0.gguf"
+    assert msg.startswith("wrote mymodel-q8_0.gguf: ") and "within its type's error bound" in msg
+    # the estimate counts the tensors' bytes: the file adds only header and tokenizer (~KBs here)
+    mb = float(estimate.split("**")[1].split(" MB")[0])
+    assert 0 < gguf.stat().st_size / 2**20 - mb < 0.05
+    assert calls and calls[-1] == pytest.approx(1.0) and calls == sorted(calls)  # progress, tensor by tensor
+    card = (folder / "README.md").read_text()
+    assert "- gguf" in card.split("---")[1] and "FROM ./mymodel-q8_0.gguf" in card and "llama-cli -m" in card
+    assert "mymodel-q8_0.gguf" in wb.card_preview(ref, req("a"))
+    # a second type joins the first; the card lists both
+    wb.export_gguf(ref, "q4_0", req("a"), None)
+    card = (folder / "README.md").read_text()
+    assert card.count("## Run it with llama.cpp or Ollama (GGUF)") == 1 and "`mymodel-q4_0.gguf`" in card
+    # Push: weights, card and both GGUF files in one commit
+    wb.push(ref, "alice/mymodel", False, GOOD_TOKEN, req("a"), None, None)
+    files = fake_hub.files("alice/mymodel")
+    assert {"model.safetensors", "mymodel-q8_0.gguf", "mymodel-q4_0.gguf", "README.md"} <= set(files)
+    last = fake_hub.commits("alice/mymodel")[-1]  # one commit carries the weights and both GGUF files
+    assert {"model.safetensors", "mymodel-q8_0.gguf", "mymodel-q4_0.gguf"} <= set(last.lfs)
+    assert files["mymodel-q8_0.gguf"] == gguf.read_bytes()
+    assert "gguf" in fake_hub.front_matter("alice/mymodel")["tags"]
+
+
+def test_gguf_handlers_refuse_bad_input(wb, tiny_bpe_llama):
+    with pytest.raises(gr.Error, match="choose a workspace item"):
+        wb.export_gguf("", "q8_0", req("a"), None)
+    ref = _item(wb, "a", tiny_bpe_llama, "m2")
+    with pytest.raises(gr.Error) as e:
+        wb.export_gguf(ref, "q3_k", req("a"), None)  # not one of the offered types: refused before running
+    assert "\n" not in str(e.value)
+    with pytest.raises(gr.Error, match="no such item"):
+        wb.export_gguf(ref, "q8_0", req("b"), None)  # another session's item
+    assert "Choose a workspace item" in wb.gguf_estimate("", "q8_0", req("a"))
+    assert not list(wb.workspace(req("a")).item_path(ref).glob("*.gguf"))
+
+
+def test_export_tab_offers_gguf():
+    demo = app.build_app()
+    labels = {getattr(c, "label", None) for c in demo.blocks.values()}
+    assert "GGUF type" in labels
+    assert any(getattr(fn, "api_name", None) == "export_gguf" for fn in demo.fns.values())
