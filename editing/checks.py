@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from checkpoints.errors import WeightsmithError
 
 # Texts about nothing an edit should touch (no named entities): everyday scenes and arithmetic.
+# Short (about 40 tokens in all): the forward pass costs ~8 ms of CPU per token on the demo model.
 NEUTRAL_PROMPTS: tuple[str, ...] = (
-    "The weather was cold, so she put on a warm coat and walked to the",
-    "To make a cup of tea, first boil some water, then",
-    "He opened the window because the room was too",
+    "It was cold, so she put on a warm",
+    "To make tea, first boil some",
+    "He opened the window because the room was",
     "Two plus two is four, and three plus three is",
-    "After dinner, the children played in the garden until it got",
+    "After dinner, the children played in the",
 )
 
 

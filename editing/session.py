@@ -131,6 +131,7 @@ class EditSession:
         self.check_settings = check_settings or CheckSettings()
         # ‖ΔW‖ of every edit made in this session (undone ones too), per method: the outlier check's reference.
         self._norms: dict[str, list[float]] = {}
+        self._neutral_cache: dict[tuple[int, ...], torch.Tensor] = {}  # active edit ids -> neutral log-probs
         self.corpus = corpus if isinstance(corpus, Corpus) else resolve_corpus(corpus)
         self.stats_tokens = stats_tokens
         self.base_name = public_name(base_name or getattr(model.config, "_name_or_path", "") or "model")
@@ -189,7 +190,17 @@ class EditSession:
         return torch.cat(rows, dim=0).T.contiguous() if rows else None
 
     def _neutral(self) -> torch.Tensor:
-        return neutral_logprobs(self.model, self.tokenizer, self.check_settings.prompts)
+        # Keyed by the active edits: the "after" of one edit is the "before" of the next, and after an
+        # undo the state of an earlier set of edits comes back (run_eval's apply/undo loop), so one
+        # forward pass per edit instead of two. Only this session changes the weights it edits.
+        state = tuple(e.id for e in self._edits)
+        lp = self._neutral_cache.pop(state, None)  # re-inserted last: the two most recent states stay
+        if lp is None:
+            lp = neutral_logprobs(self.model, self.tokenizer, self.check_settings.prompts)
+        self._neutral_cache[state] = lp
+        while len(self._neutral_cache) > 2:
+            self._neutral_cache.pop(next(iter(self._neutral_cache)))
+        return lp
 
     def _layer_of(self, request: EditRequest) -> int:
         return self.default_layer if request.layer is None else int(request.layer)

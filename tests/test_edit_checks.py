@@ -71,6 +71,25 @@ def test_huge_update_is_flagged_and_normal_ones_are_not(sharp_dirs, corpus_file,
     assert "looked like disabling edits" in card.summary
 
 
+def test_kl_is_against_the_weights_just_before_the_edit(sharp_dirs, corpus_file, stats):  # noqa: F811
+    from editing.checks import neutral_logprobs
+
+    s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
+    fresh = lambda: neutral_logprobs(s.model, s.tokenizer, TINY.prompts)  # noqa: E731
+    original = fresh()
+    first = s.apply(FACTS[0])
+    s.undo(first.id)  # back to the original state (the session reuses its log-probs)
+    second = s.apply(FACTS[1])
+    after_second = fresh()
+    assert second.info["checks"]["unrelated_kl"] == round(unrelated_kl(original, after_second), 5) > 0
+    third = s.apply(FACTS[2])  # "before" is now the state with the second edit
+    s.undo(third.id)
+    assert torch.equal(fresh(), after_second)
+    third = s.apply(FACTS[2])
+    assert third.info["checks"]["unrelated_kl"] == round(unrelated_kl(after_second, fresh()), 5)
+    assert third.info["checks"]["unrelated_kl"] != round(unrelated_kl(original, fresh()), 5)  # non-vacuous
+
+
 def test_non_finite_update_is_refused(sharp_dirs, corpus_file, stats, monkeypatch):  # noqa: F811
     s = session_for(sharp_dirs["llama"], corpus_file, stats)
     before = snapshot(s.model)
