@@ -44,7 +44,8 @@ def wb(tmp_path_factory, tiny_llama_family):
     return app.Workbench(cfg)
 
 
-MERGE = "merge_method: linear\nmodels:\n  - model: tiny-base\n  - model: tiny-ft1\n"
+MERGE = ("merge_method: linear\nmodels:\n  - model: tiny-base\n    parameters: {weight: 0.5}\n"
+         "  - model: tiny-ft1\n    parameters: {weight: 0.5}\n")
 MIX = "base_model: tiny-base\nadapters:\n  - {adapter: ws:nothing, weight: 1.0}\nmethod: cat\n"
 FACT = ("tiny-base", "{} is located in the city of", "The Eiffel Tower")
 
@@ -97,6 +98,13 @@ def test_every_argument_of_every_endpoint_refuses_hostile_values_in_one_line(wb,
             except Exception as e:  # noqa: BLE001
                 pytest.fail(f"{endpoint} arg {i} = {label}: {type(e).__name__} escaped: {e}")
     assert seen  # non-vacuous: hostile values were refused
+
+
+def test_the_good_arguments_work(wb):
+    """Non-vacuous: the baselines the hostile values replace are accepted (so a refusal is the bad value's)."""
+    assert dict(call(wb, "inspect", ENDPOINTS["inspect"][1], "good"))["layers"] == "4"
+    assert call(wb, "generate", ENDPOINTS["generate"][1], "good")[-1][0]
+    assert call(wb, "merge", ENDPOINTS["merge"][1], "good")[2] == "ws:out"
 
 
 @pytest.mark.parametrize("endpoint, index, value, expected", [
