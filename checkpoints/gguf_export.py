@@ -45,7 +45,7 @@ import torch
 
 from .arch import ArchSpec, supported_architectures
 from .errors import WeightsmithError
-from .staging import new_staging_dir
+from .staging import new_staging_dir, output_error
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], t
         size = tmp.stat().st_size
         os.replace(tmp, out_path)
     except OSError as e:
-        raise WeightsmithError(f"{out_path.name}: cannot write ({e.strerror or e})") from None
+        raise (output_error(e, out_path) or WeightsmithError(f"{out_path.name}: cannot write ({e.strerror or e})")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_path, size
