@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from contextlib import contextmanager
@@ -44,19 +43,25 @@ import yaml
 from checkpoints.arch import ArchSpec
 from checkpoints.cards import CardInfo, write_card
 from checkpoints.errors import WeightsmithError
+from checkpoints.finite import all_finite
+from checkpoints.model_cache import building_models
 from checkpoints.staging import staged_folder
-from checkpoints.sources import LocalCheckpoint, download_from_hub, public_name, resolve
+from checkpoints.sources import LocalCheckpoint, public_name, resolve
 from checkpoints.tensors import ShardedWriter, load_pickle_state_dict, read_safetensors_header
 from checkpoints.textfiles import load_yaml, read_text
+from merging.adapter_files import (  # noqa: F401 - re-exported: merging.adapters is where users look
+    CONFIG_NAME,
+    HUB_ADAPTER_PATTERNS,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    demo_adapters,
+    find_adapter_files,
+)
 from merging.lines import LinesConfig, auto_alpha, lines_scale
+from merging.numbers import finite_float
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-# What an adapter repo on the Hub must provide; no pickles, no code.
-HUB_ADAPTER_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
 PEFT_PREFIX = "base_model.model."
 MIX_NAME = "weightsmith_mix"
 
@@ -180,50 +185,6 @@ class LoraAdapter:
         return self.scaling(module) * (b @ a)
 
 
-def demo_adapters() -> dict[str, Path]:
-    """The bundled demo adapters (``assets/adapters/<name>``), by name."""
-    root = Path(__file__).resolve().parents[1] / "assets" / "adapters"
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_NAME).is_file()}
-
-
-def _find_files(ref: str | Path | Sequence[str | Path]) -> tuple[str, Path, Path]:
-    """(public name, config file, weights file) for a folder, a file in it, uploaded files or a Hub id."""
-    if isinstance(ref, (list, tuple)):
-        files = [Path(f) for f in ref]
-        if len(files) == 1 and files[0].is_dir():
-            return _find_files(files[0])
-        configs = [f for f in files if f.name == CONFIG_NAME] or [f for f in files if f.suffix == ".json"]
-        weights = [f for f in files if f.suffix in (".safetensors", ".bin")]
-        if len(configs) != 1 or len(weights) != 1:
-            raise WeightsmithError(
-                f"an uploaded adapter needs exactly one {CONFIG_NAME} and one {WEIGHTS_NAME}; "
-                f"got {', '.join(f.name for f in files) or 'no files'}"
-            )
-        return weights[0].parent.name, configs[0], weights[0]
-    ref_s = str(ref).strip()
-    if not ref_s:
-        raise WeightsmithError("no adapter named")
-    path = Path(ref_s).expanduser()
-    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-        path = path.parent
-    if path.is_dir():
-        folder, name = path, path.resolve().name
-    elif re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", ref_s) and not path.exists():
-        folder, name = download_from_hub(ref_s, allow_patterns=HUB_ADAPTER_PATTERNS), ref_s
-    else:
-        raise WeightsmithError(f"{ref_s}: no such adapter folder, and not a Hub repo id (owner/name)")
-    config = folder / CONFIG_NAME
-    if not config.is_file():
-        hint = " (it is a full model: use it as a model, not an adapter)" if (folder / "config.json").exists() else ""
-        raise WeightsmithError(f"{name}: no {CONFIG_NAME}: not a PEFT adapter{hint}")
-    for weights in (folder / WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME):
-        if weights.is_file():
-            return name, config, weights
-    raise WeightsmithError(f"{name}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
-
-
 def _parse_key(name: str, key: str) -> tuple[str, str]:
     """``base_model.model.X.lora_A.weight`` -> (``X``, ``"A"``); anything else is refused clearly."""
     m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight$", key)
@@ -240,14 +201,17 @@ def _parse_key(name: str, key: str) -> tuple[str, str]:
     raise WeightsmithError(f"adapter {name}: {what} cannot be mixed; only plain LoRA A/B factors are supported")
 
 
-def load_adapter(ref: str | Path | Sequence[str | Path]) -> LoraAdapter:
+def load_adapter(ref: str | Path | Sequence[str | Path], *, allow_local: bool = True,
+                 trusted_roots: Sequence[Path] = ()) -> LoraAdapter:
     """Read a PEFT LoRA adapter from a folder, a list of uploaded files, or a Hub id.
+
+    ``allow_local``/``trusted_roots``: the server's policy, as for :func:`checkpoints.sources.resolve`.
 
     Returns a :class:`LoraAdapter` in float32. Raises :class:`WeightsmithError`
     for anything that is not a plain LoRA (other PEFT types, DoRA, embedding
     LoRA, saved full modules) or a corrupt file.
     """
-    name, config_path, weights_path = _find_files(ref)
+    name, config_path, weights_path = find_adapter_files(ref, allow_local=allow_local, trusted_roots=trusted_roots)
     try:
         config = json.loads(config_path.read_text())
         if not isinstance(config, dict):
@@ -276,7 +240,7 @@ def load_adapter(ref: str | Path | Sequence[str | Path]) -> LoraAdapter:
     for key, tensor in state.items():
         module, which = _parse_key(name, key)
         tensor = tensor.to(torch.float32)
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             # A NaN/Inf factor would make every mixed ΔW of that module NaN/Inf, silently.
             raise WeightsmithError(f"adapter {name}: tensor {key} holds NaN or Inf values")
         parts.setdefault(module, {})[which] = tensor
@@ -414,14 +378,13 @@ class AdapterMixRecipe:
             extra = set(item) - {"adapter", "weight"}
             if extra:
                 raise WeightsmithError(f"adapter mix recipe: adapters[{i}] has unknown key(s) {', '.join(sorted(extra))}")
-            raw_weight = item.get("weight", 1.0)
+            raw_weight, what = item.get("weight", 1.0), f"adapter mix recipe: adapters[{i}].weight"
             try:
-                weight = float(raw_weight) if not isinstance(raw_weight, bool) else float("nan")
+                weight = finite_float(float(raw_weight), what) if not isinstance(raw_weight, bool) else None
             except (TypeError, ValueError):
-                weight = float("nan")
-            if not math.isfinite(weight):
-                raise WeightsmithError(f"adapter mix recipe: adapters[{i}].weight must be a finite number, "
-                                       f"got {raw_weight!r}")
+                weight = None
+            if weight is None:
+                raise WeightsmithError(f"{what} must be a number, got {raw_weight!r}")
             entries.append(AdapterEntry(item["adapter"], weight))
         lines = data.get("lines")
         if lines is not None:
@@ -590,7 +553,8 @@ def skeleton_model(base: LocalCheckpoint, device: str | torch.device = "cpu"):
         config = AutoConfig.from_pretrained(str(base.support_dir), trust_remote_code=False)
     except Exception as e:  # transformers raises ValueError/OSError/KeyError for unknown configs
         raise WeightsmithError(f"{base.name}: cannot read its config ({str(e).splitlines()[0] if str(e) else e})") from None
-    with torch.device("meta"):
+    # transformers patches process-wide state while it builds a model: one build at a time (see model_cache).
+    with building_models(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.to_empty(device=device).eval()
 
@@ -666,7 +630,8 @@ def compact_targets(modules: Iterable[str], all_modules: Iterable[str]) -> list[
 
 def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress | None = None,
                  cancel: Cancel | None = None, device: str | torch.device = "cpu",
-                 merge_into_base: bool | None = None, overwrite: bool = False) -> MixResult:
+                 merge_into_base: bool | None = None, overwrite: bool = False, allow_local: bool = True,
+                 trusted_roots: Sequence[Path] = ()) -> MixResult:
     """Mix the recipe's adapters and write the result to ``out_dir``.
 
     Args:
@@ -678,6 +643,9 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
         device: where the PEFT mix runs.
         merge_into_base: overrides ``recipe.merge_into_base``.
         overwrite: replace an existing ``out_dir``.
+        allow_local, trusted_roots: the server's policy for the base and the adapters (see
+            :func:`checkpoints.sources.resolve`): with ``allow_local=False`` only ``demo``, Hub ids and
+            paths inside ``trusted_roots`` are read.
 
     Returns a :class:`MixResult`. The adapter output loads with
     ``PeftModel.from_pretrained(base, out_dir)``; the model output loads with
@@ -694,13 +662,13 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, progress: Progress 
     notes: list[str] = []
 
     _report(progress, 0.0, f"resolving base {public_name(recipe.base_model)}")
-    base = resolve(recipe.base_model)
+    base = resolve(recipe.base_model, allow_local=allow_local, trusted_roots=trusted_roots)
     spec = base.spec
     adapters = []
     for i, entry in enumerate(recipe.adapters):
         _check_cancel(cancel)
         _report(progress, 0.05 + 0.15 * i / len(recipe.adapters), f"loading adapter {i + 1}/{len(recipe.adapters)}")
-        adapters.append(load_adapter(recipe.adapter_ref(entry)))
+        adapters.append(load_adapter(recipe.adapter_ref(entry), allow_local=allow_local, trusted_roots=trusted_roots))
     check_compatible(adapters, base, check_names=recipe.check_base_name)
     weights = [e.weight for e in recipe.adapters]
     ranks = [a.rank for a in adapters]

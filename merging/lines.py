@@ -21,11 +21,12 @@ Example::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 from checkpoints.errors import WeightsmithError
+
+from .numbers import finite_float
 
 
 @dataclass
@@ -63,9 +64,7 @@ def _number(value: object, where: str) -> float:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise WeightsmithError(f"{where} must be a number (or 'auto' for alpha), got {value!r}") from None
-    if not math.isfinite(number):
-        raise WeightsmithError(f"{where} must be a finite number, got {number}")
-    return number
+    return finite_float(number, where)
 
 
 def lines_scale(block: int | None, num_blocks: int, alpha: float, beta: float) -> float:

@@ -131,6 +131,8 @@ def test_text_reader_for_edit_files(tmp_path):
     ("[1, 2]", r"models\[0\]\.parameters must be a mapping"),
     ("{weight: {a: 1}}", r"parameters\.weight must be a number, a list, or \{filter, value\}"),
     ("{weight: null}", r"weight must be a number, got None"),
+    # finite as a Python float but not as float32: torch raised "value cannot be converted ... overflow"
+    ("{weight: 1.0e+39}", r"weight must be at most 3\.4e\+38 in magnitude \(float32\), got 1e\+39"),
 ])
 def test_bad_merge_parameters_name_the_parameter(params, expected):
     with pytest.raises(WeightsmithError, match=expected) as err:
@@ -147,6 +149,7 @@ def test_bad_merge_parameters_name_the_parameter(params, expected):
      r"parameters: t must be a finite number, got inf"),
     (_merge_recipe("{weight: 1}") + "lines: {alpha: .inf, beta: 0.5}\n", r"lines\.alpha must be a finite number"),
     (_merge_recipe("{weight: 1}") + "lines: {alpha: auto, beta: .nan}\n", r"lines\.beta must be a finite number"),
+    (_merge_recipe("{weight: 1}") + "lines: {alpha: 1.0e+40, beta: 1}\n", r"lines\.alpha must be at most 3\.4e\+38"),
     ("merge_method: linear\nmodels: {a: 1}\n", r"recipe: models must be a list"),
 ])
 def test_bad_shared_parameters_and_shapes(text, expected):
@@ -156,15 +159,17 @@ def test_bad_shared_parameters_and_shapes(text, expected):
 
 
 def test_finite_parameters_still_pass():
-    recipe = MergeRecipe.from_yaml(_merge_recipe("{weight: [0, 0.5, 1.0e+300]}") + "lines: {alpha: 0.5, beta: 1}\n")
-    assert recipe.models[0].parameters["weight"][-1] == 1e300
+    recipe = MergeRecipe.from_yaml(_merge_recipe("{weight: [0, 0.5, 3.0e+38]}") + "lines: {alpha: 0.5, beta: 1}\n")
+    assert recipe.models[0].parameters["weight"][-1] == 3e38
 
 
 @pytest.mark.parametrize("adapter, expected", [
     ("{adapter: a, weight: .inf}", r"adapters\[0\]\.weight must be a finite number, got inf"),
     ("{adapter: a, weight: .nan}", r"adapters\[0\]\.weight must be a finite number, got nan"),
-    ("{adapter: a, weight: abc}", r"adapters\[0\]\.weight must be a finite number, got 'abc'"),
-    ("{adapter: a, weight: [1]}", r"adapters\[0\]\.weight must be a finite number, got \[1\]"),
+    ("{adapter: a, weight: abc}", r"adapters\[0\]\.weight must be a number, got 'abc'"),
+    ("{adapter: a, weight: [1]}", r"adapters\[0\]\.weight must be a number, got \[1\]"),
+    ("{adapter: a, weight: true}", r"adapters\[0\]\.weight must be a number, got True"),
+    ("{adapter: a, weight: -1.0e+39}", r"adapters\[0\]\.weight must be at most 3\.4e\+38 in magnitude"),
 ])
 def test_bad_adapter_weights_name_the_adapter(adapter, expected):
     with pytest.raises(WeightsmithError, match=expected) as err:
@@ -244,3 +249,39 @@ def test_one_size_parser_decimal_and_binary():
     for bad in ("lots", "-5GB", "5XB", "GB", "1e3", "5 G B", float("nan"), float("inf"), -1, True):
         with pytest.raises(WeightsmithError, match=r"^max shard size .*not a size"):
             parse_size(bad, what="max shard size")
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters under the server's policy (S3/S1 request: a Hub-shaped name was read from the server's disk)
+# ---------------------------------------------------------------------------------------------
+def test_adapter_policy_hub_shaped_names_outside_paths_and_links(tmp_path, monkeypatch):
+    from merging.adapters import mix_adapters
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    _adapter(tmp_path / "models" / "secret", None)
+    # Local paths on (the CLI): the folder is read, as before.
+    assert load_adapter("models/secret").name == "secret"
+    # Local paths off (a public server): a Hub id is never looked up on disk; offline, the Hub says so.
+    with pytest.raises(WeightsmithError) as err:
+        load_adapter("models/secret", allow_local=False)
+    assert "models/secret" in _one_line(err) and "local paths" not in str(err.value)
+    with pytest.raises(WeightsmithError, match=r"/models/secret: local paths are not allowed here"):
+        load_adapter(str(tmp_path / "models" / "secret"), allow_local=False)
+    with pytest.raises(WeightsmithError, match=r"^adapter_config\.json: local paths are not allowed here"):
+        load_adapter([str(tmp_path / "models" / "secret" / "adapter_config.json")], allow_local=False)
+    trusted = load_adapter(str(tmp_path / "models" / "secret"), allow_local=False, trusted_roots=[tmp_path / "models"])
+    assert trusted.name == "secret"
+    # A weights file linking out of the adapter's folder is refused, naming the entry only.
+    outside = _adapter(tmp_path / "elsewhere", None)
+    linked = tmp_path / "models" / "linked"
+    linked.mkdir()
+    (linked / "adapter_config.json").write_text((outside / "adapter_config.json").read_text())
+    (linked / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    with pytest.raises(WeightsmithError, match=r"^linked: entry 'adapter_model\.safetensors' points outside"):
+        load_adapter(linked)
+    # The mix passes the policy on to its base model too.
+    recipe = AdapterMixRecipe.from_yaml(f"base_model: {tmp_path / 'models'}\nadapters: [models/secret]\n")
+    with pytest.raises(WeightsmithError, match=r"local paths are not allowed here"):
+        mix_adapters(recipe, tmp_path / "out", allow_local=False)
+    assert not (tmp_path / "out").exists()

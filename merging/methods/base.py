@@ -14,7 +14,6 @@ A merge method is a plain function of tensors::
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -22,6 +21,8 @@ from typing import Any, Callable, Literal
 import torch
 
 from checkpoints.errors import WeightsmithError
+
+from ..numbers import finite_float
 
 ParamType = Literal["float", "bool", "int"]
 
@@ -61,8 +62,7 @@ class ParamSpec:
             number = float(value)
         except (TypeError, ValueError):
             raise WeightsmithError(f"{where}: {self.name} must be a number, got {value!r}") from None
-        if not math.isfinite(number):  # NaN or ±inf would silently fill the output with NaN/Inf
-            raise WeightsmithError(f"{where}: {self.name} must be a finite number, got {number}")
+        finite_float(number, f"{where}: {self.name}")
         low_bad = self.min is not None and (number <= self.min if self.min_exclusive else number < self.min)
         if low_bad or (self.max is not None and number > self.max):
             lo = "(" if self.min_exclusive else "["
