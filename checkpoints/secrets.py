@@ -43,8 +43,10 @@ from .errors import WeightsmithError
 MASK = "***"
 # Hub user tokens are "hf_" + 34 letters/digits (OAuth: "hf_oauth_…"); scrub them even when nobody registered them.
 _HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
-# Pieces shorter than this are not scrubbed on their own: masking every "a" would garble every line.
-_MIN_PIECE = 6
+# Shorter forms are not scrubbed on their own: masking every "a" would garble every line. Pieces of a token
+# split at whitespace need more: a pasted "Bearer hf_..." should not mask every "Bearer" in the logs.
+_MIN_FORM = 6
+_MIN_PIECE = 10
 # Real tokens are ~40 characters; a JWT-style OAuth token can be ~1-2 KB.
 MAX_TOKEN_CHARS = 4096
 # A server sees many users' tokens: remember the most recent ones, not all of them forever.
@@ -99,7 +101,7 @@ def secret_forms(secret: str) -> set[str]:
     forms.update(_base64_cores(raw))
     # A token broken by whitespace may be printed one line at a time.
     forms.update(piece for piece in re.split(r"\s+", secret) if len(piece) >= _MIN_PIECE)
-    return {f for f in forms if len(f) >= _MIN_PIECE}
+    return {f for f in forms if len(f) >= _MIN_FORM}
 
 
 def _base64_cores(raw: bytes) -> set[str]:
