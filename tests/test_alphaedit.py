@@ -124,6 +124,8 @@ def test_sequential_keys_constrain_later_edits_until_undone(llama, corpus_file, 
     assert s.prior_keys(1).shape == (k1.shape[1], 1) and s.prior_keys(2) is None
     second = s.apply(MADRID)
     assert second.info["prior_keys"] == 1
+    pname = f"{s.spec.module('mlp_out', 1)}.weight"  # applying adds in place: the refold's exact bits
+    assert torch.equal(s.model.get_parameter(pname), (original[pname] + first.deltas[pname]) + second.deltas[pname])
     constrained = float((delta_out_in(s, second, 1) @ k1.double().T).norm())
     s.undo(first.id)
     assert s.prior_keys(1).shape[1] == 1  # only the second edit's key is left
