@@ -1,4 +1,4 @@
-"""Fact editing: causal tracing, ROME, MEMIT, edit sessions with exact undo, CounterFact scores.
+"""Fact editing: causal tracing, ROME, r-ROME, AlphaEdit, MEMIT, edit sessions with exact undo, CounterFact scores.
 
 Public API (stable)::
 
@@ -9,6 +9,9 @@ Public API (stable)::
     from editing.stats import StatsCache, corpus_from_file, sampled_corpus, resolve_corpus
     from editing.rome import RomeHyperParams, default_layer
     from editing.memit import MemitHyperParams
+    from editing.methods import METHODS, DEFAULT_METHOD   # rome, r-rome, alphaedit, memit, alphaedit-memit
+    from editing.alphaedit import AlphaEditHyperParams
+    from editing.checks import CheckSettings             # disabling-edit checks: edit.info["checks"]
 
 Submodules import torch/transformers lazily from the caller's side: nothing is
 imported here, so ``import editing`` stays cheap.

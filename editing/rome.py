@@ -11,7 +11,10 @@
   The direction is always C⁻¹k* (k* the mean key); ``k`` is where the update is
   made exact. The paper's equation takes k = k*; the authors' code takes the
   bare prompt's own key, so the edited prompt gets exactly δ whatever its key's
-  angle to the mean (``RomeHyperParams.update_at``, default "prompt").
+  angle to the mean (``RomeHyperParams.update_at``, default "prompt"). r-ROME
+  (Gupta et al. 2024, method ``r-rome`` in :mod:`editing.methods`) is
+  ``update_at="mean"``: that mismatch between the key v* was optimised for and the
+  key the update is exact at is what they found behind *disabling edits*.
 
 Speed on a CPU comes from where the optimisation spends no work: δ only
 changes positions from the subject's last token on, so everything before it
