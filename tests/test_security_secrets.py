@@ -115,13 +115,17 @@ def _assert_nowhere(token: str, texts: list[str]) -> None:
             assert form not in text, (form, text[:300])
 
 
-def test_failed_push_401_leaks_token_nowhere_at_debug(hub_env, tmp_path, capture, capsys):
-    hub = hub_env["hub"]
-    folder = _folder(tmp_path)
+def _failed_push(hub_env, tmp_path: Path, token: str, starts: str):
+    """Push a small folder with ``token``; it must fail with one line starting ``starts``."""
     with pytest.raises(WeightsmithError) as err:
-        push_folder(folder, "alice/leak", token=META_TOKEN)
+        push_folder(_folder(tmp_path), "alice/leak", token=token)
     message = str(err.value)
-    assert message.startswith("the Hub rejected the token (401)")
+    assert message.startswith(starts) and "\n" not in message, message
+    return hub_env["hub"], message, err
+
+
+def test_failed_push_401_leaks_token_nowhere_at_debug(hub_env, tmp_path, capture, capsys):
+    hub, message, err = _failed_push(hub_env, tmp_path, META_TOKEN, "the Hub rejected the token (401)")
     logging.getLogger("weightsmith.test").debug("crafted: Authorization: Bearer %s", META_TOKEN)
     out, errs = capsys.readouterr()
     exc_text = "".join(traceback.format_exception(err.value))
@@ -145,13 +149,7 @@ def test_failed_push_401_leaks_token_nowhere_at_debug(hub_env, tmp_path, capture
     "hf_(a+)+$[x]\r\nSet-Cookie: evil=1",    # header injection with regex metacharacters
 ])
 def test_malformed_token_refused_without_echo(hub_env, tmp_path, capture, capsys, token):
-    hub = hub_env["hub"]
-    folder = _folder(tmp_path)
-    with pytest.raises(WeightsmithError) as err:
-        push_folder(folder, "alice/malformed", token=token)
-    message = str(err.value)
-    assert message.startswith("the Hugging Face token is malformed (")
-    assert "\n" not in message
+    hub, message, _ = _failed_push(hub_env, tmp_path, token, "the Hugging Face token is malformed (")
     pieces = [p for p in token.split() if len(p) >= 6] + [token, token.strip()]
     out, errs = capsys.readouterr()
     for text in (message, out, errs, *capture.handler_lines):
@@ -160,7 +158,7 @@ def test_malformed_token_refused_without_echo(hub_env, tmp_path, capture, capsys
     assert hub.requests == []  # refused before anything was sent
     # Non-vacuity: a well-formed token of the same kind is accepted by the check and reaches the Hub.
     with pytest.raises(WeightsmithError, match=r"401"):
-        push_folder(folder, "alice/malformed", token="hf_Abcdefghijklmnop0123456789x")
+        push_folder(tmp_path / "out", "alice/malformed", token="hf_Abcdefghijklmnop0123456789x")
     assert hub.requests
 
 
