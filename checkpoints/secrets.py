@@ -205,26 +205,43 @@ class _RedactingFactory:
 
 
 def install_redaction() -> None:
-    """Scrub secrets from every log record and from uncaught tracebacks, in this process. Idempotent.
+    """Scrub secrets from every log record, warning and uncaught traceback in this process. Idempotent.
 
     Also registers the token in ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``
     (the server's own, on a Space).
     """
+    import threading
+    import warnings
+
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         register_secret(os.environ.get(name))
     factory = logging.getLogRecordFactory()
     if not isinstance(factory, _RedactingFactory):
         logging.setLogRecordFactory(_RedactingFactory(factory))
     if not getattr(sys.excepthook, "_weightsmith_redacting", False):
-        sys.excepthook = _redacting_excepthook(sys.excepthook)
+        sys.excepthook = _redacting(sys.excepthook, lambda exc_type, exc, tb: (exc_type, exc, tb))
+    if not getattr(threading.excepthook, "_weightsmith_redacting", False):
+        threading.excepthook = _redacting(threading.excepthook,
+                                          lambda args: (args.exc_type, args.exc_value, args.exc_traceback))
+    if not getattr(warnings.formatwarning, "_weightsmith_redacting", False):
+        original = warnings.formatwarning
+
+        def formatwarning(*args, **kwargs) -> str:
+            return redact(original(*args, **kwargs))
+
+        formatwarning._weightsmith_redacting = True  # type: ignore[attr-defined]
+        warnings.formatwarning = formatwarning
 
 
-def _redacting_excepthook(inner):
-    def hook(exc_type, exc, tb) -> None:
+def _redacting(inner, unpack):
+    """An except hook that prints the traceback scrubbed (``unpack`` gets (type, value, tb) from its arguments)."""
+    def hook(*args) -> None:
         import traceback
 
-        text = "".join(traceback.format_exception(exc_type, exc, tb))
-        sys.stderr.write(redact(text))
+        exc_type, exc, tb = unpack(*args)
+        if exc_type is SystemExit:  # threading's own hook stays silent for it
+            return
+        sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
 
     hook._weightsmith_redacting = True  # type: ignore[attr-defined]
     hook.inner = inner  # type: ignore[attr-defined]

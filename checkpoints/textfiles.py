@@ -28,6 +28,14 @@ import yaml
 from .errors import WeightsmithError
 
 DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+class UnsafeYaml(WeightsmithError):
+    """YAML refused for its shape (alias bomb, recursive alias, nesting too deep), not its syntax.
+
+    A caller that falls back to plain text on a syntax error (a table cell) must still refuse these.
+    """
+
 # Nodes the document may expand to, aliases followed: recipes hold tens to hundreds.
 MAX_YAML_NODES = 100_000
 
@@ -79,7 +87,7 @@ def _check_expansion(root: yaml.Node) -> None:
             on_path.discard(key)
             total = 1 + sum(size[id(c)] for c in children)
             if total > MAX_YAML_NODES:
-                raise WeightsmithError(
+                raise UnsafeYaml(
                     f"expands to more than {MAX_YAML_NODES} values through aliases (*name): "
                     "refused (a YAML bomb?); write the values out"
                 )
@@ -88,13 +96,13 @@ def _check_expansion(root: yaml.Node) -> None:
         if key in size:
             continue
         if key in on_path:
-            raise WeightsmithError("holds a recursive alias (an anchor that contains itself)")
+            raise UnsafeYaml("holds a recursive alias (an anchor that contains itself)")
         on_path.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in size)
         for c in children:
             if id(c) in on_path:
-                raise WeightsmithError("holds a recursive alias (an anchor that contains itself)")
+                raise UnsafeYaml("holds a recursive alias (an anchor that contains itself)")
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -108,15 +116,17 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 def load_yaml(text: str, *, what: str = "YAML") -> Any:
     """``yaml.safe_load(text)`` with bounded alias expansion; one :class:`WeightsmithError` line on bad input.
 
+    Bombs, recursive aliases and too-deep nesting raise :class:`UnsafeYaml` (a WeightsmithError).
+
     ``what`` names the document in the message (e.g. ``"recipe"``, ``"recipe my.yml"``).
     """
     try:
         return yaml.load(text or "", Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except WeightsmithError as e:
-        raise WeightsmithError(f"{what} {e}") from None
+    except UnsafeYaml as e:
+        raise UnsafeYaml(f"{what} {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise WeightsmithError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     except RecursionError:
-        raise WeightsmithError(f"{what} is nested too deeply") from None
+        raise UnsafeYaml(f"{what} is nested too deeply") from None

@@ -83,8 +83,14 @@ def test_recursive_alias_and_deep_nesting_are_one_line():
         load_yaml("a: &a [1, *a]\n", what="recipe")
     with pytest.raises(WeightsmithError, match=r"^recipe is nested too deeply"):
         load_yaml("[" * 50_000 + "]" * 50_000, what="recipe")
-    with pytest.raises(WeightsmithError, match=r"^recipe is not valid YAML at line 2"):
+    with pytest.raises(WeightsmithError, match=r"^recipe is not valid YAML at line 2") as err:
         MergeRecipe.from_yaml("merge_method: [\n")
+    # A caller may fall back to plain text on bad syntax (a table cell), never on a bomb: the types differ.
+    from checkpoints.textfiles import UnsafeYaml
+
+    assert not isinstance(err.value, UnsafeYaml)
+    with pytest.raises(UnsafeYaml, match=r"^cell expands to more than"):
+        load_yaml(_bomb(), what="cell")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,3 +208,29 @@ def test_cli_verbose_failed_push_never_prints_token(hub_env, tmp_path):
     # Non-vacuous: -v really printed the HTTP client's DEBUG lines with the echoed response headers.
     assert "receive_response_headers" in proc.stderr and "X-Echo-Authorization" in proc.stderr
     assert any(tok == META_TOKEN for _, _, tok in hub_env["hub"].requests)
+
+
+_HOOKS = r'''
+import sys, threading, warnings
+from checkpoints.secrets import install_redaction, register_secret
+if sys.argv[1] == "on":
+    install_redaction()
+token = "zzTopSecretValue123"
+register_secret(token)
+warnings.warn(f"careful {token}")
+t = threading.Thread(target=lambda: (_ for _ in ()).throw(RuntimeError(f"thread {token}")))
+t.start()
+t.join()
+raise RuntimeError(f"main {token}")
+'''
+
+
+def test_warnings_and_uncaught_tracebacks_are_scrubbed():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = {flag: subprocess.run([sys.executable, "-c", _HOOKS, flag], capture_output=True, text=True, env=env,
+                                 timeout=120, cwd=ROOT) for flag in ("on", "off")}
+    on = runs["on"].stderr
+    assert "careful ***" in on and "RuntimeError: thread ***" in on and "RuntimeError: main ***" in on, on
+    assert "zzTopSecretValue123" not in on
+    # Non-vacuity: without install_redaction the same three lines show the token.
+    assert runs["off"].stderr.count("zzTopSecretValue123") == 3, runs["off"].stderr
