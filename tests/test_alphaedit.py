@@ -93,8 +93,9 @@ def llama(sharp_dirs):  # noqa: F811
     return sharp_dirs["llama"]
 
 
-def test_alphaedit_preserves_the_span_and_reaches_the_target(llama, corpus_file, stats):  # noqa: F811
-    s = session_for(llama, corpus_file, stats, alpha_hparams=ALPHA)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D stores W transposed
+def test_alphaedit_preserves_the_span_and_reaches_the_target(arch, sharp_dirs, corpus_file, stats):  # noqa: F811
+    s = session_for(sharp_dirs[arch], corpus_file, stats, alpha_hparams=ALPHA)
     original = snapshot(s.model)
     C = s.statistics(1)[1]
     keep = preserved_basis(C, ALPHA.nullspace_threshold)
