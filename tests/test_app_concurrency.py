@@ -286,7 +286,7 @@ def test_workspace_lookups_race_the_cleanup(tmp_path):
 
     def cleanups():
         with m.hold(held.id):
-            for _ in range(200):
+            for _ in range(60):
                 m.cleanup()
                 assert held.path.is_dir()
         stop.set()
