@@ -109,6 +109,11 @@ def test_alphaedit_preserves_the_span_and_reaches_the_target(arch, sharp_dirs, c
     assert e.method == "alphaedit" and s.history[0]["method"] == "alphaedit"
     B, A = e.factors[s.spec.module("mlp_out", 1)]
     assert B.shape == (dW.shape[0], 1) and A.shape == (1, dW.shape[1])  # still rank one: LoRA export holds
+    module = s.spec.module("mlp_out", 1)
+    tensors, ranks = s.adapter_tensors()
+    assert ranks == {module: 1} and torch.equal(
+        s.spec.from_out_in(tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[f"base_model.model.{module}.lora_A.weight"]),
+        e.deltas[f"{module}.weight"])
     assert relative_effect(dW, keep) < 1e-5  # ‖ΔW k₀‖ ≈ 0 for every preserved key k₀
     assert relative_effect(dW_rome, keep) > 1e-2  # non-vacuous: plain ROME moves them
     assert tlp(s, EIFFEL) > lp0 + 0.3  # and the edit still reaches the new target
