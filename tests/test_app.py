@@ -307,6 +307,8 @@ def test_edit_undo_save_and_scores(edit_wb, tiny_llama_family):
     assert {"efficacy", "paraphrase", "neighborhood", "score"} <= set(scores) and scores["active edits"] == "1"
     # The scores are computed on the edited weights (the edit's quality is the editing library's to test).
     assert scores["efficacy_magnitude"] != unedited["efficacy_magnitude"]
+    # The checks by generation are shown beside them (editing.generation_checks).
+    assert {"gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency"} <= set(scores)
     msg = wb.save_edits("tiny-base", "adapter", "ed", r)
     assert "ws:ed" in msg and wb.workspace(r).item("ed").kind == "adapter"
     hist, msg = wb.undo("tiny-base", 1, r)
