@@ -539,7 +539,6 @@ class Workbench:
         and the checks by generation (gen_efficacy, gen_paraphrase, gen_neighborhood, fluency)."""
         from editing.evaluate import evaluate_edit, harmonic_mean
         from editing.generation_checks import generation_scores
-        from editing.generation_checks import generation_scores
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
@@ -552,8 +551,6 @@ class Workbench:
         main = [scores[k] for k in ("efficacy", "paraphrase", "neighborhood") if k in scores]
         if len(main) == 3:
             scores["score"] = harmonic_mean(main)
-        # What the user would see: is the new answer in the greedy continuation (editing.generation_checks)?
-        scores.update(generation_scores(session.model, session.tokenizer, record))
         # What the user would see: is the new answer in the greedy continuation (editing.generation_checks)?
         scores.update(generation_scores(session.model, session.tokenizer, record))
         n = len(session.history)
