@@ -1,0 +1,299 @@
+"""Sequential editing on the demo model: N CounterFact edits one after another, nothing undone.
+
+For each method in ``--methods`` (the model is restored bit-exactly between
+methods), records of a half of ``../shared/data/counterfact/dev-1000.json``
+(``--half report``: 500-999, the README's numbers) are edited one at a time,
+or in batches of ``--batch`` for ``memit``/``alphaedit-memit``. After every
+``--every`` edits it measures:
+
+* retention: efficacy of every edit so far; paraphrase and neighbourhood over
+  all edited records; the unedited model's scores on the same records;
+* WikiText perplexity on held-out text: the last ``--ppl-tokens`` tokens of
+  ``wiki.test.raw``, which the statistics (its first ``--stats-tokens``
+  tokens) never saw -- checked, the run refuses to start if they overlap;
+* fluency (ROME's n-gram entropy on fixed prompts) and the checks by
+  generation on an evenly spread sample of the edited records (``--gen-sample``);
+* update norms ‖ΔW‖ (median, max) and how many edits the session flagged.
+
+A run whose perplexity exceeds ``--stop-when-ppl-ratio`` × the unedited one is
+stopped (it has collapsed) and the output says so. Writes one JSON line per
+checkpoint to ``--out``.jsonl and the curves to ``--out``.png, and prints a
+comparison table with ratios against the unedited model.
+
+Method variants for tuning: ``alphaedit+t=0.01+l2=1+exact=1+vf=prompt`` sets
+AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from.
+
+    .venv/bin/python bench/sequential_edits.py --methods r-rome,alphaedit,rome --max-edits 100 --every 25 \\
+        --half report --threads 1 --out /work/notes/seq-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+HALF = 500  # dev-1000.json: records 0-499 tune, 500-999 report
+
+from checkpoints.sources import resolve  # noqa: E402
+from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
+from editing.evaluate import aggregate, evaluate_edit, load_records, perplexity  # noqa: E402
+from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
+from editing.methods import MULTI_LAYER, check_method  # noqa: E402
+from editing.rome import RomeHyperParams  # noqa: E402
+from editing.session import EditSession  # noqa: E402
+from editing.stats import SEQ_LEN, StatsCache, _text_batches, corpus_from_file  # noqa: E402
+
+SCORES = ("efficacy", "paraphrase", "neighborhood")
+GEN = ("gen_efficacy", "gen_paraphrase", "gen_neighborhood")
+
+
+@dataclass
+class Variant:
+    label: str
+    method: str
+    rome: RomeHyperParams
+    alpha: AlphaEditHyperParams
+
+
+def parse_variant(text: str) -> Variant:
+    """``method[+key=value...]`` with keys t (null-space threshold), l2, exact (0/1), vf (value_from)."""
+    name, *opts = text.strip().split("+")
+    method = check_method(name)
+    rome, alpha = RomeHyperParams(), AlphaEditHyperParams()
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key == "t":
+            alpha = replace(alpha, nullspace_threshold=float(value))
+        elif key == "l2":
+            alpha = replace(alpha, l2=float(value))
+        elif key == "exact":
+            alpha = replace(alpha, exact=value not in ("0", "false", "False"))
+        elif key == "vf":
+            rome = replace(rome, value_from=value)
+        else:
+            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf)")
+    return Variant(text.strip(), method, rome, alpha)
+
+
+def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:
+    """The last ``n`` tokens of ``text``, tokenised as the statistics tokenise it; refuses any overlap."""
+    ids = [t for chunk in _text_batches(tok, text, 10**9, SEQ_LEN) for t in chunk.tolist()]
+    if len(ids) - n < stats_tokens:
+        raise SystemExit(f"held-out text overlaps the statistics: {len(ids)} tokens, {stats_tokens} for the "
+                         f"statistics, {n} held out")
+    return ids[-n:]
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def measure(model, tok, records, base_rows, held, gen_idx, base_gen, args) -> dict:
+    """Scores of the model as it is now on ``records`` (all edited so far), with the unedited ones."""
+    rows = [evaluate_edit(model, tok, r) for r in records]
+    out = {k: mean_of(rows, k) for k in SCORES}
+    out["unedited"] = {k: mean_of(base_rows[:len(records)], k) for k in SCORES}
+    out["ppl"] = round(perplexity(model, held, seq_len=SEQ_LEN), 3)
+    out["fluency"] = round(fluency_on(model, tok, FLUENCY_PROMPTS), 4)
+    idx = [i for i in gen_idx if i < len(records)]
+    if idx:
+        g = [generation_scores(model, tok, records[i], GenerationConfig(fluency_tokens=0)) for i in idx]
+        out.update({k: mean_of(g, k) for k in GEN})
+        out["unedited"].update({k: mean_of([base_gen[i] for i in idx], k) for k in GEN})
+        out["gen_n"] = len(idx)
+    return out
+
+
+def capital_of_france(model, tok) -> str:
+    from editing.generation_checks import greedy_continuations
+
+    return tok.decode(greedy_continuations(model, tok, ["The capital of France is"], 12)[0], skip_special_tokens=True)
+
+
+def run_variant(variant: Variant, model, tok, corpus, stats, records, base_rows, held, gen_idx, base_gen,
+                unedited: dict, args, sink) -> list[dict]:
+    session = EditSession(model, tok, stats=stats, corpus=corpus, stats_tokens=args.stats_tokens,
+                          hparams=variant.rome, method=variant.method, alpha_hparams=variant.alpha,
+                          base_name="demo")
+    batch = args.batch if variant.method in MULTI_LAYER else 1
+    norms, flagged, seconds = [], 0, []
+    done, points, t_start = 0, [], time.time()
+    next_mark = min(args.every, len(records))
+    stopped = ""
+    while done < len(records):
+        reqs = [r.request(args.layer) for r in records[done:done + batch]]
+        t0 = time.time()
+        edit = session.apply(reqs[0], method=variant.method) if batch == 1 else \
+            session.apply_batch(reqs, method=variant.method, layers=[args.layer] if args.layer is not None and
+                                variant.method == "alphaedit" else None)
+        seconds.append((time.time() - t0) / len(reqs))
+        checks = edit.info.get("checks", {})
+        norms.append(float(checks.get("update_norm", float("nan"))))
+        flagged += bool(checks.get("flag"))
+        done += len(reqs)
+        if checks.get("flag"):
+            print(f"  [{variant.label}] edit {done}: flagged: {checks.get('warning')}", file=sys.stderr, flush=True)
+        if done >= next_mark or done == len(records):
+            m = measure(model, tok, records[:done], base_rows, held, gen_idx, base_gen, args)
+            point = {"method": variant.label, "edits": done, **m,
+                     "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
+                     "fluency_unedited": unedited["fluency"],
+                     "norm_median": round(statistics.median(norms), 3), "norm_max": round(max(norms), 3),
+                     "flagged": flagged, "seconds_per_edit": round(statistics.mean(seconds), 2),
+                     "elapsed_s": round(time.time() - t_start, 1), "capital_of_france": capital_of_france(model, tok)}
+            if args.stop_when_ppl_ratio and point["ppl_ratio"] > args.stop_when_ppl_ratio:
+                stopped = (f"stopped after {done} edits: perplexity {point['ppl']:.1f} is "
+                           f"{point['ppl_ratio']:.1f}x the unedited {unedited['ppl']:.1f} (> {args.stop_when_ppl_ratio})")
+                point["stopped"] = stopped
+            points.append(point)
+            sink(point)
+            print(f"[{variant.label}] {done} edits: retention {m['efficacy']} paraphrase {m['paraphrase']} "
+                  f"neighbourhood {m['neighborhood']} (unedited {m['unedited']['neighborhood']}) ppl {m['ppl']} "
+                  f"({point['ppl_ratio']:.3f}x) gen_eff {m.get('gen_efficacy')} norms med {point['norm_median']} "
+                  f"max {point['norm_max']} flagged {flagged} {point['seconds_per_edit']} s/edit", flush=True)
+            if stopped:
+                print(f"[{variant.label}] {stopped}", flush=True)
+                break
+            next_mark += args.every
+    session.undo_all()
+    return points
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    by = {}
+    for p in points:
+        by.setdefault(p["method"], []).append(p)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, ps) in enumerate(by.items()):
+        c = colours[i % len(colours)]
+        x = [p["edits"] for p in ps]
+        axes[0].plot(x, [p["efficacy"] for p in ps], "-o", color=c, label=f"{label} retention")
+        axes[0].plot(x, [p["paraphrase"] for p in ps], "--", color=c, label=f"{label} paraphrase")
+        axes[1].plot(x, [p["neighborhood"] for p in ps], "-o", color=c, label=label)
+        axes[2].plot(x, [p["ppl_ratio"] for p in ps], "-o", color=c, label=label)
+    if points:
+        ps = next(iter(by.values()))
+        axes[1].plot([p["edits"] for p in ps], [p["unedited"]["neighborhood"] for p in ps], ":", color="grey",
+                     label="unedited")
+    axes[0].set_title("retention (solid) and paraphrase (dashed)")
+    axes[1].set_title("neighbourhood")
+    axes[2].set_title("WikiText perplexity / unedited (held-out)")
+    axes[2].set_yscale("log")
+    axes[2].axhline(1.1, color="grey", ls=":", lw=1)
+    for ax in axes:
+        ax.set_xlabel("sequential edits")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, CounterFact report half, edits applied one after another without undo")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(points: list[dict], unedited: dict) -> str:
+    last = {}
+    for p in points:
+        last[p["method"]] = p
+    head = ("| method | edits | retention | paraphrase | neighbourhood (unedited) | gen eff. | ppl (x unedited) "
+            "| fluency (x) | ‖ΔW‖ median / max | flagged | s/edit |")
+    lines = [head, "|" + "---|" * 11]
+    for label, p in last.items():
+        u = p["unedited"]
+        lines.append(
+            f"| {label} | {p['edits']}{' (stopped)' if p.get('stopped') else ''} | {p['efficacy']:.2f} | "
+            f"{p['paraphrase']:.2f} | {p['neighborhood']:.2f} ({u['neighborhood']:.2f}) | "
+            f"{p['gen_efficacy'] if p.get('gen_efficacy') is not None else '-'} | {p['ppl']:.1f} ({p['ppl_ratio']:.2f}) | "
+            f"{p['fluency']:.2f} ({p['fluency'] / unedited['fluency']:.2f}) | {p['norm_median']:.1f} / {p['norm_max']:.1f} | "
+            f"{p['flagged']} | {p['seconds_per_edit']} |")
+    lines.append(f"unedited: ppl {unedited['ppl']:.1f}, fluency {unedited['fluency']:.2f} "
+                 f"(held-out {unedited['ppl_tokens']} tokens)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="r-rome,alphaedit,rome",
+                    help="comma-separated methods (rome, r-rome, alphaedit, memit, alphaedit-memit) or variants "
+                         "(alphaedit+t=0.01+l2=1)")
+    ap.add_argument("--half", choices=["tune", "report"], default="report")
+    ap.add_argument("--offset", type=int, default=0, help="first record within the half")
+    ap.add_argument("--max-edits", type=int, default=100)
+    ap.add_argument("--every", type=int, default=100, help="measure after every N edits")
+    ap.add_argument("--batch", type=int, default=100, help="facts per batch for memit / alphaedit-memit")
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--stats-tokens", type=int, default=100_000)
+    ap.add_argument("--ppl-tokens", type=int, default=8192, help="held-out WikiText tokens for perplexity")
+    ap.add_argument("--gen-sample", type=int, default=25, help="edited records checked by generation per checkpoint")
+    ap.add_argument("--stop-when-ppl-ratio", type=float, default=3.0,
+                    help="stop a method whose perplexity exceeds this multiple of the unedited one (0: never)")
+    ap.add_argument("--out", default="/work/notes/sequential", help="output prefix: .jsonl and .png")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = [parse_variant(m) for m in args.methods.split(",") if m.strip()]
+
+    cf, wiki = DATA / "counterfact" / "dev-1000.json", DATA / "wikitext-2-raw" / "wiki.test.raw"
+    lo = 0 if args.half == "tune" else HALF
+    records = load_records(cf)[lo:lo + HALF][args.offset:args.offset + args.max_edits]
+    ckpt = resolve("demo")
+    model, tok = ckpt.load_model(), ckpt.load_tokenizer()
+    corpus = corpus_from_file(wiki)
+    held = heldout_ids(tok, corpus.text or "", args.stats_tokens, args.ppl_tokens)
+    stats = StatsCache()
+    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    t0 = time.time()
+    unedited = {"ppl": round(perplexity(model, held, seq_len=SEQ_LEN), 3),
+                "fluency": round(fluency_on(model, tok, FLUENCY_PROMPTS), 4), "ppl_tokens": len(held)}
+    base_rows = [evaluate_edit(model, tok, r) for r in records]
+    k = min(args.gen_sample, len(records))
+    gen_idx = sorted({round(i * (len(records) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
+    base_gen = {i: generation_scores(model, tok, records[i], GenerationConfig(fluency_tokens=0)) for i in gen_idx}
+    unedited["seconds"] = round(time.time() - t0, 1)
+    print(f"unedited: ppl {unedited['ppl']} on {len(held)} held-out tokens, fluency {unedited['fluency']}, "
+          f"{aggregate(base_rows)} ({unedited['seconds']} s)", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = out.with_suffix(".jsonl")
+    points: list[dict] = []
+    with jsonl.open("a") as f:
+        f.write(json.dumps({"unedited": unedited, "half": args.half, "records": f"{lo + args.offset}-"
+                            f"{lo + args.offset + len(records) - 1}", "args": vars(args)}) + "\n")
+
+        def sink(point: dict) -> None:
+            points.append(point)
+            f.write(json.dumps(point) + "\n")
+            f.flush()
+            plot(points, out.with_suffix(".png"))
+
+        for v in variants:
+            run_variant(v, model, tok, corpus, stats, records, base_rows, held, gen_idx, base_gen, unedited, args,
+                        sink)
+            # undo_all restores the pristine bits: the next method starts from the same model.
+            assert all(torch.equal(pristine[n], t) for n, t in model.state_dict().items())
+    print(table(points, unedited))
+    print(f"wrote {jsonl} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
