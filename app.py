@@ -404,7 +404,7 @@ class Workbench:
 
         Returns (summary Markdown, ``ws:<name>`` of the result).
         """
-        from merging.adapters import AdapterMixRecipe, mix_adapters
+        from merging.adapters import AdapterMixRecipe, demo_adapters, mix_adapters
 
         ws = self.workspace(request)
         data = load_yaml(recipe_yaml, what="mix recipe")
@@ -417,8 +417,10 @@ class Workbench:
             entry.adapter = self.adapter_ref(ws, entry.adapter)
         ws.check_quota()
         out = ws.new_item_dir(out_name or "mix", default="mix")
+        policy = self.local_policy(ws)  # the bundled demo adapters are trusted folders too
+        policy["trusted_roots"] = (*policy["trusted_roots"], *demo_adapters().values())
         result = self.run_job(request, lambda cancel: mix_adapters(
-            recipe, out, progress=progress_adapter(progress), cancel=cancel, device=self.config.device))
+            recipe, out, progress=progress_adapter(progress), cancel=cancel, device=self.config.device, **policy))
         kind = "adapter" if result.kind == "adapter" else "model"
         ws.register(out.name, kind=kind, origin="mix", details={"base": base_ref, "method": result.method})
         rows = [("result", f"`ws:{out.name}` ({result.kind})"), ("method", result.method),
