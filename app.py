@@ -639,38 +639,6 @@ class Workbench:
         return self.ref(ws, base) if base else None
 
     @endpoint
-    def gguf_estimate(self, item: str, qtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"], request: gr.Request) -> str:
-        """Size of the item's GGUF export in ``qtype`` (Markdown), from the tensor headers alone."""
-        from merging.gguf_item import estimate_folder_gguf
-
-        ws = self.workspace(request)
-        if not item:
-            return "Choose a workspace item to see the size of its GGUF file."
-        size = estimate_folder_gguf(ws.item_path(item), qtype, base=self._gguf_base(ws, item), policy=self.policy(ws))
-        return f"{qtype}: about **{size / 2**20:.1f} MB** of weights (plus the tokenizer, a few MB)."
-
-    @endpoint
-    def export_gguf(self, item: str, qtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"], request: gr.Request, progress=gr.Progress()):
-        """Write a workspace item (model or LoRA adapter) as GGUF into the item, so that Push publishes it in the
-        same commit; returns (the file, Markdown with its size, type and read-back check)."""
-        from merging.gguf_item import estimate_folder_gguf, export_folder_gguf
-
-        ws = self.workspace(request)
-        if not item:
-            raise WeightsmithError("choose a workspace item to export")
-        folder = ws.item_path(item)
-        base, policy = self._gguf_base(ws, item), self.policy(ws)
-        ws.check_quota(estimate_folder_gguf(folder, qtype, base=base, policy=policy))
-        out = self.run_job(request, lambda cancel: export_folder_gguf(
-            folder, qtype, base=base, policy=policy, progress=progress_adapter(progress), cancel=cancel))
-        return str(out.result.path), f"{out.result.summary()}\n\n{out.check}. **Push** now adds it to the same commit."
-
-    def _gguf_base(self, ws: Workspace, item: str) -> str | None:
-        """The base an adapter item was made on (as the resolver takes it), else None."""
-        base = ws.item(item).details.get("base")
-        return self.ref(ws, base) if base else None
-
-    @endpoint
     def card_preview(self, item: str, request: gr.Request) -> str:
         ws = self.workspace(request)
         if not item:
@@ -839,16 +807,6 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                     e_gguf_btn = gr.Button("Export GGUF", variant="primary")
                     e_gguf_msg = gr.Markdown()
                     e_gguf_file = gr.File(label="GGUF", interactive=False)
-            with gr.Row():
-                with gr.Column():
-                    gr.Markdown("### GGUF for llama.cpp, Ollama, LM Studio")
-                    e_gguf_type = gr.Dropdown(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
-                                              value="q8_0", label="GGUF type",
-                                              info="q8_0: near-lossless, half of f16; q4/q5: smaller, see README")
-                    e_gguf_size = gr.Markdown()
-                    e_gguf_btn = gr.Button("Export GGUF", variant="primary")
-                    e_gguf_msg = gr.Markdown()
-                    e_gguf_file = gr.File(label="GGUF", interactive=False)
             gr.Markdown("### Model card preview (what will be pushed)")
             e_card = gr.Markdown(container=True)
 
@@ -880,10 +838,6 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         e_zip_btn.click(wb.export, [e_item], e_file, api_name="export", concurrency_limit=2,
                         concurrency_id="export")
         e_item.change(wb.card_preview, [e_item], e_card, api_visibility="private", queue=False)
-        for trigger in (e_item.change, e_gguf_type.change):
-            trigger(wb.gguf_estimate, [e_item, e_gguf_type], e_gguf_size, api_visibility="private")
-        e_gguf_btn.click(wb.export_gguf, [e_item, e_gguf_type], [e_gguf_file, e_gguf_msg], api_name="export_gguf",
-                         **heavy).then(wb.card_preview, [e_item], e_card, api_visibility="private")
         for trigger in (e_item.change, e_gguf_type.change):
             trigger(wb.gguf_estimate, [e_item, e_gguf_type], e_gguf_size, api_visibility="private")
         e_gguf_btn.click(wb.export_gguf, [e_item, e_gguf_type], [e_gguf_file, e_gguf_msg], api_name="export_gguf",
