@@ -132,6 +132,7 @@ def test_sequential_keys_constrain_later_edits_until_undone(llama, corpus_file, 
     assert second.info["prior_keys"] == 1
     pname = f"{s.spec.module('mlp_out', 1)}.weight"  # applying adds in place: the refold's exact bits
     assert torch.equal(s.model.get_parameter(pname), (original[pname] + first.deltas[pname]) + second.deltas[pname])
+    assert first.deltas[pname] is not first.deltas[pname]  # rank one: rebuilt from B, A when read, not kept
     constrained = float((delta_out_in(s, second, 1) @ k1.double().T).norm())
     s.undo(first.id)
     assert s.prior_keys(1).shape[1] == 1  # only the second edit's key is left
@@ -174,6 +175,8 @@ def test_alphaedit_memit_batch_projects_every_layer(llama, corpus_file, stats): 
         keep = preserved_basis(s.statistics(layer)[layer], ALPHA.nullspace_threshold)
         dW = delta_out_in(s, e, layer)
         assert dW.abs().max() > 1e-4 and relative_effect(dW, keep) < 1e-5
+        pname = f"{s.spec.module('mlp_out', layer)}.weight"
+        assert e.deltas[pname] is e.deltas[pname]  # rank 2: kept (a sum's rounding may depend on the BLAS path)
     with pytest.raises(WeightsmithError, match="one fact at a time"):
         s.apply_batch(reqs, method="rome")
     s.undo(e.id)
