@@ -26,15 +26,9 @@ from checkpoints.model_cache import ModelCache  # noqa: E402
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
+from test_app_api import MERGE  # noqa: E402 - the same tiny task-arithmetic recipe
+
 PROMPT = "The capital of France is"
-MERGE = """merge_method: task_arithmetic
-base_model: tiny-base
-models:
-  - model: tiny-ft1
-    parameters: {weight: 0.5}
-  - model: tiny-ft2
-    parameters: {weight: 0.5}
-"""
 
 
 class _Server:

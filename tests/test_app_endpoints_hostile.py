@@ -64,6 +64,7 @@ ENDPOINTS = {
     "save_edits": ("save_edits", ("tiny-base", "adapter", "saved")),
     "export": ("export", ("ws:nothing",)),
     "push": ("push", ("ws:nothing", "me/repo", True, "")),
+    "export_gguf": ("export_gguf", ("ws:nothing", "q8_0")),
 }
 
 
