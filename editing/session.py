@@ -296,12 +296,15 @@ class EditSession:
               method: str | None = None) -> AppliedEdit:
         """Compute and apply one edit (``method``: default the session's); returns the history entry.
 
-        ``memit``/``alphaedit-memit`` go through :meth:`apply_batch` with this one request.
+        ``memit``/``alphaedit-memit`` go through :meth:`apply_batch` with this one request
+        (the request's layer, if given, is the top of the four layers they spread over).
         Bad input raises before any change; so does a non-finite update.
         """
         method = check_method(method or self.method)
         if method in MULTI_LAYER:
-            return self.apply_batch([request], progress=progress, method=method)
+            top = request.layer
+            layers = None if top is None else list(range(max(0, int(top) - 3), int(top) + 1))
+            return self.apply_batch([request], progress=progress, method=method, layers=layers)
         self.check(request)
         layer = self._layer_of(request)
         t0 = time.time()

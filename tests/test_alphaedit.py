@@ -179,6 +179,9 @@ def test_alphaedit_memit_batch_projects_every_layer(llama, corpus_file, stats): 
         assert e.deltas[pname] is e.deltas[pname]  # rank 2: kept (a sum's rounding may depend on the BLAS path)
     with pytest.raises(WeightsmithError, match="one fact at a time"):
         s.apply_batch(reqs, method="rome")
+    one = s.apply(EditRequest("{} is the capital of", "Madrid", "Italy", layer=2), method="memit")
+    assert one.method == "memit" and one.layers == [0, 1, 2]  # the request's layer tops the spread
+    s.undo(one.id)
     s.undo(e.id)
     assert same(snapshot(s.model), original)
 
