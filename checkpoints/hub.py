@@ -17,7 +17,8 @@ never used (its validation call ignores ``HF_ENDPOINT``).
 Tokens: explicit argument > ``HF_TOKEN`` > ``huggingface_hub``'s stored login.
 A token is checked (:func:`checkpoints.secrets.check_token`: a malformed one
 is refused without repeating it), registered with :mod:`checkpoints.secrets`
-so that no log record or message can show it, passed to one ``HfApi`` object
+so that no log record or message can show it (:func:`push_folder` installs the
+redaction itself, for library callers), passed to one ``HfApi`` object
 for the duration of the call and dropped. A folder whose text files hold the
 token is refused before anything is sent.
 
@@ -46,7 +47,7 @@ from typing import Any
 from .cards import CardInfo, load_card, set_card_repo, write_card
 from .errors import WeightsmithError
 from .hub_client import configure_hub_client, is_timeout
-from .secrets import check_token, redact, register_secret
+from .secrets import check_token, install_redaction, redact, register_secret
 from .sources import public_name
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,8 @@ def push_folder(
         write_card(folder, card)
     load_card(folder)  # one clear error when the card is missing or the Hub would refuse it
     collect_files(folder)  # refuse local paths before anything reaches the network
+    # The library alone must not leak either (a caller with DEBUG logging on sees the HTTP client's headers).
+    install_redaction()
     secret = resolve_token(token, allow_ambient_token=allow_ambient_token)
     _refuse_secret_in_files(collect_files(folder))
     configure_hub_client()
