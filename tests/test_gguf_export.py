@@ -341,3 +341,37 @@ def test_unknown_pre_tokenizer_is_refused(models, tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(WeightsmithError, match="no llama.cpp equivalent"):
         export_gguf(folder, tmp_path / "odd.gguf")
+
+
+def test_mistral_with_a_sentencepiece_style_tokenizer(tmp_path):
+    """Byte-fallback BPE (Llama 2 / Mistral style) is written as llama.cpp's "llama" tokenizer; mistral runs as llama."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM,
+                              PreTrainedTokenizerFast)
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                          show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=304, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128)).eval()
+    model.save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", qtype="f32")
+    f = _reader(tmp_path / "m.gguf").fields
+    assert f["general.architecture"].contents() == "llama" and f["tokenizer.ggml.model"].contents() == "llama"
+    assert f["tokenizer.ggml.tokens"].contents()[3] == "<0x00>" and len(f["tokenizer.ggml.tokens"].contents()) == 304
+    gtok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for prompt in ["The capital of France is", "Rome é Itália 123"]:  # byte fallback for é, á
+        assert gtok(prompt).input_ids == fast(prompt).input_ids
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    ids = fast("The capital of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)  # f32, q/k permuted and back: exact
