@@ -271,6 +271,9 @@ def download_from_hub(repo_id: str, *, revision: str | None = None, token: str |
         RevisionNotFoundError,
     )
 
+    from .hub_client import configure_hub_client
+
+    configure_hub_client()  # a hung Hub ends in one line within WEIGHTSMITH_HUB_TIMEOUT, not never
     try:
         return Path(
             snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns or HUB_PATTERNS)

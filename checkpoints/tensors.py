@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from .containment import member_path
 from .errors import WeightsmithError
-from .staging import new_staging_dir, publish_folder
+from .staging import new_staging_dir, output_error, publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,11 @@ class ShardedWriter:
             self.commit()
         elif exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError):
+                # A full disk or a read-only folder is the user's to fix: one line naming the output folder.
+                known = output_error(exc, self.out_dir)
+                if known is not None:
+                    raise known from None
 
     # -- tensors ------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:

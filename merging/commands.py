@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 import os
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.sizes import parse_size
 
 # Let torch back large tensors with transparent huge pages. A merge allocates
 # and touches hundreds of MB per tensor; with 4 KB pages the page faults cost
@@ -15,19 +15,6 @@ from checkpoints.errors import WeightsmithError
 # once, at its first allocation, so it is set when the CLI loads its command
 # modules, before torch is imported. Set THP_MEM_ALLOC_ENABLE=0 to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``"2GB"``, ``"500M"``, ``"1.5gib"`` or a plain byte count → bytes (decimal units, like mergekit)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise WeightsmithError(f"bad size {text!r}: use bytes or a number with K, M, G or T (e.g. 2GB)")
-    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
-    base = 1024 if binary else 1000
-    return int(number * base ** " kmgt".index(unit or " "))
-
 
 def _merge(args: argparse.Namespace) -> int:
     import threading
@@ -49,7 +36,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     try:
         result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
-                           max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.allow_overwrite,
+                           max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"), overwrite=args.allow_overwrite,
                            seed=args.seed, collect_norms=False, threads=args.threads or None,
                            exact_ties=not args.fast_ties, fsync=args.fsync, allow_nonfinite=args.allow_nonfinite)
     except KeyboardInterrupt:

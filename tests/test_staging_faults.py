@@ -102,6 +102,7 @@ def test_cli_merge_on_a_full_disk_exits_2_with_one_line(tiny_llama_family, tmp_p
     err = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line]
     assert code == 2
     assert len(err) == 1 and err[0].startswith("weightsmith: error: ") and "no space left on the disk" in err[0], err
+    assert err[0].startswith(f"weightsmith: error: {outs / 'merged'}: "), err  # the writer names the output folder
     assert list(outs.iterdir()) == []  # no output, no staging folder
     # Non-vacuity: with room on the disk the same merge succeeds.
     monkeypatch.setattr(tensors, "open", real_open, raising=False)
