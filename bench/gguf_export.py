@@ -1,8 +1,8 @@
 """GGUF export of the demo model (SmolLM2-135M): cost and quality per type; edits and mixes survive export.
 
 For each ``--types`` entry, in a fresh child process (so that peak memory is the export's own):
-wall time, file size, peak RSS, and peak anonymous RSS above the process's state just before the
-export (the file pages ``safe_open`` maps are counted in RSS but are the kernel's to drop). For f16
+wall time, file size, peak RSS (``VmHWM``), and peak anonymous RSS above the process's state just
+before the export (the file pages ``safe_open`` maps are counted in RSS but are the kernel's to drop). For f16
 and q8_0 the ``gguf`` package's own reference path (``GGUFWriter.add_tensor`` for every tensor, then
 ``write_tensors_to_file``) writes the same tensors in another child: time, memory, and whether the
 two files are byte-identical.
@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -53,11 +52,15 @@ EIFFEL = ("The {} is located in the city of", "Eiffel Tower", "Rome")
 # ---------------------------------------------------------------------------
 
 
-def _anon_kb() -> int:
+def _status_kb(key: str) -> int:
     for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _anon_kb() -> int:
+    return _status_kb("RssAnon")
 
 
 def child_export(model: str, qtype: str, out: str, reference: bool) -> None:
@@ -100,7 +103,8 @@ def child_export(model: str, qtype: str, out: str, reference: bool) -> None:
     seconds = time.perf_counter() - started
     done.set()
     print(json.dumps({"seconds": seconds, "bytes": Path(out).stat().st_size,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      # VmHWM: this process image's peak (ru_maxrss would keep the parent's across exec)
+                      "peak_rss_mb": _status_kb("VmHWM") / 1024,
                       "anon_above_baseline_mb": (peak[0] - baseline) / 1024}))
 
 

@@ -20,6 +20,13 @@ def _export_gguf(args: argparse.Namespace) -> int:
 
         result = export_gguf(args.model, args.out, qtype=args.type, overwrite=args.overwrite)
     print(result.summary())
+    if args.check and result.kind == "model":
+        from checkpoints.gguf_check import check_gguf
+        from checkpoints.sources import resolve
+
+        report = check_gguf(result.path, resolve(args.model))
+        print(report.summary())
+        return 0 if report.ok else 1
     return 0
 
 
@@ -33,4 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tensor type (default q8_0); adapters: f32, f16, bf16 or q8_0")
     p.add_argument("--base", help="for an adapter: the base model it applies to (default: the one its config names)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--check", action="store_true",
+                   help="read the file back and hold every value to its type's error bound (a model; takes a while)")
     p.set_defaults(func=_export_gguf)

@@ -135,6 +135,9 @@ def test_cli_exports_models_and_adapters(bases, tmp_path, capsys):
     assert main(["export-gguf", str(bases["llama"]), str(tmp_path / "m.gguf"), "--type", "q5_0"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("wrote m.gguf: ") and ", q5_0, 39 tensors (" in line and "\n" not in line
+    assert main(["export-gguf", str(bases["llama"]), str(tmp_path / "m.gguf"), "--type", "q4_1", "--overwrite",
+                 "--check"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("read back 39 tensors: every value within")
     assert main(["export-gguf", str(tmp_path / "ad"), str(tmp_path / "a.gguf"), "--type", "q8_0",
                  "--base", str(bases["llama"])]) == 0
     assert capsys.readouterr().out.startswith("wrote adapter a.gguf: ")

@@ -239,6 +239,18 @@ def test_streams_tensor_by_tensor(models, tmp_path):
     assert seen[0][0] < seen[-1][1]  # the first tensor's bytes were on disk before the last was read
 
 
+def test_the_write_check_compares_count_and_size(exports):
+    from checkpoints.gguf_export import _check_written
+
+    path = exports["llama", "q8_0"]
+    size = path.stat().st_size
+    assert _check_written(path, 39, size) == size
+    with pytest.raises(WeightsmithError, match="inconsistent"):
+        _check_written(path, 39, size + 32)  # a tensor's bytes missing or extra
+    with pytest.raises(WeightsmithError, match="inconsistent"):
+        _check_written(path, 40, size)
+
+
 def test_cancel_and_errors_leave_nothing(models, tmp_path):
     cancel = threading.Event()
 
