@@ -30,7 +30,7 @@ import gradio as gr
 from app_endpoint import FilePath, Files, Range, endpoint, guard_preprocess
 from checkpoints.errors import WeightsmithError
 from checkpoints.generation import stream_text
-from checkpoints.model_cache import LoadedModel, ModelCache, building_models, warm_imports
+from checkpoints.model_cache import LoadedModel, ModelCache, building_models, release_memory, warm_imports
 from checkpoints.sources import resolve
 from checkpoints.uploads import import_upload
 from checkpoints.hub_client import configure_hub_client
@@ -694,6 +694,7 @@ class Workbench:
                 return fn(ev)
         finally:
             self.jobs.finish(key, ev)
+            release_memory()  # a job's tensors go back to the system, not to a worker thread's malloc arena
 
 
 # ============================================================================
