@@ -877,9 +877,11 @@ def _figure(width: float = 5.5, height: float = 2.6):
 
 
 def _cell(value: Any) -> Any:
-    """A table cell as typed by the user -> a recipe value (number, bool, list gradient, filters)."""
-    import yaml
+    """A table cell as typed by the user -> a recipe value (number, bool, list gradient, filters).
 
+    Parsed with the project's YAML loader: a cell holding an alias bomb stays text (which the recipe then
+    refuses in one line) instead of expanding in the worker.
+    """
     if value is None:
         return None
     if isinstance(value, float) and value != value:  # pandas' empty cell
@@ -890,8 +892,8 @@ def _cell(value: Any) -> Any:
     if not text:
         return None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text, what="cell")
+    except WeightsmithError:
         return text
 
 

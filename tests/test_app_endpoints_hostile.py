@@ -216,3 +216,13 @@ def test_a_full_disk_is_one_line_without_the_server_path(wb, monkeypatch):
         wb.merge(MERGE, "out", req("disk"), None)
     msg = str(e.value.message)
     assert "no space left" in msg and "/srv" not in msg and "unexpected" not in msg, msg
+
+
+def test_a_table_cell_alias_bomb_is_refused_not_expanded():
+    """A merge-table cell holding a YAML alias bomb (10^6 leaves) stays text; the form says the weight is bad."""
+    levels = ["&a [1,1,1,1,1,1,1,1,1,1]"] + [f"&{c} [{','.join([f'*{p}'] * 10)}]" for p, c in zip("abcde", "bcdef")]
+    bomb = "[" + ", ".join(levels) + "]"
+    assert app._cell(bomb) == bomb and app._cell("[0.1, 0.2]") == [0.1, 0.2]  # plain YAML still parses
+    _, status = app.merge_yaml_from_form("task_arithmetic", "tiny-base", [["tiny-ft1", bomb]], [], False, True,
+                                         0.5, 0.5, "", "")
+    assert status.startswith("⚠") and "weight must be a number" in status
