@@ -53,7 +53,7 @@ from editing.stats import StatsCache, corpus_from_file, sampled_corpus  # noqa: 
 
 def measure(model, tok, spec, layer, hp, Cs, prefixes, records, args) -> dict:
     """Scores of ``records`` (each edited on fresh weights) for every statistics variant; the report of one half."""
-    gen = GenerationConfig() if args.generation else None
+    gen = GenerationConfig(fluency_tokens=args.fluency_tokens) if args.generation else None
     report: dict = {"n": len(records)}
     base = [scores_now(model, tok, r, gen) for r in records]
     report["baseline"] = aggregate(base)
@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--generation", action="store_true",
                     help="also the checks by generation (editing.generation_checks) for the unedited model, "
                          "the default update and --compare-mean-key")
+    ap.add_argument("--fluency-tokens", type=int, default=60,
+                    help="new tokens generated for the fluency entropy (greedy decoding costs ~0.1 s a token here)")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--stats-tokens", type=int, default=100_000)
     ap.add_argument("--sampled-tokens", type=int, default=None, help="default: the library's sampled default")

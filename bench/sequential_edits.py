@@ -1,7 +1,7 @@
 """Sequential editing on the demo model: N CounterFact edits one after another, nothing undone.
 
-For each method in ``--methods`` (the model is restored bit-exactly between
-methods), records of a half of ``../shared/data/counterfact/dev-1000.json``
+The methods in ``--methods`` run in lockstep, each on its own copy of the
+model (a run cut short still compares them at the same number of edits); records of a half of ``../shared/data/counterfact/dev-1000.json``
 (``--half report``: 500-999, the README's numbers) are edited one at a time,
 or in batches of ``--batch`` for ``memit``/``alphaedit-memit``. After every
 ``--every`` edits it measures:
@@ -121,53 +121,61 @@ def capital_of_france(model, tok) -> str:
     return tok.decode(greedy_continuations(model, tok, ["The capital of France is"], 12)[0], skip_special_tokens=True)
 
 
-def run_variant(variant: Variant, model, tok, corpus, stats, records, base_rows, held, gen_idx, base_gen,
-                unedited: dict, args, sink) -> list[dict]:
-    session = EditSession(model, tok, stats=stats, corpus=corpus, stats_tokens=args.stats_tokens,
-                          hparams=variant.rome, method=variant.method, alpha_hparams=variant.alpha,
-                          base_name="demo")
-    batch = args.batch if variant.method in MULTI_LAYER else 1
-    norms, flagged, seconds = [], 0, []
-    done, points, t_start = 0, [], time.time()
-    next_mark = min(args.every, len(records))
-    stopped = ""
-    while done < len(records):
-        reqs = [r.request(args.layer) for r in records[done:done + batch]]
-        t0 = time.time()
-        edit = session.apply(reqs[0], method=variant.method) if batch == 1 else \
-            session.apply_batch(reqs, method=variant.method, layers=[args.layer] if args.layer is not None and
-                                variant.method == "alphaedit" else None)
-        seconds.append((time.time() - t0) / len(reqs))
-        checks = edit.info.get("checks", {})
-        norms.append(float(checks.get("update_norm", float("nan"))))
-        flagged += bool(checks.get("flag"))
-        done += len(reqs)
-        if checks.get("flag"):
-            print(f"  [{variant.label}] edit {done}: flagged: {checks.get('warning')}", file=sys.stderr, flush=True)
-        if done >= next_mark or done == len(records):
-            m = measure(model, tok, records[:done], base_rows, held, gen_idx, base_gen, args)
-            point = {"method": variant.label, "edits": done, **m,
-                     "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
-                     "fluency_unedited": unedited["fluency"],
-                     "norm_median": round(statistics.median(norms), 3), "norm_max": round(max(norms), 3),
-                     "flagged": flagged, "seconds_per_edit": round(statistics.mean(seconds), 2),
-                     "elapsed_s": round(time.time() - t_start, 1), "capital_of_france": capital_of_france(model, tok)}
-            if args.stop_when_ppl_ratio and point["ppl_ratio"] > args.stop_when_ppl_ratio:
-                stopped = (f"stopped after {done} edits: perplexity {point['ppl']:.1f} is "
-                           f"{point['ppl_ratio']:.1f}x the unedited {unedited['ppl']:.1f} (> {args.stop_when_ppl_ratio})")
-                point["stopped"] = stopped
-            points.append(point)
-            sink(point)
-            print(f"[{variant.label}] {done} edits: retention {m['efficacy']} paraphrase {m['paraphrase']} "
-                  f"neighbourhood {m['neighborhood']} (unedited {m['unedited']['neighborhood']}) ppl {m['ppl']} "
-                  f"({point['ppl_ratio']:.3f}x) gen_eff {m.get('gen_efficacy')} norms med {point['norm_median']} "
-                  f"max {point['norm_max']} flagged {flagged} {point['seconds_per_edit']} s/edit", flush=True)
-            if stopped:
-                print(f"[{variant.label}] {stopped}", flush=True)
-                break
-            next_mark += args.every
-    session.undo_all()
-    return points
+class Run:
+    """One method's sequence on its own copy of the model, advanced checkpoint by checkpoint."""
+
+    def __init__(self, variant: Variant, model, tok, corpus, stats, args):
+        self.variant, self.model, self.tok, self.args = variant, model, tok, args
+        self.session = EditSession(model, tok, stats=stats, corpus=corpus, stats_tokens=args.stats_tokens,
+                                   hparams=variant.rome, method=variant.method, alpha_hparams=variant.alpha,
+                                   base_name="demo")
+        self.batch = args.batch if variant.method in MULTI_LAYER else 1
+        self.norms: list[float] = []
+        self.seconds: list[float] = []
+        self.flagged = 0
+        self.done = 0
+        self.stopped = ""
+        self.t_start = time.time()
+
+    def advance(self, records, upto: int, ctx: dict) -> dict | None:
+        """Edit records[done:upto] one at a time (or in batches), then measure; None once stopped."""
+        if self.stopped or self.done >= min(upto, len(records)):
+            return None  # stopped, finished, or a batch already went past this checkpoint
+        label, method, args = self.variant.label, self.variant.method, self.args
+        while self.done < min(upto, len(records)):
+            reqs = [r.request(args.layer) for r in records[self.done:self.done + self.batch]]
+            t0 = time.time()
+            if self.batch == 1:
+                edit = self.session.apply(reqs[0], method=method)
+            else:
+                edit = self.session.apply_batch(reqs, method=method)
+            self.seconds.append((time.time() - t0) / len(reqs))
+            checks = edit.info.get("checks", {})
+            self.norms.append(float(checks.get("update_norm", float("nan"))))
+            self.flagged += bool(checks.get("flag"))
+            self.done += len(reqs)
+            if checks.get("flag"):
+                print(f"  [{label}] edit {self.done}: flagged: {checks.get('warning')}", file=sys.stderr, flush=True)
+        unedited = ctx["unedited"]
+        m = measure(self.model, self.tok, records[:self.done], ctx["base_rows"], ctx["held"], ctx["gen_idx"],
+                    ctx["base_gen"], args)
+        point = {"method": label, "edits": self.done, **m,
+                 "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
+                 "fluency_unedited": unedited["fluency"],
+                 "norm_median": round(statistics.median(self.norms), 3), "norm_max": round(max(self.norms), 3),
+                 "flagged": self.flagged, "seconds_per_edit": round(statistics.mean(self.seconds), 2),
+                 "elapsed_s": round(time.time() - self.t_start, 1),
+                 "capital_of_france": capital_of_france(self.model, self.tok)}
+        if args.stop_when_ppl_ratio and point["ppl_ratio"] > args.stop_when_ppl_ratio:
+            self.stopped = (f"stopped after {self.done} edits: perplexity {point['ppl']:.1f} is "
+                            f"{point['ppl_ratio']:.1f}x the unedited {unedited['ppl']:.1f} (> {args.stop_when_ppl_ratio})")
+            point["stopped"] = self.stopped
+        print(f"[{label}] {self.done} edits: retention {m['efficacy']} paraphrase {m['paraphrase']} "
+              f"neighbourhood {m['neighborhood']} (unedited {m['unedited']['neighborhood']}) ppl {m['ppl']} "
+              f"({point['ppl_ratio']:.3f}x) gen_eff {m.get('gen_efficacy')} norms med {point['norm_median']} "
+              f"max {point['norm_max']} flagged {self.flagged} {point['seconds_per_edit']} s/edit"
+              + (f"\n[{label}] {self.stopped}" if self.stopped else ""), flush=True)
+        return point
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -285,11 +293,22 @@ def main() -> int:
             f.flush()
             plot(points, out.with_suffix(".png"))
 
-        for v in variants:
-            run_variant(v, model, tok, corpus, stats, records, base_rows, held, gen_idx, base_gen, unedited, args,
-                        sink)
-            # undo_all restores the pristine bits: the next method starts from the same model.
-            assert all(torch.equal(pristine[n], t) for n, t in model.state_dict().items())
+        # Methods advance in lockstep, each on its own copy of the model, so that a run cut short
+        # (time, --stop-when-ppl-ratio) still compares every method at the same number of edits.
+        runs = [Run(v, model if i == 0 else ckpt.load_model(), tok, corpus, stats, args)
+                for i, v in enumerate(variants)]
+        ctx = {"unedited": unedited, "base_rows": base_rows, "held": held, "gen_idx": gen_idx, "base_gen": base_gen}
+        mark = 0
+        while any(not r.stopped and r.done < len(records) for r in runs):
+            mark += args.every
+            for r in runs:
+                point = r.advance(records, mark, ctx)
+                if point is not None:
+                    sink(point)
+        for r in runs:
+            r.session.undo_all()
+        # undo_all restores the pristine bits (checked on the first copy).
+        assert all(torch.equal(pristine[n], t) for n, t in model.state_dict().items())
     print(table(points, unedited))
     print(f"wrote {jsonl} and {out.with_suffix('.png')}")
     return 0
