@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import threading
@@ -206,9 +207,11 @@ def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], t
         for i, t in enumerate(tensors):
             _check_cancel(cancel)
             data = t.produce()
-            if not bool(torch.isfinite(data).all()):
+            # one pass, no tensor-sized temporaries: NaN propagates into min/max, an infinity is an extreme
+            lo, hi = (float(v) for v in torch.aminmax(data)) if data.numel() else (0.0, 0.0)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise WeightsmithError(f"tensor {t.source or t.name} has NaN or infinite values; nothing was written")
-            if t.qtype == "F16" and float(data.abs().max()) > 65504.0:
+            if t.qtype == "F16" and max(-lo, hi) > 65504.0:
                 raise WeightsmithError(f"tensor {t.source or t.name} exceeds the float16 range; choose f32 or bf16")
             arr = encode(data.detach().to("cpu", torch.float32).numpy(), ggml_type(t.qtype))
             writer.write_tensor_data(arr)
