@@ -209,6 +209,7 @@ def main() -> None:
     src = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
     ref_text = continuations(src, tok, PROMPTS)
+    results["source_text"] = {p: tok.decode(t) for p, t in zip(PROMPTS[:6], ref_text[:6])}  # for gguf_llama_cpp.py
     ppl_ids = wikitext_ids(tok, args.ppl_windows)
     with torch.no_grad():
         ppl_src = perplexity(src, ppl_ids, seq_len=256)
