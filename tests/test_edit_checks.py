@@ -141,3 +141,35 @@ def test_app_history_shows_the_check():
     rows = app.history_rows([fine, flagged])
     assert [r[-1] for r in rows] == ["ok (‖ΔW‖/‖W‖ 0.0812)", "possible disabling edit: ..."]
     assert len(rows[0]) == 7 and rows[1][3] == "X is in"
+
+
+@pytest.mark.slow
+def test_demo_disabling_edit_is_flagged_and_r_rome_avoids_it(demo_dir, tmp_path):
+    # CounterFact record 258 (tuning half), "BRIC" -> "Apollo": the bare prompt's key is almost orthogonal
+    # to C⁻¹k* (u·k(s) ≈ u·k*/4000 with 100k tokens of statistics), so the prompt-key update explodes.
+    # With 100k tokens: ROME ‖ΔW‖ 7,227 (42× ‖W‖), KL 6.97, "The capital of France is" -> ", the, [,,,,";
+    # r-ROME ‖ΔW‖ 1.8, KL 0.0. Kept cheap here: 5k tokens (in a temp cache) and 4 prefixes.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editing.evaluate import parse_record
+    from editing.rome import RomeHyperParams
+    from editing.session import EditSession
+    from editing.stats import StatsCache, corpus_from_file
+    from test_edit import SHARED
+
+    wiki, records = SHARED / "wikitext-2-raw" / "wiki.test.raw", SHARED / "counterfact" / "dev-1000.json"
+    if not (wiki.is_file() and records.is_file()):
+        pytest.skip("shared WikiText / CounterFact data not present")
+    model = AutoModelForCausalLM.from_pretrained(demo_dir).eval()
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    s = EditSession(model, tok, stats=StatsCache(tmp_path / "stats"), corpus=corpus_from_file(wiki), stats_tokens=5_000,
+                    hparams=RomeHyperParams(prefix_lengths=((5, 4),)))
+    rec = parse_record(json.loads(records.read_text())[258])
+    assert rec.subject == "BRIC"
+    rome = s.apply(rec.request(), method="rome")
+    c = rome.info["checks"]
+    assert c["flag"] and c["relative_norm"] > 5 and c["unrelated_kl"] > 1, c  # ~9.5 and ~2.7 measured
+    s.undo(rome.id)
+    r = s.apply(rec.request(), method="r-rome")
+    c = r.info["checks"]
+    assert not c["flag"] and c["relative_norm"] < 0.1 and c["unrelated_kl"] < 0.01, c  # ~0.017 and ~1e-5 measured
