@@ -8,7 +8,8 @@ above the session's usual one (on the demo model: 1,233 against a median of
 * ``update_norm`` ‖ΔW‖ (Frobenius, over all edited matrices) and
   ``relative_norm`` max ‖ΔW‖/‖W‖ per matrix, against an absolute bound for the
   first edits and against ``outlier_factor`` × the median of the session's
-  earlier updates of the same method once there are ``min_history`` of them;
+  earlier unflagged updates of the same method once there are ``min_history``
+  of them (undone edits count: an evaluation edits and undoes record by record);
 * ``unrelated_kl``: the mean KL(before ‖ after) of the next-token distribution
   over every position of a few fixed neutral texts, one batched forward pass
   before and one after the edit (about 0.1 s each on the demo model);

@@ -159,7 +159,8 @@ class EditSession:
         self.method = check_method(method or DEFAULT_METHOD)
         self.alpha_hparams = alpha_hparams or AlphaEditHyperParams()
         self.check_settings = check_settings or CheckSettings()
-        # ‖ΔW‖ of every edit made in this session (undone ones too), per method: the outlier check's reference.
+        # ‖ΔW‖ of every unflagged edit made in this session (undone ones too), per method: the outlier
+        # check's reference.
         self._norms: dict[str, list[float]] = {}
         self._neutral_cache: dict[tuple[int, ...], torch.Tensor] = {}  # active edit ids -> neutral log-probs
         self.corpus = corpus if isinstance(corpus, Corpus) else resolve_corpus(corpus)
@@ -286,7 +287,8 @@ class EditSession:
         after = self._neutral() if before is not None else None
         earlier = self._norms.setdefault(method, [])
         info["checks"] = update_checks(norm, relative, before, after, list(earlier), self.check_settings)
-        earlier.append(norm)
+        if not info["checks"]["flag"]:
+            earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
         if info["checks"]["flag"]:
             log.warning("edit %d: %s", edit.id, info["checks"]["warning"])
         return edit

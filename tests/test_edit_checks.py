@@ -69,6 +69,10 @@ def test_huge_update_is_flagged_and_normal_ones_are_not(sharp_dirs, corpus_file,
     card = s._card("finetune", None, "transformers")
     assert card.edit_log[-1]["check"] == huge.warning and card.edit_log[0]["check"] == "ok"
     assert "looked like disabling edits" in card.summary
+    s.undo(huge.id)
+    monkeypatch.setattr(session_module, "compute_rome", real)
+    again = s.apply(FACTS[0])  # the flagged norm is not part of the reference: the median is the normal edits'
+    assert again.info["checks"]["median_earlier_norm"] == c["median_earlier_norm"] and not again.info["checks"]["flag"]
 
 
 def test_kl_is_against_the_weights_just_before_the_edit(sharp_dirs, corpus_file, stats):  # noqa: F811
