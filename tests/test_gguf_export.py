@@ -387,3 +387,27 @@ def test_mistral_with_a_sentencepiece_style_tokenizer(tmp_path):
     ids = fast("The capital of", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)  # f32, q/k permuted and back: exact
+
+
+def test_qwen2_with_attention_biases(tmp_path):
+    """qwen2: its own llama.cpp architecture, q/k/v biases, no rotary permute; transformers reads it back exactly."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # non-zero biases, so a lost or misplaced bias shows
+    folder = _save(model, tmp_path / "qwen2")
+    export_gguf(folder, tmp_path / "q.gguf", qtype="f32")
+    names = {t.name: t.tensor_type.name for t in _reader(tmp_path / "q.gguf").tensors}
+    assert _reader(tmp_path / "q.gguf").fields["general.architecture"].contents() == "qwen2"
+    assert names["blk.0.attn_q.bias"] == "F32" and "output.weight" in names
+    assert check_gguf(tmp_path / "q.gguf", resolve(folder)).ok
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf").eval()
+    ids = torch.tensor([[5, 9, 17, 3, 40]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
