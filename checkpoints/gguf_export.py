@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -423,7 +423,3 @@ def export_gguf(model: Any, out_path: Path | str, *, qtype: str = "q8_0", overwr
     log.debug("%s", result.summary())
     return result
 
-
-def tensor_sources(plans: Iterable[GGUFTensor]) -> dict[str, str]:
-    """GGUF name -> checkpoint tensor name, for checks that compare a file with its source."""
-    return {p.name: p.source for p in plans}

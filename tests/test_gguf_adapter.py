@@ -20,7 +20,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.gguf_check import decode, llama_rows
 from merging.gguf_adapter import export_adapter_gguf
 
-from test_gguf_export import PROMPTS, _greedy, _reader, _save, _trained
+from test_gguf_export import _reader, _save
 
 
 def _gguf_deltas(path: Path) -> tuple[dict[str, np.ndarray], dict]:
