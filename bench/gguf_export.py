@@ -236,7 +236,8 @@ def main() -> None:
         refnote = ""
         if "reference" in row:
             r = row["reference"]
-            refnote = (f" | gguf reference path {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+            refnote = (f" | gguf reference path {r['seconds']:.1f} s (ratio ours/reference "
+                       f"{row['seconds'] / r['seconds']:.2f}), peak RSS {r['peak_rss_mb']:.0f} MB, "
                        f"+{r['anon_above_baseline_mb']:.0f} MB anon, identical file: {r['identical']}")
         print(f"{qtype:5s} {row['bytes'] / 1e6:7.1f} MB {row['seconds']:6.1f} s peak RSS {row['peak_rss_mb']:.0f} MB "
               f"(+{row['anon_above_baseline_mb']:.0f} MB anon) | prompts identical {row['prompts_identical']:.2f}, "
