@@ -38,6 +38,7 @@ from checkpoints.secrets import install_redaction
 from checkpoints.sizes import parse_size
 from checkpoints.textfiles import load_yaml
 from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager
+from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -516,8 +517,10 @@ class Workbench:
     @endpoint
     def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str,
              layer: Annotated[float | None, Range(0, integer=True)],
-             request: gr.Request, progress=gr.Progress()):
-        """Apply one ROME edit; returns (generation before, after, summary, history table)."""
+             request: gr.Request, progress=gr.Progress(),
+             method: Literal[EDIT_METHODS] | None = None):  # type: ignore[valid-type]
+        """Apply one edit (``method``: rome, r-rome, alphaedit, memit, alphaedit-memit; empty: the default);
+        returns (generation before, after, summary, history table)."""
         from editing.request import EditRequest
 
         ws = self.workspace(request)
@@ -526,10 +529,11 @@ class Workbench:
                           (target_true or None))
         session.check(req)
         before = self._greedy(session, req.text)
-        applied = self.run_job(request, lambda cancel: session.apply(req, progress=cancellable(progress, cancel)))
+        applied = self.run_job(request, lambda cancel: session.apply(req, progress=cancellable(progress, cancel),
+                                                                     method=method or None))
         after = self._greedy(session, req.text)
         info = applied.summary()
-        md = (f"Edit **{applied.id}**: {subject} → **{target}** at layer {','.join(map(str, applied.layers))} "
+        md = (f"Edit **{applied.id}** ({applied.method}): {subject} → **{target}** at layer {','.join(map(str, applied.layers))} "
               f"in {info.get('seconds', '?')} s. Undo it below; save it from the history."
               + (f"\n\n**Warning:** {applied.warning}" if applied.warning else ""))
         return req.text + before, req.text + after, md, history_rows(session.history)
@@ -569,15 +573,18 @@ class Workbench:
         return history_rows(session.history), f"Undid edit {int(edit_id)}; the weights are exactly as without it."
 
     @endpoint
-    def edit_batch(self, model: str, file: FilePath, request: gr.Request, progress=gr.Progress()):
-        """Apply many facts from an uploaded JSON or CSV file in one MEMIT update."""
+    def edit_batch(self, model: str, file: FilePath, request: gr.Request, progress=gr.Progress(),
+                   method: Literal[EDIT_METHODS] | None = None):  # type: ignore[valid-type]
+        """Apply many facts from an uploaded JSON or CSV file in one update (MEMIT, or AlphaEdit's when an
+        AlphaEdit method is chosen; ROME and r-ROME edit one fact at a time)."""
         ws = self.workspace(request)
         if not file:
             raise WeightsmithError("upload a JSON or CSV file of edits first")
         requests = load_edit_requests(Path(file))
         session = self.edit_session(ws, model)
         applied = self.run_job(request, lambda cancel: session.apply_batch(
-            requests, progress=cancellable(progress, cancel)))
+            requests, progress=cancellable(progress, cancel),
+            method=("alphaedit-memit" if (method or "").startswith("alphaedit") else "memit") if method else None))
         return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
                                                f"{', '.join(map(str, applied.layers))}.")
 
@@ -1349,6 +1356,9 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
             model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")
             layer = gr.Number(label="Layer", value=None, precision=0,
                               info="empty: the suggested/default layer", minimum=0)
+            method = gr.Dropdown(list(EDIT_METHODS), value=DEFAULT_METHOD, label="Method",
+                                 info="r-rome and alphaedit avoid ROME's disabling edits in long series; "
+                                      "memit methods spread an edit over 4 layers")
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value="{} is located in the city of",
                                 info="{} marks the subject (or write the subject in the prompt)", scale=3)
@@ -1363,7 +1373,7 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
             trace_md = gr.Markdown()
             trace_fig = gr.Plot(label="Causal trace", show_label=False)
         with gr.Row():
-            edit_btn = gr.Button("Apply ROME edit", variant="primary")
+            edit_btn = gr.Button("Apply edit", variant="primary")
             stop = gr.Button("Stop", variant="stop")
         with gr.Row():
             before = gr.Textbox(label="Before the edit", lines=4)
@@ -1396,12 +1406,12 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
     private = dict(api_visibility="private", queue=False)
     trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, kind, samples],
                                [trace_fig, trace_md, layer], api_name="trace", **heavy)
-    edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer],
+    edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer, method],
                              [before, after, edit_md, history], api_name="edit", **heavy)
     eval_ev = eval_btn.click(wb.evaluate, [model, prompt, subject, target, target_true, paraphrases, neighbours],
                              scores, api_name="evaluate", **heavy)
     undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", **heavy)
-    batch_ev = batch_btn.click(wb.edit_batch, [model, batch_file], [history, edit_md], api_name="edit_batch", **heavy)
+    batch_ev = batch_btn.click(wb.edit_batch, [model, batch_file, method], [history, edit_md], api_name="edit_batch", **heavy)
     save_ev = save_btn.click(wb.save_edits, [model, save_as, save_name], save_md, api_name="save_edits", **heavy)
     stop.click(wb.stop, None, edit_md, cancels=[trace_ev, edit_ev, eval_ev, batch_ev], **private)
     return {"creates_items": [save_ev]}

@@ -323,6 +323,31 @@ def test_edit_undo_save_and_scores(edit_wb, tiny_llama_family):
         wb.save_edits("tiny-base", "adapter", "x", req("other"))
 
 
+def test_edit_method_choice_reaches_the_library(edit_wb):
+    """The Method dropdown: r-ROME makes its update exact at the mean key, ROME at the prompt's key."""
+    import torch
+
+    from editing.methods import DEFAULT_METHOD
+
+    wb = edit_wb
+    r = req("m")
+    fact = ("tiny-base", "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris", None, r, None)
+    session = wb.edit_session(wb.workspace(r), "tiny-base")
+    pristine = {k: v.clone() for k, v in session.model.state_dict().items()}
+    _, _, md, hist = wb.edit(*fact, method="r-rome")
+    assert "(r-rome)" in md and hist[0][1] == "r-rome" and session.history[0]["method"] == "r-rome"
+    r_rome = {k: v.clone() for k, v in session.model.state_dict().items() if not torch.equal(v, pristine[k])}
+    assert len(r_rome) == 1  # non-vacuity: one weight moved
+    wb.undo("tiny-base", 1, r)
+    _, _, md, hist = wb.edit(*fact)  # no method: the library's default
+    assert f"({DEFAULT_METHOD})" in md and hist[0][1] == DEFAULT_METHOD
+    if DEFAULT_METHOD == "rome":  # the choice reached the library: another update than r-ROME's
+        name = next(iter(r_rome))
+        assert not torch.equal(session.model.state_dict()[name], r_rome[name])
+    with pytest.raises(gr.Error, match="[Mm]ethod"):
+        wb.edit(*fact, method="memitt")
+
+
 def test_batch_edit_file_parsing(tmp_path):
     csv_file = tmp_path / "edits.csv"
     csv_file.write_text("prompt,subject,target_new,ground_truth\n{} is located in,The Eiffel Tower,Rome,Paris\n"

@@ -208,7 +208,7 @@ def make_screenshots(out_dir: Path, *, port: int = 7870, only_models: bool = Fal
             # Edit at the model's default ROME layer (statistics cached there); the trace's suggestion
             # stays visible above, and any layer can be typed in.
             t.get_by_label("Layer").fill("4")
-            t.get_by_role("button", name="Apply ROME edit").click()
+            t.get_by_role("button", name="Apply edit").click()
             expect(t.get_by_text("Undo it below")).to_be_visible(timeout=600_000)
             t.get_by_role("button", name="Evaluate").click()
             expect(t.get_by_text("efficacy").first).to_be_visible(timeout=120_000)
