@@ -38,7 +38,7 @@ from checkpoints.secrets import install_redaction
 from checkpoints.sizes import parse_size
 from checkpoints.textfiles import load_yaml
 from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager
-from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS
+from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS, batch_method
 
 log = logging.getLogger(__name__)
 
@@ -584,7 +584,7 @@ class Workbench:
         session = self.edit_session(ws, model)
         applied = self.run_job(request, lambda cancel: session.apply_batch(
             requests, progress=cancellable(progress, cancel),
-            method=("alphaedit-memit" if (method or "").startswith("alphaedit") else "memit") if method else None))
+            method=batch_method(method) if method else None))
         return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
                                                f"{', '.join(map(str, applied.layers))}.")
 

@@ -39,6 +39,18 @@ def check_method(method: str | None) -> str:
     return m
 
 
+def batch_method(method: str | None) -> str:
+    """The method that applies a batch for a user who chose ``method`` for single edits.
+
+    ROME and r-ROME edit one fact at a time, so a batch goes to MEMIT; an AlphaEdit
+    choice keeps its null-space projection (``alphaedit-memit``).
+    """
+    m = check_method(method)
+    if m in MULTI_LAYER or m == "alphaedit":
+        return "alphaedit-memit" if m == "alphaedit" else m
+    return "memit"
+
+
 def rome_hparams_for(method: str, hparams: "RomeHyperParams") -> "RomeHyperParams":
     """ROME settings that realise ``method`` (r-ROME and AlphaEdit make the update at k*)."""
     if method in ("r-rome", "alphaedit"):

@@ -52,7 +52,7 @@ from checkpoints.tensors import ShardedWriter, tied_head_names
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
 from .checks import CheckSettings, neutral_logprobs, require_finite, update_checks, update_norms
-from .methods import DEFAULT_METHOD, MULTI_LAYER, check_method, rome_hparams_for
+from .methods import DEFAULT_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
 from .stats import Corpus, StatsCache, resolve_corpus
@@ -348,7 +348,7 @@ class EditSession:
         from .memit import MemitHyperParams, compute_memit
 
         if method is None:
-            method = "alphaedit-memit" if self.method.startswith("alphaedit") else "memit"
+            method = batch_method(self.method)
         method = check_method(method)
         if method in ("rome", "r-rome"):
             raise WeightsmithError(f"{method} edits one fact at a time: use apply(), or method memit, "

@@ -43,6 +43,11 @@ def test_methods_named():
     assert check_method("R_ROME") == "r-rome" and check_method(None) == "rome"
     with pytest.raises(WeightsmithError, match="unknown editing method 'fancy'.*alphaedit-memit"):
         check_method("fancy")
+    from editing.methods import batch_method
+
+    # A batch keeps the chosen family: AlphaEdit's projection, else MEMIT (ROME edits one fact at a time).
+    assert [batch_method(m) for m in ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit")] == [
+        "memit", "memit", "alphaedit-memit", "memit", "alphaedit-memit"]
 
 
 def test_projector_is_an_orthogonal_projector_onto_small_eigenvalues():
