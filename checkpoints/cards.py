@@ -40,7 +40,8 @@ from typing import Any, Literal
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import WeightsmithError
-from .sources import _HUB_ID, public_name
+from .refs import is_hub_id
+from .sources import public_name
 
 Relation = Literal["merge", "adapter", "finetune"]
 
@@ -69,11 +70,6 @@ class CardInfo:
     scores: dict[str, Any] | None = None  # measured numbers, shown as a table
     license: str | None = None
     extra_sections: dict[str, str] = field(default_factory=dict)  # heading -> Markdown
-
-
-def is_hub_id(name: str) -> bool:
-    """True for a syntactically valid Hub repo id ``owner/name`` (what ``base_model`` accepts)."""
-    return bool(_HUB_ID.match(name)) and "--" not in name and ".." not in name and not name.endswith((".git", "."))
 
 
 def scrub_local_paths(text: str) -> str:
