@@ -147,26 +147,41 @@ class GGUFCheck:
         return f"read back {self.tensors} tensors: every value within its type's error bound{worst}"
 
 
-def expected_tensors(ckpt) -> dict[str, tuple[str, str | None]]:
-    """GGUF name -> (source tensor, orientation change) for ``ckpt``; from the declared architecture."""
+def name_table(ckpt):
+    """The ``gguf`` package's HF -> llama.cpp tensor name table for ``ckpt``'s declared architecture."""
     import gguf
 
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == ckpt.spec.gguf_arch)
+    return gguf.get_tensor_name_map(arch_enum, ckpt.num_layers)
+
+
+def permuted_heads(ckpt, src: str) -> int | None:
+    """Heads whose rotary rows llama.cpp interleaves in tensor ``src`` (declared in the arch map), else None."""
     spec = ckpt.spec
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
-    table = gguf.get_tensor_name_map(arch_enum, ckpt.num_layers)
+    block = spec.block_of(src)
+    if not spec.gguf_rope_permute or block is None:
+        return None
+    q_mod, k_mod = (f"{spec.block(block)}.{m}." for m in spec.gguf_rope_permute)
+    n_head = ckpt.config.get("num_attention_heads")
+    return n_head if src.startswith(q_mod) else (ckpt.config.get("num_key_value_heads") or n_head
+                                                 if src.startswith(k_mod) else None)
+
+
+def expected_tensors(ckpt) -> dict[str, tuple[str, str | None]]:
+    """GGUF name -> (source tensor, orientation change) for ``ckpt``; from the declared architecture."""
+    spec = ckpt.spec
+    table = name_table(ckpt)
     tied = set(ckpt.tied_names())
     out: dict[str, tuple[str, str | None]] = {}
     for src, meta in ckpt.reader().metas().items():
         name = table.get_name(src, try_suffixes=(".weight", ".bias"))
         if src in tied or name is None:
             continue  # a tied head is the embedding; buffers (masks, inv_freq) have no llama.cpp name
-        block = spec.block_of(src)
         change = None
-        if spec.transposed and block is not None and len(meta.shape) == 2 and src.endswith(".weight"):
+        if spec.transposed and spec.block_of(src) is not None and len(meta.shape) == 2 and src.endswith(".weight"):
             change = "transpose"
-        elif spec.gguf_rope_permute and block is not None:
-            q_mod, k_mod = (f"{spec.block(block)}.{m}." for m in spec.gguf_rope_permute)
-            change = "q" if src.startswith(q_mod) else "k" if src.startswith(k_mod) else None
+        elif permuted_heads(ckpt, src) is not None:
+            change = "permute"
         out[name] = (src, change)
     return out
 
@@ -182,8 +197,6 @@ def check_gguf(path: Path, ckpt) -> GGUFCheck:
     report = GGUFCheck()
     for name in sorted(set(found) - set(expected)):
         report.failures.append(f"{name}: in the file but not in the source")
-    n_head = ckpt.config.get("num_attention_heads")
-    n_kv = ckpt.config.get("num_key_value_heads") or n_head
     src_reader = ckpt.reader()
     for name, (src, change) in expected.items():
         t = found.get(name)
@@ -193,8 +206,8 @@ def check_gguf(path: Path, ckpt) -> GGUFCheck:
         x = src_reader.get(src, dtype=torch.float32).numpy()
         if change == "transpose":
             x = x.T
-        elif change in ("q", "k"):
-            x = x[llama_rows(x.shape[0], n_head if change == "q" else n_kv)]
+        elif change == "permute":
+            x = x[llama_rows(x.shape[0], permuted_heads(ckpt, src))]
         shape = tuple(int(s) for s in reversed(t.shape))
         if shape != x.shape:
             report.failures.append(f"{name}: shape {list(shape)}, source {src} has {list(x.shape)}")

@@ -46,6 +46,7 @@ import torch
 
 from .arch import ArchSpec, supported_architectures
 from .errors import WeightsmithError
+from .gguf_check import name_table, permuted_heads
 from .staging import new_staging_dir, output_error
 
 log = logging.getLogger(__name__)
@@ -264,11 +265,8 @@ def _hparam(config: dict[str, Any], *keys: str) -> Any:
 
 def gguf_names(ckpt) -> Callable[[str], str]:
     """HF tensor name -> llama.cpp tensor name for ``ckpt``'s architecture (the converter's own table)."""
-    import gguf
-
     arch = gguf_arch_of(ckpt.spec)
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    table = gguf.get_tensor_name_map(arch_enum, ckpt.num_layers)
+    table = name_table(ckpt)
 
     def name_of(src: str) -> str:
         name = table.get_name(src, try_suffixes=(".weight", ".bias"))
@@ -276,21 +274,6 @@ def gguf_names(ckpt) -> Callable[[str], str]:
             raise WeightsmithError(f"{ckpt.name}: tensor {src} has no llama.cpp name for architecture {arch!r}")
         return name
     return name_of
-
-
-def rope_permute_heads(ckpt, src: str) -> int | None:
-    """Head count to permute ``src``'s rows with (llama q: heads, k: KV heads), None when not permuted."""
-    spec = ckpt.spec
-    block = spec.block_of(src)
-    if not spec.gguf_rope_permute or block is None:
-        return None
-    q_mod, k_mod = (f"{spec.block(block)}.{m}." for m in spec.gguf_rope_permute)
-    n_head = _hparam(ckpt.config, "num_attention_heads", "n_head")
-    if src.startswith(q_mod):
-        return n_head
-    if src.startswith(k_mod):
-        return _hparam(ckpt.config, "num_key_value_heads") or n_head
-    return None
 
 
 def plan_model(ckpt, qtype: str) -> list[GGUFTensor]:
@@ -308,7 +291,7 @@ def plan_model(ckpt, qtype: str) -> list[GGUFTensor]:
         name = name_of(src)
         shape = tuple(meta.shape)
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-        heads = rope_permute_heads(ckpt, src)
+        heads = permuted_heads(ckpt, src)
         if spec.transposed and spec.block_of(src) is not None and len(shape) == 2 and src.endswith(".weight"):
             transform, shape = spec.as_out_in, (shape[1], shape[0])  # GPT-2 Conv1D: llama.cpp wants [out, in]
         elif heads is not None:

@@ -30,6 +30,7 @@ import torch
 
 from checkpoints.demo import DEMO_NAME
 from checkpoints.errors import WeightsmithError
+from checkpoints.gguf_check import GGUFCheck, permuted_heads
 from checkpoints.gguf_export import (
     GGUFExportResult,
     GGUFTensor,
@@ -37,7 +38,6 @@ from checkpoints.gguf_export import (
     gguf_arch_of,
     gguf_names,
     llama_rope_permute,
-    rope_permute_heads,
     tensor_type,
     write_gguf,
 )
@@ -78,7 +78,7 @@ def plan_adapter(adapter: LoraAdapter, base, qtype: str) -> tuple[list[GGUFTenso
         rank = a.shape[0]
         # fold PEFT's per-module scaling into B, so that llama.cpp's alpha / r gives it back exactly
         b_scaled = b * (adapter.scaling(module) * rank / alpha)
-        heads = rope_permute_heads(base, src)
+        heads = permuted_heads(base, src)
         if heads is not None:
             b_scaled = llama_rope_permute(b_scaled, heads)
         for suffix, factor in ((".lora_a", a), (".lora_b", b_scaled)):
@@ -142,3 +142,58 @@ def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: Any = N
                               dict(Counter(p.qtype for p in plans)), kind="adapter")
     return result
 
+
+def check_adapter_gguf(path: Path, adapter: LoraAdapter, base) -> GGUFCheck:
+    """Read a GGUF LoRA back: for every module, ``(alpha / r) · lora_b @ lora_a`` decoded from the file must be
+    PEFT's ΔW (in llama.cpp's row order) within the error the factors' types allow.
+
+    Decoding, row order and bounds are :mod:`checkpoints.gguf_check`'s, not the writer's. With per-element
+    factor bounds eA, eB: |Δ(B·A)| ≤ eB·|A| + |B|·eA + eB·eA (bounds taken from the decoded factors, with 1%
+    room for that), plus float32 rounding of the folded scale.
+    """
+    import gguf
+    import numpy as np
+
+    from checkpoints.gguf_check import decode, error_bound, llama_rows, name_table
+
+    reader = gguf.GGUFReader(str(path))
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    found = {t.name: t for t in reader.tensors}
+    table = name_table(base)
+    names = base.reader().keys()
+    report = GGUFCheck()
+    expected: set[str] = set()
+
+    def read(t) -> np.ndarray:
+        return decode(t.data, t.tensor_type.name, tuple(int(s) for s in reversed(t.shape))).astype(np.float64)
+
+    for module in adapter.factors:
+        src = _base_tensor_name(module, names, base.spec)
+        target = table.get_name(src, try_suffixes=(".weight", ".bias")) if src else None
+        ta, tb = (found.get(f"{target}.lora_{x}") for x in "ab") if target else (None, None)
+        expected |= {f"{target}.lora_a", f"{target}.lora_b"}
+        if ta is None or tb is None:
+            report.failures.append(f"{module}: no lora_a/lora_b pair in the file")
+            continue
+        a, b = read(ta), read(tb)
+        dw = adapter.delta(module).double().numpy()
+        heads = permuted_heads(base, src)
+        if heads is not None:
+            dw = dw[llama_rows(dw.shape[0], heads)]
+        scale = alpha / a.shape[0]
+        got = scale * (b @ a)
+        ea = error_bound(a.astype(np.float32), ta.tensor_type.name) * 1.01
+        eb = error_bound(b.astype(np.float32), tb.tensor_type.name) * 1.01
+        bound = scale * (eb @ np.abs(a) + np.abs(b) @ ea + eb @ ea) + 2.0 ** -20 * scale * (np.abs(b) @ np.abs(a))
+        err = np.abs(got - dw)
+        report.tensors += 2
+        if (err > bound + 1e-12).any():
+            i = int(np.argmax(err - bound))
+            report.failures.append(f"{target} (lora): error {err.flat[i]:.3g} exceeds bound {bound.flat[i]:.3g}")
+            continue
+        ratio = float((err / np.maximum(bound, 1e-30)).max())
+        if ratio > report.worst_ratio:
+            report.worst_ratio, report.worst_tensor = ratio, f"{target} lora"
+    for name in sorted(set(found) - expected):
+        report.failures.append(f"{name}: in the file but not in the adapter")
+    return report

@@ -24,7 +24,8 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.gguf_export import GGUFExportResult, Progress, estimate_size, export_gguf
 from checkpoints.sources import resolve
 from merging.adapters import load_adapter
-from merging.gguf_adapter import base_checkpoint, export_adapter_gguf, is_adapter_folder, plan_adapter
+from merging.gguf_adapter import (base_checkpoint, check_adapter_gguf, export_adapter_gguf, is_adapter_folder,
+                                  plan_adapter)
 
 SECTION = "Run it with llama.cpp or Ollama (GGUF)"
 
@@ -62,17 +63,19 @@ def export_folder_gguf(folder: Path, qtype: str, *, base: Any = None, progress: 
     folder = Path(folder)
     out = folder / gguf_name(folder, qtype)
     if is_adapter_folder(folder):
-        result = export_adapter_gguf(folder, out, base=base, qtype=qtype, overwrite=True, progress=progress,
-                                     cancel=cancel, policy=policy)
-        check = f"read back {result.tensors} tensors: names, shapes and types as written"
+        adapter = load_adapter(folder)
+        ckpt = base_checkpoint(adapter, base, policy)
+        result = export_adapter_gguf(folder, out, base=ckpt, qtype=qtype, overwrite=True, progress=progress,
+                                     cancel=cancel)
+        report = check_adapter_gguf(out, adapter, ckpt)
     else:
         ckpt = resolve(folder, **(policy or {}))
         result = export_gguf(ckpt, out, qtype=qtype, overwrite=True, progress=progress, cancel=cancel)
         report = check_gguf(out, ckpt)
-        if not report.ok:
-            out.unlink(missing_ok=True)
-            raise WeightsmithError(f"{out.name} removed: {report.summary()}")
-        check = report.summary()
+    if not report.ok:
+        out.unlink(missing_ok=True)
+        raise WeightsmithError(f"{out.name} removed: {report.summary()}")
+    check = report.summary()
     if (folder / "README.md").is_file() and out.exists():
         add_card_section(folder, SECTION, run_section(folder, adapter=result.kind == "adapter"), tags=("gguf",))
     return FolderGGUF(result, check)

@@ -88,6 +88,26 @@ def test_peft_adapter_exports_the_delta_llama_cpp_applies(bases, arch, tmp_path)
     if arch == "llama":  # the fold of PEFT's per-module scaling into B is what makes down_proj right
         a = next(t for t in _reader(result.path).tensors if t.name == "blk.0.ffn_down.weight.lora_a")
         assert a.shape[1] == 2  # rank 2 there, 4 elsewhere
+    # the library's own check (what the app shows) agrees, and catches a wrong scale and a flipped byte
+    from checkpoints.sources import resolve
+    from merging.adapters import load_adapter
+    from merging.gguf_adapter import check_adapter_gguf
+
+    adapter, base = load_adapter(tmp_path / "adapter"), resolve(bases[arch])
+    assert check_adapter_gguf(result.path, adapter, base).ok
+    adapter.config["lora_alpha"] = 16
+    assert not check_adapter_gguf(result.path, adapter, base).ok
+    adapter.config["lora_alpha"] = 8
+    q8 = export_adapter_gguf(tmp_path / "adapter", tmp_path / "q8.gguf", base=str(bases[arch]), qtype="q8_0")
+    report = check_adapter_gguf(q8.path, adapter, base)
+    assert report.ok and report.worst_ratio > 0.01, report.failures
+    t = next(t for t in _reader(q8.path).tensors if t.name.endswith(".lora_a") and t.tensor_type.name == "Q8_0")
+    with open(q8.path, "r+b") as f:
+        f.seek(int(t.data_offset) + 5)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    assert not check_adapter_gguf(q8.path, adapter, base).ok
 
 
 def test_rome_rank_one_adapter_exports_the_edit(bases, tmp_path):

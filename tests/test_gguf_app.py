@@ -89,3 +89,31 @@ def test_export_tab_offers_gguf():
     labels = {getattr(c, "label", None) for c in demo.blocks.values()}
     assert "GGUF type" in labels
     assert any(getattr(fn, "api_name", None) == "export_gguf" for fn in demo.fns.values())
+
+
+def test_a_mixed_adapter_item_exports_as_a_gguf_lora(tmp_path, tiny_bpe_llama):
+    """An adapter item (a mix made in the app) is exported against the base it was mixed on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    wb = app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny": str(tiny_bpe_llama)}))
+    torch.manual_seed(3)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_bpe_llama),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "ad")
+    wb.upload([str(p) for p in (tmp_path / "ad").iterdir() if p.suffix in (".json", ".safetensors")], "ad", "",
+              req("a"))
+    wb.mix_adapters("base_model: tiny\nadapters:\n  - {adapter: ws:ad, weight: 0.5}\nmethod: cat\n", "mix",
+                    req("a"), None)
+    assert "MB** of weights" in wb.gguf_estimate("ws:mix", "f16", req("a"))
+    path, msg = wb.export_gguf("ws:mix", "f16", req("a"), None)
+    assert msg.startswith("wrote adapter mix-f16.gguf: ") and ", 16 tensors (" in msg  # 4 blocks x q, v x A, B
+    assert "within its type's error bound" in msg  # the product B·A read back against PEFT's ΔW
+    from test_gguf_export import _reader
+
+    r = _reader(path)
+    assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"
+    card = (Path(path).parent / "README.md").read_text()
+    assert "--lora mix-f16.gguf" in card and "ADAPTER ./mix-f16.gguf" in card
