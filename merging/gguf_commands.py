@@ -14,17 +14,24 @@ def _export_gguf(args: argparse.Namespace) -> int:
         logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer's own notes name the temp file
 
     if is_adapter_folder(args.model):
-        result = export_adapter_gguf(args.model, args.out, base=args.base, qtype=args.type, overwrite=args.overwrite)
-    else:
-        from checkpoints.gguf_export import export_gguf
+        from merging.adapters import load_adapter
+        from merging.gguf_adapter import base_checkpoint, check_adapter_gguf
 
-        result = export_gguf(args.model, args.out, qtype=args.type, overwrite=args.overwrite)
-    print(result.summary())
-    if args.check and result.kind == "model":
+        adapter = load_adapter(args.model)
+        base = base_checkpoint(adapter, args.base)
+        result = export_adapter_gguf(args.model, args.out, base=base, qtype=args.type, overwrite=args.overwrite)
+        check = (lambda: check_adapter_gguf(result.path, adapter, base))
+    else:
         from checkpoints.gguf_check import check_gguf
+        from checkpoints.gguf_export import export_gguf
         from checkpoints.sources import resolve
 
-        report = check_gguf(result.path, resolve(args.model))
+        ckpt = resolve(args.model)
+        result = export_gguf(ckpt, args.out, qtype=args.type, overwrite=args.overwrite)
+        check = (lambda: check_gguf(result.path, ckpt))
+    print(result.summary())
+    if args.check:
+        report = check()
         print(report.summary())
         return 0 if report.ok else 1
     return 0
@@ -41,5 +48,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="for an adapter: the base model it applies to (default: the one its config names)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--check", action="store_true",
-                   help="read the file back and hold every value to its type's error bound (a model; takes a while)")
+                   help="read the file back and hold every value to its type's error bound (takes a while)")
     p.set_defaults(func=_export_gguf)

@@ -159,8 +159,9 @@ def test_cli_exports_models_and_adapters(bases, tmp_path, capsys):
                  "--check"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("read back 39 tensors: every value within")
     assert main(["export-gguf", str(tmp_path / "ad"), str(tmp_path / "a.gguf"), "--type", "q8_0",
-                 "--base", str(bases["llama"])]) == 0
-    assert capsys.readouterr().out.startswith("wrote adapter a.gguf: ")
+                 "--base", str(bases["llama"]), "--check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("wrote adapter a.gguf: ") and out[1].startswith("read back 8 tensors: every value")
     assert {t.name for t in _reader(tmp_path / "a.gguf").tensors} == {
         f"blk.{i}.attn_q.weight.lora_{x}" for i in range(4) for x in "ab"}
     # adapters: only the types llama.cpp's LoRA converter offers; one line, exit 2, nothing written
