@@ -185,7 +185,7 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    by = {}
+    by: dict[str, list[dict]] = {}
     for p in points:
         by.setdefault(p["method"], []).append(p)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -194,17 +194,16 @@ def plot(points: list[dict], path: Path) -> None:
         x = [p["edits"] for p in ps]
         axes[0].plot(x, [p["efficacy"] for p in ps], "-o", color=c, label=f"{label} retention")
         axes[0].plot(x, [p["paraphrase"] for p in ps], "--", color=c, label=f"{label} paraphrase")
-        axes[1].plot(x, [p["neighborhood"] for p in ps], "-o", color=c, label=label)
+        # The edited set grows, so the unedited model's score moves too: plot the difference.
+        axes[1].plot(x, [p["neighborhood"] - p["unedited"]["neighborhood"] for p in ps], "-o", color=c, label=label)
         axes[2].plot(x, [p["ppl_ratio"] for p in ps], "-o", color=c, label=label)
-    if points:
-        ps = next(iter(by.values()))
-        axes[1].plot([p["edits"] for p in ps], [p["unedited"]["neighborhood"] for p in ps], ":", color="grey",
-                     label="unedited")
     axes[0].set_title("retention (solid) and paraphrase (dashed)")
-    axes[1].set_title("neighbourhood")
-    axes[2].set_title("WikiText perplexity / unedited (held-out)")
-    axes[2].set_yscale("log")
+    axes[1].set_title("neighbourhood minus the unedited model's")
+    axes[1].axhline(-0.05, color="grey", ls=":", lw=1)
+    axes[2].set_title("held-out WikiText perplexity / unedited")
     axes[2].axhline(1.1, color="grey", ls=":", lw=1)
+    if max((p["ppl_ratio"] for p in points), default=1) > 3:
+        axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("sequential edits")
         ax.grid(alpha=0.3)
@@ -254,7 +253,15 @@ def main() -> int:
                     help="stop a method whose perplexity exceeds this multiple of the unedited one (0: never)")
     ap.add_argument("--out", default="/work/notes/sequential", help="output prefix: .jsonl and .png")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--replot", default=None, help="only redraw the PNG and print the table from this .jsonl")
     args = ap.parse_args()
+    if args.replot:
+        lines = [json.loads(x) for x in Path(args.replot).read_text().splitlines() if x.strip()]
+        head = [x for x in lines if "unedited" in x and "method" not in x][-1]
+        pts = [x for x in lines if "method" in x]
+        plot(pts, Path(args.out).with_suffix(".png"))
+        print(table(pts, head["unedited"]))
+        return 0
     torch.set_num_threads(args.threads)
     variants = [parse_variant(m) for m in args.methods.split(",") if m.strip()]
 
