@@ -194,6 +194,7 @@ def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], t
         raise WeightsmithError(f"{out_path} is a folder; name the .gguf file to write")
     staging = new_staging_dir(out_path, overwrite=overwrite)
     tmp = staging / out_path.name
+    writer = None
     try:
         writer = gguf.GGUFWriter(path=None, arch=arch)
         add_metadata(writer)
@@ -225,6 +226,8 @@ def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], t
     except OSError as e:
         raise (output_error(e, out_path) or WeightsmithError(f"{out_path.name}: cannot write ({e.strerror or e})")) from None
     finally:
+        if writer is not None:
+            writer.close()  # after an error too: no file handle left on the removed partial file
         shutil.rmtree(staging, ignore_errors=True)
     return out_path, size
 
