@@ -26,7 +26,12 @@ if TYPE_CHECKING:  # the CLI imports this module to build its parser: no torch a
 METHODS: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit")
 SINGLE_LAYER: tuple[str, ...] = ("rome", "r-rome", "alphaedit")
 MULTI_LAYER: tuple[str, ...] = ("memit", "alphaedit-memit")
-DEFAULT_METHOD = "rome"
+# r-ROME, not ROME, by measurement: ROME's update (exact at the bare prompt's key) made disabling edits on
+# both halves of CounterFact (tuning record 258: ‖ΔW‖ 42× ‖W‖, "The capital of France is" -> ", the, [,,,,";
+# report half, 60 sequential edits: perplexity ×1.52, two flagged updates up to 226 against a median of 29),
+# where r-ROME kept perplexity within ×1.05 with retention 1.00 and no flag. The price on single edits
+# (records 500-524): paraphrase 0.88 against 0.96. README, "Editing", has the tables.
+DEFAULT_METHOD = "r-rome"
 
 
 def check_method(method: str | None) -> str:

@@ -40,7 +40,7 @@ def relative_effect(dW: torch.Tensor, keys: torch.Tensor) -> float:
 
 
 def test_methods_named():
-    assert check_method("R_ROME") == "r-rome" and check_method(None) == "rome"
+    assert check_method("R_ROME") == "r-rome" and check_method(None) == "r-rome"  # the measured default
     with pytest.raises(WeightsmithError, match="unknown editing method 'fancy'.*alphaedit-memit"):
         check_method("fancy")
     from editing.methods import batch_method

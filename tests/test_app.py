@@ -334,16 +334,25 @@ def test_edit_method_choice_reaches_the_library(edit_wb):
     fact = ("tiny-base", "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris", None, r, None)
     session = wb.edit_session(wb.workspace(r), "tiny-base")
     pristine = {k: v.clone() for k, v in session.model.state_dict().items()}
-    _, _, md, hist = wb.edit(*fact, method="r-rome")
-    assert "(r-rome)" in md and hist[0][1] == "r-rome" and session.history[0]["method"] == "r-rome"
-    r_rome = {k: v.clone() for k, v in session.model.state_dict().items() if not torch.equal(v, pristine[k])}
-    assert len(r_rome) == 1  # non-vacuity: one weight moved
+
+    def moved() -> dict:
+        return {k: v.clone() for k, v in session.model.state_dict().items() if not torch.equal(v, pristine[k])}
+
+    _, _, md, hist = wb.edit(*fact, method="rome")
+    assert "(rome)" in md and hist[0][1] == "rome" and session.history[0]["method"] == "rome"
+    rome = moved()
+    assert len(rome) == 1  # non-vacuity: one weight moved
     wb.undo("tiny-base", 1, r)
     _, _, md, hist = wb.edit(*fact)  # no method: the library's default
     assert f"({DEFAULT_METHOD})" in md and hist[0][1] == DEFAULT_METHOD
-    if DEFAULT_METHOD == "rome":  # the choice reached the library: another update than r-ROME's
-        name = next(iter(r_rome))
-        assert not torch.equal(session.model.state_dict()[name], r_rome[name])
+    default = moved()
+    wb.undo("tiny-base", 2, r)
+    _, _, md, hist = wb.edit(*fact, method="r-rome")
+    assert "(r-rome)" in md and hist[0][1] == "r-rome"
+    r_rome = moved()
+    name = next(iter(rome))
+    assert set(r_rome) == {name} and not torch.equal(r_rome[name], rome[name])  # the choice reached the library
+    assert torch.equal(default[name], {"rome": rome, "r-rome": r_rome}[DEFAULT_METHOD][name])
     with pytest.raises(gr.Error, match="[Mm]ethod"):
         wb.edit(*fact, method="memitt")
 
