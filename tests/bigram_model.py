@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 
@@ -43,3 +44,13 @@ def bigram_model(tokenizer, rows: dict[str, dict[str, float]]):
             for tok, value in logits.items():
                 head[tokenizer.convert_tokens_to_ids(tok), slot] = value / math.sqrt(hidden)
     return model.eval()
+
+
+def bigram_fixture(rows: dict[str, dict[str, float]]):
+    """A module-scoped fixture ``model``: :func:`bigram_model` of ``rows`` on conftest's ``tiny_tokenizer``."""
+
+    @pytest.fixture(scope="module")
+    def model(tiny_tokenizer):
+        return bigram_model(tiny_tokenizer, rows)
+
+    return model

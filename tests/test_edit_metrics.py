@@ -14,7 +14,7 @@ import math
 import pytest
 
 from editing.evaluate import EvalRecord, aggregate, evaluate_edit, harmonic_mean, perplexity, target_logprobs
-from bigram_model import bigram_model
+from bigram_model import bigram_fixture, bigram_model
 
 PROMPT = "The {} is located in the city of"  # last token "Ġof"
 REC = EvalRecord(PROMPT, "Eiffel Tower", "Rome", "Paris",
@@ -32,34 +32,25 @@ ROWS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from conftest import _tiny_tokenizer
-
-    return _tiny_tokenizer(64)
+model = bigram_fixture(ROWS)
 
 
-@pytest.fixture(scope="module")
-def model(tok):
-    return bigram_model(tok, ROWS)
-
-
-def test_bigram_model_probabilities_are_the_chosen_ones(model, tok):
+def test_bigram_model_probabilities_are_the_chosen_ones(model, tiny_tokenizer):
     # The testbed itself: log P(" Rome" | "... of") = ln(3/66); P(" Paris" | "... in") = 2/65.
-    lp = target_logprobs(model, tok, [REC.text, "The Eiffel Tower is in"], ["Rome", "Paris"])
+    lp = target_logprobs(model, tiny_tokenizer, [REC.text, "The Eiffel Tower is in"], ["Rome", "Paris"])
     assert lp == pytest.approx([math.log(3 / 66), math.log(2 / 65)], abs=1e-5)
 
 
-def test_target_probability_is_the_per_token_mean(model, tok):
+def test_target_probability_is_the_per_token_mean(model, tiny_tokenizer):
     # " Eiffel Tower" is two tokens: exp(mean log p) = sqrt(P(Eiffel|of) · P(Tower|Eiffel)) = sqrt(1/66 · 7/70).
-    lp = target_logprobs(model, tok, [REC.text], ["Eiffel Tower"])[0]
+    lp = target_logprobs(model, tiny_tokenizer, [REC.text], ["Eiffel Tower"])[0]
     assert lp == pytest.approx((math.log(1 / 66) + math.log(7 / 70)) / 2, abs=1e-5)
     # Non-vacuity: the sum of the log-probs (no mean) is a different number.
     assert abs(lp - (math.log(1 / 66) + math.log(7 / 70))) > 1.0
 
 
-def test_scores_match_hand_computation(model, tok):
-    s = evaluate_edit(model, tok, REC)
+def test_scores_match_hand_computation(model, tiny_tokenizer):
+    s = evaluate_edit(model, tiny_tokenizer, REC)
     assert s["efficacy"] == 1.0
     assert s["efficacy_magnitude"] == pytest.approx(3 / 66 - 1 / 66, abs=1e-6)
     assert s["paraphrase"] == 0.5  # "in" loses, "city" wins
@@ -68,19 +59,19 @@ def test_scores_match_hand_computation(model, tok):
     assert s["neighborhood_magnitude"] == pytest.approx(((4 / 67 - 1 / 67) + (1 / 65 - 2 / 65)) / 2, abs=1e-6)
 
 
-def test_neighbourhood_uses_its_own_true_answer(model, tok):
+def test_neighbourhood_uses_its_own_true_answer(model, tiny_tokenizer):
     # With "Rome" as the neighbours' true answer, NS compares P(Rome) > P(Rome): never a win.
     rec = EvalRecord(PROMPT, "Eiffel Tower", "Rome", "Paris", neighborhood=["The capital of France is"],
                      neighborhood_true="Rome")
-    assert evaluate_edit(model, tok, rec)["neighborhood"] == 0.0
+    assert evaluate_edit(model, tiny_tokenizer, rec)["neighborhood"] == 0.0
     # Non-vacuity: with the default (the record's true answer, Paris) the same prompt wins.
     rec.neighborhood_true = None
-    assert evaluate_edit(model, tok, rec)["neighborhood"] == 1.0
+    assert evaluate_edit(model, tiny_tokenizer, rec)["neighborhood"] == 1.0
 
 
-def test_efficacy_flips_when_the_new_target_loses(tok):
-    m = bigram_model(tok, {**ROWS, "Ġof": {"ĠParis": math.log(3)}})
-    s = evaluate_edit(m, tok, REC)
+def test_efficacy_flips_when_the_new_target_loses(tiny_tokenizer):
+    m = bigram_model(tiny_tokenizer, {**ROWS, "Ġof": {"ĠParis": math.log(3)}})
+    s = evaluate_edit(m, tiny_tokenizer, REC)
     assert s["efficacy"] == 0.0
     assert s["efficacy_magnitude"] == pytest.approx(1 / 66 - 3 / 66, abs=1e-6)
 
@@ -103,17 +94,17 @@ def test_harmonic_mean_and_aggregate():
     assert (agg["gen_efficacy"], agg["fluency"]) == (0.5, 4.0)
 
 
-def test_aggregate_of_evaluated_records(model, tok):
+def test_aggregate_of_evaluated_records(model, tiny_tokenizer):
     other = EvalRecord(PROMPT, "Eiffel Tower", "Paris", "Rome")  # swapped: efficacy 0 on the same prompt
-    agg = aggregate([evaluate_edit(model, tok, REC), evaluate_edit(model, tok, other)])
+    agg = aggregate([evaluate_edit(model, tiny_tokenizer, REC), evaluate_edit(model, tiny_tokenizer, other)])
     assert agg["efficacy"] == 0.5
     assert agg["efficacy_magnitude"] == pytest.approx(((3 / 66 - 1 / 66) + (1 / 66 - 3 / 66)) / 2, abs=1e-6)
     assert agg["paraphrase"] == 0.5 and agg["neighborhood"] == 0.5  # only REC has them
     assert agg["score"] == pytest.approx(0.5)
 
 
-def test_perplexity_by_hand(model, tok):
-    of, rome = tok.convert_tokens_to_ids(["Ġof", "ĠRome"])
+def test_perplexity_by_hand(model, tiny_tokenizer):
+    of, rome = tiny_tokenizer.convert_tokens_to_ids(["Ġof", "ĠRome"])
     ids = [of, rome, of, rome, of]
     # One window: Rome|of, of|Rome, Rome|of, of|Rome -> exp(-mean log p) = 1 / sqrt(3/66 · 2/65).
     assert perplexity(model, ids, seq_len=8) == pytest.approx(1 / math.sqrt(3 / 66 * 2 / 65), rel=1e-5)

@@ -10,7 +10,7 @@ import torch
 from editing.evaluate import EvalRecord
 from editing.generation_checks import (GenerationConfig, fluency_on, generation_scores, greedy_continuations,
                                        mean_ngram_entropy, mentions, ngram_entropy, words)
-from bigram_model import bigram_model
+from bigram_model import bigram_fixture, bigram_model
 
 # Greedy chains of this bigram model: "of" -> Rome -> is -> Paris -> is -> Paris ...;
 # "in" -> Paris -> is -> ...; "city" -> Rome -> ...; "a" -> Rome -> is -> Paris -> ...
@@ -28,16 +28,7 @@ REC = EvalRecord("The {} is located in the city of", "Eiffel Tower", "Rome", "Pa
                  neighborhood=["The capital of France is", "France is a"])
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from conftest import _tiny_tokenizer
-
-    return _tiny_tokenizer(64)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return bigram_model(tok, ROWS)
+model = bigram_fixture(ROWS)
 
 
 def test_ngram_entropy_by_hand():
@@ -75,17 +66,17 @@ def test_mentions_whole_word_case_insensitive():
     assert not mentions("", "Rome") and not mentions("Rome", "  ")
 
 
-def test_greedy_chain_of_the_bigram_model(model, tok):
-    rows = greedy_continuations(model, tok, [REC.text, "France is a"], 5)
-    assert [tok.decode(r) for r in rows] == [" Rome is Paris is Paris", " Rome is Paris is Paris"]
-    rows = greedy_continuations(model, tok, ["The Eiffel Tower is in"], 3)
-    assert tok.decode(rows[0]) == " Paris is Paris"
+def test_greedy_chain_of_the_bigram_model(model, tiny_tokenizer):
+    rows = greedy_continuations(model, tiny_tokenizer, [REC.text, "France is a"], 5)
+    assert [tiny_tokenizer.decode(r) for r in rows] == [" Rome is Paris is Paris", " Rome is Paris is Paris"]
+    rows = greedy_continuations(model, tiny_tokenizer, ["The Eiffel Tower is in"], 3)
+    assert tiny_tokenizer.decode(rows[0]) == " Paris is Paris"
 
 
-def test_generation_scores_by_hand(model, tok):
+def test_generation_scores_by_hand(model, tiny_tokenizer):
     texts: dict = {}
     cfg = GenerationConfig(answer_tokens=20, fluency_tokens=6)
-    s = generation_scores(model, tok, REC, cfg, texts=texts)
+    s = generation_scores(model, tiny_tokenizer, REC, cfg, texts=texts)
     assert s["gen_efficacy"] == 1.0  # " Rome is Paris ..."
     assert s["gen_paraphrase"] == 0.5  # "in" -> " Paris is ...", "city" -> " Rome is ..."
     assert s["gen_neighborhood"] == 1.0  # both neighbours write "Paris" within 20 tokens
@@ -96,23 +87,23 @@ def test_generation_scores_by_hand(model, tok):
     assert s["fluency"] == pytest.approx(expected)
     # Non-vacuity: the answer window matters. With 2 answer tokens, "France is a" writes " Rome is":
     # its true answer Paris is not there yet.
-    s2 = generation_scores(model, tok, REC, GenerationConfig(answer_tokens=2, fluency_tokens=6))
+    s2 = generation_scores(model, tiny_tokenizer, REC, GenerationConfig(answer_tokens=2, fluency_tokens=6))
     assert s2["gen_neighborhood"] == 0.5 and s2["gen_efficacy"] == 1.0
 
 
-def test_generation_efficacy_follows_the_model(tok):
+def test_generation_efficacy_follows_the_model(tiny_tokenizer):
     # The same record on a model that answers "Paris" after "of": efficacy by generation is 0.
-    m = bigram_model(tok, {**ROWS, "Ġof": {"ĠParis": math.log(3)}})
-    s = generation_scores(m, tok, REC, GenerationConfig(answer_tokens=20, fluency_tokens=6))
+    m = bigram_model(tiny_tokenizer, {**ROWS, "Ġof": {"ĠParis": math.log(3)}})
+    s = generation_scores(m, tiny_tokenizer, REC, GenerationConfig(answer_tokens=20, fluency_tokens=6))
     assert s["gen_efficacy"] == 0.0 and s["gen_paraphrase"] == 0.5
 
 
-def test_fluency_on_fixed_prompts(model, tok):
-    f = fluency_on(model, tok, ["France is a", "The Eiffel Tower is in"], GenerationConfig(fluency_tokens=4))
+def test_fluency_on_fixed_prompts(model, tiny_tokenizer):
+    f = fluency_on(model, tiny_tokenizer, ["France is a", "The Eiffel Tower is in"], GenerationConfig(fluency_tokens=4))
     assert f == pytest.approx(mean_ngram_entropy(["France is a Rome is Paris is", "The Eiffel Tower is in Paris is Paris is"]))
 
 
-def test_batched_generation_equals_one_at_a_time(tok):
+def test_batched_generation_equals_one_at_a_time(tiny_tokenizer):
     # Left padding must not change what a prompt generates (positions and masks come from the padding).
     from conftest import build_tiny_llama
 
@@ -122,8 +113,8 @@ def test_batched_generation_equals_one_at_a_time(tok):
             if p.dim() == 2:
                 p.mul_(10.0)  # sharp logits: no near-ties for padding noise to flip
     prompts = ["The Eiffel Tower is located in the city of", "Berlin is", "The capital of France is Paris . Rome"]
-    together = greedy_continuations(m, tok, prompts, 8)
-    alone = [greedy_continuations(m, tok, [p], 8)[0] for p in prompts]
+    together = greedy_continuations(m, tiny_tokenizer, prompts, 8)
+    alone = [greedy_continuations(m, tiny_tokenizer, [p], 8)[0] for p in prompts]
     assert together == alone
     assert len({tuple(r) for r in alone}) > 1  # non-vacuity: the prompts generate different text
 
