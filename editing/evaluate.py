@@ -103,11 +103,10 @@ def parse_record(rec: dict[str, Any]) -> EvalRecord:
 
 def load_records(path: str | Path, *, limit: int | None = None) -> list[EvalRecord]:
     """Read a JSON list (or JSON lines) of records in either format."""
+    from checkpoints.textfiles import read_text
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise WeightsmithError(f"{p.name}: cannot read: {e.strerror or e}") from None
+    text = read_text(p, what="edit file")  # UTF-8 only: other bytes are one line naming the file
     try:
         data = json.loads(text)
     except ValueError:

@@ -130,6 +130,19 @@ def test_text_reader_for_edit_files(tmp_path):
     assert json.loads(read_text(edits))[0]["prompt"] == "“quoted”"
 
 
+def test_edit_records_loader_reads_through_the_text_reader(tmp_path):
+    """``eval-edits``' loader: other bytes are one line naming the file (was a UnicodeDecodeError)."""
+    from editing.evaluate import load_records
+
+    edits = tmp_path / "edits.json"
+    edits.write_bytes(b'[{"prompt": "\x93{} quoted\x94", "subject": "x", "target_new": "a", "ground_truth": "b"}]')
+    with pytest.raises(WeightsmithError, match=r"^edit file edits\.json: not UTF-8 text"):
+        load_records(edits)
+    edits.write_text('[{"prompt": "“{}” quoted", "subject": "x", "target_new": "a", "ground_truth": "b"}]',
+                     encoding="utf-8")
+    assert load_records(edits)[0].subject == "x"  # non-vacuity: the same record in UTF-8 loads
+
+
 # ---------------------------------------------------------------------------------------------
 # non-finite and wrong-type parameters
 # ---------------------------------------------------------------------------------------------
