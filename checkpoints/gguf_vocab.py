@@ -25,7 +25,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .containment import member_path
 from .errors import WeightsmithError
+from .textfiles import read_text
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,12 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
 
 
 def _read_tokenizer_json(folder: Path) -> dict[str, Any]:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
+    if not (folder / "tokenizer.json").is_file():
         raise WeightsmithError("GGUF export needs the model's tokenizer.json (a fast tokenizer); none was found")
+    # A file the checkpoint names stays inside it (a link to a server file is refused), read as UTF-8.
+    path = member_path(folder, "tokenizer.json", owner="GGUF export")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path, what="tokenizer"))
     except ValueError as e:
         raise WeightsmithError(f"tokenizer.json: corrupt JSON ({e})") from None
 

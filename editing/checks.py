@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.finite import all_finite
 
 # Texts about nothing an edit should touch (no named entities): everyday scenes and arithmetic.
 # Short (about 40 tokens in all): the forward pass costs ~8 ms of CPU per token on the demo model.
@@ -85,7 +86,7 @@ def unrelated_kl(before: torch.Tensor, after: torch.Tensor) -> float:
 def require_finite(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Refuse an update with NaN/inf entries before it touches the weights."""
     for module, (B, A) in factors.items():
-        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+        if not (all_finite(B) and all_finite(A)):
             raise WeightsmithError(f"the computed update of {module} is not finite (NaN or inf): nothing was changed; "
                                    "try another layer or a larger statistics corpus")
 
@@ -95,8 +96,11 @@ def update_norms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     """(‖ΔW‖ over all modules, max per-module ‖ΔW‖/‖W‖) for ΔW = B A and W in ``weights[module]``."""
     total, rel = 0.0, 0.0
     for module, (B, A) in factors.items():
-        n = float((B.double() @ A.double()).norm())
-        total += n * n
+        # ‖BA‖²_F = Σ (BᵀB ∘ AAᵀ): r×r products instead of the [out, in] matrix (r = 1 for ROME).
+        B64, A64 = B.double(), A.double()
+        sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum().clamp_min(0))
+        n = sq ** 0.5
+        total += sq
         rel = max(rel, n / max(float(weights[module].double().norm()), 1e-30))
     return total ** 0.5, rel
 
