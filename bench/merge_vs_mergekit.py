@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
-WEIGHTSMITH = [PY, "-m", "checkpoints.cli"]
+WEIGHTSMITH = [PY, "-m", "cli"]
 MERGEKIT_VENV = Path(os.environ.get("WEIGHTSMITH_MERGEKIT_VENV", "/work/mergekit-venv"))
 TOLERANCE = 1e-5
 

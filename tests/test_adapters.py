@@ -412,7 +412,7 @@ def test_lines_auto_alpha_for_exact_sum_is_one_over_t(tmp_path, tiny_llama_dir, 
 
 
 def test_cli_mix_adapters(tmp_path, tiny_llama_dir, llama_adapters, capsys):
-    from checkpoints.cli import main
+    from cli import main
 
     a, b = llama_adapters["a"], llama_adapters["b"]
     path = tmp_path / "mix.yml"

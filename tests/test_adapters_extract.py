@@ -118,7 +118,7 @@ def test_extract_bad_inputs(tmp_path, tiny_llama_dir, tiny_gpt2_dir, llama_proje
 
 
 def test_cli_extract_lora(tmp_path, tiny_llama_dir, llama_projection_ft, capsys):
-    from checkpoints.cli import main
+    from cli import main
 
     assert main(["extract-lora", str(llama_projection_ft), str(tiny_llama_dir), str(tmp_path / "x"), "--rank", "4"]) == 0
     out = capsys.readouterr().out

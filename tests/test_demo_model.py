@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints.cli import main
+from cli import main
 from checkpoints.sources import resolve
 
 pytestmark = pytest.mark.slow

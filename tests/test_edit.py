@@ -304,7 +304,7 @@ def test_evaluate_formats(tiny_llama_dir, tmp_path):
 def test_cli_edit_and_eval(tiny_llama_dir, corpus_file, tmp_path, monkeypatch, capsys):
     # In-process (cli.main is what the console script runs): three interpreter start-ups cost
     # ~30 s of imports. Statistics go to a temp WEIGHTSMITH_HOME, never the user's cache.
-    from checkpoints.cli import main
+    from cli import main
 
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
     out = tmp_path / "adapter"

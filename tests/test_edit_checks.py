@@ -112,7 +112,7 @@ def test_non_finite_update_is_refused(sharp_dirs, corpus_file, stats, monkeypatc
 
 
 def test_cli_method_and_warning_line(sharp_dirs, corpus_file, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from checkpoints.cli import main
+    from cli import main
 
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
     out = tmp_path / "adapter"
@@ -177,3 +177,41 @@ def test_demo_disabling_edit_is_flagged_and_r_rome_avoids_it(demo_dir, tmp_path)
     r = s.apply(rec.request(), method="r-rome")
     c = r.info["checks"]
     assert not c["flag"] and c["relative_norm"] < 0.1 and c["unrelated_kl"] < 0.01, c  # ~0.017 and ~1e-5 measured
+
+
+def test_target_check_by_hand():
+    s = CheckSettings()
+    hit = {"generates_target": True, "target_prob": 0.8, "continuation": " Rome"}
+    miss = {"generates_target": False, "target_prob": 0.125, "continuation": " Paris"}
+    ok = update_checks(1.0, 0.1, None, None, [], s, [("Rome", hit)])
+    assert ok["missed"] == 0 and ok["generates_target"] == 1 and ok["warning"] == "" and not ok["flag"]
+    out = update_checks(1.0, 0.1, None, None, [], s, [("Rome", hit), ("Berlin", miss), ("Italy", miss)])
+    assert out["missed"] == 2 and out["generates_target"] == 1 and out["target_prob"] == 0.125
+    assert not out["flag"]  # a miss is not a disabling edit: it does not leave the norm history
+    assert out["warning"] == ("the edit did not take on its prompt: the model continues ' Paris', not 'Berlin' "
+                              "(P = 0.12) (and 1 more of 3); try another layer or method")
+    assert "missed" not in update_checks(1.0, 0.1, None, None, [], s)  # no targets given: no claim
+
+
+def test_target_check_is_greedy_decoding(sharp_dirs):  # noqa: F811
+    from editing.checks import target_check
+    from editing.generation_checks import greedy_continuations
+    from test_edit import load
+
+    model, tok = load(sharp_dirs["llama"])
+    text = EIFFEL.text
+    greedy = greedy_continuations(model, tok, [text], 2)[0]
+    said = tok.decode(greedy)
+    got = target_check(model, tok, text, said.strip())
+    if tok(" " + said.strip(), add_special_tokens=False)["input_ids"] == list(greedy):
+        assert got["generates_target"] and got["continuation"] == said
+    other = next(t for t in ("Rome", "Berlin", "Italy") if t not in said)
+    assert target_check(model, tok, text, other)["generates_target"] is False  # non-vacuous
+
+
+def test_each_edit_reports_whether_it_took(sharp_dirs, corpus_file, stats):  # noqa: F811
+    s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
+    e = s.apply(FACTS[0])
+    c = e.info["checks"]
+    assert c["missed"] == 0 and c["generates_target"] == 1 and c["target_prob"] > 0.5, c
+    assert s.history[-1]["checks"]["missed"] == 0

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from checkpoints.cli import main
+from cli import main
 
 
 def test_info_json(tiny_gpt2_dir, capsys):
@@ -25,7 +25,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    proc = subprocess.run([sys.executable, "-m", "checkpoints.cli", "info", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "cli", "info", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -122,7 +122,7 @@ def test_batched_generation_equals_one_at_a_time(tiny_tokenizer):
 def test_cli_eval_edits_reports_generation_checks(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     import json
 
-    from checkpoints.cli import main
+    from cli import main
 
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
     corpus = tmp_path / "corpus.txt"

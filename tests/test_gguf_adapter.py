@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints.cli import main
+from cli import main
 from checkpoints.errors import WeightsmithError
 from checkpoints.gguf_check import decode, llama_rows
 from merging.gguf_adapter import export_adapter_gguf

@@ -142,7 +142,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_llama_family):
 
 
 def test_cli_merge(tmp_path, tiny_llama_family, capsys):
-    from checkpoints.cli import main
+    from cli import main
 
     f = tiny_llama_family
     recipe = tmp_path / "recipe.yml"

@@ -111,7 +111,7 @@ def test_overflow_when_cast_to_the_output_dtype(tmp_path, tiny_llama_family):
 
 
 def test_cli_flag_and_summary(tmp_path, tiny_llama_family, capsys):
-    from checkpoints.cli import main
+    from cli import main
 
     f = tiny_llama_family
     bad = _poisoned(f["ft1"], tmp_path / "nan-ft", float("nan"))

@@ -236,7 +236,7 @@ def test_non_finite_adapter_tensor_names_adapter_and_tensor(tmp_path, poison):
 # ---------------------------------------------------------------------------------------------
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "checkpoints.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           env=env, timeout=300, cwd=cwd)
 
 

@@ -199,7 +199,7 @@ def test_token_in_a_card_is_refused_before_upload(hub_env, tmp_path):
 def test_cli_verbose_failed_push_never_prints_token(hub_env, tmp_path):
     folder = _folder(tmp_path)
     env = {**os.environ, **hub_env["env"], "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "checkpoints.cli", "-v", "push", str(folder), "alice/cli-leak",
+    proc = subprocess.run([sys.executable, "-m", "cli", "-v", "push", str(folder), "alice/cli-leak",
                            "--token", META_TOKEN], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("weightsmith: error:")]

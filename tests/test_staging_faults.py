@@ -67,7 +67,7 @@ def test_disk_full_in_a_staged_folder_is_one_line_and_leaves_nothing(tmp_path):
 def test_cli_merge_on_a_full_disk_exits_2_with_one_line(tiny_llama_family, tmp_path, monkeypatch, capsys):
     """A real merge whose shard write fails with ENOSPC (the writer's ``open`` returns a file that fills up)."""
     import checkpoints.tensors as tensors
-    from checkpoints.cli import main
+    from cli import main
 
     real_open = open
 
