@@ -27,7 +27,7 @@ from typing import Annotated, Any, Callable, Literal
 
 import gradio as gr
 
-from app_endpoint import FilePath, Files, Range, endpoint, guard_preprocess
+from ui.endpoint import FilePath, Files, Range, endpoint, guard_preprocess
 from checkpoints.errors import WeightsmithError
 from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, ModelCache, building_models, release_memory, warm_imports

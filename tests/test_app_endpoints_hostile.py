@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import app  # noqa: E402
-from app_endpoint import MAX_TEXT_CHARS, scrub_paths  # noqa: E402
+from ui.endpoint import MAX_TEXT_CHARS, scrub_paths  # noqa: E402
 
 HOSTILE = {
     "None": None, "list": ["demo"], "dict": {"model": "demo"}, "huge": "x" * (MAX_TEXT_CHARS + 1),
