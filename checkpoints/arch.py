@@ -77,7 +77,8 @@ class ArchSpec:
         object.__setattr__(self, "_block_re", re.compile(pattern))
 
     # -- parameter names -------------------------------------------------
-    def _strip(self, name: str) -> str:
+    def strip_optional_prefix(self, name: str) -> str:
+        """``name`` without its optional wrapper prefix (``transformer.h.0`` -> ``h.0``), if it has one."""
         for p in self.optional_prefixes:
             if name.startswith(p):
                 return name[len(p):]
@@ -94,7 +95,8 @@ class ArchSpec:
             ("head", self.head),
         ):
             for p in prefixes:
-                if name.startswith(p) or self._strip(p) == self._strip(name)[: len(self._strip(p))]:
+                short = self.strip_optional_prefix(p)
+                if name.startswith(p) or self.strip_optional_prefix(name)[: len(short)] == short:
                     return Location(kind)  # type: ignore[arg-type]
         return Location("other")
 

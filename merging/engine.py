@@ -342,7 +342,7 @@ def _tensor_in(ckpt: LocalCheckpoint, name: str, spec: ArchSpec) -> str | None:
         return name
     if name in ckpt.tied_names():
         for emb in spec.embeddings[:1]:
-            for cand in (f"{emb}.weight", f"{spec._strip(emb)}.weight"):
+            for cand in (f"{emb}.weight", f"{spec.strip_optional_prefix(emb)}.weight"):
                 if cand in reader:
                     return cand
     return None
