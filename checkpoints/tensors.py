@@ -1,11 +1,20 @@
 """Lazy tensor reading and streaming, atomic writing of safetensors checkpoints.
 
-* :class:`CheckpointReader` reads one tensor at a time across shards with
-  ``safetensors.safe_open`` (no whole model in memory). Headers are checked
-  first, so a truncated or corrupt file is one clear error naming the file.
-* :class:`ShardedWriter` writes tensors as they are produced into shards in a
-  temporary folder, with ``model.safetensors.index.json`` when there is more
-  than one shard, and renames the folder into place only when complete.
+The one tensor I/O story of the project:
+
+* :mod:`checkpoints.safetensors_header` checks each file's header once (a
+  truncated or corrupt file is one clear error naming the file) and keeps every
+  tensor's dtype, shape and ``data_offsets``;
+* :class:`CheckpointReader` (here) holds those headers for all shards of a
+  checkpoint (shard names kept inside the folder by
+  :func:`checkpoints.containment.member_path`) and reads one tensor at a time at
+  its checked extent (no whole model in memory, no second header parse);
+* :mod:`checkpoints.tensor_loading` reads the same extents into reusable
+  buffers or as mapped views, with a prefetch thread, for the merge engine;
+* :class:`ShardedWriter` (here) writes tensors as they are produced into shards
+  in a temporary folder, with ``model.safetensors.index.json`` when there is
+  more than one shard, takes other files through :meth:`ShardedWriter.add_file`,
+  and renames the folder into place only when complete.
 
 Example::
 
@@ -22,33 +31,26 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 
 from .containment import member_path
 from .errors import WeightsmithError
-from .staging import new_staging_dir, output_error, publish_folder
+# The header's names stay importable from here, where the reader always was.
+from .safetensors_header import (MAX_HEADER_BYTES, TORCH_TO_ST, SafetensorsHeader, TensorMeta,  # noqa: F401
+                                 encode_header, parse_json_object, read_safetensors_file, read_safetensors_header)
+from .staging import OWNER_FILE, new_staging_dir, output_error, publish_folder
+from .tensor_loading import read_tensor
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Largest header we accept; real headers are a few hundred KB at most.
-MAX_HEADER_BYTES = 100 * 2**20
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
 # Files copied next to the weights so the folder loads on its own.
 SUPPORT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -57,146 +59,36 @@ SUPPORT_FILES = (
 )
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    """Header facts about one stored tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path
-    # Where the tensor's bytes lie in ``file`` (validated by read_safetensors_header);
-    # None for tensors of a pickle, which has no such extents.
-    data_start: int | None = None
-    nbytes: int | None = None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """``json`` hook: a header or index naming a key twice is ambiguous (readers disagree on which wins)."""
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def parse_json_object(raw: bytes | str, what: str) -> dict[str, object]:
-    """Parse ``raw`` as one JSON object; anything else (a list, a number, bad UTF-8, a key
-    given twice, nesting deep enough to exhaust the stack) is one :class:`WeightsmithError`."""
-    try:
-        data = json.loads(raw, object_pairs_hook=_strict_object)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise WeightsmithError(f"{what}: corrupt JSON ({first})") from None
-    if not isinstance(data, dict):
-        raise WeightsmithError(f"{what}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
-    """Parse and check the header of one ``.safetensors`` file.
-
-    Returns name -> :class:`TensorMeta` with each tensor's validated byte extent.
-    Raises :class:`WeightsmithError` naming the file (never its directory) when it
-    is truncated, its header is not a JSON object of well-typed entries, a shape
-    disagrees with its byte count, or the extents do not tile the data exactly
-    (negative, reversed, overlapping, gapped or past the end), as ``safetensors``
-    itself requires.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise WeightsmithError(f"{path.name}: not a safetensors file (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
-                raise WeightsmithError(
-                    f"{path.name}: corrupt safetensors header: it claims {header_len} header bytes "
-                    f"but the file has {size} bytes"
-                )
-            raw = f.read(header_len)
-    except OSError as e:
-        raise WeightsmithError(f"{path.name}: cannot read: {e.strerror or type(e).__name__}") from None
-    if not raw.startswith(b"{"):
-        raise WeightsmithError(f"{path.name}: corrupt safetensors header (it does not start with '{{')")
-    header = parse_json_object(raw, f"{path.name}: safetensors header")
-    meta_block = header.pop("__metadata__", {})
-    if not isinstance(meta_block, dict) or not all(isinstance(v, str) for v in meta_block.values()):
-        raise WeightsmithError(f"{path.name}: corrupt safetensors header (__metadata__ must map names to strings)")
-    data_len = size - 8 - header_len
-    metas: dict[str, TensorMeta] = {}
-    extents: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info, dict) and isinstance(info.get("dtype"), str) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (dtype is None or not isinstance(shape, list) or not all(_is_count(s) for s in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets)):
-            raise WeightsmithError(f"{path.name}: corrupt safetensors header entry for tensor {name!r}")
-        begin, end = offsets
-        meta = TensorMeta(name, tuple(shape), dtype, path, data_start=8 + header_len + begin, nbytes=end - begin)
-        if end < begin or end - begin != meta.numel * dtype.itemsize:
-            raise WeightsmithError(
-                f"{path.name}: header of tensor {name!r} claims shape {list(shape)} but {end - begin} bytes"
-            )
-        if end > data_len:
-            raise WeightsmithError(
-                f"{path.name}: truncated: tensor {name!r} needs bytes up to {end} but the file holds "
-                f"only {data_len} bytes of data"
-            )
-        metas[name] = meta
-        extents.append((begin, end, name))
-    # The extents must tile the data: sorted, each starting where the previous ended.
-    at, prev = 0, None
-    for begin, end, name in sorted(extents):
-        if begin < at:
-            raise WeightsmithError(f"{path.name}: corrupt safetensors header: tensors {prev!r} and {name!r} overlap")
-        if begin > at:
-            raise WeightsmithError(f"{path.name}: corrupt safetensors header: bytes {at}..{begin} belong to no tensor")
-        at, prev = end, name
-    if at != data_len:
-        raise WeightsmithError(
-            f"{path.name}: corrupt safetensors header: {data_len - at} bytes after the last tensor belong to no tensor"
-        )
-    return metas
-
-
 class CheckpointReader:
     """Lazy, per-tensor access to a checkpoint stored as one or more safetensors shards.
 
-    ``get(name)`` opens the owning shard with ``safe_open`` and returns just
-    that tensor, converted to float32 by default (the CPU is ~300x slower in
-    bf16). Pickle checkpoints are read whole, through ``torch.load(weights_only=True)``.
+    Each shard's header is checked once, when the reader is made
+    (:func:`~checkpoints.safetensors_header.read_safetensors_file`); ``get(name)``
+    then reads just that tensor at its checked extent, converted to float32 by
+    default (the CPU is ~300x slower in bf16). Pickle checkpoints are read whole,
+    through ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, metas: dict[str, TensorMeta], *, pickled: dict[str, torch.Tensor] | None = None):
+    def __init__(self, metas: dict[str, TensorMeta], *, pickled: dict[str, torch.Tensor] | None = None,
+                 headers: list[SafetensorsHeader] | None = None):
         self._metas = metas
         self._pickled = pickled
+        self._headers = list(headers or [])
 
     # -- construction ------------------------------------------------------
     @classmethod
     def from_files(cls, files: Iterable[Path]) -> "CheckpointReader":
         """Reader over explicit safetensors files (shards of one checkpoint)."""
         metas: dict[str, TensorMeta] = {}
+        headers = []
         for f in files:
-            for name, meta in read_safetensors_header(Path(f)).items():
+            header = read_safetensors_file(Path(f))
+            headers.append(header)
+            for name, meta in header.tensors.items():
                 if name in metas:
                     raise WeightsmithError(f"tensor {name!r} is stored twice: in {metas[name].file.name} and {f.name}")
                 metas[name] = meta
-        return cls(metas)
+        return cls(metas, headers=headers)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "CheckpointReader":
@@ -228,6 +120,10 @@ class CheckpointReader:
     def metas(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
 
+    def headers(self) -> list[SafetensorsHeader]:
+        """The checked header of each shard, in the order given (empty for a pickle)."""
+        return list(self._headers)
+
     @property
     def files(self) -> list[Path]:
         return sorted({m.file for m in self._metas.values()})
@@ -239,10 +135,10 @@ class CheckpointReader:
             t = self._pickled[name]
         else:
             try:
-                with safe_open(str(meta.file), framework="pt", device="cpu") as f:
-                    t = f.get_tensor(name)
-            except Exception as e:  # safetensors raises its own error types
-                raise WeightsmithError(f"{meta.file.name}: cannot read tensor {name!r}: {e}") from None
+                t = read_tensor(meta)
+            except OSError as e:
+                raise WeightsmithError(f"{meta.file.name}: cannot read tensor {name!r}: "
+                                       f"{e.strerror or type(e).__name__}") from None
         if dtype is not None and t.dtype != dtype and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
@@ -369,6 +265,9 @@ def _sync_file_range():
     return fn
 
 
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 class ShardedWriter:
     """Stream tensors into sharded safetensors in a temp folder; rename into place on success.
 
@@ -435,7 +334,7 @@ class ShardedWriter:
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
         t = t.contiguous()
-        if t.dtype not in _TORCH_TO_ST:
+        if t.dtype not in TORCH_TO_ST:
             raise WeightsmithError(f"tensor {name!r} has unsupported dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
         if self._current is not None and self._current.nbytes and self._current.nbytes + nbytes > self.max_shard_bytes:
@@ -449,7 +348,7 @@ class ShardedWriter:
         # uint8 view of the tensor's bytes: no extra copy for contiguous tensors.
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         cur.handle.write(memoryview(raw) if t.numel() else b"")  # type: ignore[attr-defined]
-        cur.entries[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+        cur.entries[name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape),
                              "data_offsets": [cur.nbytes, cur.nbytes + nbytes]}
         cur.nbytes += nbytes
         self._names.add(name)
@@ -466,25 +365,19 @@ class ShardedWriter:
         if cur is None:
             return
         cur.handle.close()  # type: ignore[attr-defined]
-        header = dict(cur.entries)
-        header["__metadata__"] = self.metadata
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns data to 8 bytes
+        head = encode_header(cur.entries, self.metadata, min_bytes=self.header_reserve)
         final = self.tmp / f".shard-{len(self._shards):05d}.safetensors"
-        if self.header_reserve and 8 + len(blob) <= self.header_reserve:
-            # The header fits the reserved space: pad it with spaces and finish in place.
-            blob += b" " * (self.header_reserve - 8 - len(blob))
+        if self.header_reserve and len(head) == self.header_reserve:
+            # The header fits the reserved space (padded with spaces): finish in place.
             with open(cur.data_path, "r+b") as out:
-                out.write(struct.pack("<Q", len(blob)))
-                out.write(blob)
+                out.write(head)
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())
             os.replace(cur.data_path, final)
         else:
             with open(final, "wb") as out, open(cur.data_path, "rb") as data:
-                out.write(struct.pack("<Q", len(blob)))
-                out.write(blob)
+                out.write(head)
                 data.seek(self.header_reserve)
                 shutil.copyfileobj(data, out, 16 * 2**20)
                 out.flush()
@@ -495,12 +388,25 @@ class ShardedWriter:
         self._current = None
 
     # -- other files ---------------------------------------------------------
-    def write_text(self, name: str, text: str) -> None:
-        (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (self.tmp / name).write_text(text, encoding="utf-8")
+    def add_file(self, name: str, source: Path | bytes) -> None:
+        """Put file ``name`` (relative, e.g. ``README.md`` or ``sub/x.json``) into the output:
+        a copy of the file at ``source``, or ``source``'s bytes. A later call replaces it.
 
-    def copy_file(self, src: Path, name: str | None = None) -> None:
-        shutil.copy2(src, self.tmp / (name or Path(src).name))
+        The weights' own names (``model.safetensors``, shards, the index) are the writer's;
+        a name leaving the output folder is refused.
+        """
+        if name in (SINGLE_NAME, INDEX_NAME, OWNER_FILE) or _SHARD_NAME.fullmatch(name):
+            raise WeightsmithError(f"{name}: the writer makes this file itself; choose another name")
+        dest = member_path(self.tmp, name, owner="output file")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            dest.write_bytes(source)
+        else:
+            shutil.copy2(source, dest)
+
+    def write_text(self, name: str, text: str) -> None:
+        """``add_file`` of ``text`` encoded as UTF-8."""
+        self.add_file(name, text.encode("utf-8"))
 
     def copy_support_files(self, source: Path, *, names: Iterable[str] = SUPPORT_FILES) -> list[str]:
         """Copy config/tokenizer/generation config from folder ``source``; returns what was copied."""
@@ -510,13 +416,14 @@ class ShardedWriter:
                 # A tokenizer file linked to a server file must not be copied into an output.
                 src = member_path(Path(source), n, owner=Path(source).name)
                 if src.is_file():
-                    self.copy_file(src, n)
+                    self.add_file(n, src)
                     copied.append(n)
         return copied
 
     @property
     def staging(self) -> Path:
-        """The temporary folder (for callers that save extra files, e.g. a tokenizer)."""
+        """The temporary folder. Transitional: use :meth:`add_file`; this goes once
+        ``editing/session.py`` and ``merging/adapters.py`` no longer write into it."""
         return self.tmp
 
     # -- finish ------------------------------------------------------------

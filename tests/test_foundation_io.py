@@ -114,12 +114,12 @@ def test_existing_output_is_not_clobbered(tmp_path):
 
 
 def test_reader_is_lazy(tiny_llama_dir, monkeypatch):
-    """get() opens the file and returns one tensor; nothing is read at construction."""
+    """get() reads one tensor from its file; nothing but the headers is read at construction."""
     import checkpoints.tensors as tensors
 
     opened: list[str] = []
-    real = tensors.safe_open
-    monkeypatch.setattr(tensors, "safe_open", lambda p, **kw: (opened.append(p), real(p, **kw))[1])
+    real = tensors.read_tensor
+    monkeypatch.setattr(tensors, "read_tensor", lambda meta: (opened.append(str(meta.file)), real(meta))[1])
     reader = CheckpointReader.from_folder(tiny_llama_dir)
     assert opened == []
     t = reader.get("model.norm.weight")
