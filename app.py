@@ -19,15 +19,19 @@ stand-in request (anything with a ``session_hash``).
 
 import logging
 import os
-import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 import gradio as gr
 
+from ui.config import MODEL_FILE_TYPES, AppConfig, launch_kwargs, queue_kwargs, workspace_root
 from ui.endpoint import FilePath, Files, Range, endpoint, guard_preprocess
+from ui.forms import (adapter_method_choices, adapter_method_md, adapter_param_rows, merge_columns,
+                      merge_default_row, merge_form_from_yaml, merge_shared_rows, merge_method_md,
+                      merge_yaml_from_form, mix_form_to_yaml, table_rows)
+from ui.plots import lines_plot, norms_plot
+from ui.progress import StopEvents, cancellable, progress_adapter
 from checkpoints.errors import WeightsmithError
 from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, ModelCache, building_models, release_memory, warm_imports
@@ -41,114 +45,6 @@ from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager
 from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS, batch_method
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE_TYPES = [".safetensors", ".json", ".gguf", ".model", ".txt", ".jinja", ".zip"]
-
-
-@dataclass
-class AppConfig:
-    """Server policy and limits. Defaults suit a public Space; ``weightsmith serve`` maps its flags here.
-
-    ``named_models``: extra models offered by name in every model picker
-    (an allowlist of server folders, e.g. tiny models in tests), usable even
-    when ``allow_paths`` is off.
-    """
-
-    allow_paths: bool = False
-    allow_hub: bool = True
-    named_models: dict[str, str] = field(default_factory=dict)
-    workspace_root: Path | None = None
-    workspace_max_age: float = 3600.0
-    workspace_max_bytes: int | None = 20 * 1024**3  # quota per session: uploads, results and its download zip
-    max_file_size: str | int | None = "2gb"
-    device: str = "cpu"
-    max_loaded_models: int = 3
-    heavy_concurrency: int = 1  # merges, mixes, edits at once (each may hold several models in memory)
-    generate_concurrency: int = 2
-    default_concurrency: int = 2  # other queued events (inspect, upload, ...)
-    queue_max_size: int = 64  # requests waiting in the queue; more are turned away with "queue is full"
-    max_new_tokens: int = 256
-    cleanup_every: float = 300.0
-    max_edit_sessions: int = 2  # in-memory edited models (each a full copy of its model)
-    edit_corpus: str | None = None  # ROME statistics corpus: a text file, or None = model-sampled text
-    edit_stats_tokens: int | None = None  # None: the editing library's default
-    stats_root: Path | None = None  # where ROME statistics are cached (None: the library's default)
-
-
-class Jobs:
-    """Cancel flags of running jobs, per session: the Stop button sets them, the libraries poll them."""
-
-    def __init__(self):
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def start(self, session: str) -> threading.Event:
-        with self._lock:
-            ev = threading.Event()
-            self._events[session] = ev
-            return ev
-
-    def finish(self, session: str, ev: threading.Event) -> None:
-        with self._lock:
-            if self._events.get(session) is ev:
-                del self._events[session]
-
-    def stop(self, session: str) -> bool:
-        with self._lock:
-            ev = self._events.get(session)
-        if ev is not None:
-            ev.set()
-        return ev is not None
-
-
-def progress_adapter(progress: Any) -> Callable[..., None]:
-    """Map a library progress callback onto ``gr.Progress``.
-
-    Accepts ``(done, total[, desc])``, ``(fraction[, desc])`` and keyword forms,
-    so any of the libraries' callbacks can drive the bar.
-    """
-
-    def report(*args, **kwargs) -> None:
-        if progress is None:
-            return
-        desc = kwargs.get("desc") or kwargs.get("message")
-        nums = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        texts = [a for a in args if isinstance(a, str)]
-        desc = desc or (texts[0] if texts else None)
-        done = kwargs.get("done", nums[0] if nums else None)
-        total = kwargs.get("total", nums[1] if len(nums) > 1 else None)
-        try:
-            if done is not None and total:
-                progress(min(1.0, float(done) / float(total)), desc=desc)
-            elif done is not None:
-                progress(min(1.0, float(done)), desc=desc)
-            elif desc:
-                progress(0.0, desc=desc)
-        except Exception:  # noqa: BLE001 - a progress display must never break a job
-            log.debug("progress update failed", exc_info=True)
-
-    return report
-
-
-def cancellable(progress: Any, cancel: threading.Event) -> Callable[..., None]:
-    """A progress callback that also stops a library call when the Stop button sets ``cancel``.
-
-    For libraries that take only a progress callback: raising from it aborts
-    the call before anything is committed.
-    """
-    report = progress_adapter(progress)
-
-    def call(*args, **kwargs):
-        if cancel.is_set():
-            raise InterruptedError("stopped")
-        report(*args, **kwargs)
-
-    return call
-
-
-def _fill(prompt: str, subject: str) -> str:
-    return prompt.replace("{}", subject, 1) if "{}" in (prompt or "") else prompt
-
 
 def load_edit_requests(path: Path) -> list:
     """Edits from an uploaded JSON (CounterFact or flat records, see ``editing.evaluate``) or CSV file.
@@ -199,7 +95,7 @@ class Workbench:
         self.models = ModelCache(max_models=self.config.max_loaded_models, device=self.config.device)
         # Base + adapter, merged for the Playground: one at a time, each is a full model copy.
         self.adapter_models = ModelCache(max_models=1, device=self.config.device)
-        self.jobs = Jobs()
+        self.jobs = StopEvents()
         self._sessions: dict[str, str] = {}  # gradio session hash -> workspace id (never sent to the browser)
         self._edit_sessions: dict[str, tuple[str, Any]] = {}  # workspace id -> (model, EditSession)
         self.stats = None
@@ -872,198 +768,6 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
 
 # ---- tabs built from the libraries (filled in as they land) -------------------------
 
-def _figure(width: float = 5.5, height: float = 2.6):
-    """A matplotlib Figure not registered with pyplot (no global figure list to leak in a server)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _cell(value: Any) -> Any:
-    """A table cell as typed by the user -> a recipe value (number, bool, list gradient, filters).
-
-    Parsed with the project's YAML loader: a cell holding an alias bomb stays text (which the recipe then
-    refuses in one line) instead of expanding in the worker.
-    """
-    if value is None:
-        return None
-    if isinstance(value, float) and value != value:  # pandas' empty cell
-        return None
-    if isinstance(value, (int, float, bool, list, dict)):
-        return value
-    text = str(value).strip()
-    if not text:
-        return None
-    try:
-        return load_yaml(text, what="cell")
-    except WeightsmithError:
-        return text
-
-
-def _show(value: Any) -> str:
-    """A recipe value shown in a table cell (schedules in YAML flow style)."""
-    import yaml
-
-    if value is None:
-        return ""
-    if isinstance(value, (list, dict)):
-        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _rows(table: Any) -> list[list[Any]]:
-    """Dataframe input (pandas, dict or list) -> list of rows."""
-    if table is None:
-        return []
-    if hasattr(table, "values") and hasattr(table, "columns"):
-        return [list(r) for r in table.values.tolist()]
-    if isinstance(table, dict):
-        return [list(r) for r in table.get("data", [])]
-    return [list(r) for r in table]
-
-
-def merge_columns(method_name: str) -> list[str]:
-    from merging.methods import get_method
-
-    return ["model", *[p.name for p in get_method(method_name).model_parameters]]
-
-
-def merge_default_row(method_name: str, model: str) -> list[str]:
-    from merging.methods import get_method
-
-    row = [model]
-    for p in get_method(method_name).model_parameters:
-        row.append(_show(1.0 if p.default is None and p.type == "float" else p.default))
-    return row
-
-
-def merge_shared_rows(method_name: str, values: dict | None = None) -> list[list[str]]:
-    from merging.methods import get_method
-
-    values = values or {}
-    return [[p.name, _show(values.get(p.name, p.default)), p.help or p.type]
-            for p in get_method(method_name).shared_parameters]
-
-
-def merge_form_to_dict(method: str, base: str, models: Any, shared: Any, lines_on: bool, alpha_auto: bool,
-                       alpha: float, beta: float, out_dtype: str, seed: Any) -> dict:
-    """The Merge tab's widgets -> a mergekit-layout recipe mapping (what the YAML box shows)."""
-    names = merge_columns(method)
-    data: dict[str, Any] = {"merge_method": method}
-    if base:
-        data["base_model"] = base
-    entries = []
-    for row in _rows(models):
-        if not row or not str(row[0] or "").strip():
-            continue
-        params = {}
-        for name, cell in zip(names[1:], row[1:]):
-            v = _cell(cell)
-            if v is not None:
-                params[name] = v
-        entries.append({"model": str(row[0]).strip(), **({"parameters": params} if params else {})})
-    data["models"] = entries
-    shared_params = {}
-    for row in _rows(shared):
-        if row and row[0]:
-            v = _cell(row[1] if len(row) > 1 else None)
-            if v is not None:
-                shared_params[str(row[0])] = v
-    if shared_params:
-        data["parameters"] = shared_params
-    if out_dtype:
-        data["out_dtype"] = out_dtype
-    if lines_on:
-        data["lines"] = {"alpha": "auto" if alpha_auto else float(alpha), "beta": float(beta)}
-    seed_v = _cell(seed)
-    if seed_v not in (None, ""):
-        data["seed"] = int(seed_v)
-    return data
-
-
-def merge_yaml_from_form(*form) -> tuple[str, str]:
-    """(YAML text, status line). The YAML is shown even when the recipe is not valid yet."""
-    import yaml
-
-    data = merge_form_to_dict(*form)
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
-    try:
-        from merging.recipe import MergeRecipe
-
-        text = MergeRecipe.from_dict(data).to_yaml()
-        return text, "✓ recipe is valid"
-    except WeightsmithError as e:
-        return text, f"⚠ {e}"
-
-
-def merge_form_from_yaml(text: str) -> dict:
-    """Parse the YAML box into widget values; raises WeightsmithError on a bad recipe."""
-    from merging.recipe import MergeRecipe
-
-    recipe = MergeRecipe.from_dict(load_yaml(text, what="recipe"))
-    if recipe.slices:
-        raise WeightsmithError("slices recipes are edited in the YAML only (the form shows models recipes)")
-    names = merge_columns(recipe.merge_method)
-    rows = [[m.model, *[_show(m.parameters.get(n)) for n in names[1:]]] for m in recipe.models]
-    lines = recipe.lines
-    return {
-        "method": recipe.merge_method, "base": recipe.base_model or "",
-        "models": {"headers": names, "data": rows or [[""] * len(names)]},
-        "shared": merge_shared_rows(recipe.merge_method, recipe.parameters),
-        "lines_on": lines is not None,
-        "alpha_auto": lines is not None and lines.alpha == "auto",
-        "alpha": 1.0 if lines is None or lines.alpha == "auto" else float(lines.alpha),
-        "beta": 0.0 if lines is None else float(lines.beta),
-        "out_dtype": recipe.out_dtype or "",
-        "seed": "" if recipe.seed is None else str(recipe.seed),
-    }
-
-
-def lines_plot(lines_on: bool, alpha_auto: bool, alpha: float, beta: float, num_blocks: int, num_models: int = 1):
-    """The per-block LiNeS scale λ(ℓ) = α + β·ℓ/(L−1) as a plot (auto α previewed as 1/T)."""
-    from merging.lines import lines_curve
-
-    fig, ax = _figure(5.5, 2.4)
-    L = max(1, int(num_blocks or 1))
-    if not lines_on:
-        ax.plot(range(L), [1.0] * L, color="#999", lw=2)
-        ax.set_title("LiNeS off: every block keeps its full merged task vector", fontsize=9)
-    else:
-        a = (1.0 / max(1, num_models)) if alpha_auto else float(alpha or 0)
-        curve = lines_curve(a, float(beta or 0), L)
-        ax.plot(range(L), curve, marker="o", ms=3, lw=2, color="#f97316")
-        ax.axhline(a, color="#999", ls=":", lw=1)
-        ax.set_title(("α = auto (≈1/T preview, computed in the run)" if alpha_auto else f"α = {a:g}")
-                     + f", β = {float(beta or 0):g}; embeddings/head get α", fontsize=9)
-    ax.set_xlabel("block ℓ")
-    ax.set_ylabel("scale λ(ℓ)")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def norms_plot(norms: dict[str, list[float]] | list[list[float]] | None, labels: list[str] | None = None):
-    """Task-vector L2 norm per block, one line per input model."""
-    fig, ax = _figure(6.5, 2.8)
-    if not norms:
-        ax.set_title("no task vectors (this method has no base)", fontsize=9)
-        return fig
-    items = norms.items() if isinstance(norms, dict) else zip(labels or [f"model {i}" for i in range(len(norms))], norms)
-    for label, values in items:
-        ax.plot(range(len(values)), values, marker="o", ms=3, lw=1.5, label=str(label))
-    ax.set_xlabel("block")
-    ax.set_ylabel("‖τ‖₂ per block")
-    ax.set_title("Task-vector norms per block", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
-
-
 def _merge_tab(wb: Workbench, picker, heavy) -> dict:
     try:
         from merging.methods import REGISTRY
@@ -1079,7 +783,7 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
                     method = gr.Dropdown([(f"{m.label} ({m.name})", m.name) for m in REGISTRY.values()],
                                          value=default_method, label="Method")
                     base = picker("Base model", info="the model the task vectors are taken against")
-                method_info = gr.Markdown(_method_md(default_method))
+                method_info = gr.Markdown(merge_method_md(default_method))
                 with gr.Row():
                     add_ref = picker("Add a model", value=None)
                     add_btn = gr.Button("Add ▾", scale=0, min_width=90)
@@ -1122,16 +826,16 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
 
     def on_method(m, rows):
         # Keep the models, reset the columns to this method's per-model parameters.
-        keep = [r[0] for r in _rows(rows) if r and str(r[0] or "").strip()]
+        keep = [r[0] for r in table_rows(rows) if r and str(r[0] or "").strip()]
         cols = merge_columns(m)
         data = [merge_default_row(m, ref) for ref in keep] or [[""] * len(cols)]
-        return gr.update(value={"headers": cols, "data": data}, headers=cols), merge_shared_rows(m), _method_md(m)
+        return gr.update(value={"headers": cols, "data": data}, headers=cols), merge_shared_rows(m), merge_method_md(m)
 
     def on_add(m, rows, ref):
         if not ref:
             return gr.skip()
         cols = merge_columns(m)
-        data = [r for r in _rows(rows) if r and str(r[0] or "").strip()]
+        data = [r for r in table_rows(rows) if r and str(r[0] or "").strip()]
         data.append(merge_default_row(m, ref))
         return gr.update(value={"headers": cols, "data": data})
 
@@ -1151,7 +855,7 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
             return gr.skip()
 
     def plot(on, auto, a, b, L, rows):
-        n = sum(1 for r in _rows(rows) if r and str(r[0] or "").strip())
+        n = sum(1 for r in table_rows(rows) if r and str(r[0] or "").strip())
         return lines_plot(on, auto, a, b, L, max(1, n))
 
     method.input(on_method, [method, models], [models, shared, method_info], **private).then(
@@ -1171,78 +875,7 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
             "init": (merge_yaml_from_form, form, [recipe, recipe_status])}
 
 
-def _method_md(name: str) -> str:
-    from merging.methods import get_method
-
-    m = get_method(name)
-    base = {"required": "needs a base model", "optional": "base model optional", "none": "no base model"}[m.needs_base]
-    paper = f" · [paper]({m.paper_url})" if m.paper_url else ""
-    extra = f" · {m.description}" if getattr(m, "description", "") else ""
-    return f"**{m.label}** · {base}{paper}{extra}"
-
-
 DEMO_ADAPTER_PREFIX = "demo-adapter:"
-
-
-def adapter_method_choices() -> list[tuple[str, str]]:
-    from merging.adapters import ADAPTER_METHODS
-
-    return [(f"{m.label}{' ✓ exact in ΔW' if m.exact_in_delta_w else ''}", m.name) for m in ADAPTER_METHODS.values()]
-
-
-def adapter_method_md(name: str) -> str:
-    from merging.adapters import ADAPTER_METHODS
-
-    m = ADAPTER_METHODS.get(name)
-    if m is None:
-        return ""
-    exact = ("**exact in ΔW space**" if m.exact_in_delta_w
-             else "**not exact in ΔW space** (A and B mixed separately: cross terms Bᵢ·Aⱼ)"
-             if m.space == "factors" else "**not exact in ΔW space** (a rule on ΔWᵢ, then SVD)")
-    return f"{m.description} · {exact} · output rank: {m.rank}"
-
-
-def adapter_param_rows(name: str, values: dict | None = None) -> list[list[str]]:
-    from merging.adapters import ADAPTER_METHODS
-
-    m = ADAPTER_METHODS.get(name)
-    values = values or {}
-    return [[k, _show(values.get(k, v))] for k, v in (m.parameters.items() if m else [])]
-
-
-def mix_form_to_yaml(base: str, adapters: Any, method: str, params: Any, lines_on: bool, alpha: float,
-                     beta: float, output: str) -> tuple[str, str]:
-    """The Adapters tab's widgets -> (recipe YAML, status line)."""
-    import yaml
-
-    data: dict[str, Any] = {"base_model": base or "", "adapters": [], "method": method}
-    for row in _rows(adapters):
-        if row and str(row[0] or "").strip():
-            w = _cell(row[1] if len(row) > 1 else None)
-            data["adapters"].append({"adapter": str(row[0]).strip(), "weight": 1.0 if w is None else w})
-    p = {}
-    for row in _rows(params):
-        if row and row[0]:
-            v = _cell(row[1] if len(row) > 1 else None)
-            if v is not None:
-                p[str(row[0])] = v
-    from merging.adapters import ADAPTER_METHODS
-
-    defaults = dict(ADAPTER_METHODS[method].parameters) if method in ADAPTER_METHODS else {}
-    p = {k: v for k, v in p.items() if defaults.get(k, object()) != v}  # only what differs from the defaults
-    if p:
-        data["parameters"] = p
-    if lines_on:
-        data["lines"] = {"alpha": float(alpha), "beta": float(beta)}
-    data["merge_into_base"] = output == "merged model"
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    try:
-        from merging.adapters import AdapterMixRecipe
-
-        AdapterMixRecipe.from_dict(data)
-        return text, "✓ recipe is valid"
-    except WeightsmithError as e:
-        return text, f"⚠ {e}"
 
 
 def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
@@ -1302,7 +935,7 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
     def on_add(rows, ref):
         if not ref:
             return gr.skip()
-        data = [r for r in _rows(rows) if r and str(r[0] or "").strip()] + [[ref, "1.0"]]
+        data = [r for r in table_rows(rows) if r and str(r[0] or "").strip()] + [[ref, "1.0"]]
         return gr.update(value={"headers": ["adapter", "weight"], "data": data})
 
     @endpoint
@@ -1314,7 +947,7 @@ def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
         if item.kind != "adapter":
             ws.delete_item(item.name)
             raise WeightsmithError("that upload is a model, not an adapter: import it in the Models tab")
-        data = [r for r in _rows(rows) if r and str(r[0] or "").strip()] + [[item.ref, "1.0"]]
+        data = [r for r in table_rows(rows) if r and str(r[0] or "").strip()] + [[item.ref, "1.0"]]
         return gr.update(value={"headers": ["adapter", "weight"], "data": data}), f"Imported **{item.ref}**"
 
     method.input(on_method, [method], [params, method_info], **private).then(
@@ -1415,26 +1048,6 @@ def _edit_tab(wb: Workbench, picker, heavy) -> dict:
     save_ev = save_btn.click(wb.save_edits, [model, save_as, save_name], save_md, api_name="save_edits", **heavy)
     stop.click(wb.stop, None, edit_md, cancels=[trace_ev, edit_ev, eval_ev, batch_ev], **private)
     return {"creates_items": [save_ev]}
-
-
-def workspace_root(config: AppConfig) -> Path:
-    return Path(config.workspace_root or Path(tempfile.gettempdir()) / "weightsmith-workspaces")
-
-
-def launch_kwargs(config: AppConfig) -> dict:
-    """What ``launch`` needs for this config (the upload size limit).
-
-    The workspace root is deliberately not in ``allowed_paths``: Gradio's file route never serves
-    it, and a file reaches a browser only as the output of that session's own call (Gradio copies
-    it into its cache under a content hash). Keep the root under the system temp folder (the
-    default) or the working directory, where Gradio accepts returned files.
-    """
-    return dict(max_file_size=parse_size(config.max_file_size, what="--max-file-size"))  # one size parser
-
-
-def queue_kwargs(config: AppConfig) -> dict:
-    """What ``queue`` needs for this config: a bounded queue, so a flood of requests is refused, not buffered."""
-    return dict(default_concurrency_limit=config.default_concurrency, max_size=config.queue_max_size)
 
 
 def serve(*, host: str = "127.0.0.1", port: int = 7860, allow_paths: bool = False, share: bool = False,

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import app  # noqa: E402
+from ui import forms, plots  # noqa: E402
+from ui.progress import gradio_job, progress_adapter  # noqa: E402
 from checkpoints.generation import ModelCache, generate_text  # noqa: E402
 from hub_fixtures import GOOD_TOKEN, fake_hub, hub_env, no_internet  # noqa: E402,F401
 
@@ -137,12 +139,38 @@ def test_stop_sets_the_running_jobs_cancel_flag(wb):
 
 def test_progress_adapter_accepts_library_shapes():
     calls = []
-    rep = app.progress_adapter(lambda frac, desc=None: calls.append((round(frac, 3), desc)))
+    rep = progress_adapter(lambda frac, desc=None: calls.append((round(frac, 3), desc)))
     rep(3, 4, "tensors")
     rep(0.5)
     rep(done=1, total=2, desc="x")
     assert calls == [(0.75, "tensors"), (0.5, None), (0.5, "x")]
-    app.progress_adapter(None)(1, 2)  # no bar: silently ignored
+    progress_adapter(None)(1, 2)  # no bar: silently ignored
+
+
+def test_gradio_job_drives_the_bar_and_obeys_the_stop_event():
+    import threading
+
+    from checkpoints.jobs import Cancelled
+
+    calls = []
+    stop = threading.Event()
+    job = gradio_job(lambda frac, desc=None: calls.append((round(frac, 3), desc)), stop)
+    job.step(1, 4, "tensors")
+    job.part(0.5, 1.0).progress(0.5, "half of the rest")
+    job.progress(None, "writing")  # unknown fraction: the bar stays where it was, the text changes
+    assert calls == [(0.25, "tensors"), (0.75, "half of the rest"), (0.75, "writing")]
+    job.check("merge")  # not stopped yet: no error
+    stop.set()  # the Stop button's event
+    assert job.cancelled
+    with pytest.raises(Cancelled, match="merge was cancelled"):
+        job.check("merge")
+    assert not gradio_job(None).cancelled  # without a Stop button: its own event
+    gradio_job(None).progress(0.5, "x")  # no bar: ignored
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("display gone")
+
+    gradio_job(broken).progress(0.5, "x")  # a display never breaks the job
 
 
 def test_workspace_cleanup_forgets_expired_sessions(wb):
@@ -177,47 +205,45 @@ def tiny_adapters(tmp_path_factory, tiny_llama_family):
 
 
 def _merge_form(method="task_arithmetic", models=None, lines=(False, True, 0.5, 0.5)):
-    import app as appmod
-
-    cols = appmod.merge_columns(method)
+    cols = forms.merge_columns(method)
     rows = [["tiny-ft1", "0.5", "1.0"], ["tiny-ft2", "0.5", "1.0"]] if models is None else models
     rows = [r[:len(cols)] for r in rows]
-    return [method, "tiny-base", rows, appmod.merge_shared_rows(method), *lines, "", ""]
+    return [method, "tiny-base", rows, forms.merge_shared_rows(method), *lines, "", ""]
 
 
 def test_merge_form_yaml_round_trip():
     form = _merge_form("ties", [["tiny-ft1", "0.7", "0.5"], ["tiny-ft2", "[0, 1]", "0.5"]], (True, False, 0.2, 0.8))
-    text, status = app.merge_yaml_from_form(*form)
+    text, status = forms.merge_yaml_from_form(*form)
     assert status.startswith("✓"), status
     assert "merge_method: ties" in text and "lines:" in text
-    back = app.merge_form_from_yaml(text)
+    back = forms.merge_form_from_yaml(text)
     assert back["method"] == "ties" and back["base"] == "tiny-base"
     assert back["models"]["data"] == [["tiny-ft1", "0.7", "0.5"], ["tiny-ft2", "[0, 1]", "0.5"]]
     assert (back["lines_on"], back["alpha_auto"], back["alpha"], back["beta"]) == (True, False, 0.2, 0.8)
     # YAML -> form -> YAML is stable.
-    again, _ = app.merge_yaml_from_form(back["method"], back["base"], back["models"]["data"], back["shared"],
+    again, _ = forms.merge_yaml_from_form(back["method"], back["base"], back["models"]["data"], back["shared"],
                                         back["lines_on"], back["alpha_auto"], back["alpha"], back["beta"],
                                         back["out_dtype"], back["seed"])
     assert again == text
     # A bad recipe gives one line and leaves the form alone.
     with pytest.raises(Exception, match="unknown merge method"):
-        app.merge_form_from_yaml("merge_method: nope\nmodels: [{model: a}]\n")
-    _, status = app.merge_yaml_from_form(*_merge_form(models=[]))
+        forms.merge_form_from_yaml("merge_method: nope\nmodels: [{model: a}]\n")
+    _, status = forms.merge_yaml_from_form(*_merge_form(models=[]))
     assert status.startswith("⚠")
 
 
 def test_lines_plot_and_norms_plot_build():
-    fig = app.lines_plot(True, False, 0.2, 0.8, 4)
+    fig = plots.lines_plot(True, False, 0.2, 0.8, 4)
     ys = list(fig.axes[0].lines[0].get_ydata())
     assert ys == pytest.approx([0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0])
-    fig = app.norms_plot({"a": [1.0, 2.0], "b": [0.5, 0.1]})
+    fig = plots.norms_plot({"a": [1.0, 2.0], "b": [0.5, 0.1]})
     assert len(fig.axes[0].lines) == 2
 
 
 def test_merge_handler_writes_private_item_without_leaking_paths(wb, tiny_llama_family):
     from safetensors.torch import load_file
 
-    text, _ = app.merge_yaml_from_form(*_merge_form())
+    text, _ = forms.merge_yaml_from_form(*_merge_form())
     md, fig, ref = wb.merge(text, "m", req("a"), None)
     ws = wb.workspace(req("a"))
     out = ws.item_path(ref)
@@ -267,11 +293,11 @@ def test_mix_adapters_handler_and_playground(wb, tiny_adapters):
 
 
 def test_mix_form_yaml_marks_exactness():
-    text, status = app.mix_form_to_yaml("demo", [["demo-adapter:x", "0.5"]], "cat", [], True, 0.5, 0.5, "merged model")
+    text, status = forms.mix_form_to_yaml("demo", [["demo-adapter:x", "0.5"]], "cat", [], True, 0.5, 0.5, "merged model")
     assert "merge_into_base: true" in text and "lines:" in text and status.startswith("✓")
-    labels = dict((v, k) for k, v in app.adapter_method_choices())
+    labels = dict((v, k) for k, v in forms.adapter_method_choices())
     assert "exact" in labels["cat"] and "exact" not in labels["linear"]
-    assert "not exact" in app.adapter_method_md("linear")
+    assert "not exact" in forms.adapter_method_md("linear")
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +409,7 @@ def test_trace_suggests_a_layer(edit_wb):
 
 
 def test_stop_cancels_a_running_merge_and_leaves_nothing(wb):
-    text, _ = app.merge_yaml_from_form(*_merge_form())
+    text, _ = forms.merge_yaml_from_form(*_merge_form())
     r = req("s")
 
     def press_stop(*args, **kwargs):  # the Stop button, pressed while the first tensors are merged

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import app  # noqa: E402
+from ui import forms  # noqa: E402
 from ui.endpoint import MAX_TEXT_CHARS, scrub_paths  # noqa: E402
 
 HOSTILE = {
@@ -222,7 +223,7 @@ def test_a_table_cell_alias_bomb_is_refused_not_expanded():
     """A merge-table cell holding a YAML alias bomb (10^6 leaves) stays text; the form says the weight is bad."""
     levels = ["&a [1,1,1,1,1,1,1,1,1,1]"] + [f"&{c} [{','.join([f'*{p}'] * 10)}]" for p, c in zip("abcde", "bcdef")]
     bomb = "[" + ", ".join(levels) + "]"
-    assert app._cell(bomb) == bomb and app._cell("[0.1, 0.2]") == [0.1, 0.2]  # plain YAML still parses
-    _, status = app.merge_yaml_from_form("task_arithmetic", "tiny-base", [["tiny-ft1", bomb]], [], False, True,
+    assert forms.cell_value(bomb) == bomb and forms.cell_value("[0.1, 0.2]") == [0.1, 0.2]  # plain YAML still parses
+    _, status = forms.merge_yaml_from_form("task_arithmetic", "tiny-base", [["tiny-ft1", bomb]], [], False, True,
                                          0.5, 0.5, "", "")
     assert status.startswith("⚠") and "weight must be a number" in status
