@@ -112,6 +112,24 @@ def ensure(job: Job | None) -> Job:
     return job if job is not None else Job()
 
 
+StepCallback = Callable[[int, int, str], None]  # the engine's old progress(done, total, text)
+
+
+def callback_job(progress: StepCallback | None, cancel: threading.Event | None, total: int) -> Job:
+    """A job that drives an old ``progress(done, total, text)`` callback and ``cancel`` event.
+
+    Only for callers not yet passing a :class:`Job` (remove it with the last of them).
+    ``total`` is the step count the work reports through :meth:`Job.step`, so the
+    callback gets back the exact ``done`` it was given.
+    """
+
+    def listener(fraction: float | None, text: str) -> None:
+        progress(round(fraction * total) if fraction is not None else 0, total, text)  # type: ignore[misc]
+
+    return Job(listener=listener if progress is not None else None,
+               cancel_event=cancel if cancel is not None else threading.Event())
+
+
 @contextmanager
 def tqdm_job(desc: str = "", *, disable: bool | None = None) -> Iterator[Job]:
     """A job shown as a tqdm bar on stderr (the CLI's renderer); its log is logged at the end."""

@@ -88,7 +88,7 @@ class LocalCheckpoint:
         """A transformers causal LM in ``dtype`` on ``device``; never runs remote code."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .model_cache import building_models
+        from .build_lock import building_models
 
         self.check_matches_config()
         direct = self.kind in ("folder", "hub", "demo", "gguf") and self.support_dir == self.files[0].parent

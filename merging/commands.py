@@ -17,33 +17,22 @@ from checkpoints.sizes import parse_size
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 def _merge(args: argparse.Namespace) -> int:
-    import threading
-
-    from tqdm import tqdm
+    from checkpoints.jobs import tqdm_job
 
     from .engine import run_merge
     from .recipe import MergeRecipe
 
     recipe = MergeRecipe.from_yaml(open_recipe(args.recipe))
-    cancel = threading.Event()
-    bar = tqdm(total=None, unit="tensor", desc="merging", dynamic_ncols=True)
-
-    def progress(done: int, total: int, name: str) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.set_postfix_str(name[-40:], refresh=False)
-        bar.update(done - bar.n)  # redraws at most every mininterval
-
-    try:
-        result = run_merge(recipe, args.out_dir, device=args.device, progress=progress, cancel=cancel,
-                           max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"), overwrite=args.allow_overwrite,
-                           seed=args.seed, collect_norms=False, threads=args.threads or None,
-                           exact_ties=not args.fast_ties, fsync=args.fsync, allow_nonfinite=args.allow_nonfinite)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        bar.close()
+    with tqdm_job("merging") as job:
+        try:
+            result = run_merge(recipe, args.out_dir, job=job, device=args.device,
+                               max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"),
+                               overwrite=args.allow_overwrite, seed=args.seed, collect_norms=False,
+                               threads=args.threads or None, exact_ties=not args.fast_ties, fsync=args.fsync,
+                               allow_nonfinite=args.allow_nonfinite)
+        except KeyboardInterrupt:
+            job.cancel()
+            raise
     extra = f", LiNeS alpha {result.lines_alpha:.4g}" if result.lines_alpha is not None else ""
     print(f"wrote {result.out_dir} ({result.tensors_changed}/{result.tensors_total} tensors changed, "
           f"{result.output_bytes / 1e9:.2f} GB, {result.seconds:.1f} s{extra}; {result.finite_check})")

@@ -208,7 +208,7 @@ def test_loader_mapped_views_unaligned_and_rounded(tmp_path, tiny_llama_family):
     import shutil
 
     from checkpoints.sources import resolve
-    from merging.engine import _Input, _Loader
+    from checkpoints.tensor_loading import TensorLoader
 
     name = "model.layers.0.mlp.down_proj.weight"
     want = CheckpointReader.from_folder(tiny_llama_family["ft1"]).get(name)
@@ -224,12 +224,12 @@ def test_loader_mapped_views_unaligned_and_rounded(tmp_path, tiny_llama_family):
     assert metas["aligned"].data_start % 4 == 0  # mapped
     assert metas[name].data_start % 4 == 2  # read: a float32 view there is not allowed
     for mapped in (False, True):
-        loader = _Loader(capacity=want.numel(), mapped=mapped)
+        loader = TensorLoader(capacity=want.numel(), mapped=mapped)
         for stored in ("aligned", name):
-            got = loader.get(_Input(ck, stored, []), None)
+            got = loader.get(ck.reader(), stored, None)
             assert torch.equal(got, want), (mapped, stored)
             got.add_(1.0)  # the method owns its inputs: this must not reach the file
-            rounded = loader.get(_Input(ck, stored, []), torch.bfloat16)
+            rounded = loader.get(ck.reader(), stored, torch.bfloat16)
             assert torch.equal(rounded, want.to(torch.bfloat16).float()) and not torch.equal(rounded, want)
-        assert torch.equal(loader.get(_Input(ck, "half", []), None), want.to(torch.bfloat16).float())
+        assert torch.equal(loader.get(ck.reader(), "half", None), want.to(torch.bfloat16).float())
     assert (folder / "model.safetensors").read_bytes() == before
