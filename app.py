@@ -32,7 +32,9 @@ from ui.forms import (adapter_method_choices, adapter_method_md, adapter_param_r
                       merge_yaml_from_form, mix_form_to_yaml, table_rows)
 from ui.plots import lines_plot, norms_plot
 from ui.progress import StopEvents, cancellable, progress_adapter
+from checkpoints.demo_adapters import demo_adapter_path, demo_adapter_refs, demo_adapters, is_demo_adapter_ref
 from checkpoints.errors import WeightsmithError
+from checkpoints.cards import load_card
 from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, ModelCache, building_models, release_memory, warm_imports
 from checkpoints.sources import resolve
@@ -46,28 +48,18 @@ from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS, batch_metho
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH_EDITS = 200  # a batch holds the queue's heavy slot; larger files go through the CLI
+
+
 def load_edit_requests(path: Path) -> list:
-    """Edits from an uploaded JSON (CounterFact or flat records, see ``editing.evaluate``) or CSV file.
+    """The edit requests of an uploaded CSV or JSON file (:mod:`editing.batch_file`), at most :data:`MAX_BATCH_EDITS`."""
+    from editing.batch_file import load_edit_requests as load
 
-    A CSV has a header row with the flat format's columns (prompt, subject, target_new, ground_truth).
-    """
-    import csv
-    import io
-
-    from checkpoints.textfiles import read_text
-    from editing.evaluate import load_records, parse_record
-
-    if path.suffix.lower() == ".csv":
-        text = io.StringIO(read_text(path, what="edit requests"), newline="")
-        rows = [r for r in csv.DictReader(text) if any((v or "").strip() for v in r.values())]
-        if not rows:
-            raise WeightsmithError(f"{path.name}: no edit rows (header: prompt,subject,target_new,ground_truth)")
-        records = [parse_record({k.strip(): (v or "").strip() for k, v in r.items() if k}) for r in rows]
-    else:
-        records = load_records(path)
-    if len(records) > 200:
-        raise WeightsmithError(f"{path.name}: {len(records)} records; the app takes at most 200 (use the CLI)")
-    return [r.request() for r in records]
+    requests = load(path)
+    if len(requests) > MAX_BATCH_EDITS:
+        raise WeightsmithError(f"{path.name}: {len(requests)} records; the app takes at most {MAX_BATCH_EDITS} "
+                               f"(use the CLI: weightsmith edit --batch)")
+    return requests
 
 
 def _session_key(request: Any) -> str:
@@ -283,14 +275,9 @@ class Workbench:
     # ---- adapters ------------------------------------------------------------------
     def adapter_ref(self, ws: Workspace, ref: str) -> str:
         """An adapter reference: a bundled demo adapter, a workspace item, or (policy permitting) Hub id / path."""
-        from merging.adapters import demo_adapters
-
         ref = str(ref or "").strip()
-        if ref.startswith(DEMO_ADAPTER_PREFIX):
-            found = demo_adapters().get(ref[len(DEMO_ADAPTER_PREFIX):])
-            if found is None:
-                raise WeightsmithError(f"{ref}: no such demo adapter (have: {', '.join(demo_adapters()) or 'none'})")
-            return str(found)
+        if is_demo_adapter_ref(ref):
+            return str(demo_adapter_path(ref))
         if not ref:
             raise WeightsmithError("no adapter named")
         return ws.resolve_ref(ref, allow_paths=self.config.allow_paths, allow_hub=self.config.allow_hub)
@@ -301,7 +288,7 @@ class Workbench:
 
         Returns (summary Markdown, ``ws:<name>`` of the result).
         """
-        from merging.adapters import AdapterMixRecipe, demo_adapters, mix_adapters
+        from merging.adapters import AdapterMixRecipe, mix_adapters
 
         ws = self.workspace(request)
         data = load_yaml(recipe_yaml, what="mix recipe")
@@ -439,8 +426,7 @@ class Workbench:
                  neighbours: str, request: gr.Request, progress=gr.Progress()):
         """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts,
         and the checks by generation (gen_efficacy, gen_paraphrase, gen_neighborhood, fluency)."""
-        from editing.evaluate import evaluate_edit, harmonic_mean
-        from editing.generation_checks import generation_scores
+        from editing.fact_scores import fact_scores
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
@@ -449,12 +435,7 @@ class Workbench:
         record = {"prompt": prompt, "subject": subject, "target_new": target, "ground_truth": target_true,
                   "rephrase_prompt": [p for p in (paraphrases or "").splitlines() if p.strip()],
                   "locality_prompt": [p for p in (neighbours or "").splitlines() if p.strip()]}
-        scores = evaluate_edit(session.model, session.tokenizer, record)
-        main = [scores[k] for k in ("efficacy", "paraphrase", "neighborhood") if k in scores]
-        if len(main) == 3:
-            scores["score"] = harmonic_mean(main)
-        # What the user would see: is the new answer in the greedy continuation (editing.generation_checks)?
-        scores.update(generation_scores(session.model, session.tokenizer, record))
+        scores = fact_scores(session.model, session.tokenizer, record)
         n = len(session.history)
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
         return rows + [["active edits", str(n)]]
@@ -546,16 +527,12 @@ class Workbench:
         ws = self.workspace(request)
         if not item:
             return "Choose a workspace item to see its model card."
-        path = ws.item_path(item)
-        card = path / "README.md"
-        if not card.exists():
-            return f"*{path.name} has no model card (uploads have none); it will be pushed without one.*"
-        text = card.read_text(encoding="utf-8")
-        if text.startswith("---\n") and "\n---" in text[4:]:
-            # Show the front matter (what the Hub indexes) as YAML, then the card's body.
-            front, body = text[4:].split("\n---", 1)
-            return f"**Front matter**\n```yaml\n{front.strip()}\n```\n{body.lstrip('-').lstrip()}"
-        return text
+        try:
+            card = load_card(ws.item_path(item))
+        except WeightsmithError as e:  # what Push would say; uploads have no card
+            return f"*{e}*"
+        # The front matter (what the Hub indexes) as YAML, then the card's body.
+        return f"**Front matter**\n```yaml\n{card.data.to_yaml()}\n```\n{card.text.lstrip()}"
 
     @endpoint
     def push(self, item: str, repo_id: str, private: bool, token: str, request: gr.Request,
@@ -875,17 +852,14 @@ def _merge_tab(wb: Workbench, picker, heavy) -> dict:
             "init": (merge_yaml_from_form, form, [recipe, recipe_status])}
 
 
-DEMO_ADAPTER_PREFIX = "demo-adapter:"
-
-
 def _adapters_tab(wb: Workbench, picker, heavy) -> dict:
     try:
-        from merging.adapters import ADAPTER_METHODS, demo_adapters
+        import merging.adapters  # noqa: F401
     except ImportError:
         with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
             gr.Markdown("The adapter library is not available in this build.")
         return {}
-    demo_refs = [DEMO_ADAPTER_PREFIX + n for n in demo_adapters()]
+    demo_refs = demo_adapter_refs()
     with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
         with gr.Row():
             with gr.Column(scale=3):

@@ -1,4 +1,4 @@
-"""Editing subcommands: ``trace``, ``edit``, ``eval-edits`` (argument parsing only)."""
+"""Editing subcommands: ``trace``, ``edit`` (one fact, or ``--batch FILE``), ``eval-edits`` (argument parsing only)."""
 
 from __future__ import annotations
 
@@ -49,12 +49,34 @@ def _session(args, ckpt, model, tok):
 def _edit(args: argparse.Namespace) -> int:
     from checkpoints.errors import WeightsmithError
 
+    out = Path(args.out)
+    single = {"--prompt": args.prompt, "--subject": args.subject, "--target": args.target}
+    if args.batch:
+        given = [k for k, v in {**single, "--target-true": args.target_true, "--layer": args.layer}.items()
+                 if v is not None]
+        if given:
+            raise WeightsmithError(f"--batch takes the facts from its file: drop {', '.join(given)}")
+    elif any(v is None for v in single.values()):
+        raise WeightsmithError(f"edit needs {', '.join(k for k, v in single.items() if v is None)} "
+                               "(or --batch FILE with many facts)")
+    if out.exists():
+        raise WeightsmithError(f"{out} already exists (choose another folder)")
+    if args.batch:
+        return _edit_batch(args, out)
+    return _edit_one(args, out)
+
+
+def _write(args: argparse.Namespace, session, out: Path, scores: dict | None = None) -> None:
+    if args.as_adapter:
+        session.export_adapter(out, scores=scores)
+    else:
+        session.export_model(out, scores=scores)
+
+
+def _edit_one(args: argparse.Namespace, out: Path) -> int:
     from .evaluate import EvalRecord, evaluate_edit
     from .request import EditRequest
 
-    out = Path(args.out)
-    if out.exists():
-        raise WeightsmithError(f"{out} already exists (choose another folder)")
     ckpt, model, tok = _load(args.model)
     session = _session(args, ckpt, model, tok)
     req = EditRequest(args.prompt, args.subject, args.target, args.layer, args.target_true)
@@ -71,10 +93,7 @@ def _edit(args: argparse.Namespace) -> int:
         after = evaluate_edit(model, tok, rec)
         scores = {"efficacy_before": before["efficacy"], "efficacy_after": after["efficacy"],
                   "efficacy_magnitude_after": round(after["efficacy_magnitude"], 4)}
-    if args.as_adapter:
-        session.export_adapter(out, scores=scores)
-    else:
-        session.export_model(out, scores=scores)
+    _write(args, session, out, scores)
     info = edit.info
     checks = info["checks"]
     steps = info["steps"][0] if isinstance(info["steps"], list) else info["steps"]
@@ -87,11 +106,30 @@ def _edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit_batch(args: argparse.Namespace, out: Path) -> int:
+    """Many facts from a CSV or JSON file in one update (MEMIT, or AlphaEdit's with an AlphaEdit method)."""
+    from .batch_file import load_edit_requests
+
+    requests = load_edit_requests(Path(args.batch))  # a bad file fails before the model loads
+    ckpt, model, tok = _load(args.model)
+    session = _session(args, ckpt, model, tok)
+    edit = session.apply_batch(requests, progress=_progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    _write(args, session, out)
+    print(f"edited {len(requests)} facts ({edit.method}) over layers {','.join(map(str, edit.layers))} in "
+          f"{edit.info['seconds']:.1f} s; wrote {'adapter' if args.as_adapter else 'model'} to {out}")
+    if edit.warning:
+        print(f"warning: {edit.warning}", file=sys.stderr)
+    return 0
+
+
 def _eval_edits(args: argparse.Namespace) -> int:
-    from .evaluate import GENERATION_KEYS, load_records, run_eval
+    from .batch_file import load_edit_records
+    from .evaluate import GENERATION_KEYS, run_eval
     from .generation_checks import GenerationConfig
 
-    records = load_records(Path(args.file), limit=args.limit)
+    records = load_edit_records(Path(args.file), limit=args.limit)
     ckpt, model, tok = _load(args.model)
     session = _session(args, ckpt, model, tok)
     gen = None if args.no_generation else GenerationConfig(answer_tokens=args.gen_tokens)
@@ -133,12 +171,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="heatmap .png (the numbers go to the same name .json)")
     p.set_defaults(func=_trace)
 
-    p = sub.add_parser("edit", help="rewrite one fact with ROME and save the model or a rank-1 LoRA adapter")
+    p = sub.add_parser("edit", help="rewrite one fact (or a file of them, --batch) and save the model or a LoRA adapter")
     p.add_argument("model", help="demo, a folder, a .safetensors/.gguf file, or a Hub id")
-    p.add_argument("--prompt", required=True, help='prompt with {} for the subject, e.g. "{} is located in the city of"')
-    p.add_argument("--subject", required=True)
-    p.add_argument("--target", required=True, help="the new answer, e.g. Rome")
+    p.add_argument("--prompt", help='prompt with {} for the subject, e.g. "{} is located in the city of"')
+    p.add_argument("--subject")
+    p.add_argument("--target", help="the new answer, e.g. Rome")
     p.add_argument("--target-true", default=None, help="the old answer (optional: scores go in the card)")
+    p.add_argument("--batch", metavar="FILE", default=None,
+                   help="many facts in one update from a CSV (header: prompt,subject,target_new,ground_truth) "
+                        "or JSON file (CounterFact or flat records); memit, or alphaedit-memit/alphaedit "
+                        "with an AlphaEdit --method")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter instead of the full model")
     _stats_args(p)
@@ -146,7 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval-edits", help="CounterFact scores: edit each record on fresh weights, with a baseline")
     p.add_argument("model", help="demo, a folder, a .safetensors/.gguf file, or a Hub id")
-    p.add_argument("file", help="JSON records (original CounterFact or flat format)")
+    p.add_argument("file", help="JSON records (original CounterFact or flat format), or a CSV file")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-generation", action="store_true",

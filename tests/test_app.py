@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import app  # noqa: E402
 from ui import forms, plots  # noqa: E402
 from ui.progress import gradio_job, progress_adapter  # noqa: E402
+from checkpoints.errors import WeightsmithError  # noqa: E402
 from checkpoints.generation import ModelCache, generate_text  # noqa: E402
 from hub_fixtures import GOOD_TOKEN, fake_hub, hub_env, no_internet  # noqa: E402,F401
 
@@ -108,7 +109,10 @@ def test_card_preview(wb, tiny_llama_family):
     assert "no model card" in wb.card_preview(ref, req("a"))
     (wb.workspace(req("a")).item_path(ref) / "README.md").write_text("---\ntags: [x]\n---\n# Hello card")
     preview = wb.card_preview(ref, req("a"))
-    assert "# Hello card" in preview and "```yaml\ntags: [x]\n```" in preview
+    assert "# Hello card" in preview and "```yaml\ntags:\n- x\n```" in preview
+    # A card the Hub would refuse shows the line Push would give (checkpoints.cards.load_card).
+    (wb.workspace(req("a")).item_path(ref) / "README.md").write_text("---\nbase_model: ./mine\n---\n# Hello")
+    assert "base_model './mine' is not a Hub id" in wb.card_preview(ref, req("a"))
 
 
 def test_push_through_the_hub_library(wb, tiny_llama_family, hub_env, fake_hub):
@@ -383,20 +387,15 @@ def test_edit_method_choice_reaches_the_library(edit_wb):
         wb.edit(*fact, method="memitt")
 
 
-def test_batch_edit_file_parsing(tmp_path):
+def test_batch_edit_file_limit(tmp_path):
+    """The app reads edit files with editing.batch_file (tested there) and takes at most MAX_BATCH_EDITS."""
     csv_file = tmp_path / "edits.csv"
-    csv_file.write_text("prompt,subject,target_new,ground_truth\n{} is located in,The Eiffel Tower,Rome,Paris\n"
-                        "The capital of Germany is,Germany,Madrid,Berlin\n")
-    reqs = app.load_edit_requests(csv_file)
-    assert [(q.subject, q.target) for q in reqs] == [("The Eiffel Tower", "Rome"), ("Germany", "Madrid")]
-    js = tmp_path / "edits.json"
-    js.write_text('[{"requested_rewrite": {"prompt": "{} plays", "subject": "Messi", '
-                  '"target_new": {"str": "tennis"}, "target_true": {"str": "football"}}}]')
-    assert app.load_edit_requests(js)[0].target == "tennis"
-    bad = tmp_path / "bad.csv"
-    bad.write_text("prompt,subject\nx,y\n")
-    with pytest.raises(Exception, match="missing field"):
-        app.load_edit_requests(bad)
+    row = "{} is located in,The Eiffel Tower,Rome,Paris\n"
+    csv_file.write_text("prompt,subject,target_new,ground_truth\n" + row * app.MAX_BATCH_EDITS)
+    assert len(app.load_edit_requests(csv_file)) == app.MAX_BATCH_EDITS
+    csv_file.write_text("prompt,subject,target_new,ground_truth\n" + row * (app.MAX_BATCH_EDITS + 1))
+    with pytest.raises(WeightsmithError, match="at most 200 .*weightsmith edit --batch"):
+        app.load_edit_requests(csv_file)
 
 
 def test_trace_suggests_a_layer(edit_wb):
