@@ -17,7 +17,7 @@ from .containment import error_line
 from .errors import WeightsmithError
 from .staging import staged_folder
 from .home import weightsmith_home
-from .model_cache import building_models
+from .build_lock import building_models
 
 log = logging.getLogger(__name__)
 

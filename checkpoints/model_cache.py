@@ -23,25 +23,14 @@ import gc
 import logging
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable
 
+from .build_lock import building_models
 from .errors import WeightsmithError
 
 log = logging.getLogger(__name__)
-
-# A lock, not a cache: it guards transformers' process-global patching (see the module docstring).
-# Re-entrant so a loader that takes it may call another that does.
-_BUILD_LOCK = threading.RLock()
-
-
-@contextmanager
-def building_models() -> Iterator[None]:
-    """Hold the process-wide model-construction lock (wrap every from_pretrained / from_config)."""
-    with _BUILD_LOCK:
-        yield
 
 
 def warm_imports() -> None:
