@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from checkpoints.errors import WeightsmithError
 
 from .generation_checks import GenerationConfig, generation_scores
-from .request import EditRequest, fill, prompt_ids, target_ids
-from .rome import _pad_id
+from .request import EditRequest, fill, pad_id, prompt_ids, target_ids
 
 GENERATION_KEYS = ("gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency")
 
@@ -128,7 +127,7 @@ def target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], *,
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     out: list[float] = []
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     for s in range(0, len(prompts), batch_size):
         rows, spans = [], []
         for p, t in zip(prompts[s:s + batch_size], targets[s:s + batch_size]):

@@ -42,8 +42,7 @@ from typing import Any
 
 import torch
 
-from .request import prompt_ids
-from .rome import _pad_id
+from .request import pad_id, prompt_ids
 
 # Topic-neutral prompts for the fluency of a model as a whole (e.g. after many edits).
 FLUENCY_PROMPTS: tuple[str, ...] = (
@@ -105,7 +104,7 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
                          batch_size: int = 16) -> list[list[int]]:
     """Greedy new token ids after each prompt (left-padded batches; stops at EOS)."""
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
     for s in range(0, len(prompts), batch_size):

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from checkpoints.errors import WeightsmithError
 
 # ROME prompts are one sentence; a long prompt only slows the optimisation and
@@ -98,6 +100,25 @@ def target_ids(tokenizer: Any, target: str) -> list[int]:
     """Ids of ``" " + target`` WITHOUT special tokens: the tokens that follow a prompt."""
     text = target if target.startswith(" ") else " " + target.strip()
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id a batch is padded with: the tokenizer's pad token, else EOS, else 0 (masked out anyway)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one right-padded batch: ``(ids, attention_mask)``, each ``[len(rows), longest]``."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
 
 
 def subject_span(tokenizer: Any, text: str, start: int, subject: str) -> tuple[int, int]:

@@ -44,7 +44,7 @@ from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
 
 from .hooks import StopForward, capture_input, get_module, patch_output, stop_after
-from .request import EditRequest, Tokenised, fill, target_ids, tokenise
+from .request import EditRequest, Tokenised, fill, pad_id, pad_right, target_ids, tokenise
 
 log = logging.getLogger(__name__)
 
@@ -173,28 +173,11 @@ def prefixed(prefixes: list[str], text: str) -> list[str]:
 
 
 # -- batching ------------------------------------------------------------------------------------------
-def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 @torch.no_grad()
 def compute_keys(model, tokenizer, spec: ArchSpec, layer: int, seqs: list[Tokenised]) -> torch.Tensor:
     """Down-projection inputs of ``layer`` at each sequence's subject-last token: ``[n, in]``."""
     device = next(model.parameters()).device
-    ids, mask = _pad_right([s.ids for s in seqs], _pad_id(tokenizer))
+    ids, mask = pad_right([s.ids for s in seqs], pad_id(tokenizer))
     name = spec.module("mlp_out", layer)
     with capture_input(model, name) as seen, stop_after(model, name):
         try:
@@ -219,7 +202,7 @@ class SplitBatch:
         self.model = model
         self.base = model.base_model
         self.device = next(model.parameters()).device
-        pad = _pad_id(tokenizer)
+        pad = pad_id(tokenizer)
         heads = [r[:s] for r, s in zip(rows, split)]
         tails = [r[s:] for r, s in zip(rows, split)]
         self.head_len = torch.tensor([len(h) for h in heads])
@@ -239,7 +222,7 @@ class SplitBatch:
             cache = out.past_key_values
             self.kv = [(layer.keys, layer.values) for layer in cache.layers]
             self._cache_cls = DynamicCache
-        self.tail_ids, self.tail_mask = _pad_right(tails, pad)
+        self.tail_ids, self.tail_mask = pad_right(tails, pad)
         self.tail_pos = self.head_len[:, None] + torch.arange(self.tail_ids.shape[1])[None, :]
 
     def run(self) -> torch.Tensor:
