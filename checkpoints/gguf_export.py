@@ -47,11 +47,12 @@ import torch
 from .arch import ArchSpec, supported_architectures
 from .errors import WeightsmithError
 from .gguf_check import name_table, permuted_heads
+from .jobs import Job, StepCallback, legacy_job
 from .staging import new_staging_dir, output_error
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, str], None]  # progress(done, total, tensor_name), as the merge engine calls it
+Progress = StepCallback  # the older progress(done, total, tensor_name); pass a checkpoints.jobs.Job instead
 
 # --type value -> (GGML tensor type, general.file_type)
 GGUF_TYPES: dict[str, tuple[str, str]] = {
@@ -175,20 +176,18 @@ class GGUFExportResult:
                 f"{self.tensors} tensors ({mix}), {self.seconds:.1f} s")
 
 
-def _check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise WeightsmithError("GGUF export cancelled; nothing was written")
-
-
 def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], tensors: list[GGUFTensor], *,
-               overwrite: bool = False, progress: Progress | None = None,
+               overwrite: bool = False, job: Job | None = None, progress: Progress | None = None,
                cancel: threading.Event | None = None) -> tuple[Path, int]:
     """Write a GGUF file tensor by tensor into a staging folder beside ``out_path``, check it, rename it into place.
 
+    ``job`` gets one step per tensor and is checked for a cancel before each
+    (``progress``/``cancel``: the older form of the same, not both).
     Returns (path, bytes). Nothing is left at ``out_path`` on an error or a cancel.
     """
     import gguf
 
+    job = legacy_job(job, progress, cancel, len(tensors))
     out_path = Path(out_path)
     if out_path.is_dir():
         raise WeightsmithError(f"{out_path} is a folder; name the .gguf file to write")
@@ -207,7 +206,7 @@ def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], t
         align = writer.data_alignment
         expected = _pad(writer.fout[0].tell(), align) + sum(_pad(t.nbytes, align) for t in tensors)
         for i, t in enumerate(tensors):
-            _check_cancel(cancel)
+            job.check("the GGUF export")
             data = t.produce()
             # one pass, no tensor-sized temporaries: NaN propagates into min/max, an infinity is an extreme
             lo, hi = (float(v) for v in torch.aminmax(data)) if data.numel() else (0.0, 0.0)
@@ -218,8 +217,7 @@ def write_gguf(out_path: Path, arch: str, add_metadata: Callable[[Any], None], t
             arr = encode(data.detach().to("cpu", torch.float32).numpy(), ggml_type(t.qtype))
             writer.write_tensor_data(arr)
             del data, arr
-            if progress is not None:
-                progress(i + 1, len(tensors), t.name)
+            job.step(i + 1, len(tensors), t.name)
         writer.close()
         size = _check_written(tmp, len(tensors), expected)
         os.replace(tmp, out_path)
@@ -380,15 +378,17 @@ def estimate_size(ckpt, qtype: str) -> int:
 
 
 def export_gguf(model: Any, out_path: Path | str, *, qtype: str = "q8_0", overwrite: bool = False,
-                progress: Progress | None = None, cancel: threading.Event | None = None,
+                job: Job | None = None, progress: Progress | None = None, cancel: threading.Event | None = None,
                 name: str | None = None) -> GGUFExportResult:
     """Export ``model`` (anything :func:`checkpoints.sources.resolve` accepts, or a ``LocalCheckpoint``) to GGUF.
 
     Args:
         out_path: the ``.gguf`` file to write; it must not exist unless ``overwrite``.
         qtype: one of :data:`GGUF_TYPES`.
-        progress: called as ``progress(done, total, tensor_name)`` after each tensor.
-        cancel: when set, the export stops at the next tensor and nothing is written.
+        job: progress (one step per tensor), cancel and log (:mod:`checkpoints.jobs`); a
+            cancelled job stops the export at the next tensor and nothing is written.
+        progress, cancel: the older ``progress(done, total, tensor_name)`` callback and
+            cancel event, for callers not yet passing ``job`` (not both).
         name: ``general.name`` in the file (default: the checkpoint's public name).
 
     Raises :class:`WeightsmithError` (one line) for an unsupported architecture,
@@ -403,7 +403,7 @@ def export_gguf(model: Any, out_path: Path | str, *, qtype: str = "q8_0", overwr
     arch = gguf_arch_of(ckpt.spec)
     plans = plan_model(ckpt, qtype)
     path, size = write_gguf(Path(out_path), arch, lambda w: _add_model_metadata(w, ckpt, qtype, name or ckpt.name),
-                            plans, overwrite=overwrite, progress=progress, cancel=cancel)
+                            plans, overwrite=overwrite, job=job, progress=progress, cancel=cancel)
     result = GGUFExportResult(path, qtype, len(plans), size, time.perf_counter() - started,
                               dict(Counter(p.qtype for p in plans)))
     log.debug("%s", result.summary())

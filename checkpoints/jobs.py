@@ -115,13 +115,17 @@ def ensure(job: Job | None) -> Job:
 StepCallback = Callable[[int, int, str], None]  # the engine's old progress(done, total, text)
 
 
-def callback_job(progress: StepCallback | None, cancel: threading.Event | None, total: int) -> Job:
-    """A job that drives an old ``progress(done, total, text)`` callback and ``cancel`` event.
+def legacy_job(job: Job | None, progress: StepCallback | None, cancel: threading.Event | None, total: int) -> Job:
+    """``job``; or, for callers not yet passing one, a job that drives the older
+    ``progress(done, total, text)`` callback and ``cancel`` event (remove with the last of them).
 
-    Only for callers not yet passing a :class:`Job` (remove it with the last of them).
     ``total`` is the step count the work reports through :meth:`Job.step`, so the
-    callback gets back the exact ``done`` it was given.
+    callback gets back the exact ``done`` it was given. Passing both forms is an error.
     """
+    if job is not None:
+        if progress is not None or cancel is not None:
+            raise ValueError("pass job, or the older progress/cancel, not both")
+        return job
 
     def listener(fraction: float | None, text: str) -> None:
         progress(round(fraction * total) if fraction is not None else 0, total, text)  # type: ignore[misc]

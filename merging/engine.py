@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.jobs import Cancelled, Job, StepCallback, callback_job, ensure
+from checkpoints.jobs import Cancelled, Job, StepCallback, legacy_job
 from checkpoints.sources import LocalCheckpoint
 from checkpoints.tensor_loading import Prefetcher, TensorLoader
 from checkpoints.tensors import CheckpointReader, ShardedWriter, tied_head_names
@@ -128,8 +128,6 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
     Returns a :class:`MergeResult`. Raises :class:`WeightsmithError` (one line) for
     bad input, :class:`checkpoints.jobs.Cancelled` (``MergeCancelled``) when cancelled.
     """
-    if job is not None and (progress is not None or cancel is not None):
-        raise ValueError("run_merge: pass job, or the older progress/cancel, not both")
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(max(1, int(threads)))
@@ -147,9 +145,8 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise WeightsmithError(f"{out_dir} already exists (choose another folder or allow overwrite)")
-    legacy = job is None and (progress is not None or cancel is not None)
-    job = ensure(job)
-    job.progress(0.0, "checking models")
+    if job is not None:
+        job.progress(0.0, "checking models")
     ckpts = resolve_models(recipe, allow_local=allow_local, trusted_roots=trusted_roots)
     ref = ckpts[recipe.base_model] if recipe.base_model else ckpts[first_model(recipe)]
     check_compatible(recipe, ckpts)
@@ -159,8 +156,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
     lines = recipe.lines
     auto = lines is not None and lines.alpha == "auto"
     total_steps = len(plans) * (2 if auto else 1)
-    if legacy:
-        job = callback_job(progress, cancel, total_steps)
+    job = legacy_job(job, progress, cancel, total_steps)
     norms = _NormTracker(recipe, ckpts, method, num_blocks, enabled=collect_norms)
     out_config = output_config(recipe, ref, num_blocks)
     skip = tied_head_names(out_config, ref.spec)
