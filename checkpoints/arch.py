@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 
@@ -65,6 +65,9 @@ class ArchSpec:
     # rotary layout (transformers' GGUF loader permutes them back).
     gguf_arch: str | None = None
     gguf_rope_permute: tuple[str, str] | None = None
+    # Whether the head shares the embedding matrix when a config does not say
+    # (``tie_word_embeddings`` missing): transformers' GPT2Config ties by default.
+    tied_head_default: bool = False
     _block_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +134,44 @@ class ArchSpec:
         """Inverse of :meth:`as_out_in`: an ``[out, in]`` tensor in stored layout."""
         return weight.T if self.transposed else weight
 
+    def module_transposed(self, module: str) -> bool:
+        """True when ``module``'s weight is stored ``[in, out]``.
+
+        ``weight_layout`` describes the projections inside the blocks: GPT-2's
+        Conv1D lives there, while its head outside the blocks is an ``nn.Linear``.
+        """
+        return self.transposed and self.locate(f"{module}.weight").kind == "block"
+
+    def weight_name(self, module: str, names: Iterable[str]) -> str | None:
+        """The checkpoint tensor among ``names`` holding ``module``'s weight, or None.
+
+        ``module`` is named as in the loaded model (``transformer.h.0.mlp.c_fc``);
+        a checkpoint may store it without an optional prefix (``h.0.mlp.c_fc.weight``).
+        """
+        names = names if isinstance(names, (set, frozenset, dict)) else set(names)
+        candidates = [f"{module}.weight"] + [f"{module[len(p):]}.weight" for p in self.optional_prefixes
+                                             if module.startswith(p)]
+        return next((c for c in candidates if c in names), None)
+
+    def module_name(self, weight: str) -> str:
+        """Inverse of :meth:`weight_name`: the loaded model's module path of checkpoint tensor ``weight``."""
+        module = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+        if self.optional_prefixes and not any(module.startswith(p) for p in self.optional_prefixes):
+            return self.optional_prefixes[0] + module
+        return module
+
+    def tied_head_names(self, config: Mapping[str, Any]) -> list[str]:
+        """Names of head weights that a tied-embedding model does not store.
+
+        For ``tie_word_embeddings`` models (gpt2, SmolLM2) ``lm_head.weight`` is
+        the embedding matrix; writing it again would double the file and, worse,
+        let a merge make the two differ.
+        """
+        tied = config.get("tie_word_embeddings")
+        if tied is None:
+            tied = self.tied_head_default
+        return [f"{h}.weight" for h in self.head] if tied else []
+
     def num_layers(self, config: Mapping[str, Any] | Any) -> int:
         """Number of transformer blocks, from a config object or dict."""
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
@@ -182,6 +223,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             num_layers_key="n_layer",
             optional_prefixes=("transformer.",),
             gguf_arch="gpt2",
+            tied_head_default=True,  # GPT2Config ties the head to wte unless told otherwise
         ),
         ArchSpec(
             model_type="gpt_neox",

@@ -29,6 +29,7 @@ from .arch import ArchSpec, spec_for
 from .containment import error_line, member_path
 from .demo import DEMO_NAME, demo_folder, demo_model_path
 from .errors import WeightsmithError
+from .peft_adapter import is_adapter_folder
 from .hub_download import download_from_hub
 from .refs import is_hub_id
 from .tensors import (SUPPORT_FILES, CheckpointReader, TensorMeta, parse_json_object, read_safetensors_header,
@@ -175,7 +176,7 @@ def _read_config(folder: Path, who: str) -> dict[str, Any]:
 
 def _from_folder(ref: str, folder: Path, kind: str, name: str, hub_id: str | None = None) -> LocalCheckpoint:
     config = _read_config(folder, name)
-    if (folder / "adapter_config.json").exists() and not any(folder.glob("model*.safetensors")):
+    if is_adapter_folder(folder) and not any(folder.glob("model*.safetensors")):
         raise WeightsmithError(f"{name}: this is a PEFT adapter, not a model (use it as an adapter)")
     for support in SUPPORT_FILES:  # transformers reads these straight from the folder
         if (folder / support).exists() or (folder / support).is_symlink():

@@ -37,7 +37,9 @@ from typing import Iterable
 
 from .containment import member_path
 from .errors import WeightsmithError
-from .tensors import parse_json_object, read_safetensors_header
+from .peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
+from .peft_adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from .peft_adapter import is_adapter_folder, load_adapter_folder
 from .workspace import Workspace, safe_item_name
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,7 @@ def _check_suffix(filename: str) -> None:
 
 def _content_root(folder: Path) -> Path:
     """The one folder that holds the checkpoint files (a zip often wraps them in a folder)."""
-    markers = ("adapter_config.json", "config.json", "*.safetensors", "*.gguf")
+    markers = (ADAPTER_CONFIG, "config.json", "*.safetensors", "*.gguf")
     dirs = set()
     for pattern in markers:
         dirs.update(p.parent for p in folder.rglob(pattern) if p.is_file())
@@ -195,7 +197,7 @@ def _content_root(folder: Path) -> Path:
 
 
 def _classify(folder: Path) -> str:
-    if (folder / "adapter_config.json").exists():
+    if is_adapter_folder(folder):
         return "adapter"
     ggufs = list(folder.glob("*.gguf"))
     if ggufs:
@@ -206,13 +208,10 @@ def _classify(folder: Path) -> str:
 
 
 def _check_adapter(folder: Path) -> None:
-    config_path = member_path(folder, "adapter_config.json", owner="adapter upload")
-    config = parse_json_object(config_path.read_bytes(), "adapter_config.json")
-    if "r" not in config:
-        raise WeightsmithError("adapter_config.json: not a PEFT LoRA config (no 'r')")
-    if not (folder / "adapter_model.safetensors").exists():
-        raise WeightsmithError("adapter upload needs adapter_model.safetensors next to adapter_config.json")
-    read_safetensors_header(member_path(folder, "adapter_model.safetensors", owner="adapter upload"))
+    """Read the uploaded adapter as every adapter is read: config, factors, containment, one line on error."""
+    if not (folder / ADAPTER_WEIGHTS).exists():
+        raise WeightsmithError(f"adapter upload needs {ADAPTER_WEIGHTS} next to {ADAPTER_CONFIG}")
+    load_adapter_folder(folder, name="upload")
 
 
 def import_upload(workspace: Workspace, files: Iterable[str | Path], *, name: str | None = None,

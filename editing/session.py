@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from checkpoints.arch import spec_for
 from checkpoints.cards import CardInfo, write_card
 from checkpoints.errors import WeightsmithError
+from checkpoints.peft_adapter import factors_from_state, unit_scale_config, write_adapter
 from checkpoints.sources import public_name
 from checkpoints.tensors import ShardedWriter, tied_head_names
 
@@ -504,21 +504,15 @@ class EditSession:
     def export_adapter(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
                        overwrite: bool = False) -> Path:
         """Write the edits as a PEFT LoRA adapter (rank 1 per edit, ΔW = B·A); returns the folder."""
-        from peft import LoraConfig
-
         if not self._edits:
             raise WeightsmithError("no edits to export")
         tensors, ranks = self.adapter_tensors()
-        modules = sorted(ranks)
-        r = max(ranks.values())
-        # lora_alpha = r for every module: PEFT scales by alpha/r, which must be exactly 1.
-        config = LoraConfig(r=r, lora_alpha=r, target_modules=modules, lora_dropout=0.0, bias="none",
-                            rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
-                            fan_in_fan_out=self.spec.transposed, task_type="CAUSAL_LM",
-                            base_model_name_or_path=self.base_name, init_lora_weights=True)
-        with ShardedWriter(Path(out_dir), overwrite=overwrite) as w:
-            save_file(tensors, str(w.staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-            config.save_pretrained(str(w.staging))
-            w.write_text("edit_log.json", json.dumps(self.history, indent=2, default=str))
-            write_card(w.staging, self._card("adapter", scores, "peft"))
-        return Path(out_dir)
+        factors = factors_from_state(self.base_name, tensors)  # checked: finite, chaining
+        # Scaling 1 for every module (lora_alpha = r per module), so PEFT's ΔW is B·A exactly.
+        config = unit_scale_config(ranks, base_model=self.base_name, spec=self.spec)
+
+        def extra(folder: Path) -> None:
+            (folder / "edit_log.json").write_text(json.dumps(self.history, indent=2, default=str), encoding="utf-8")
+            write_card(folder, self._card("adapter", scores, "peft"))
+
+        return write_adapter(Path(out_dir), config, factors, extra=extra, overwrite=overwrite)

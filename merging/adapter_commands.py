@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import threading
 from pathlib import Path
 
 from checkpoints.errors import WeightsmithError
-
-
-def _tqdm_progress(desc: str):
-    """A ``progress(fraction, desc)`` callback drawing a tqdm bar; returns (callback, bar)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, desc=desc, unit="%", dynamic_ncols=True, bar_format="{l_bar}{bar}| {postfix}")
-
-    def progress(fraction: float, text: str = "") -> None:
-        bar.n = int(round(100 * max(0.0, min(1.0, fraction))))
-        bar.set_postfix_str(text[-50:], refresh=False)
-        bar.refresh()
-
-    return progress, bar
+from checkpoints.jobs import tqdm_job
 
 
 def _mix(args: argparse.Namespace) -> int:
@@ -30,17 +16,10 @@ def _mix(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise WeightsmithError(f"{args.recipe}: no such recipe file")
     recipe = AdapterMixRecipe.from_yaml(path)
-    progress, bar = _tqdm_progress("mixing")
-    cancel = threading.Event()
-    try:
-        result = mix_adapters(recipe, Path(args.out_dir), progress=progress, cancel=cancel, device=args.device,
+    with tqdm_job("mixing") as job:
+        result = mix_adapters(recipe, Path(args.out_dir), job=job, device=args.device,
                               merge_into_base=True if args.merge_into_base else None,
                               overwrite=args.allow_overwrite)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        bar.close()
     exact = "exact in ΔW space" if result.exact_in_delta_w else "not exact in ΔW space (A and B mixed separately)"
     lines = f", LiNeS alpha {result.lines_alpha:.4g}" if result.lines_alpha is not None else ""
     print(f"wrote {result.kind} {result.out_dir} ({result.method}: {exact}; rank {result.rank}, "
@@ -53,12 +32,9 @@ def _mix(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from .lora_extract import extract_lora
 
-    progress, bar = _tqdm_progress("extracting")
-    try:
+    with tqdm_job("extracting") as job:
         res = extract_lora(args.finetuned, args.base, Path(args.out_dir), rank=args.rank, energy=args.energy,
-                           device=args.device, progress=progress, overwrite=args.allow_overwrite)
-    finally:
-        bar.close()
+                           device=args.device, job=job, overwrite=args.allow_overwrite)
     print(f"{'module':<48} {'rank':>5} {'energy':>8} {'rel.error':>10}")
     for e in res.layers:
         print(f"{e.module:<48} {e.rank:>5} {e.energy:>8.4f} {e.relative_error:>10.3e}")

@@ -41,8 +41,9 @@ from checkpoints.gguf_export import (
     tensor_type,
     write_gguf,
 )
+from checkpoints.peft_adapter import CONFIG_NAME, LoraAdapter
 from checkpoints.sources import resolve
-from merging.adapters import CONFIG_NAME, LoraAdapter, _base_tensor_name, check_compatible, load_adapter
+from merging.adapter_files import check_compatible, load_adapter
 
 ADAPTER_GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_lora_to_gguf.py offers
 
@@ -71,7 +72,7 @@ def plan_adapter(adapter: LoraAdapter, base, qtype: str) -> tuple[list[GGUFTenso
     alpha = float(adapter.config.get("lora_alpha") or adapter.rank)
     plans: list[GGUFTensor] = []
     for module, (a, b) in sorted(adapter.factors.items(), key=lambda kv: _block_order(base, kv[0])):
-        src = _base_tensor_name(module, names, base.spec)
+        src = base.spec.weight_name(module, names)
         if src is None:
             raise WeightsmithError(f"adapter {adapter.name}: the base {base.name} has no weight for {module}")
         target = name_of(src)
@@ -168,7 +169,7 @@ def check_adapter_gguf(path: Path, adapter: LoraAdapter, base) -> GGUFCheck:
         return decode(t.data, t.tensor_type.name, tuple(int(s) for s in reversed(t.shape))).astype(np.float64)
 
     for module in adapter.factors:
-        src = _base_tensor_name(module, names, base.spec)
+        src = base.spec.weight_name(module, names)
         target = table.get_name(src, try_suffixes=(".weight", ".bias")) if src else None
         ta, tb = (found.get(f"{target}.lora_{x}") for x in "ab") if target else (None, None)
         expected |= {f"{target}.lora_a", f"{target}.lora_b"}

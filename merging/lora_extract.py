@@ -20,29 +20,19 @@ Example::
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from checkpoints.cards import CardInfo
+from checkpoints.cards import CardInfo, write_card
 from checkpoints.errors import WeightsmithError
+from checkpoints.jobs import Job
+from checkpoints.peft_adapter import compact_targets, unit_scale_config, write_adapter
 from checkpoints.sources import LocalCheckpoint, resolve
 
-from .adapters import (
-    PEFT_PREFIX,
-    Cancel,
-    Progress,
-    _base_public,
-    _check_cancel,
-    _report,
-    compact_targets,
-    few_threads,
-    write_adapter_folder,
-)
+from .adapter_mix import Cancel, Progress, few_threads, job_from_callbacks, public_base
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +97,7 @@ def _check_pair(ft: LocalCheckpoint, base: LocalCheckpoint) -> None:
 
 
 def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: int | None = None,
-                 energy: float | None = None, *, device: str | torch.device = "cpu",
+                 energy: float | None = None, *, device: str | torch.device = "cpu", job: Job | None = None,
                  progress: Progress | None = None, cancel: Cancel | None = None,
                  overwrite: bool = False) -> ExtractResult:
     """Write a PEFT LoRA adapter approximating ``finetuned − base`` to ``out_dir``.
@@ -118,9 +108,12 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: i
         energy: keep the smallest rank whose singular values hold this share (0–1] of Σσ².
             With both, the smaller rank wins; one of them is required.
         device: where the SVDs run.
+        job: progress, cancel and log (:class:`checkpoints.jobs.Job`); ``progress``/``cancel``
+            are the old keywords, kept for this session.
 
     Returns an :class:`ExtractResult` with the relative Frobenius error per module.
     """
+    job = job_from_callbacks(job, progress, cancel)
     t0 = time.time()
     if rank is None and energy is None:
         raise WeightsmithError("extract-lora needs --rank or --energy")
@@ -139,10 +132,10 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: i
 
     layers: list[LayerError] = []
     not_captured: dict[str, float] = {}
-    state: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     unchanged = 0
     for i, name in enumerate(names):
-        _check_cancel(cancel)
+        job.check("the extraction")
         if name not in ft_reader:
             continue
         w_base = base_reader.get(name, device=device)
@@ -168,15 +161,11 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: i
         a = root[:, None] * vh[:r]  # [r, in]
         err = float((d - b @ a).norm() / d.norm())
         kept = float((s[:r].double() ** 2).sum() / (s.double() ** 2).sum())
-        module = name[: -len(".weight")]
-        if spec.optional_prefixes and not any(module.startswith(p) for p in spec.optional_prefixes):
-            # Modules are named as in the loaded model (gpt2: transformer.h.N...), which PEFT matches.
-            module = spec.optional_prefixes[0] + module
+        module = spec.module_name(name)  # as the loaded model names it (gpt2: transformer.h.N...), which PEFT matches
         layers.append(LayerError(module, loc.block, r, int(s.numel()), kept, err))
-        state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to("cpu", torch.float32).contiguous()
-        state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous()
-        if progress is not None and i % 8 == 0:
-            _report(progress, 0.9 * i / len(names), f"SVD of {name} (rank {r})")
+        factors[module] = (a, b)
+        if i % 8 == 0:
+            job.progress(0.9 * i / len(names), f"SVD of {name} (rank {r})")
     if not layers:
         raise WeightsmithError(f"{ft_ckpt.name} and {base_ckpt.name} have identical projection weights: nothing to extract")
     if not_captured:
@@ -184,16 +173,9 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: i
                     len(not_captured), max(not_captured, key=not_captured.get))
 
     max_rank = max(e.rank for e in layers)
-    # Exact module names as regex keys: PEFT matches pattern keys as regexes on the module path.
-    patterns = {re.escape(e.module): e.rank for e in layers if e.rank != max_rank}
     all_modules = _model_modules(base_ckpt, [e.module for e in layers])
-    config: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_public(base_ckpt),
-        "r": max_rank, "lora_alpha": max_rank, "rank_pattern": patterns, "alpha_pattern": dict(patterns),
-        "target_modules": compact_targets([e.module for e in layers], all_modules),
-        "fan_in_fan_out": spec.transposed, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "use_dora": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-    }
+    config = unit_scale_config({e.module: e.rank for e in layers}, base_model=public_base(base_ckpt), spec=spec,
+                               target_modules=compact_targets([e.module for e in layers], all_modules))
     result = ExtractResult(out_dir, max_rank, layers, not_captured, unchanged)
     how = f"rank ≤ {rank}" if energy is None else (f"energy ≥ {energy:g}" + (f", rank ≤ {rank}" if rank else ""))
     summary = (f"A LoRA adapter extracted from the fine-tune {ft_ckpt.hub_id or ft_ckpt.name} by a truncated SVD "
@@ -201,15 +183,15 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: Path, rank: i
     if not_captured:
         summary += (f"\n\n{len(not_captured)} other tensor(s) of the fine-tune differ from the base (embeddings, "
                     "norms or biases) and are not in this adapter.")
-    card = CardInfo(title=out_dir.name, relation="adapter", base_models=[_base_public(base_ckpt)], summary=summary,
+    card = CardInfo(title=out_dir.name, relation="adapter", base_models=[public_base(base_ckpt)], summary=summary,
                     library_name="peft", tags=["lora", "weightsmith", "extracted"],
                     scores={"modules": len(layers), "max rank": max_rank,
                             "mean relative error": result.mean_relative_error,
                             "max relative error": result.max_relative_error})
-    _report(progress, 0.95, "writing adapter")
-    write_adapter_folder(out_dir, config, state, card, overwrite=overwrite)
+    job.progress(0.95, "writing adapter")
+    write_adapter(out_dir, config, factors, extra=lambda folder: write_card(folder, card), overwrite=overwrite)
     result.seconds = time.time() - t0
-    _report(progress, 1.0, f"extracted {len(layers)} modules (max rank {max_rank}) in {result.seconds:.1f} s")
+    job.progress(1.0, f"extracted {len(layers)} modules (max rank {max_rank}) in {result.seconds:.1f} s")
     return result
 
 
