@@ -460,13 +460,9 @@ class ShardedWriter:
 
 
 def tied_head_names(config: dict, spec) -> list[str]:
-    """Names of head weights that a tied-embedding model does not store.
+    """Head weights a tied-embedding model does not store: :meth:`checkpoints.arch.ArchSpec.tied_head_names`.
 
-    For ``tie_word_embeddings`` models (gpt2, SmolLM2) ``lm_head.weight`` is
-    the embedding matrix; writing it again would double the file and, worse,
-    let a merge make the two differ.
+    The rule (and gpt2's default) is declared in the architecture map; this name stays only
+    until its callers (sources, engine, editing's export_model) call the spec directly.
     """
-    tied = config.get("tie_word_embeddings")
-    if tied is None:
-        tied = spec.model_type == "gpt2"
-    return [f"{h}.weight" for h in spec.head] if tied else []
+    return spec.tied_head_names(config)
