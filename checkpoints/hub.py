@@ -47,6 +47,7 @@ from typing import Any
 from .cards import CardInfo, load_card, set_card_repo, write_card
 from .errors import WeightsmithError
 from .hub_client import configure_hub_client, is_timeout
+from .refs import is_hub_id
 from .secrets import check_token, install_redaction, redact, register_secret
 from .sources import public_name
 
@@ -299,17 +300,13 @@ def push_folder(
     case no commit was made.
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     folder = Path(folder)
     report = progress or (lambda fraction, text: None)
     if not folder.is_dir():
         raise WeightsmithError(f"{public_name(str(folder))}: no such folder to push")
     repo_id = (repo_id or "").strip()
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise WeightsmithError(f"{repo_id!r} is not a valid Hub repo id (owner/name)") from None
+    if not is_hub_id(repo_id, owner_optional=True):  # the one rule (checkpoints.refs), before any network
+        raise WeightsmithError(f"{repo_id!r} is not a valid Hub repo id (owner/name)")
     if revision is not None and not revision.strip():
         revision = None
     if constants.HF_HUB_OFFLINE:

@@ -40,7 +40,6 @@ from typing import Iterator, Literal
 
 from .errors import WeightsmithError
 from .refs import is_hub_id
-from .sizes import parse_size  # noqa: F401 - the one size parser, re-exported for older imports
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.sizes import parse_size
 from checkpoints.uploads import import_upload, safe_extract_zip
-from checkpoints.workspace import WorkspaceConfig, WorkspaceManager, parse_size  # re-exported from sizes
+from checkpoints.workspace import WorkspaceConfig, WorkspaceManager
 
 
 @pytest.fixture
