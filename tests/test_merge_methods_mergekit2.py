@@ -70,3 +70,38 @@ def test_sce_one_model_returns_it(tmp_path, tiny_llama_family, fam):
     two, _ = merge(tmp_path, f"merge_method: sce\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'], f['ft2'])}", "two")
     assert not _close(two[MID], fam["ft1"][MID]) and not _close(two[MID], fam["ft2"][MID])
     assert not _close(two[MID], (fam["ft1"][MID] + fam["ft2"][MID]) / 2)
+
+
+# -- karcher --------------------------------------------------------------------------------------
+
+def test_karcher_hand_computed():
+    # Two orthogonal directions: the geodesic midpoint, scaled by the mean norm (2 + 1) / 2.
+    out = call("karcher", None, [[2, 0], [0, 1]])
+    assert torch.allclose(out, torch.tensor([1.5, 1.5]) / math.sqrt(2), atol=1e-6)
+    assert not torch.allclose(out, torch.tensor([1.0, 0.5]), atol=1e-3)  # not the linear mean
+    # Three orthonormal directions: the centre of the octant, by symmetry.
+    out = call("karcher", None, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    assert torch.allclose(out, torch.full((3,), 1 / math.sqrt(3)), atol=1e-6)
+    # The base is one more input with the same weight (mergekit ignores the base role here).
+    assert torch.allclose(call("karcher", [0, 1], [[2, 0]]), torch.tensor([1.5, 1.5]) / math.sqrt(2), atol=1e-6)
+    # An unequal pair is not the midpoint: max_iter 0 stops at the normalised mean of directions.
+    a, b = [1, 0], [0.6, 0.8]
+    mid = torch.tensor([1.6, 0.8]) / torch.tensor([1.6, 0.8]).norm()
+    assert torch.allclose(call("karcher", None, [a, b], max_iter=0), mid, atol=1e-6)
+
+
+def test_karcher_one_model_and_identical_models(tmp_path, tiny_llama_family, fam):
+    f = tiny_llama_family
+    one, _ = merge(tmp_path, f"merge_method: karcher\nmodels:\n{_models(f['ft1'])}")
+    for k in one:
+        assert torch.equal(one[k], fam["ft1"][k]), k
+    twin = tmp_path / "twin"
+    shutil.copytree(f["ft1"], twin)
+    same, _ = merge(tmp_path, f"merge_method: karcher\nmodels:\n{_models(f['ft1'], twin)}", "same")
+    for k in same:
+        assert _close(same[k], fam["ft1"][k], 1e-5), k
+    # non-vacuous: with the base it is neither input, and its norm is the mean of theirs
+    both, _ = merge(tmp_path, f"merge_method: karcher\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'])}", "both")
+    assert not _close(both[MID], fam["ft1"][MID]) and not _close(both[MID], fam["base"][MID])
+    mean_norm = (fam["ft1"][MID].norm() + fam["base"][MID].norm()) / 2
+    assert math.isclose(float(both[MID].norm()), float(mean_norm), rel_tol=1e-5)
