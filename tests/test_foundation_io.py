@@ -247,3 +247,38 @@ def test_hub_id_offline_without_cache_is_one_clear_line(monkeypatch, tmp_path):
         resolve("someone/some-model")
     msg = str(e.value)
     assert "someone/some-model: not in the local Hugging Face cache" in msg and "hf download" in msg
+
+
+def test_add_file_puts_bytes_and_copies_into_the_output_only(tmp_path):
+    src = tmp_path / "tokenizer.json"
+    src.write_bytes(b'{"v": 1}')
+    out = tmp_path / "out"
+    with ShardedWriter(out) as w:
+        w.add("x", torch.arange(3.0))
+        w.add_file("README.md", "héllo\n".encode())
+        w.add_file("tokenizer.json", src)
+        w.add_file("sub/notes.txt", b"first")
+        w.add_file("sub/notes.txt", b"second")  # a later call replaces
+        w.write_text("config.json", "{}\n")
+        assert not out.exists()  # nothing visible before commit
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md", "config.json", "model.safetensors", "sub/notes.txt", "tokenizer.json"]
+    assert (out / "README.md").read_bytes() == "héllo\n".encode()
+    assert (out / "tokenizer.json").read_bytes() == b'{"v": 1}' and src.exists()
+    assert (out / "sub" / "notes.txt").read_bytes() == b"second"
+    assert torch.equal(CheckpointReader.from_folder(out).get("x"), torch.arange(3.0))
+
+
+@pytest.mark.parametrize("name,match", [
+    ("../escape.txt", "leaves the folder"),
+    ("/etc/escape.txt", "absolute path"),
+    ("model.safetensors", "the writer makes this file itself"),
+    (INDEX_NAME, "the writer makes this file itself"),
+    ("model-00001-of-00002.safetensors", "the writer makes this file itself"),
+])
+def test_add_file_refuses_names_outside_or_owned_by_the_writer(tmp_path, name, match):
+    with pytest.raises(WeightsmithError, match=match):
+        with ShardedWriter(tmp_path / "out") as w:
+            w.add("x", torch.zeros(2))
+            w.add_file(name, b"payload")
+    assert list(tmp_path.iterdir()) == []  # aborted: no output, no staging folder, nothing outside

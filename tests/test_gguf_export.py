@@ -239,6 +239,24 @@ def test_streams_tensor_by_tensor(models, tmp_path):
     assert seen[0][0] < seen[-1][1]  # the first tensor's bytes were on disk before the last was read
 
 
+def test_export_reports_and_cancels_through_a_job(models, tmp_path):
+    """One step per tensor, named, through the one job protocol; a cancelled job leaves nothing."""
+    from checkpoints.jobs import Cancelled, Job
+
+    ckpt = resolve(models["llama"])
+    plans = plan_model(ckpt, "f32")
+    job = Job.recording()
+    export_gguf(ckpt, tmp_path / "j.gguf", qtype="f32", job=job)
+    assert [text for _, text in job.events] == [p.name for p in plans] and len(plans) > 10
+    assert [f for f, _ in job.events] == [(i + 1) / len(plans) for i in range(len(plans))]
+    stop = Job(listener=lambda fraction, text: stop.cancel() if fraction >= 0.5 else None)
+    with pytest.raises(Cancelled, match="the GGUF export was cancelled; nothing was written"):
+        export_gguf(ckpt, tmp_path / "c.gguf", qtype="f32", job=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.gguf"]
+    with pytest.raises(ValueError, match="not both"):
+        export_gguf(ckpt, tmp_path / "b.gguf", qtype="f32", job=Job(), progress=lambda *a: None)
+
+
 def test_the_write_check_compares_count_and_size(exports):
     from checkpoints.gguf_export import _check_written
 
