@@ -105,3 +105,35 @@ def test_karcher_one_model_and_identical_models(tmp_path, tiny_llama_family, fam
     assert not _close(both[MID], fam["ft1"][MID]) and not _close(both[MID], fam["base"][MID])
     mean_norm = (fam["ft1"][MID].norm() + fam["base"][MID].norm()) / 2
     assert math.isclose(float(both[MID].norm()), float(mean_norm), rel_tol=1e-5)
+
+
+# -- multislerp -----------------------------------------------------------------------------------
+
+def test_multislerp_hand_computed():
+    w = [{"weight": 0.5}, {"weight": 0.5}]
+    # Orthogonal [3, 0] and [0, 1]: the mean direction (1, 1)/√2, scaled by the mean norm 2.
+    assert torch.allclose(call("multislerp", None, [[3, 0], [0, 1]], w), torch.tensor([2.0, 2.0]) / math.sqrt(2))
+    # Unequal weights 3:1 (normalised): direction ∝ 0.75·(1, 0) + 0.25·(0, 1), norm 0.75·3 + 0.25·1.
+    out = call("multislerp", None, [[3, 0], [0, 1]], [{"weight": 3}, {"weight": 1}])
+    assert torch.allclose(out, torch.tensor([0.75, 0.25]) / math.hypot(0.75, 0.25) * 2.5, atol=1e-6)
+    # With a base: the same on the task vectors, then + base.
+    out = call("multislerp", [1, 1], [[4, 1], [1, 2]], w)
+    assert torch.allclose(out, torch.tensor([1.0, 1.0]) + torch.tensor([2.0, 2.0]) / math.sqrt(2), atol=1e-6)
+    # Task vectors that cancel: the weighted linear mean (here the base), not an error.
+    assert torch.allclose(call("multislerp", [1, 1], [[2, 1], [0, 1], [1, 1]],
+                               [{"weight": 1}, {"weight": 1}, {"weight": 1}]), torch.tensor([1.0, 1.0]))
+
+
+def test_multislerp_identical_models_return_them(tmp_path, tiny_llama_family, fam):
+    f = tiny_llama_family
+    twin = tmp_path / "twin"
+    shutil.copytree(f["ft1"], twin)
+    for base in ("", f"base_model: {f['base']}\n"):
+        out, _ = merge(tmp_path, f"merge_method: multislerp\n{base}models:\n{_models(f['ft1'], twin, weights=[0.3, 0.7])}",
+                       f"out{bool(base)}")
+        for k in out:
+            assert _close(out[k], fam["ft1"][k], 1e-5), k
+    # non-vacuous: two different models give neither of them
+    mix, _ = merge(tmp_path, f"merge_method: multislerp\nbase_model: {f['base']}\n"
+                             f"models:\n{_models(f['ft1'], f['ft2'], weights=[0.5, 0.5])}", "mix")
+    assert not _close(mix[MID], fam["ft1"][MID]) and not _close(mix[MID], fam["ft2"][MID])
