@@ -13,9 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import app  # noqa: E402
 from ui import forms, plots  # noqa: E402
+from ui.config import AppConfig  # noqa: E402
+from ui.handlers_edit import MAX_BATCH_EDITS, load_edit_requests  # noqa: E402
 from ui.progress import gradio_job, progress_adapter  # noqa: E402
+from ui.workbench import Workbench  # noqa: E402
 from checkpoints.errors import WeightsmithError  # noqa: E402
 from checkpoints.generation import ModelCache, generate_text  # noqa: E402
 from hub_fixtures import GOOD_TOKEN, fake_hub, hub_env, no_internet  # noqa: E402,F401
@@ -28,10 +30,10 @@ def req(name: str) -> SimpleNamespace:
 
 @pytest.fixture
 def wb(tmp_path, tiny_llama_family):
-    cfg = app.AppConfig(workspace_root=tmp_path / "ws", named_models={
+    cfg = AppConfig(workspace_root=tmp_path / "ws", named_models={
         "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"]),
         "tiny-ft2": str(tiny_llama_family["ft2"])})
-    return app.Workbench(cfg)
+    return Workbench(cfg)
 
 
 def _upload_tiny(wb, session, folder: Path, name: str) -> str:
@@ -312,9 +314,9 @@ def stats_root(tmp_path_factory):
 
 @pytest.fixture
 def edit_wb(tmp_path, tiny_llama_family, stats_root):
-    cfg = app.AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny-base": str(tiny_llama_family["base"])},
+    cfg = AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny-base": str(tiny_llama_family["base"])},
                         edit_stats_tokens=1000, stats_root=stats_root)
-    return app.Workbench(cfg)
+    return Workbench(cfg)
 
 
 def test_edit_undo_save_and_scores(edit_wb, tiny_llama_family):
@@ -391,11 +393,11 @@ def test_batch_edit_file_limit(tmp_path):
     """The app reads edit files with editing.batch_file (tested there) and takes at most MAX_BATCH_EDITS."""
     csv_file = tmp_path / "edits.csv"
     row = "{} is located in,The Eiffel Tower,Rome,Paris\n"
-    csv_file.write_text("prompt,subject,target_new,ground_truth\n" + row * app.MAX_BATCH_EDITS)
-    assert len(app.load_edit_requests(csv_file)) == app.MAX_BATCH_EDITS
-    csv_file.write_text("prompt,subject,target_new,ground_truth\n" + row * (app.MAX_BATCH_EDITS + 1))
+    csv_file.write_text("prompt,subject,target_new,ground_truth\n" + row * MAX_BATCH_EDITS)
+    assert len(load_edit_requests(csv_file)) == MAX_BATCH_EDITS
+    csv_file.write_text("prompt,subject,target_new,ground_truth\n" + row * (MAX_BATCH_EDITS + 1))
     with pytest.raises(WeightsmithError, match="at most 200 .*weightsmith edit --batch"):
-        app.load_edit_requests(csv_file)
+        load_edit_requests(csv_file)
 
 
 def test_trace_suggests_a_layer(edit_wb):

@@ -15,7 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import app  # noqa: E402
+from ui.config import AppConfig, launch_kwargs  # noqa: E402
+from ui.layout import build_app  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -24,13 +25,13 @@ from gradio_client import Client, handle_file  # noqa: E402
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_family):
     root = tmp_path_factory.mktemp("app-ws")
-    cfg = app.AppConfig(workspace_root=root, max_file_size="50mb", named_models={
+    cfg = AppConfig(workspace_root=root, max_file_size="50mb", named_models={
         "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"]),
         "tiny-ft2": str(tiny_llama_family["ft2"]), "tiny-ft3": str(tiny_llama_family["ft3"])},
         edit_stats_tokens=2000, stats_root=root / "stats")
-    demo = app.build_app(config=cfg)
+    demo = build_app(config=cfg)
     demo.queue(default_concurrency_limit=2).launch(
-        server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_kwargs(cfg))
+        server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **launch_kwargs(cfg))
     try:
         yield demo, cfg
     finally:

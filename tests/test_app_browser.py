@@ -19,7 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import app  # noqa: E402
+from ui.config import AppConfig, launch_kwargs  # noqa: E402
+from ui.layout import build_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -47,11 +48,11 @@ def served(tmp_path_factory, tiny_llama_family):
         pytest.skip(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium) to enable the browser test")
     pytest.importorskip("playwright.sync_api")
     root = tmp_path_factory.mktemp("browser-ws")
-    cfg = app.AppConfig(workspace_root=root, named_models={
+    cfg = AppConfig(workspace_root=root, named_models={
         "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"]),
         "tiny-ft2": str(tiny_llama_family["ft2"])}, stats_root=root / "stats")
-    demo = app.build_app(config=cfg)
-    demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_kwargs(cfg))
+    demo = build_app(config=cfg)
+    demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **launch_kwargs(cfg))
     try:
         yield demo
     finally:
@@ -134,10 +135,10 @@ def make_screenshots(out_dir: Path, *, port: int = 7870, only_models: bool = Fal
     # ROME statistics from the shared wikitext file when present (cached on disk after the first run);
     # otherwise the app's default, text the model samples itself (slow on a busy CPU).
     wiki = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    cfg = app.AppConfig(edit_corpus=str(wiki) if wiki.exists() else None)
-    demo = app.build_app(config=cfg)
+    cfg = AppConfig(edit_corpus=str(wiki) if wiki.exists() else None)
+    demo = build_app(config=cfg)
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        **app.launch_kwargs(cfg))
+                        **launch_kwargs(cfg))
     saved = []
     try:
         with sync_playwright() as p:

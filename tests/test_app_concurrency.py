@@ -19,7 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import app  # noqa: E402
+from ui.config import AppConfig, launch_kwargs, queue_kwargs  # noqa: E402
+from ui.layout import build_app  # noqa: E402
+from ui.workbench import Workbench  # noqa: E402
 from checkpoints.errors import WeightsmithError  # noqa: E402
 from checkpoints.model_cache import ModelCache  # noqa: E402
 
@@ -35,12 +37,12 @@ class _Server:
     """A fresh app on loopback; ``close()`` stops it."""
 
     def __init__(self, root: Path, named: dict[str, Path]):
-        self.cfg = app.AppConfig(workspace_root=root / "ws", max_file_size="50mb",
+        self.cfg = AppConfig(workspace_root=root / "ws", max_file_size="50mb",
                                  named_models={k: str(v) for k, v in named.items()},
                                  edit_stats_tokens=2000, stats_root=root / "stats")
-        self.demo = app.build_app(config=self.cfg)
-        self.demo.queue(**app.queue_kwargs(self.cfg)).launch(
-            server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app.launch_kwargs(self.cfg))
+        self.demo = build_app(config=self.cfg)
+        self.demo.queue(**queue_kwargs(self.cfg)).launch(
+            server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **launch_kwargs(self.cfg))
 
     def client(self) -> Client:
         return Client(self.demo.local_url, verbose=False)
@@ -244,7 +246,7 @@ def test_cleanup_never_removes_a_workspace_under_a_running_job(tmp_path, tiny_ll
     workspace survives (before, it was deleted under the job), and the job's end counts as use."""
     from types import SimpleNamespace
 
-    wb = app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws", workspace_max_age=60, cleanup_every=0,
+    wb = Workbench(AppConfig(workspace_root=tmp_path / "ws", workspace_max_age=60, cleanup_every=0,
                                      named_models={"tiny-base": str(tiny_llama_family["base"])}))
     a = wb.workspace(SimpleNamespace(session_hash="a"))
 

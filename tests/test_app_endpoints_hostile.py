@@ -20,9 +20,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import app  # noqa: E402
-from ui import forms  # noqa: E402
+from ui import forms, workbench_base  # noqa: E402
+from ui.config import AppConfig, launch_kwargs, queue_kwargs  # noqa: E402
 from ui.endpoint import MAX_TEXT_CHARS, scrub_paths  # noqa: E402
+from ui.layout import build_app  # noqa: E402
+from ui.workbench import Workbench  # noqa: E402
 
 HOSTILE = {
     "None": None, "list": ["demo"], "dict": {"model": "demo"}, "huge": "x" * (MAX_TEXT_CHARS + 1),
@@ -39,10 +41,10 @@ def req(name: str) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def wb(tmp_path_factory, tiny_llama_family):
     root = tmp_path_factory.mktemp("hostile")
-    cfg = app.AppConfig(workspace_root=root / "ws", named_models={
+    cfg = AppConfig(workspace_root=root / "ws", named_models={
         "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"])},
         edit_stats_tokens=500, stats_root=root / "stats")
-    return app.Workbench(cfg)
+    return Workbench(cfg)
 
 
 MERGE = ("merge_method: linear\nmodels:\n  - model: tiny-base\n    parameters: {weight: 0.5}\n"
@@ -142,7 +144,7 @@ def test_a_bug_is_logged_not_shown(wb, monkeypatch, caplog):
     def broken(*a, **k):
         raise AttributeError("'NoneType' object has no attribute 'secret_path' at /srv/weights/x")
 
-    monkeypatch.setattr(app, "resolve", broken)
+    monkeypatch.setattr(workbench_base, "resolve", broken)
     with pytest.raises(gr.Error) as e:
         wb.inspect("tiny-base", req("bug"))
     msg = str(e.value.message)
@@ -163,11 +165,11 @@ def test_messages_never_show_server_paths():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_family):
     root = tmp_path_factory.mktemp("hostile-server")
-    cfg = app.AppConfig(workspace_root=root / "ws", named_models={"tiny-base": str(tiny_llama_family["base"])},
+    cfg = AppConfig(workspace_root=root / "ws", named_models={"tiny-base": str(tiny_llama_family["base"])},
                         stats_root=root / "stats")
-    demo = app.build_app(config=cfg)
-    demo.queue(**app.queue_kwargs(cfg)).launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True,
-                                                **app.launch_kwargs(cfg))
+    demo = build_app(config=cfg)
+    demo.queue(**queue_kwargs(cfg)).launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True,
+                                                **launch_kwargs(cfg))
     try:
         yield demo
     finally:

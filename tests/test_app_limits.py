@@ -21,7 +21,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import app  # noqa: E402
+from ui.config import AppConfig, queue_kwargs  # noqa: E402
+from ui.layout import build_app  # noqa: E402
+from ui.workbench import Workbench  # noqa: E402
 from hub_fixtures import fake_hub, hub_env, no_internet  # noqa: E402,F401
 
 SECRET_TEXT = "TOP-SECRET-CONTENT-41"
@@ -69,12 +71,12 @@ def server_cwd(tmp_path, monkeypatch, tiny_llama_family):
     return cwd
 
 
-def _wb(tmp_path, tiny_llama_family, **kw) -> app.Workbench:
-    return app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws", stats_root=tmp_path / "stats",
+def _wb(tmp_path, tiny_llama_family, **kw) -> Workbench:
+    return Workbench(AppConfig(workspace_root=tmp_path / "ws", stats_root=tmp_path / "stats",
                                        named_models={"tiny-base": str(tiny_llama_family["base"])}, **kw))
 
 
-def _secret_calls(wb: app.Workbench, tiny_llama_family) -> dict:
+def _secret_calls(wb: Workbench, tiny_llama_family) -> dict:
     bare = tiny_llama_family["ft2"] / "model.safetensors"
     return {
         "inspect": lambda r: wb.inspect("models/secret", r),
@@ -142,9 +144,9 @@ def test_quota_holds_for_uploads_and_results(tmp_path, tiny_llama_family):
 
 
 def test_the_queue_is_bounded():
-    cfg = app.AppConfig()
-    kw = app.queue_kwargs(cfg)
+    cfg = AppConfig()
+    kw = queue_kwargs(cfg)
     assert kw["max_size"] == cfg.queue_max_size == 64 and kw["default_concurrency_limit"] == 2
-    demo = app.build_app(config=app.AppConfig(queue_max_size=5, workspace_root=None))
-    demo.queue(**app.queue_kwargs(demo.workbench.config))
+    demo = build_app(config=AppConfig(queue_max_size=5, workspace_root=None))
+    demo.queue(**queue_kwargs(demo.workbench.config))
     assert demo._queue.max_size == 5

@@ -137,12 +137,12 @@ def test_cli_method_and_warning_line(sharp_dirs, corpus_file, tmp_path, monkeypa
 
 
 def test_app_history_shows_the_check():
-    import app
+    from ui.tables import history_rows
 
     flagged = {"id": 2, "method": "rome", "layers": [4], "prompt": "{} is in", "subject": "X", "target_new": "Y",
                "seconds": 1.0, "checks": {"relative_norm": 7.2, "flag": True, "warning": "possible disabling edit: ..."}}
     fine = {**flagged, "id": 1, "checks": {"relative_norm": 0.0812, "flag": False, "warning": ""}}
-    rows = app.history_rows([fine, flagged])
+    rows = history_rows([fine, flagged])
     assert [r[-1] for r in rows] == ["ok (‖ΔW‖/‖W‖ 0.0812)", "possible disabling edit: ..."]
     assert len(rows[0]) == 7 and rows[1][3] == "X is in"
 

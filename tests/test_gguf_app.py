@@ -12,7 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import app  # noqa: E402
+from ui.config import AppConfig  # noqa: E402
+from ui.layout import build_app  # noqa: E402
+from ui.workbench import Workbench  # noqa: E402
 from checkpoints.cards import CardInfo, write_card  # noqa: E402
 from hub_fixtures import GOOD_TOKEN, fake_hub, hub_env, no_internet  # noqa: E402,F401
 from test_gguf_export import _save, _trained  # noqa: E402
@@ -31,7 +33,7 @@ def tiny_bpe_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def wb(tmp_path):
-    return app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws"))
+    return Workbench(AppConfig(workspace_root=tmp_path / "ws"))
 
 
 def _item(wb, session: str, folder: Path, name: str) -> str:
@@ -85,7 +87,7 @@ def test_gguf_handlers_refuse_bad_input(wb, tiny_bpe_llama):
 
 
 def test_export_tab_offers_gguf():
-    demo = app.build_app()
+    demo = build_app()
     labels = {getattr(c, "label", None) for c in demo.blocks.values()}
     assert "GGUF type" in labels
     assert any(getattr(fn, "api_name", None) == "export_gguf" for fn in demo.fns.values())
@@ -97,7 +99,7 @@ def test_a_mixed_adapter_item_exports_as_a_gguf_lora(tmp_path, tiny_bpe_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    wb = app.Workbench(app.AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny": str(tiny_bpe_llama)}))
+    wb = Workbench(AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny": str(tiny_bpe_llama)}))
     torch.manual_seed(3)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_bpe_llama),
                                 LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],

@@ -1,0 +1,172 @@
+"""Edit tab handlers: the session's in-memory EditSession, trace, edit, evaluate, undo, batch, save."""
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import gradio as gr
+
+from checkpoints.errors import WeightsmithError
+from checkpoints.generation import stream_text
+from checkpoints.model_cache import LoadedModel, building_models
+from checkpoints.sources import resolve
+from checkpoints.workspace import Workspace
+from editing.methods import METHODS as EDIT_METHODS, batch_method
+
+from .endpoint import FilePath, Range, endpoint
+from .progress import cancellable
+from .tables import history_rows
+
+MAX_BATCH_EDITS = 200  # a batch holds the queue's heavy slot; larger files go through the CLI
+
+
+def load_edit_requests(path: Path) -> list:
+    """The edit requests of an uploaded CSV or JSON file (:mod:`editing.batch_file`), at most :data:`MAX_BATCH_EDITS`."""
+    from editing.batch_file import load_edit_requests as load
+
+    requests = load(path)
+    if len(requests) > MAX_BATCH_EDITS:
+        raise WeightsmithError(f"{path.name}: {len(requests)} records; the app takes at most {MAX_BATCH_EDITS} "
+                               f"(use the CLI: weightsmith edit --batch)")
+    return requests
+
+
+class EditHandlers:
+    """Mixin of :class:`ui.workbench.Workbench`."""
+
+    def edit_session(self, ws: Workspace, model_ref: str, *, create: bool = True):
+        """This workspace's in-memory EditSession for ``model_ref`` (a new one when the model changes)."""
+        from editing.session import EditSession
+
+        resolved = self.ref(ws, model_ref)
+        with self._lock:
+            entry = self._edit_sessions.get(ws.id)
+            if entry is not None and entry[0] == resolved:
+                self._edit_sessions[ws.id] = self._edit_sessions.pop(ws.id)  # most recently used
+                return entry[1]
+        if not create:
+            raise WeightsmithError("no edits yet for this model in this session")
+        ckpt = resolve(resolved, **self.policy(ws))
+        with building_models():
+            model, tokenizer = ckpt.load_model(device=self.config.device), ckpt.load_tokenizer()
+        session = EditSession(model, tokenizer,
+                              stats=self.stats, base_name=ckpt.hub_id or ckpt.name,
+                              corpus=self.config.edit_corpus, stats_tokens=self.config.edit_stats_tokens)
+        with self._lock:
+            self._edit_sessions[ws.id] = (resolved, session)
+            # Each session holds a full model copy: keep only the most recent few.
+            while len(self._edit_sessions) > self.config.max_edit_sessions:
+                self._edit_sessions.pop(next(iter(self._edit_sessions)))
+        return session
+
+    def _greedy(self, session, prompt: str, n: int = 24) -> str:
+        text = ""
+        for text in stream_text(LoadedModel(session.model, session.tokenizer, "edit"), prompt,
+                                max_new_tokens=n, device=self.config.device):
+            pass
+        return text
+
+    @endpoint
+    def trace(self, model: str, prompt: str, subject: str, kind: Literal["hidden", "mlp", "attn"] | None,
+              samples: Annotated[float | None, Range(1, 10, integer=True)],
+              request: gr.Request, progress=gr.Progress()):
+        """Causal trace of the fact; returns (heatmap, Markdown with the suggested layer, suggested layer)."""
+        from editing.trace import causal_trace, plot_trace
+
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model)
+        if not (subject or "").strip():
+            raise WeightsmithError("the subject is empty")
+        result = self.run_job(request, lambda cancel: causal_trace(
+            session.model, session.tokenizer, prompt, subject, kind=kind or "mlp", samples=int(samples or 3),
+            progress=cancellable(progress, cancel), device=self.config.device))
+        layer = result.suggest_layer()
+        fig = plot_trace(result)
+        md = (f"The model's answer: **{result.answer.strip()}** ({result.seconds:.1f} s, {result.samples} noise "
+              f"samples). Suggested edit layer **{layer}** (strongest {result.kind} effect at the subject's "
+              f"last token, or at its strongest token when that row is flat, within the layers ROME edits well); "
+              f"set as the edit layer.")
+        return fig, md, layer
+
+    @endpoint
+    def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str,
+             layer: Annotated[float | None, Range(0, integer=True)],
+             request: gr.Request, progress=gr.Progress(),
+             method: Literal[EDIT_METHODS] | None = None):  # type: ignore[valid-type]
+        """Apply one edit (``method``: rome, r-rome, alphaedit, memit, alphaedit-memit; empty: the default);
+        returns (generation before, after, summary, history table)."""
+        from editing.request import EditRequest
+
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model)
+        req = EditRequest(prompt, subject, target, None if layer in (None, "") else int(layer),
+                          (target_true or None))
+        session.check(req)
+        before = self._greedy(session, req.text)
+        applied = self.run_job(request, lambda cancel: session.apply(req, progress=cancellable(progress, cancel),
+                                                                     method=method or None))
+        after = self._greedy(session, req.text)
+        info = applied.summary()
+        md = (f"Edit **{applied.id}** ({applied.method}): {subject} → **{target}** at layer {','.join(map(str, applied.layers))} "
+              f"in {info.get('seconds', '?')} s. Undo it below; save it from the history."
+              + (f"\n\n**Warning:** {applied.warning}" if applied.warning else ""))
+        return req.text + before, req.text + after, md, history_rows(session.history)
+
+    @endpoint
+    def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
+                 neighbours: str, request: gr.Request, progress=gr.Progress()):
+        """CounterFact-style scores of the current edits on the prompt, paraphrases and neighbour prompts,
+        and the checks by generation (gen_efficacy, gen_paraphrase, gen_neighborhood, fluency)."""
+        from editing.fact_scores import fact_scores
+
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model)
+        if not (target_true or "").strip():
+            raise WeightsmithError("enter the true answer to compare the new target against")
+        record = {"prompt": prompt, "subject": subject, "target_new": target, "ground_truth": target_true,
+                  "rephrase_prompt": [p for p in (paraphrases or "").splitlines() if p.strip()],
+                  "locality_prompt": [p for p in (neighbours or "").splitlines() if p.strip()]}
+        scores = fact_scores(session.model, session.tokenizer, record)
+        n = len(session.history)
+        rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
+        return rows + [["active edits", str(n)]]
+
+    @endpoint
+    def undo(self, model: str, edit_id: Annotated[float | None, Range(0, integer=True)], request: gr.Request):
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model, create=False)
+        if edit_id in (None, ""):
+            raise WeightsmithError("enter the id of the edit to undo (see the history)")
+        session.undo(int(edit_id))
+        return history_rows(session.history), f"Undid edit {int(edit_id)}; the weights are exactly as without it."
+
+    @endpoint
+    def edit_batch(self, model: str, file: FilePath, request: gr.Request, progress=gr.Progress(),
+                   method: Literal[EDIT_METHODS] | None = None):  # type: ignore[valid-type]
+        """Apply many facts from an uploaded JSON or CSV file in one update (MEMIT, or AlphaEdit's when an
+        AlphaEdit method is chosen; ROME and r-ROME edit one fact at a time)."""
+        ws = self.workspace(request)
+        if not file:
+            raise WeightsmithError("upload a JSON or CSV file of edits first")
+        requests = load_edit_requests(Path(file))
+        session = self.edit_session(ws, model)
+        applied = self.run_job(request, lambda cancel: session.apply_batch(
+            requests, progress=cancellable(progress, cancel),
+            method=batch_method(method) if method else None))
+        return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
+                                               f"{', '.join(map(str, applied.layers))}.")
+
+    @endpoint
+    def save_edits(self, model: str, save_as: Literal["model", "adapter"] | None, name: str, request: gr.Request):
+        """Write the session's edits to the workspace as a full model or a rank-1 LoRA adapter."""
+        ws = self.workspace(request)
+        session = self.edit_session(ws, model, create=False)
+        out = ws.new_item_dir(name or "edited", default="edited")
+        if save_as == "model":
+            ws.check_quota()
+            session.export_model(out)
+            kind = "model"
+        else:
+            session.export_adapter(out)
+            kind = "adapter"
+        ws.register(out.name, kind=kind, origin="edit", details={"base": model, "edits": len(session.history)})
+        return f"Saved **ws:{out.name}** ({kind}); push or download it from **Export**."

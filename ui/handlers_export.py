@@ -1,0 +1,92 @@
+"""Export tab handlers: zip download, GGUF size and export, model card preview, push to the Hub."""
+
+from typing import Literal
+
+import gradio as gr
+
+from checkpoints.cards import load_card
+from checkpoints.errors import WeightsmithError
+from checkpoints.workspace import Workspace
+
+from .endpoint import endpoint
+from .progress import progress_adapter
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+class ExportHandlers:
+    """Mixin of :class:`ui.workbench.Workbench`."""
+
+    @endpoint
+    def export(self, item: str, request: gr.Request) -> str:
+        """Zip a workspace item for download; returns the zip's path (served as a file)."""
+        ws = self.workspace(request)
+        if not item:
+            raise WeightsmithError("choose a workspace item to export")
+        return str(ws.zip_item(item))
+
+    @endpoint
+    def gguf_estimate(self, item: str, qtype: GgufType, request: gr.Request) -> str:
+        """Size of the item's GGUF export in ``qtype`` (Markdown), from the tensor headers alone."""
+        from merging.gguf_item import estimate_folder_gguf
+
+        ws = self.workspace(request)
+        if not item:
+            return "Choose a workspace item to see the size of its GGUF file."
+        size = estimate_folder_gguf(ws.item_path(item), qtype, base=self._gguf_base(ws, item), policy=self.policy(ws))
+        return f"{qtype}: about **{size / 2**20:.1f} MB** of weights (plus the tokenizer, a few MB)."
+
+    @endpoint
+    def export_gguf(self, item: str, qtype: GgufType, request: gr.Request, progress=gr.Progress()):
+        """Write a workspace item (model or LoRA adapter) as GGUF into the item, so that Push publishes it in the
+        same commit; returns (the file, Markdown with its size, type and read-back check)."""
+        from merging.gguf_item import estimate_folder_gguf, export_folder_gguf
+
+        ws = self.workspace(request)
+        if not item:
+            raise WeightsmithError("choose a workspace item to export")
+        folder = ws.item_path(item)
+        base, policy = self._gguf_base(ws, item), self.policy(ws)
+        ws.check_quota(estimate_folder_gguf(folder, qtype, base=base, policy=policy))
+        out = self.run_job(request, lambda cancel: export_folder_gguf(
+            folder, qtype, base=base, policy=policy, progress=progress_adapter(progress), cancel=cancel))
+        return str(out.result.path), f"{out.result.summary()}\n\n{out.check}. **Push** now adds it to the same commit."
+
+    def _gguf_base(self, ws: Workspace, item: str) -> str | None:
+        """The base an adapter item was made on (as the resolver takes it), else None."""
+        base = ws.item(item).details.get("base")
+        return self.ref(ws, base) if base else None
+
+    @endpoint
+    def card_preview(self, item: str, request: gr.Request) -> str:
+        ws = self.workspace(request)
+        if not item:
+            return "Choose a workspace item to see its model card."
+        try:
+            card = load_card(ws.item_path(item))
+        except WeightsmithError as e:  # what Push would say; uploads have no card
+            return f"*{e}*"
+        # The front matter (what the Hub indexes) as YAML, then the card's body.
+        return f"**Front matter**\n```yaml\n{card.data.to_yaml()}\n```\n{card.text.lstrip()}"
+
+    @endpoint
+    def push(self, item: str, repo_id: str, private: bool, token: str, request: gr.Request,
+             oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()) -> str:
+        """Push a workspace item to the Hub in one commit; returns the commit URL as Markdown."""
+        from checkpoints import hub
+
+        ws = self.workspace(request)
+        if not item:
+            raise WeightsmithError("choose a workspace item to push")
+        if not (repo_id or "").strip():
+            raise WeightsmithError("enter a Hub repo id (owner/name) to push to")
+        folder = ws.item_path(item)
+        if not folder.is_dir():
+            raise WeightsmithError(f"{item}: no such item in this workspace")
+        tok = hub.token_for_push(oauth_token, token or None)
+        # On a Space the server's own HF_TOKEN must never publish on a visitor's behalf.
+        result = hub.push_folder(folder, repo_id.strip(), token=tok, private=bool(private),
+                                 progress=progress_adapter(progress),
+                                 allow_ambient_token=not hub.running_on_space())
+        return f"Pushed to [{repo_id.strip()}]({result.commit_url})"

@@ -1,0 +1,81 @@
+"""The Adapters tab: adapters and weights, a method from the adapter registry, the mix recipe YAML, run."""
+
+import gradio as gr
+
+from checkpoints.demo_adapters import demo_adapter_refs
+
+from .forms import adapter_method_choices, adapter_method_md, adapter_param_rows, mix_form_to_yaml, named_rows
+
+
+def adapters_tab(wb, picker, heavy) -> dict:
+    """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
+    try:
+        import merging.adapters  # noqa: F401
+    except ImportError:
+        with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
+            gr.Markdown("The adapter library is not available in this build.")
+        return {}
+    demo_refs = demo_adapter_refs()
+    with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                base = picker("Base model")
+                with gr.Row():
+                    add_ref = gr.Dropdown(choices=demo_refs, value=demo_refs[0] if demo_refs else None,
+                                          label="Add an adapter", allow_custom_value=True,
+                                          info="a demo adapter, your uploads (ws:…), or a Hub id")
+                    add_btn = gr.Button("Add ▾", scale=0, min_width=90)
+                up_files = gr.File(file_count="multiple", file_types=[".json", ".safetensors", ".zip"],
+                                   label="…or upload a PEFT adapter (adapter_config.json + "
+                                         "adapter_model.safetensors, or a zip)", height=170)
+                up_msg = gr.Markdown()
+                table = gr.Dataframe(value={"headers": ["adapter", "weight"],
+                                            "data": [[r, "0.5"] for r in demo_refs[:2]] or [["", ""]]},
+                                     headers=["adapter", "weight"], type="array", interactive=True,
+                                     label="Adapters and weights", datatype="str")
+                method = gr.Dropdown(adapter_method_choices(), value="cat", label="Method")
+                method_info = gr.Markdown(adapter_method_md("cat"))
+                params = gr.Dataframe(value=adapter_param_rows("cat"), headers=["parameter", "value"],
+                                      type="array", interactive=True, static_columns=[0], column_count=2,
+                                      label="Method parameters", row_count=0)
+                with gr.Row():
+                    lines_on = gr.Checkbox(label="LiNeS depth scaling of ΔW", value=False)
+                    alpha = gr.Number(label="α", value=0.5, step=0.05)
+                    beta = gr.Number(label="β", value=0.5, step=0.05)
+                with gr.Row():
+                    output = gr.Radio(["adapter", "merged model"], value="adapter", label="Output")
+                    out_name = gr.Textbox(label="Output name", value="my-mix")
+            with gr.Column(scale=2):
+                recipe = gr.Code(language="yaml", label="Mix recipe (YAML)", interactive=True, lines=16)
+                status = gr.Markdown()
+        with gr.Row():
+            run = gr.Button("Mix", variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            result = gr.Markdown()
+            result_ref = gr.Textbox(label="Result", interactive=False)
+        gr.Markdown("The result becomes the Playground's working model: try it there against the base.")
+
+    form = [base, table, method, params, lines_on, alpha, beta, output]
+    private = dict(api_visibility="private", queue=False)
+
+    def on_method(m):
+        return adapter_param_rows(m), adapter_method_md(m)
+
+    def on_add(rows, ref):
+        if not ref:
+            return gr.skip()
+        data = named_rows(rows) + [[ref, "1.0"]]
+        return gr.update(value={"headers": ["adapter", "weight"], "data": data})
+
+    method.input(on_method, [method], [params, method_info], **private).then(
+        mix_form_to_yaml, form, [recipe, status], **private)
+    up_ev = up_files.upload(wb.upload_adapter, [up_files, table], [table, up_msg], api_visibility="private", **heavy)
+    up_ev.then(mix_form_to_yaml, form, [recipe, status], **private)
+    add_btn.click(on_add, [table, add_ref], table, **private).then(mix_form_to_yaml, form, [recipe, status], **private)
+    for comp in (base, table, params, lines_on, alpha, beta, output):
+        comp.input(mix_form_to_yaml, form, [recipe, status], **private)
+    run_ev = run.click(wb.mix_adapters, [recipe, out_name], [result, result_ref], api_name="mix_adapters", **heavy)
+    stop.click(wb.stop, None, result, cancels=[run_ev], **private)
+    return {"creates_items": [run_ev, up_ev], "result_ref": result_ref, "adapter_picker": add_ref,
+            "demo_adapters": demo_refs, "init": (mix_form_to_yaml, form, [recipe, status])}

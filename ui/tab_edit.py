@@ -1,0 +1,79 @@
+"""The Edit tab: causal trace, one edit or a batch file, scores, history with undo, save."""
+
+import gradio as gr
+
+from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS
+
+
+def edit_tab(wb, picker, heavy) -> dict:
+    """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
+    try:
+        import editing.session  # noqa: F401
+    except ImportError:
+        with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+            gr.Markdown("The editing library is not available in this build.")
+        return {}
+    with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+        with gr.Row():
+            model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")
+            layer = gr.Number(label="Layer", value=None, precision=0,
+                              info="empty: the suggested/default layer", minimum=0)
+            method = gr.Dropdown(list(EDIT_METHODS), value=DEFAULT_METHOD, label="Method",
+                                 info="r-rome and alphaedit avoid ROME's disabling edits in long series; "
+                                      "memit methods spread an edit over 4 layers")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="{} is located in the city of",
+                                info="{} marks the subject (or write the subject in the prompt)", scale=3)
+            subject = gr.Textbox(label="Subject", value="The Eiffel Tower", scale=2)
+            target = gr.Textbox(label="New target", value="Rome", scale=1)
+            target_true = gr.Textbox(label="True answer (optional)", value="Paris", scale=1)
+        with gr.Accordion("Causal trace: where is the fact recalled?", open=True):
+            with gr.Row():
+                kind = gr.Radio(["hidden", "mlp", "attn"], value="mlp", label="Restore")
+                samples = gr.Slider(1, 10, value=3, step=1, label="Noise samples")
+                trace_btn = gr.Button("Trace", variant="secondary")
+            trace_md = gr.Markdown()
+            trace_fig = gr.Plot(label="Causal trace", show_label=False)
+        with gr.Row():
+            edit_btn = gr.Button("Apply edit", variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            before = gr.Textbox(label="Before the edit", lines=4)
+            after = gr.Textbox(label="After the edit", lines=4)
+        edit_md = gr.Markdown()
+        with gr.Accordion("Scores on paraphrases and neighbours", open=True):
+            with gr.Row():
+                paraphrases = gr.Textbox(label="Paraphrase prompts (one per line, subject included)", lines=3,
+                                         value="The Eiffel Tower is in the city of\nWhere is the Eiffel Tower? It is in")
+                neighbours = gr.Textbox(label="Neighbour prompts (other subjects whose answer is the true one)",
+                                        lines=3, value="The Louvre is located in the city of\n"
+                                                       "Notre-Dame de Paris is located in the city of")
+            eval_btn = gr.Button("Evaluate")
+            scores = gr.Dataframe(headers=["score", "value"], interactive=False, column_count=2, label="Scores")
+        gr.Markdown("### Edit history")
+        history = gr.Dataframe(headers=["id", "method", "layer", "prompt", "target", "seconds", "check"],
+                               interactive=False, column_count=7)
+        with gr.Row():
+            undo_id = gr.Number(label="Edit id", precision=0, value=None)
+            undo_btn = gr.Button("Undo edit")
+            batch_file = gr.File(label="Batch edits (JSON or CSV)", file_types=[".json", ".csv"])
+            batch_btn = gr.Button("Apply batch (MEMIT)")
+        with gr.Row():
+            save_as = gr.Radio(["model", "adapter"], value="adapter", label="Save edits as",
+                               info="adapter: rank-1 LoRA per edit, kilobytes")
+            save_name = gr.Textbox(label="Name", value="edited")
+            save_btn = gr.Button("Save to workspace", variant="primary")
+        save_md = gr.Markdown()
+
+    private = dict(api_visibility="private", queue=False)
+    trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, kind, samples],
+                               [trace_fig, trace_md, layer], api_name="trace", **heavy)
+    edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer, method],
+                             [before, after, edit_md, history], api_name="edit", **heavy)
+    eval_ev = eval_btn.click(wb.evaluate, [model, prompt, subject, target, target_true, paraphrases, neighbours],
+                             scores, api_name="evaluate", **heavy)
+    undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", **heavy)
+    batch_ev = batch_btn.click(wb.edit_batch, [model, batch_file, method], [history, edit_md], api_name="edit_batch", **heavy)
+    save_ev = save_btn.click(wb.save_edits, [model, save_as, save_name], save_md, api_name="save_edits", **heavy)
+    stop.click(wb.stop, None, edit_md, cancels=[trace_ev, edit_ev, eval_ev, batch_ev], **private)
+    return {"creates_items": [save_ev]}

@@ -1,0 +1,110 @@
+"""The Merge tab: a form generated from the method registry, the recipe YAML beside it, LiNeS preview, run."""
+
+import gradio as gr
+
+from checkpoints.errors import WeightsmithError
+
+from .forms import (merge_columns, merge_default_row, merge_form_from_yaml, merge_method_md, merge_shared_rows,
+                    merge_yaml_from_form, named_rows)
+from .plots import lines_plot
+
+
+def merge_tab(wb, picker, heavy) -> dict:
+    """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
+    try:
+        from merging.methods import REGISTRY
+    except ImportError:
+        with gr.Tab("Merge", id="merge", elem_id="tab-merge"):
+            gr.Markdown("The merging library is not available in this build.")
+        return {}
+    default_method = "task_arithmetic" if "task_arithmetic" in REGISTRY else next(iter(REGISTRY))
+    with gr.Tab("Merge", id="merge", elem_id="tab-merge"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    method = gr.Dropdown([(f"{m.label} ({m.name})", m.name) for m in REGISTRY.values()],
+                                         value=default_method, label="Method")
+                    base = picker("Base model", info="the model the task vectors are taken against")
+                method_info = gr.Markdown(merge_method_md(default_method))
+                with gr.Row():
+                    add_ref = picker("Add a model", value=None)
+                    add_btn = gr.Button("Add ▾", scale=0, min_width=90)
+                cols = merge_columns(default_method)
+                models = gr.Dataframe(value={"headers": cols, "data": [[""] * len(cols)]}, headers=cols,
+                                      label="Models and their parameters (a cell may be a number or a "
+                                            "[list] gradient along depth)",
+                                      interactive=True, type="array", row_count=1, column_limits=None,
+                                      datatype="str")
+                shared = gr.Dataframe(value=merge_shared_rows(default_method), headers=["parameter", "value", "about"],
+                                      label="Shared parameters", interactive=True, type="array",
+                                      static_columns=[0, 2], column_count=3)
+                with gr.Row():
+                    lines_on = gr.Checkbox(label="LiNeS layer scaling", value=False,
+                                           info="λ(ℓ) = α + β·ℓ/(L−1) on the merged task vector")
+                    alpha_auto = gr.Checkbox(label="α auto", value=True)
+                    alpha = gr.Number(label="α", value=0.5, step=0.05)
+                    beta = gr.Number(label="β", value=0.5, step=0.05)
+                num_blocks = gr.State(30)
+                lines_fig = gr.Plot(lines_plot(False, True, 0.5, 0.5, 30), label="Per-block scale")
+                with gr.Row():
+                    out_dtype = gr.Dropdown(["", "float32", "bfloat16", "float16"], value="", label="out_dtype",
+                                            info="empty: as the inputs")
+                    seed = gr.Textbox(label="seed", placeholder="random methods (dare, della)")
+                    out_name = gr.Textbox(label="Output name", value="my-merge")
+            with gr.Column(scale=2):
+                recipe = gr.Code(language="yaml", label="Recipe (mergekit YAML; edit either side)",
+                                 interactive=True, lines=22)
+                recipe_status = gr.Markdown()
+        with gr.Row():
+            run = gr.Button("Merge", variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        with gr.Row():
+            result = gr.Markdown()
+            result_ref = gr.Textbox(label="Result", interactive=False, visible=True)
+        norms_fig = gr.Plot(label="Task-vector norms per block")
+
+    form = [method, base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed]
+    private = dict(api_visibility="private", queue=False)
+
+    def on_method(m, rows):
+        # Keep the models, reset the columns to this method's per-model parameters.
+        keep = [r[0] for r in named_rows(rows)]
+        cols = merge_columns(m)
+        data = [merge_default_row(m, ref) for ref in keep] or [[""] * len(cols)]
+        return gr.update(value={"headers": cols, "data": data}, headers=cols), merge_shared_rows(m), merge_method_md(m)
+
+    def on_add(m, rows, ref):
+        if not ref:
+            return gr.skip()
+        cols = merge_columns(m)
+        data = named_rows(rows)
+        data.append(merge_default_row(m, ref))
+        return gr.update(value={"headers": cols, "data": data})
+
+    def on_yaml(text):
+        try:
+            f = merge_form_from_yaml(text)
+        except WeightsmithError as e:
+            return [gr.skip()] * 10 + [f"⚠ {e}"]
+        return [f["method"], f["base"], gr.update(value=f["models"], headers=f["models"]["headers"]), f["shared"],
+                f["lines_on"], f["alpha_auto"], f["alpha"], f["beta"], f["out_dtype"], f["seed"], "✓ form updated from YAML"]
+
+    def plot(on, auto, a, b, L, rows):
+        n = len(named_rows(rows))
+        return lines_plot(on, auto, a, b, L, max(1, n))
+
+    method.input(on_method, [method, models], [models, shared, method_info], **private).then(
+        merge_yaml_from_form, form, [recipe, recipe_status], **private)
+    add_btn.click(on_add, [method, models, add_ref], models, **private).then(
+        merge_yaml_from_form, form, [recipe, recipe_status], **private)
+    for comp in (base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed):
+        comp.input(merge_yaml_from_form, form, [recipe, recipe_status], **private)
+    recipe.input(on_yaml, [recipe], [*form, recipe_status], **private, trigger_mode="always_last")
+    base.change(wb.merge_blocks, [base], num_blocks, api_visibility="private")
+    for comp in (lines_on, alpha_auto, alpha, beta, num_blocks, models):
+        comp.change(plot, [lines_on, alpha_auto, alpha, beta, num_blocks, models], lines_fig, **private)
+
+    run_ev = run.click(wb.merge, [recipe, out_name], [result, norms_fig, result_ref], api_name="merge", **heavy)
+    stop.click(wb.stop, None, result, cancels=[run_ev], **private)
+    return {"creates_items": [run_ev], "result_ref": result_ref,
+            "init": (merge_yaml_from_form, form, [recipe, recipe_status])}

@@ -1,0 +1,16 @@
+"""Every handler of the app on one object: the tab mixins over :class:`ui.workbench_base.WorkbenchBase`.
+
+Build one per server (:func:`ui.layout.build_app` does); tests call the handlers directly with a
+stand-in request (anything with a ``session_hash``).
+"""
+
+from .handlers_adapters import AdapterHandlers
+from .handlers_edit import EditHandlers
+from .handlers_export import ExportHandlers
+from .handlers_merge import MergeHandlers
+from .handlers_models import ModelsHandlers
+from .workbench_base import WorkbenchBase
+
+
+class Workbench(ModelsHandlers, MergeHandlers, AdapterHandlers, EditHandlers, ExportHandlers, WorkbenchBase):
+    """The app's handlers (one mixin per tab) with the server's sessions, policy and jobs."""
