@@ -137,3 +137,24 @@ def test_multislerp_identical_models_return_them(tmp_path, tiny_llama_family, fa
     mix, _ = merge(tmp_path, f"merge_method: multislerp\nbase_model: {f['base']}\n"
                              f"models:\n{_models(f['ft1'], f['ft2'], weights=[0.5, 0.5])}", "mix")
     assert not _close(mix[MID], fam["ft1"][MID]) and not _close(mix[MID], fam["ft2"][MID])
+
+
+# -- nearswap -------------------------------------------------------------------------------------
+
+def test_nearswap_hand_computed():
+    # |a − b| = [0.1, 1, 4], t = 0.5: weights [1, 0.5, 0.125] toward b.
+    out = call("nearswap", [0, 0, 0], [[0.1, 1, 4]], t=0.5)
+    assert torch.allclose(out, torch.tensor([0.1, 0.5, 0.5]), atol=1e-7)
+
+
+def test_nearswap_t_zero_is_base_and_large_t_is_other(tmp_path, tiny_llama_family, fam):
+    f = tiny_llama_family
+    recipe = f"merge_method: nearswap\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'])}parameters: {{t: {{t}}}}\n"
+    zero, _ = merge(tmp_path, recipe.replace("{t}", "0.0"), "zero")
+    far, _ = merge(tmp_path, recipe.replace("{t}", "100.0"), "far")
+    for k in zero:
+        assert torch.equal(zero[k], fam["base"][k]), k
+        assert torch.equal(far[k], fam["ft1"][k]), k
+    assert not torch.equal(fam["base"][MID], fam["ft1"][MID])  # non-vacuous
+    part, _ = merge(tmp_path, recipe.replace("{t}", "0.01"), "part")
+    assert not torch.equal(part[MID], fam["base"][MID]) and not torch.equal(part[MID], fam["ft1"][MID])

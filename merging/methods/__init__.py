@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from checkpoints.errors import WeightsmithError
 
-from . import karcher, linear, model_stock, multislerp, passthrough, sce, slerp, task_arithmetic
+from . import karcher, linear, model_stock, multislerp, nearswap, passthrough, sce, slerp, task_arithmetic
 from .base import MergeMethod, ParamSpec, TensorContext
 
 REGISTRY: dict[str, MergeMethod] = {
     m.name: m
     for family in (linear, task_arithmetic, slerp, model_stock, passthrough,
-                   sce, karcher, multislerp)
+                   sce, karcher, multislerp, nearswap)
     for m in family.METHODS
 }
 
