@@ -158,3 +158,41 @@ def test_nearswap_t_zero_is_base_and_large_t_is_other(tmp_path, tiny_llama_famil
     assert not torch.equal(fam["base"][MID], fam["ft1"][MID])  # non-vacuous
     part, _ = merge(tmp_path, recipe.replace("{t}", "0.01"), "part")
     assert not torch.equal(part[MID], fam["base"][MID]) and not torch.equal(part[MID], fam["ft1"][MID])
+
+
+# -- arcee_fusion ---------------------------------------------------------------------------------
+
+def test_arcee_fusion_hand_computed():
+    # A vector has one KL value, so importance ∝ |b − a| = [1..7, 100]. Order statistics at
+    # ⌊q·7⌋ = 1, 3, 5 are 2, 4, 6: the fence is 4 + 1.5·(6 − 2) = 10, passed only by the 100.
+    base = [0.0] * 8
+    other = [1, 2, 3, 4, 5, 6, 7, 100]
+    out = call("arcee_fusion", base, [other])
+    assert torch.equal(out, torch.tensor([0.0] * 7 + [100.0]))
+
+
+def test_arcee_fusion_takes_entries_from_one_or_the_other(tmp_path, tiny_llama_family, fam):
+    f = tiny_llama_family
+    out, _ = merge(tmp_path, f"merge_method: arcee_fusion\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'])}")
+    taken = 0
+    for k in out:
+        from_other = out[k] == fam["ft1"][k]
+        assert torch.all(from_other | (out[k] == fam["base"][k])), k
+        taken += int(from_other.sum())
+    total = sum(t.numel() for t in out.values())
+    assert 0 < taken < total / 2  # non-vacuous: some entries, only the outliers, come from the fine-tune
+    # The base against itself: nothing changes.
+    twin = tmp_path / "twin"
+    shutil.copytree(f["base"], twin)
+    same, _ = merge(tmp_path, f"merge_method: arcee_fusion\nbase_model: {f['base']}\nmodels:\n{_models(twin)}", "same")
+    assert all(torch.equal(same[k], fam["base"][k]) for k in same)
+
+
+def test_arcee_fusion_large_tensor_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1_100_000, generator=g)
+    other = base + torch.randn(1_100_000, generator=g) * 0.01
+    m = get_method("arcee_fusion")
+    runs = [m.func(base, [other], {}, [{}], TensorContext("w", seed=s)) for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1])  # same seed, same sample, same output
+    assert not torch.equal(runs[0], runs[2])  # the quantiles of a >1M tensor come from a sample
