@@ -196,3 +196,35 @@ def test_arcee_fusion_large_tensor_is_seeded():
     runs = [m.func(base, [other], {}, [{}], TensorContext("w", seed=s)) for s in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1])  # same seed, same sample, same output
     assert not torch.equal(runs[0], runs[2])  # the quantiles of a >1M tensor come from a sample
+
+
+# -- ram / ramplus_tl -----------------------------------------------------------------------------
+
+def test_ram_hand_computed():
+    # τ1 = [1, 2, 0, 1e-6] (the last below epsilon), τ2 = [3, 0, 4, 5]; changed by [2, 1, 1, 1] models.
+    base, t1, t2 = [0, 0, 0, 0], [1, 2, 0, 1e-6], [3, 0, 4, 5]
+    assert torch.equal(call("ram", base, [t1, t2]), torch.tensor([2.0, 2, 4, 5]))
+    # ramplus_tl: model 1 shares 1 of 2 changed entries (ρ = 1/1), model 2 1 of 3 (ρ = 1/2);
+    # unique entries are scaled by 1 + r·min(ρ, alpha): 1.5 and 1.25 with r = 0.5, alpha = 1.
+    assert torch.equal(call("ramplus_tl", base, [t1, t2], r=0.5, alpha=1.0), torch.tensor([2.0, 3, 5, 6.25]))
+    # the defaults (r 0.1, alpha 0.2) cap the boost at 2 %
+    assert torch.allclose(call("ramplus_tl", base, [t1, t2]), torch.tensor([2.0, 2.04, 4.08, 5.1]), atol=1e-6)
+
+
+def test_ram_one_model_returns_it(tmp_path, tiny_llama_family, fam):
+    f = tiny_llama_family
+    for method in ("ram", "ramplus_tl"):
+        out, _ = merge(tmp_path, f"merge_method: {method}\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'])}", method)
+        below = 0
+        for k in out:
+            changed = (fam["ft1"][k] - fam["base"][k]).abs() > 1e-5  # epsilon: smaller changes are not counted
+            assert _close(out[k], torch.where(changed, fam["ft1"][k], fam["base"][k])), (method, k)
+            below += int((~changed).sum())
+        assert below > 0  # the epsilon rule was exercised
+    # non-vacuous: with two models, entries both changed take the mean, not the sum of task vectors
+    two, _ = merge(tmp_path, f"merge_method: ram\nbase_model: {f['base']}\nmodels:\n{_models(f['ft1'], f['ft2'])}", "two")
+    b, a1, a2 = fam["base"][MID], fam["ft1"][MID], fam["ft2"][MID]
+    both = ((a1 - b).abs() > 1e-5) & ((a2 - b).abs() > 1e-5)
+    assert both.float().mean() > 0.9
+    assert _close(two[MID][both], (b + ((a1 - b) + (a2 - b)) / 2)[both], 1e-6)
+    assert not _close(two[MID][both], (a1 + a2 - b)[both])

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from checkpoints.errors import WeightsmithError
 
-from . import (arcee_fusion, karcher, linear, model_stock, multislerp, nearswap, passthrough, sce, slerp,
-               task_arithmetic)
+from . import (arcee_fusion, karcher, linear, model_stock, multislerp, nearswap, passthrough, ram, sce,
+               slerp, task_arithmetic)
 from .base import MergeMethod, ParamSpec, TensorContext
 
 REGISTRY: dict[str, MergeMethod] = {
     m.name: m
     for family in (linear, task_arithmetic, slerp, model_stock, passthrough,
-                   sce, karcher, multislerp, nearswap, arcee_fusion)
+                   sce, karcher, multislerp, nearswap, arcee_fusion, ram)
     for m in family.METHODS
 }
 
