@@ -228,3 +228,58 @@ def test_ram_one_model_returns_it(tmp_path, tiny_llama_family, fam):
     assert both.float().mean() > 0.9
     assert _close(two[MID][both], (b + ((a1 - b) + (a2 - b)) / 2)[both], 1e-6)
     assert not _close(two[MID][both], (a1 + a2 - b)[both])
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+MERGEKIT_PARAMS = {  # mergekit 0.1.5's names and defaults (None: required)
+    "sce": {"select_topk": 1.0, "int8_mask": False},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    "multislerp": {"weight": None, "normalize_weights": True, "eps": 1e-8},
+    "nearswap": {"t": None},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+}
+
+
+def test_registry_has_mergekits_twenty_methods_with_their_parameters():
+    mergekit = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "karcher", "arcee_fusion",
+                "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                "della", "della_linear", "multislerp", "nearswap", "sce", "ram", "ramplus_tl"}
+    assert mergekit <= set(REGISTRY)
+    for name, expected in MERGEKIT_PARAMS.items():
+        m = get_method(name)
+        assert {p.name: p.default for p in m.parameters} == expected, name
+        assert m.paper_url and m.paper_url.startswith("https://"), name
+        assert all(p.required == (p.default is None) for p in m.parameters), name
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_PARAMS))
+def test_new_method_runs_from_its_form_defaults(tmp_path, tiny_llama_family, fam, name):
+    """What the Merge tab builds from the registry (defaults; required numbers filled) merges and validates."""
+    from merging.recipe import MergeRecipe
+
+    f = tiny_llama_family
+    m = get_method(name)
+    n = m.max_models or 2
+    models = [f"ft{i}" for i in range(1, n + 1)]
+    entry = {p.name: (0.5 if p.default is None else p.default) for p in m.model_parameters}
+    data = {"merge_method": name, "models": [{"model": str(f[x]), "parameters": dict(entry)} for x in models],
+            "parameters": {p.name: (0.01 if p.default is None else p.default) for p in m.shared_parameters}}
+    if m.needs_base != "none":
+        data["base_model"] = str(f["base"])
+    out, result = merge(tmp_path, MergeRecipe.from_dict(data).to_yaml())
+    assert set(out) == set(fam["base"]) and all(torch.isfinite(t).all() for t in out.values())
+    assert result.tensors_changed > 0  # the method did something to the base
+
+
+def test_readme_method_table_lists_every_method_with_its_link():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    for name, m in REGISTRY.items():
+        row = next((r for r in rows if f"`{name}`" in r.split("|")[1]), None)
+        assert row is not None, f"README method table has no row for {name}"
+        assert "](https://" in row.split("|")[-2], name  # a link in the paper column
+        if m.paper_url:
+            assert m.paper_url in row, name
