@@ -10,7 +10,7 @@ from checkpoints.workspace import Workspace
 
 from .endpoint import Files, endpoint
 from .forms import named_rows
-from .progress import progress_adapter
+from .progress import gradio_job
 from .tables import md_table
 
 
@@ -48,7 +48,7 @@ class AdapterHandlers:
         policy = self.local_policy(ws)  # the bundled demo adapters are trusted folders too
         policy["trusted_roots"] = (*policy["trusted_roots"], *demo_adapters().values())
         result = self.run_job(request, lambda cancel: mix_adapters(
-            recipe, out, progress=progress_adapter(progress), cancel=cancel, device=self.config.device, **policy))
+            recipe, out, job=gradio_job(progress, cancel), device=self.config.device, **policy))
         kind = "adapter" if result.kind == "adapter" else "model"
         ws.register(out.name, kind=kind, origin="mix", details={"base": base_ref, "method": result.method})
         rows = [("result", f"`ws:{out.name}` ({result.kind})"), ("method", result.method),

@@ -7,7 +7,7 @@ from checkpoints.textfiles import load_yaml
 
 from .endpoint import endpoint
 from .plots import norms_plot
-from .progress import progress_adapter
+from .progress import gradio_job, show_progress
 from .tables import md_table
 
 
@@ -28,10 +28,9 @@ class MergeHandlers:
         resolved = recipe.with_models_renamed(lambda r: self.ref(ws, r))
         ws.check_quota()
         out = ws.new_item_dir(out_name or "merge", default="merge")
-        progress_adapter(progress)(0.0, "checking models")
+        show_progress(progress, 0.0, "checking models")
         result = self.run_job(request, lambda cancel: run_merge(
-            resolved, out, device=self.config.device, progress=progress_adapter(progress), cancel=cancel,
-            **self.local_policy(ws)))
+            resolved, out, device=self.config.device, job=gradio_job(progress, cancel), **self.local_policy(ws)))
         ws.register(out.name, kind="model", origin="merge",
                     details={"method": result.method, "tensors_changed": result.tensors_changed})
         rows = [("result", f"`ws:{out.name}`"), ("method", result.method),

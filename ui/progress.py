@@ -16,7 +16,7 @@ from checkpoints.jobs import Job
 log = logging.getLogger(__name__)
 
 
-def _show(progress: Any, fraction: float | None, text: str | None) -> None:
+def show_progress(progress: Any, fraction: float | None, text: str | None) -> None:
     """One update of a ``gr.Progress`` (or any callable of that shape); a display never breaks a job."""
     if progress is None:
         return
@@ -38,7 +38,7 @@ def gradio_job(progress: Any, cancel_event: threading.Event | None = None) -> Jo
     def listener(fraction: float | None, text: str) -> None:
         if fraction is not None:
             last[0] = fraction
-        _show(progress, last[0], text)
+        show_progress(progress, last[0], text)
 
     job = Job(listener=listener)
     if cancel_event is not None:
@@ -61,11 +61,11 @@ def progress_adapter(progress: Any) -> Callable[..., None]:
         done = kwargs.get("done", nums[0] if nums else None)
         total = kwargs.get("total", nums[1] if len(nums) > 1 else None)
         if done is not None and total:
-            _show(progress, min(1.0, float(done) / float(total)), desc)
+            show_progress(progress, min(1.0, float(done) / float(total)), desc)
         elif done is not None:
-            _show(progress, min(1.0, float(done)), desc)
+            show_progress(progress, min(1.0, float(done)), desc)
         elif desc:
-            _show(progress, 0.0, desc)
+            show_progress(progress, 0.0, desc)
 
     return report
 
