@@ -84,8 +84,27 @@ def test_upload_generate_export(server, tiny_llama_family, tmp_path):
         other.predict("ws:up3", api_name="/export")
 
 
-def test_push_without_token_is_a_clear_error(server, monkeypatch):
+def test_push_without_token_is_a_clear_error(server, monkeypatch, tmp_path):
+    # A merged item with its card, a valid repo id, the network allowed: the push gets as far as
+    # choosing a token and finds none (no field, no HF_TOKEN, no stored login), before any request.
+    from huggingface_hub import constants
+
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SPACE_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     c = client(server)
+    c.predict(MERGE, "to-push", api_name="/merge")
+    with pytest.raises(Exception, match="no Hugging Face token: create a write token"):
+        c.predict("ws:to-push", "me/x", True, "", api_name="/push")
+    # On a Space the server's own HF_TOKEN never publishes for a visitor: still no token.
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "s" * 34)
+    monkeypatch.setenv("SPACE_ID", "me/weightsmith")
+    with pytest.raises(Exception, match="no Hugging Face token"):
+        c.predict("ws:to-push", "me/x", True, "", api_name="/push")
+    # Non-vacuity: the token field is what this path reads (a malformed one is its own error).
+    with pytest.raises(Exception, match="fewer than 8 characters"):
+        c.predict("ws:to-push", "me/x", True, "short", api_name="/push")
     with pytest.raises(Exception, match="choose a workspace item"):
         c.predict("", "me/x", True, "", api_name="/push")
 
