@@ -12,13 +12,13 @@ from __future__ import annotations
 from checkpoints.errors import WeightsmithError
 
 from . import (arcee_fusion, karcher, linear, model_stock, multislerp, nearswap, passthrough, ram, sce,
-               slerp, task_arithmetic)
+               slerp, svd_merges, task_arithmetic)
 from .base import MergeMethod, ParamSpec, TensorContext
 
 REGISTRY: dict[str, MergeMethod] = {
     m.name: m
     for family in (linear, task_arithmetic, slerp, model_stock, passthrough,
-                   sce, karcher, multislerp, nearswap, arcee_fusion, ram)
+                   sce, karcher, multislerp, nearswap, arcee_fusion, ram, svd_merges)
     for m in family.METHODS
 }
 

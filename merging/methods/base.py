@@ -93,6 +93,9 @@ class TensorContext:
     new_tensor: Callable[[torch.Size], torch.Tensor] | None = None
     # Reproduce mergekit's sort order among tied magnitudes at a density cut (see sparsify).
     exact_ties: bool = True
+    # True when this 2-D weight is stored [in, out] (GPT-2 Conv1D: ArchSpec.module_transposed), so
+    # methods whose result depends on which side is the output (Iso-CTS's projection) can tell.
+    transposed: bool = False
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
