@@ -42,7 +42,7 @@ def variance_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor:
 def sce(base, tensors, params, per_model, ctx):
     if not tensors:
         return base.clone()
-    deltas = torch.stack([t - base for t in tensors])  # (T, *shape); the inputs stay untouched
+    deltas = torch.stack(tensors).sub_(base)  # (T, *shape), a new tensor: the inputs stay untouched
     tensors.clear()
     keep = float(params["select_topk"])
     if keep < 1:
