@@ -343,6 +343,14 @@ def test_edit_undo_save_and_scores(edit_wb, tiny_llama_family):
     assert {"gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency"} <= set(scores)
     msg = wb.save_edits("tiny-base", "adapter", "ed", r)
     assert "ws:ed" in msg and wb.workspace(r).item("ed").kind == "adapter"
+    # The Playground applies the saved adapter to its base: the same logits as the edited model.
+    ids = session.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")
+    with torch.no_grad():
+        edited = session.model(**ids).logits
+        replayed = wb.loaded_model(wb.workspace(r), "ws:ed").model(**ids).logits
+        base = wb.loaded_model(wb.workspace(r), "tiny-base").model(**ids).logits
+    assert (replayed - edited).abs().max() < 1e-4
+    assert (base - edited).abs().max() > 1e-4  # non-vacuous: the edit changed the logits
     hist, msg = wb.undo("tiny-base", 1, r)
     assert hist == [] and "Undid edit 1" in msg
     assert all(torch.equal(v, before_w[k]) for k, v in session.model.state_dict().items())  # bit-exact

@@ -89,22 +89,20 @@ class ModelsHandlers:
         return self.models.get(self.ref(ws, ref), **self.policy(ws))
 
     def _adapter_model(self, ws: Workspace, item) -> LoadedModel:
-        import json
-
-        from peft import PeftModel
-
+        """A workspace adapter applied to its base (the one it was made on, else the one its config names)."""
         from checkpoints.demo import DEMO_NAME
+        from checkpoints.peft_adapter import WEIGHTS_NAME, base_plus_adapter, declared_base
 
         path = ws.item_path(item.name)
         base_ref = item.details.get("base")
         if not base_ref:
-            declared = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            base_ref = "demo" if declared in (DEMO_NAME, None, "") else declared
-        key = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns, str(base_ref))
+            declared = declared_base(path)
+            base_ref = "demo" if declared in (DEMO_NAME, None) else declared
+        key = (str(path), (path / WEIGHTS_NAME).stat().st_mtime_ns, str(base_ref))
         base = self.checkpoint(ws, base_ref)
 
         def load() -> LoadedModel:
-            model = PeftModel.from_pretrained(base.load_model(device=self.config.device), str(path))
-            return LoadedModel(model.merge_and_unload().eval(), base.load_tokenizer(), item.name)
+            return LoadedModel(base_plus_adapter(base, path, device=self.config.device), base.load_tokenizer(),
+                               item.name)
 
         return self.adapter_models.get_or_load(key, load)
