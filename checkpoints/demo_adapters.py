@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import WeightsmithError
+from .peft_adapter import is_adapter_folder
 
 DEMO_ADAPTER_PREFIX = "demo-adapter:"
-_CONFIG_NAME = "adapter_config.json"  # a folder is an adapter when it holds PEFT's config
 
 
 def demo_adapters() -> dict[str, Path]:
@@ -25,7 +25,7 @@ def demo_adapters() -> dict[str, Path]:
     root = Path(__file__).resolve().parents[1] / "assets" / "adapters"
     if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / _CONFIG_NAME).is_file()}
+    return {p.name: p for p in sorted(root.iterdir()) if is_adapter_folder(p)}
 
 
 def demo_adapter_refs() -> list[str]:

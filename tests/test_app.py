@@ -298,6 +298,18 @@ def test_mix_adapters_handler_and_playground(wb, tiny_adapters):
         wb.mix_adapters(recipe.replace("cat", "nope"), "bad", req("a"), None)
 
 
+def test_demo_adapter_references(wb):
+    from checkpoints.demo_adapters import demo_adapter_refs, demo_adapters
+
+    ws = wb.workspace(req("a"))
+    for name, folder in demo_adapters().items():
+        assert (folder / "adapter_config.json").is_file()
+        assert wb.adapter_ref(ws, f"demo-adapter:{name}") == str(folder)
+    assert demo_adapter_refs() == [f"demo-adapter:{n}" for n in demo_adapters()]
+    with pytest.raises(WeightsmithError, match=r"demo-adapter:nope: no such demo adapter \(have: "):
+        wb.adapter_ref(ws, "demo-adapter:nope")
+
+
 def test_mix_form_yaml_marks_exactness():
     text, status = forms.mix_form_to_yaml("demo", [["demo-adapter:x", "0.5"]], "cat", [], True, 0.5, 0.5, "merged model")
     assert "merge_into_base: true" in text and "lines:" in text and status.startswith("✓")
