@@ -92,7 +92,13 @@ def is_adapter_folder(folder: Path) -> bool:
 
 
 def tensor_key(module: str, which: str) -> str:
-    """The saved name of ``module``'s ``lora_A`` / ``lora_B`` factor (``which`` is ``"A"`` or ``"B"``)."""
+    """The saved name of ``module``'s ``lora_A`` / ``lora_B`` factor (``which`` is ``"A"`` or ``"B"``).
+
+    Written here rather than by ``get_peft_model_state_dict``: that needs a PeftModel with the
+    layers attached, and the writers (mix, extraction, ROME's export) hold factors, not a model.
+    The names are PEFT's saved format, which ``set_peft_model_state_dict`` and
+    ``PeftModel.from_pretrained`` read (the tests load what we write with both).
+    """
     return f"{PEFT_PREFIX}{module}.lora_{which}.weight"
 
 
@@ -135,7 +141,12 @@ class LoraAdapter:
         return max(a.shape[0] for a, _ in self.factors.values())
 
     def scaling(self, module: str) -> float:
-        """lora_alpha / r (or / √r with rsLoRA) for ``module``, honouring rank/alpha patterns."""
+        """lora_alpha / r (or / √r with rsLoRA) for ``module``, honouring rank/alpha patterns.
+
+        PEFT computes this inside each LoraLayer only; we need it without building a model
+        (ΔW checks, LiNeS' auto α, GGUF export), so it follows PEFT's rule with PEFT's own
+        pattern matcher (``get_pattern_key``) and is tested against ``get_delta_weight``.
+        """
         from peft.utils.other import get_pattern_key
 
         cfg = self.config
@@ -415,6 +426,9 @@ def base_plus_adapter(base: BaseCheckpoint, adapter_dir: Path, *, device: str | 
     PEFT then attaches it, and with ``merge`` (the default) folds ΔW into the
     weights (``merge_and_unload``) so generation runs at the base's speed.
     """
+    # Not PeftModel.from_pretrained: it would read the folder again with its own loader (and a
+    # .bin with torch.load); this way the only bytes applied are those our checked reader returned.
+    # The tests check that from_pretrained(local_files_only=True) gives the same outputs.
     adapter = load_adapter_folder(Path(adapter_dir))
     check_fits([adapter], base)
     model = base.load_model(device=device)
