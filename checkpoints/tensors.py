@@ -42,7 +42,7 @@ import torch
 from .containment import member_path
 from .errors import WeightsmithError
 # The header's names stay importable from here, where the reader always was.
-from .safetensors_header import (MAX_HEADER_BYTES, TORCH_TO_ST, SafetensorsHeader, TensorMeta,  # noqa: F401
+from .safetensors_header import (TORCH_TO_ST, SafetensorsHeader, TensorMeta,  # noqa: F401
                                  encode_header, parse_json_object, read_safetensors_file, read_safetensors_header)
 from .staging import OWNER_FILE, new_staging_dir, output_error, publish_folder
 from .tensor_loading import read_tensor
