@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
+import cli
+from checkpoints import commands as checkpoint_commands
 from cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_info_json(tiny_gpt2_dir, capsys):
@@ -40,3 +47,26 @@ def test_help_lists_foundation_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("demo-model", "info", "serve"):
         assert cmd in out
+
+
+def test_console_script_is_the_top_level_cli(tmp_path):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["weightsmith"] == "cli:run"
+    assert "cli" in project["tool"]["setuptools"]["py-modules"]  # packaged, not only found in the checkout
+    # The installed script runs it, from outside the checkout too (the venv's own, not a stale egg-info).
+    script = Path(sys.executable).parent / "weightsmith"
+    assert "from cli import run" in script.read_text()
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "serve" in proc.stdout, proc.stderr
+
+
+def test_serve_is_registered_by_the_cli_not_by_checkpoints():
+    def commands(register) -> set[str]:
+        sub = argparse.ArgumentParser().add_subparsers()
+        register(sub)
+        return set(sub.choices)
+
+    assert commands(checkpoint_commands.register) == {"demo-model", "info"}
+    every = set(cli.build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse has no API
+    assert {"serve", "merge", "mix-adapters", "edit", "push", "export-gguf"} <= every
+    assert "serve" in commands(cli.register_serve)
