@@ -5,16 +5,11 @@ import gradio as gr
 from checkpoints.demo_adapters import demo_adapter_refs
 
 from .forms import adapter_method_choices, adapter_method_md, adapter_param_rows, mix_form_to_yaml, named_rows
+from .widgets import run_controls
 
 
 def adapters_tab(wb, picker, heavy) -> dict:
     """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
-    try:
-        import merging.adapters  # noqa: F401
-    except ImportError:
-        with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
-            gr.Markdown("The adapter library is not available in this build.")
-        return {}
     demo_refs = demo_adapter_refs()
     with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
         with gr.Row():
@@ -48,12 +43,7 @@ def adapters_tab(wb, picker, heavy) -> dict:
             with gr.Column(scale=2):
                 recipe = gr.Code(language="yaml", label="Mix recipe (YAML)", interactive=True, lines=16)
                 status = gr.Markdown()
-        with gr.Row():
-            run = gr.Button("Mix", variant="primary")
-            stop = gr.Button("Stop", variant="stop")
-        with gr.Row():
-            result = gr.Markdown()
-            result_ref = gr.Textbox(label="Result", interactive=False)
+        run, stop, result, result_ref = run_controls("Mix")
         gr.Markdown("The result becomes the Playground's working model: try it there against the base.")
 
     form = [base, table, method, params, lines_on, alpha, beta, output]

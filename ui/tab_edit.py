@@ -7,12 +7,6 @@ from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS
 
 def edit_tab(wb, picker, heavy) -> dict:
     """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
-    try:
-        import editing.session  # noqa: F401
-    except ImportError:
-        with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
-            gr.Markdown("The editing library is not available in this build.")
-        return {}
     with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
         with gr.Row():
             model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")

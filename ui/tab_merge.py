@@ -3,20 +3,16 @@
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
+from merging.methods import REGISTRY
 
 from .forms import (merge_columns, merge_default_row, merge_form_from_yaml, merge_method_md, merge_shared_rows,
                     merge_yaml_from_form, named_rows)
 from .plots import lines_plot
+from .widgets import run_controls
 
 
 def merge_tab(wb, picker, heavy) -> dict:
     """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
-    try:
-        from merging.methods import REGISTRY
-    except ImportError:
-        with gr.Tab("Merge", id="merge", elem_id="tab-merge"):
-            gr.Markdown("The merging library is not available in this build.")
-        return {}
     default_method = "task_arithmetic" if "task_arithmetic" in REGISTRY else next(iter(REGISTRY))
     with gr.Tab("Merge", id="merge", elem_id="tab-merge"):
         with gr.Row():
@@ -55,12 +51,7 @@ def merge_tab(wb, picker, heavy) -> dict:
                 recipe = gr.Code(language="yaml", label="Recipe (mergekit YAML; edit either side)",
                                  interactive=True, lines=22)
                 recipe_status = gr.Markdown()
-        with gr.Row():
-            run = gr.Button("Merge", variant="primary")
-            stop = gr.Button("Stop", variant="stop")
-        with gr.Row():
-            result = gr.Markdown()
-            result_ref = gr.Textbox(label="Result", interactive=False, visible=True)
+        run, stop, result, result_ref = run_controls("Merge")
         norms_fig = gr.Plot(label="Task-vector norms per block")
 
     form = [method, base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed]
