@@ -42,6 +42,7 @@ import torch
 
 from .arch import ArchSpec
 from .containment import member_path
+from .demo import DEMO_NAME
 from .errors import WeightsmithError
 from .finite import all_finite
 from .staging import staged_folder
@@ -270,12 +271,22 @@ def load_adapter_folder(folder: Path, *, name: str | None = None) -> LoraAdapter
     return load_adapter_files(name, *adapter_files(folder, name))
 
 
-def declared_base(folder: Path) -> str | None:
-    """The adapter's ``base_model_name_or_path`` (None when it does not say), read like every adapter config."""
+def base_reference(config: Mapping[str, Any]) -> str:
+    """The base model an adapter config names, as a reference the resolver accepts.
+
+    ``demo`` when it names the demo model, or nothing (the bundled adapters and
+    ROME's exports of the demo model say ``base_model_name_or_path: null`` or the demo's Hub id).
+    """
+    declared = config.get(BASE_MODEL_KEY)
+    return "demo" if declared in (None, "", DEMO_NAME) else str(declared)
+
+
+def declared_base(folder: Path) -> str:
+    """:func:`base_reference` of the adapter in ``folder``, its config read like every adapter config."""
     name = Path(folder).resolve().name
-    value = parse_json_object(member_path(folder, CONFIG_NAME, owner=name).read_bytes(),
-                              f"adapter {name}: {CONFIG_NAME}").get(BASE_MODEL_KEY)
-    return str(value) if value else None
+    config = parse_json_object(member_path(folder, CONFIG_NAME, owner=name).read_bytes(),
+                               f"adapter {name}: {CONFIG_NAME}")
+    return base_reference(config)
 
 
 def check_fits(adapters: Sequence[LoraAdapter], base: BaseCheckpoint) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from checkpoints.demo import DEMO_NAME
 from checkpoints.errors import WeightsmithError
 from checkpoints.gguf_check import GGUFCheck, permuted_heads
 from checkpoints.gguf_export import (
@@ -41,7 +40,8 @@ from checkpoints.gguf_export import (
     tensor_type,
     write_gguf,
 )
-from checkpoints.peft_adapter import CONFIG_NAME, LoraAdapter
+from checkpoints.jobs import Job
+from checkpoints.peft_adapter import CONFIG_NAME, LoraAdapter, base_reference
 from checkpoints.sources import resolve
 from merging.adapter_files import check_compatible, load_adapter
 
@@ -56,10 +56,7 @@ def is_adapter_folder(ref: str | Path) -> bool:
 
 def declared_base(adapter: LoraAdapter) -> str:
     """The base model the adapter names, as a reference the resolver accepts (``demo`` for the demo model)."""
-    declared = adapter.base_model
-    if declared in (None, "", DEMO_NAME):
-        return "demo"
-    return declared
+    return base_reference(adapter.config)
 
 
 def plan_adapter(adapter: LoraAdapter, base, qtype: str) -> tuple[list[GGUFTensor], float]:
@@ -104,7 +101,7 @@ def base_checkpoint(adapter: LoraAdapter, base: Any = None, policy: dict[str, An
 
 
 def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: Any = None, qtype: str = "f32",
-                        overwrite: bool = False, progress: Progress | None = None,
+                        overwrite: bool = False, job: Job | None = None, progress: Progress | None = None,
                         cancel: threading.Event | None = None,
                         policy: dict[str, Any] | None = None) -> GGUFExportResult:
     """Export the PEFT LoRA adapter ``adapter_ref`` (folder, files or Hub id) as a GGUF LoRA.
@@ -113,7 +110,8 @@ def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: Any = N
     ``LocalCheckpoint``); by default the one the adapter's config names, resolved under
     ``policy`` (a server passes its own: an adapter's config must not make it read
     arbitrary folders). It supplies the architecture, the tensor names and the head
-    counts, and every A/B shape is checked against it.
+    counts, and every A/B shape is checked against it. ``job`` reports per tensor and
+    stops the write when cancelled (``progress``/``cancel``: the older keywords, for this session).
     """
     started = time.perf_counter()
     q = str(qtype).lower()
@@ -137,8 +135,8 @@ def export_adapter_gguf(adapter_ref: Any, out_path: Path | str, *, base: Any = N
         writer.add_string("general.base_model.0.name", ckpt.hub_id or ckpt.name)
         writer.add_uint32("general.base_model.count", 1)
 
-    path, size = write_gguf(Path(out_path), arch, metadata, plans, overwrite=overwrite, progress=progress,
-                            cancel=cancel)
+    path, size = write_gguf(Path(out_path), arch, metadata, plans, overwrite=overwrite, job=job,
+                            progress=progress, cancel=cancel)
     result = GGUFExportResult(path, q, len(plans), size, time.perf_counter() - started,
                               dict(Counter(p.qtype for p in plans)), kind="adapter")
     return result

@@ -19,12 +19,14 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints.arch import spec_for
+from checkpoints.demo import DEMO_NAME
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Cancelled, Job
 from checkpoints.peft_adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     base_plus_adapter,
+    base_reference,
     check_fits,
     declared_base,
     load_adapter_folder,
@@ -83,6 +85,7 @@ def test_write_then_load_is_exact(tmp_path, tiny_llama_dir):
     # non-vacuity: the ranks differ, so the per-module patterns carry them
     assert {a.shape[0] for a, _ in ad.factors.values()} == {1, 2, 3} and ad.config["rank_pattern"]
     assert ad.base_model == "tiny" and declared_base(tmp_path / "ad") == "tiny"
+    assert base_reference({}) == base_reference({"base_model_name_or_path": DEMO_NAME}) == "demo"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no staging folder left
     with pytest.raises(WeightsmithError, match="already exists"):
         write_adapter(tmp_path / "ad", config, factors)
