@@ -68,7 +68,7 @@ def child_export(model: str, qtype: str, out: str, reference: bool) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from checkpoints.gguf_export import _add_model_metadata, encode, export_gguf, ggml_type, plan_model
+    from checkpoints.gguf_export import add_model_metadata, encode, export_gguf, ggml_type, plan_model
     from checkpoints.sources import resolve
 
     ckpt = resolve(model)
@@ -92,7 +92,7 @@ def child_export(model: str, qtype: str, out: str, reference: bool) -> None:
 
         plans = plan_model(ckpt, qtype)
         writer = gguf.GGUFWriter(path=None, arch=ckpt.spec.gguf_arch)
-        _add_model_metadata(writer, ckpt, qtype, ckpt.name)
+        add_model_metadata(writer, ckpt, qtype, ckpt.name)
         for p in plans:
             writer.add_tensor(p.name, encode(p.produce().numpy(), ggml_type(p.qtype)), raw_dtype=ggml_type(p.qtype))
         writer.write_header_to_file(path=Path(out))

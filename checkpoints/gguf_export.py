@@ -325,7 +325,8 @@ def _producer(reader, src: str, transform) -> Callable[[], torch.Tensor]:
     return produce
 
 
-def _add_model_metadata(writer, ckpt, qtype: str, name: str) -> None:
+def add_model_metadata(writer, ckpt, qtype: str, name: str) -> None:
+    """Put the architecture keys, file type, name and tokenizer of ``ckpt`` into a ``gguf.GGUFWriter``."""
     import gguf
 
     config = ckpt.config
@@ -402,7 +403,7 @@ def export_gguf(model: Any, out_path: Path | str, *, qtype: str = "q8_0", overwr
     ckpt.check_matches_config()
     arch = gguf_arch_of(ckpt.spec)
     plans = plan_model(ckpt, qtype)
-    path, size = write_gguf(Path(out_path), arch, lambda w: _add_model_metadata(w, ckpt, qtype, name or ckpt.name),
+    path, size = write_gguf(Path(out_path), arch, lambda w: add_model_metadata(w, ckpt, qtype, name or ckpt.name),
                             plans, overwrite=overwrite, job=job, progress=progress, cancel=cancel)
     result = GGUFExportResult(path, qtype, len(plans), size, time.perf_counter() - started,
                               dict(Counter(p.qtype for p in plans)))

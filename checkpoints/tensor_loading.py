@@ -26,17 +26,23 @@ import math
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 
 from .errors import WeightsmithError
 from .safetensors_header import TensorMeta
 
-if TYPE_CHECKING:
-    from .tensors import CheckpointReader
-
 T = TypeVar("T")
+
+
+class TensorSource(Protocol):
+    """What the loader needs of a reader (:class:`checkpoints.tensors.CheckpointReader`, which
+    imports this module): each tensor's checked header facts, and a plain read for pickles."""
+
+    def meta(self, name: str) -> TensorMeta: ...
+
+    def get(self, name: str, *, dtype: torch.dtype | None = ...) -> torch.Tensor: ...
 
 
 def _extent(meta: TensorMeta, fd: int) -> tuple[int, int]:
@@ -142,7 +148,7 @@ class TensorLoader:
         self._used += 1
         return slot[:numel].view(shape)
 
-    def get(self, reader: CheckpointReader, name: str, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    def get(self, reader: TensorSource, name: str, compute_dtype: torch.dtype | None) -> torch.Tensor:
         """Tensor ``name`` of ``reader`` as float32 (rounded through ``compute_dtype`` first).
 
         With ``mapped`` a float32 tensor that needs no conversion comes back as a
