@@ -212,6 +212,7 @@ def test_check_recipe_reads_headers_only(tiny_llama_family, monkeypatch):
 
     from checkpoints.safetensors_header import read_safetensors_file
     from checkpoints.sources import resolve
+    from file_proxy import FileProxy
     from merging.engine import check_recipe
 
     f = tiny_llama_family
@@ -220,28 +221,20 @@ def test_check_recipe_reads_headers_only(tiny_llama_family, monkeypatch):
     read: dict[str, int] = {}
     real_open = io.open
 
-    class Counted:
-        def __init__(self, handle, key: str) -> None:
-            self._handle, self._key = handle, key
+    class Counted(FileProxy):
+        def __init__(self, f, key: str) -> None:
+            super().__init__(f)
+            self.key = key
 
         def read(self, *args):
-            data = self._handle.read(*args)
-            read[self._key] += len(data)
+            data = self.f.read(*args)
+            read[self.key] += len(data)
             return data
 
         def readinto(self, buffer):
-            n = self._handle.readinto(buffer)
-            read[self._key] += n or 0
+            n = self.f.readinto(buffer)
+            read[self.key] += n or 0
             return n
-
-        def __getattr__(self, name):
-            return getattr(self._handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._handle.close()
 
     def counting_open(file, *args, **kw):
         handle = real_open(file, *args, **kw)

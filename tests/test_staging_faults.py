@@ -68,27 +68,18 @@ def test_cli_merge_on_a_full_disk_exits_2_with_one_line(tiny_llama_family, tmp_p
     """A real merge whose shard write fails with ENOSPC (the writer's ``open`` returns a file that fills up)."""
     import checkpoints.tensors as tensors
     from cli import main
+    from file_proxy import FileProxy
 
     real_open = open
 
-    class Filling:
-        def __init__(self, f):
-            self.f, self.written = f, 0
+    class Filling(FileProxy):
+        written = 0
 
         def write(self, data):
             self.written += len(memoryview(data).cast("B"))
             if self.written > 4096:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
 
     def fake_open(path, mode="r", *args, **kwargs):
         f = real_open(path, mode, *args, **kwargs)
