@@ -22,6 +22,7 @@ from typing import Any
 from checkpoints.cards import add_card_section
 from checkpoints.errors import WeightsmithError
 from checkpoints.gguf_export import GGUFExportResult, Progress, estimate_size, export_gguf
+from checkpoints.jobs import Job
 from checkpoints.sources import resolve
 from merging.adapters import load_adapter
 from merging.gguf_adapter import (base_checkpoint, check_adapter_gguf, export_adapter_gguf, is_adapter_folder,
@@ -52,11 +53,13 @@ def estimate_folder_gguf(folder: Path, qtype: str, *, base: Any = None, policy: 
     return estimate_size(resolve(folder, **(policy or {})), qtype)
 
 
-def export_folder_gguf(folder: Path, qtype: str, *, base: Any = None, progress: Progress | None = None,
-                       cancel: threading.Event | None = None, policy: dict[str, Any] | None = None) -> FolderGGUF:
+def export_folder_gguf(folder: Path, qtype: str, *, base: Any = None, job: Job | None = None,
+                       progress: Progress | None = None, cancel: threading.Event | None = None,
+                       policy: dict[str, Any] | None = None) -> FolderGGUF:
     """Write ``folder`` as ``folder/<name>-<qtype>.gguf`` (replacing an older one), check it, and update the card.
 
     ``base`` and ``policy``: see :func:`merging.gguf_adapter.export_adapter_gguf` (for adapter folders).
+    ``job``: progress and cancel of the write (``progress``/``cancel``: the older keywords, for this session).
     """
     from checkpoints.gguf_check import check_gguf
 
@@ -65,12 +68,12 @@ def export_folder_gguf(folder: Path, qtype: str, *, base: Any = None, progress: 
     if is_adapter_folder(folder):
         adapter = load_adapter(folder)
         ckpt = base_checkpoint(adapter, base, policy)
-        result = export_adapter_gguf(folder, out, base=ckpt, qtype=qtype, overwrite=True, progress=progress,
-                                     cancel=cancel)
+        result = export_adapter_gguf(folder, out, base=ckpt, qtype=qtype, overwrite=True, job=job,
+                                     progress=progress, cancel=cancel)
         report = check_adapter_gguf(out, adapter, ckpt)
     else:
         ckpt = resolve(folder, **(policy or {}))
-        result = export_gguf(ckpt, out, qtype=qtype, overwrite=True, progress=progress, cancel=cancel)
+        result = export_gguf(ckpt, out, qtype=qtype, overwrite=True, job=job, progress=progress, cancel=cancel)
         report = check_gguf(out, ckpt)
     if not report.ok:
         out.unlink(missing_ok=True)

@@ -293,3 +293,17 @@ def test_mix_reports_through_a_job_and_stops_when_cancelled(tmp_path, tiny_llama
     assert seen[0] == 0.0 and seen[-1] == 1.0
     with pytest.raises(ValueError, match="not both"):  # a caller's mistake, not bad input
         mix_adapters(recipe, tmp_path / "both", job=Job(), progress=lambda f, text: None)
+
+
+def test_adapter_gguf_export_reports_through_a_job(tmp_path, tiny_llama_dir, good):
+    from merging.gguf_adapter import export_adapter_gguf
+
+    job = Job.recording()
+    export_adapter_gguf(good, tmp_path / "a.gguf", base=str(tiny_llama_dir), job=job)
+    fractions = [f for f, _ in job.events if f is not None]
+    assert (tmp_path / "a.gguf").is_file() and fractions and fractions[-1] == 1.0
+    stopped = Job.recording()
+    stopped.cancel()
+    with pytest.raises(Cancelled):
+        export_adapter_gguf(good, tmp_path / "b.gguf", base=str(tiny_llama_dir), job=stopped)
+    assert not (tmp_path / "b.gguf").exists()
