@@ -70,3 +70,12 @@ def test_serve_is_registered_by_the_cli_not_by_checkpoints():
     every = set(cli.build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse has no API
     assert {"serve", "merge", "mix-adapters", "edit", "push", "export-gguf"} <= every
     assert "serve" in commands(cli.register_serve)
+
+
+def test_serve_hands_its_flags_to_the_app(capsys):
+    # Bad flags stop in the app's serve (before anything launches) and come out as the CLI's one line.
+    assert main(["serve", "--queue-size", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["weightsmith: error: --queue-size 0: must be at least 1"]
+    assert main(["serve", "--max-file-size", "lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("weightsmith: error: --max-file-size") and "lots" in err[0]
