@@ -44,7 +44,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Cancelled, Job, StepCallback, legacy_job
 from checkpoints.sources import LocalCheckpoint
 from checkpoints.tensor_loading import Prefetcher, TensorLoader
-from checkpoints.tensors import CheckpointReader, ShardedWriter, tied_head_names
+from checkpoints.tensors import CheckpointReader, ShardedWriter
 
 from .finite import FiniteCheck
 from .lines import auto_alpha, lines_curve, lines_scale
@@ -159,7 +159,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
     job = legacy_job(job, progress, cancel, total_steps)
     norms = _NormTracker(recipe, ckpts, method, num_blocks, enabled=collect_norms)
     out_config = output_config(recipe, ref, num_blocks)
-    skip = tied_head_names(out_config, ref.spec)
+    skip = ref.spec.tied_head_names(out_config)
 
     # The model card needs huggingface_hub, whose import costs ~0.2 s of pure Python; doing it
     # on a thread while torch merges (GIL released) takes it off the merge's wall time.
