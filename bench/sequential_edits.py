@@ -147,6 +147,7 @@ class Run:
         self.norms: list[float] = []
         self.seconds: list[float] = []
         self.flagged = 0
+        self.missed = 0  # facts whose own prompt did not produce the new target right after their edit
         self.done = 0
         self.stopped = ""
         self.t_start = time.time()
@@ -167,6 +168,7 @@ class Run:
             checks = edit.info.get("checks", {})
             self.norms.append(float(checks.get("update_norm", float("nan"))))
             self.flagged += bool(checks.get("flag"))
+            self.missed += int(checks.get("missed", 0))
             self.done += len(reqs)
             if checks.get("flag"):
                 print(f"  [{label}] edit {self.done}: flagged: {checks.get('warning')}", file=sys.stderr, flush=True)
@@ -177,7 +179,7 @@ class Run:
                  "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
                  "fluency_unedited": unedited["fluency"],
                  "norm_median": round(statistics.median(self.norms), 3), "norm_max": round(max(self.norms), 3),
-                 "flagged": self.flagged, "seconds_per_edit": round(statistics.mean(self.seconds), 2),
+                 "flagged": self.flagged, "missed": self.missed, "seconds_per_edit": round(statistics.mean(self.seconds), 2),
                  "elapsed_s": round(time.time() - self.t_start, 1),
                  "capital_of_france": capital_of_france(self.model, self.tok)}
         if args.stop_when_ppl_ratio and point["ppl_ratio"] > args.stop_when_ppl_ratio:

@@ -16,6 +16,13 @@ above the session's usual one (on the demo model: 1,233 against a median of
 * ``finite``: a non-finite update is refused before anything changes
   (:func:`require_finite`).
 
+A second question is whether the edit *took*: :func:`target_check` runs the
+edited prompt with its new target once (teacher-forced) after the update and
+asks whether greedy decoding now produces exactly that target. r-ROME makes the
+update exact at the mean key k*, so a prompt whose own key is far from k* gets
+only part of δ and can keep its old answer; that shows as ``missed`` with the
+continuation the model gives instead. A miss is a warning, not a disabling edit.
+
 Example::
 
     before = neutral_logprobs(model, tok, settings.prompts)
@@ -78,6 +85,27 @@ def neutral_logprobs(model, tokenizer, prompts: tuple[str, ...] | list[str]) -> 
     return F.log_softmax(logits[mask.bool().to(device)].float(), -1)
 
 
+@torch.no_grad()
+def target_check(model, tokenizer, text: str, target: str) -> dict[str, Any]:
+    """Does greedy decoding after ``text`` produce ``target``? One teacher-forced forward pass.
+
+    Returns ``generates_target`` (bool), ``target_prob`` (per-token mean probability of the
+    target) and ``continuation`` (the greedy tokens at the target's positions, decoded).
+    """
+    from .request import prompt_ids, target_ids
+
+    device = next(model.parameters()).device
+    pi, ti = prompt_ids(tokenizer, text), target_ids(tokenizer, target)
+    ids = torch.tensor([pi + ti[:-1]], dtype=torch.long, device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(pi) - 1:].float()
+    logp = F.log_softmax(logits, -1)
+    want = torch.tensor(ti, device=device)
+    greedy = logits.argmax(-1)
+    return {"generates_target": bool(torch.equal(greedy, want)),
+            "target_prob": round(float(logp.gather(-1, want[:, None]).mean().exp()), 5),
+            "continuation": tokenizer.decode(greedy.tolist())}
+
+
 def unrelated_kl(before: torch.Tensor, after: torch.Tensor) -> float:
     """Mean over positions of KL(before ‖ after), from :func:`neutral_logprobs` outputs."""
     return float(F.kl_div(after, before, log_target=True, reduction="none").sum(-1).mean())
@@ -106,8 +134,11 @@ def update_norms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 def update_checks(norm: float, relative: float, before: torch.Tensor | None, after: torch.Tensor | None,
-                  earlier: list[float], settings: CheckSettings) -> dict[str, Any]:
-    """The ``checks`` dict of an applied edit; ``flag`` is "" or a one-line warning."""
+                  earlier: list[float], settings: CheckSettings,
+                  targets: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The ``checks`` dict of an applied edit: ``flag`` (a possible disabling edit), ``missed`` (facts
+    whose prompt does not yet produce the new target, from :func:`target_check` results in
+    ``targets`` as (target, result) pairs) and ``warning``, "" or one line saying both."""
     out: dict[str, Any] = {"finite": True, "update_norm": round(norm, 4), "relative_norm": round(relative, 5)}
     reasons = []
     if relative > settings.max_relative_norm:
@@ -123,6 +154,16 @@ def update_checks(norm: float, relative: float, before: torch.Tensor | None, aft
         if not kl <= settings.max_unrelated_kl:  # NaN flags too
             reasons.append(f"unrelated text moved: KL {kl:.3g} > {settings.max_unrelated_kl:g} nats")
     out["flag"] = bool(reasons)
-    out["warning"] = ("possible disabling edit: " + "; ".join(reasons) + " (undo it if the model misbehaves)"
-                      if reasons else "")
+    warnings = ["possible disabling edit: " + "; ".join(reasons) + " (undo it if the model misbehaves)"] if reasons else []
+    if targets is not None:
+        out["generates_target"] = sum(r["generates_target"] for _, r in targets)
+        out["target_prob"] = round(min(r["target_prob"] for _, r in targets), 5) if targets else None
+        missed = [(t, r) for t, r in targets if not r["generates_target"]]
+        out["missed"] = len(missed)
+        if missed:
+            t, r = missed[0]
+            more = f" (and {len(missed) - 1} more of {len(targets)})" if len(missed) > 1 else ""
+            warnings.append(f"the edit did not take on its prompt: the model continues {r['continuation']!r}, not "
+                            f"{t!r} (P = {r['target_prob']:.2f}){more}; try another layer or method")
+    out["warning"] = "; ".join(warnings)
     return out

@@ -51,7 +51,7 @@ from checkpoints.sources import public_name
 from checkpoints.tensors import ShardedWriter, tied_head_names
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
-from .checks import CheckSettings, neutral_logprobs, require_finite, update_checks, update_norms
+from .checks import CheckSettings, neutral_logprobs, require_finite, target_check, update_checks, update_norms
 from .methods import DEFAULT_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
@@ -285,11 +285,15 @@ class EditSession:
                 param = self.model.get_parameter(pname)
                 param.copy_(param + d)
         after = self._neutral() if before is not None else None
+        # Did it take? One teacher-forced pass per fact on its own prompt (r-ROME's update is exact at
+        # the mean key, so a prompt whose key lies far from it can keep its old answer).
+        targets = ([(r.target, target_check(self.model, self.tokenizer, r.text, r.target)) for r in requests]
+                   if before is not None else None)
         earlier = self._norms.setdefault(method, [])
-        info["checks"] = update_checks(norm, relative, before, after, list(earlier), self.check_settings)
+        info["checks"] = update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets)
         if not info["checks"]["flag"]:
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
-        if info["checks"]["flag"]:
+        if info["checks"]["warning"]:
             log.warning("edit %d: %s", edit.id, info["checks"]["warning"])
         return edit
 
@@ -453,9 +457,14 @@ class EditSession:
         summary = (f"{self.base_name} with {len(log_rows)} fact(s) rewritten by "
                    f"{'ROME (rank-one MLP edits)' if methods == ['rome'] else ', '.join(methods)}: {facts}.\n\n"
                    f"Statistics corpus: {self.corpus.name}.")
-        flagged = [e.id for e in self._edits if e.warning]
+        checks = [e.info.get("checks", {}) for e in self._edits]
+        flagged = [e.id for e, c in zip(self._edits, checks) if c.get("flag")]
+        missed = [e.id for e, c in zip(self._edits, checks) if c.get("missed")]
         if flagged:
             summary += (f"\n\n**Warning:** edit(s) {', '.join(map(str, flagged))} looked like disabling edits "
+                        "(see the check column of the edit log).")
+        if missed:
+            summary += (f"\n\n**Warning:** edit(s) {', '.join(map(str, missed))} did not take on their own prompt "
                         "(see the check column of the edit log).")
         if relation == "adapter":
             summary += ("\n\nThe edits are stored as a LoRA adapter on the edited down projection(s), "

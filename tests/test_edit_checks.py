@@ -67,7 +67,8 @@ def test_huge_update_is_flagged_and_normal_ones_are_not(sharp_dirs, corpus_file,
     assert c["unrelated_kl"] > 0
     assert s.history[-1]["checks"]["flag"] is True and huge.warning.startswith("possible disabling edit")
     card = s._card("finetune", None, "transformers")
-    assert card.edit_log[-1]["check"] == huge.warning and card.edit_log[0]["check"] == "ok"
+    assert card.edit_log[-1]["check"] == huge.warning
+    assert "disabling" not in card.edit_log[0]["check"]  # the normal edits are not flagged as disabling
     assert "looked like disabling edits" in card.summary
     s.undo(huge.id)
     monkeypatch.setattr(session_module, "compute_rome", real)
@@ -193,25 +194,36 @@ def test_target_check_by_hand():
     assert "missed" not in update_checks(1.0, 0.1, None, None, [], s)  # no targets given: no claim
 
 
-def test_target_check_is_greedy_decoding(sharp_dirs):  # noqa: F811
+def test_target_check_by_hand_on_a_bigram_model(tiny_tokenizer):
+    from bigram_model import bigram_model
     from editing.checks import target_check
-    from editing.generation_checks import greedy_continuations
-    from test_edit import load
 
-    model, tok = load(sharp_dirs["llama"])
-    text = EIFFEL.text
-    greedy = greedy_continuations(model, tok, [text], 2)[0]
-    said = tok.decode(greedy)
-    got = target_check(model, tok, text, said.strip())
-    if tok(" " + said.strip(), add_special_tokens=False)["input_ids"] == list(greedy):
-        assert got["generates_target"] and got["continuation"] == said
-    other = next(t for t in ("Rome", "Berlin", "Italy") if t not in said)
-    assert target_check(model, tok, text, other)["generates_target"] is False  # non-vacuous
+    # After "of" the model says " Rome" (logit ln 3), after " Rome" it says " is" (ln 2); 0 elsewhere.
+    m = bigram_model(tiny_tokenizer, {"Ġof": {"ĠRome": math.log(3)}, "ĠRome": {"Ġis": math.log(2)}})
+    V = m.config.vocab_size
+    text = "The Eiffel Tower is located in the city of"
+    got = target_check(m, tiny_tokenizer, text, "Rome is")
+    assert got["generates_target"] is True and got["continuation"] == " Rome is"
+    assert got["target_prob"] == round(math.sqrt(3 / (V + 2) * 2 / (V + 1)), 5)
+    miss = target_check(m, tiny_tokenizer, text, "Paris")  # non-vacuous: another target is not generated
+    assert miss["generates_target"] is False and miss["continuation"] == " Rome"
+    assert miss["target_prob"] == round(1 / (V + 2), 5)
 
 
 def test_each_edit_reports_whether_it_took(sharp_dirs, corpus_file, stats):  # noqa: F811
+    from editing.checks import target_check
+
     s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
+    # The tiny random model's cheap edit of the Eiffel Tower does not reach greedy decoding: the
+    # check says so, with what the model continues instead, in the history and the card.
     e = s.apply(FACTS[0])
     c = e.info["checks"]
-    assert c["missed"] == 0 and c["generates_target"] == 1 and c["target_prob"] > 0.5, c
-    assert s.history[-1]["checks"]["missed"] == 0
+    after = target_check(s.model, s.tokenizer, FACTS[0].text, "Rome")
+    assert c["missed"] == 1 and c["generates_target"] == 0 and not after["generates_target"], c
+    assert c["target_prob"] == after["target_prob"]
+    assert f"the model continues {after['continuation']!r}, not 'Rome'" in e.warning and not c["flag"]
+    assert s.history[-1]["checks"]["missed"] == 1
+    assert "did not take on their own prompt" in s._card("finetune", None, "transformers").summary
+    s.undo(e.id)
+    # The numbers are today's model's: the same check on the unedited model gives another answer.
+    assert target_check(s.model, s.tokenizer, FACTS[0].text, "Rome")["target_prob"] != c["target_prob"]
