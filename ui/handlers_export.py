@@ -6,13 +6,13 @@ import gradio as gr
 
 from checkpoints.cards import load_card
 from checkpoints.errors import WeightsmithError
+from checkpoints.gguf_export import GGUF_TYPES
 from checkpoints.workspace import Workspace
 
 from .endpoint import endpoint
 from .progress import progress_adapter
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+GgufType = Literal[tuple(GGUF_TYPES)]  # type: ignore[valid-type] - the exporter's registry of types
 
 
 class ExportHandlers:

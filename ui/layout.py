@@ -11,12 +11,12 @@ import os
 
 import gradio as gr
 
+from checkpoints.gguf_export import GGUF_TYPES
 from checkpoints.hub_client import configure_hub_client
 from checkpoints.secrets import install_redaction
 
 from .config import MODEL_FILE_TYPES, AppConfig
 from .endpoint import guard_preprocess
-from .handlers_export import GGUF_TYPES
 from .tab_adapters import adapters_tab
 from .tab_edit import edit_tab
 from .tab_merge import merge_tab
