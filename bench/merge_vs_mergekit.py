@@ -12,7 +12,8 @@ Cases:
   ``ties``: wall-time ratio, peak-RSS ratio, max |Δ| between the two outputs;
 * ``--equivalence``: every deterministic method on tiny random llamas
   (linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp,
-  model_stock, passthrough with slices, gradients and filters), max |Δ| each;
+  model_stock, passthrough with slices, gradients and filters; sce, karcher, multislerp,
+  nearswap, arcee_fusion, ram, ramplus_tl), max |Δ| each;
 * ``--big``: a synthetic 1.03B-parameter llama (random bf16 weights) plus 2 others,
   Weightsmith only, to show peak memory follows the largest tensor, not the model.
 
@@ -264,6 +265,24 @@ def equivalence_cases(f: dict[str, Path]) -> dict[str, str]:
         ),
         "passthrough_scale": (f"merge_method: passthrough\nmodels:\n  - model: {a1}\n    parameters:\n      scale:\n"
                               "        - filter: o_proj\n          value: 0\n        - value: 1\n"),
+        # mergekit 0.1.5's further methods (issue 14)
+        "sce": f"merge_method: sce\nbase_model: {b}\nmodels:\n  - model: {a1}\n  - model: {a2}\n  - model: {a3}\n",
+        "sce_select_topk": (f"merge_method: sce\nbase_model: {b}\nparameters: {{select_topk: 0.4}}\n"
+                            f"models:\n  - model: {a1}\n  - model: {a2}\n  - model: {a3}\n"),
+        "karcher": f"merge_method: karcher\nmodels:\n  - model: {a1}\n  - model: {a2}\n  - model: {f['far']}\n",
+        "karcher_base": (f"merge_method: karcher\nbase_model: {b}\nparameters: {{max_iter: 30, tol: 1.0e-7}}\n"
+                         f"models:\n  - model: {a1}\n  - model: {f['far']}\n"),
+        "multislerp": f"merge_method: multislerp\nmodels:\n{models([0.2, 0.3, 0.5])}",
+        "multislerp_base": (f"merge_method: multislerp\nbase_model: {b}\nparameters: {{normalize_weights: false}}\n"
+                            f"models:\n{models([0.5, 0.3, 0.7])}"),
+        "nearswap": f"merge_method: nearswap\nbase_model: {b}\nparameters: {{t: [0.01, 0.05]}}\nmodels:\n  - model: {a1}\n",
+        "arcee_fusion": f"merge_method: arcee_fusion\nbase_model: {b}\nmodels:\n  - model: {a1}\n",
+        "ram": f"merge_method: ram\nbase_model: {b}\nmodels:\n  - model: {a1}\n  - model: {a2}\n  - model: {a3}\n",
+        "ram_epsilon": (f"merge_method: ram\nbase_model: {b}\nparameters: {{epsilon: 0.04}}\n"
+                        f"models:\n  - model: {a1}\n  - model: {a2}\n  - model: {a3}\n"),
+        "ramplus_tl": (f"merge_method: ramplus_tl\nbase_model: {b}\nparameters: {{epsilon: 0.04, r: 0.5, alpha: 0.6}}\n"
+                       f"models:\n  - model: {a1}\n  - model: {a2}\n  - model: {a3}\n"),
+        "ramplus_tl_defaults": f"merge_method: ramplus_tl\nbase_model: {b}\nmodels:\n  - model: {a1}\n  - model: {a2}\n",
     }
 
 
