@@ -51,7 +51,7 @@ from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
 from editing.rome import RomeHyperParams  # noqa: E402
 from editing.session import EditSession  # noqa: E402
-from editing.stats import SEQ_LEN, StatsCache, _text_batches, corpus_from_file  # noqa: E402
+from editing.stats import SEQ_LEN, StatsCache, text_batches, corpus_from_file  # noqa: E402
 
 SCORES = ("efficacy", "paraphrase", "neighborhood")
 GEN = ("gen_efficacy", "gen_paraphrase", "gen_neighborhood")
@@ -87,7 +87,7 @@ def parse_variant(text: str) -> Variant:
 
 def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:
     """The last ``n`` tokens of ``text``, tokenised as the statistics tokenise it; refuses any overlap."""
-    ids = [t for chunk in _text_batches(tok, text, 10**9, SEQ_LEN) for t in chunk.tolist()]
+    ids = [t for chunk in text_batches(tok, text, 10**9, SEQ_LEN) for t in chunk.tolist()]
     if len(ids) - n < stats_tokens:
         raise SystemExit(f"held-out text overlaps the statistics: {len(ids)} tokens, {stats_tokens} for the "
                          f"statistics, {n} held out")

@@ -31,6 +31,8 @@ import torch
 
 from checkpoints.errors import WeightsmithError
 
+from .nullspace import nullspace_projector  # noqa: F401  (part of this module's API)
+
 log = logging.getLogger(__name__)
 
 
@@ -46,22 +48,6 @@ class AlphaEditHyperParams:
     # Rescale B so that ΔW K₁ = R exactly (ROME-like) instead of the authors' ridge solution,
     # which reaches only ‖PK‖²/(‖PK‖² + λ) of a lone key's residual.
     exact: bool = False
-
-
-def nullspace_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
-    """P = Û Ûᵀ over C's eigenvectors with eigenvalue < ``threshold``; returns (P float32, their number).
-
-    C is symmetric, so ``eigh`` gives what the authors' SVD gives (singular values of
-    a positive semi-definite matrix are its eigenvalues); solved in float64.
-    """
-    evals, evecs = torch.linalg.eigh(C.double())
-    keep = evals < threshold
-    n = int(keep.sum())
-    if n == 0:
-        raise WeightsmithError(f"AlphaEdit: no eigenvalue of the statistics is below the null-space threshold "
-                               f"{threshold:g} (smallest {float(evals.min()):.3g}): raise nullspace_threshold")
-    U = evecs[:, keep]
-    return (U @ U.T).float(), n
 
 
 def alphaedit_factors(R: torch.Tensor, K1: torch.Tensor, P: torch.Tensor, Kp: torch.Tensor | None = None, *,

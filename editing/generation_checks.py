@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .records import EvalRecord, parse_record
 from .request import pad_id, prompt_ids
 
 # Topic-neutral prompts for the fluency of a model as a whole (e.g. after many edits).
@@ -156,7 +157,6 @@ def generation_scores(model, tokenizer, record: Any, config: GenerationConfig | 
     record format. Scores whose prompts are missing are left out. If
     ``texts`` is a dict, the answer texts are stored in it per group (for display).
     """
-    from .evaluate import EvalRecord, parse_record
 
     rec: EvalRecord = parse_record(record) if isinstance(record, dict) else record
     cfg = config or GenerationConfig()

@@ -164,3 +164,17 @@ def tokenise(tokenizer: Any, text: str, subject: str, *, subject_at: int | None 
     ids = prompt_ids(tokenizer, text)
     tgt = list(target or [])
     return Tokenised(ids + tgt[:-1] if tgt else ids, first, last, len(ids), tgt)
+
+
+def start_token_id(tokenizer) -> int:
+    """The token that opens a neutral document: the one sampled text and ROME's prefixes start from."""
+    # A document boundary is the most neutral start: GPT-2 style "<|endoftext|>" if the
+    # vocabulary has it, else BOS, else EOS.
+    vocab = tokenizer.get_vocab()
+    for t in ("<|endoftext|>",):
+        if t in vocab:
+            return vocab[t]
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0

@@ -44,7 +44,7 @@ from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
 
 from .hooks import StopForward, capture_input, get_module, patch_output, stop_after
-from .request import EditRequest, Tokenised, fill, pad_id, pad_right, target_ids, tokenise
+from .request import EditRequest, Tokenised, fill, pad_id, pad_right, start_token_id, target_ids, tokenise
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ class RomeResult:
 
 # -- prefixes ------------------------------------------------------------------------------------------
 def _start_ids(tokenizer) -> list[int]:
-    from .stats import _start_token
-
-    return [_start_token(tokenizer)]
+    return [start_token_id(tokenizer)]
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.home import weightsmith_home
 
 from .hooks import StopForward, get_module, stop_after
+from .nullspace import nullspace_projector
+from .request import start_token_id
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ class _Accumulator:
             h.remove()
 
 
-def _text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torch.Tensor]:
+def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torch.Tensor]:
     # Tokenise paragraph by paragraph (fast tokenizers batch well), stop once we have enough.
     ids: list[int] = []
     paras = [p for p in text.split("\n") if p.strip()]
@@ -204,7 +206,7 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], 
         else:
             cfg = model.config
             limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-            chunks = _text_batches(tokenizer, corpus.text or "", n_tokens, min(seq_len, limit or seq_len))
+            chunks = text_batches(tokenizer, corpus.text or "", n_tokens, min(seq_len, limit or seq_len))
             for i in range(0, len(chunks), batch_size):
                 group = chunks[i:i + batch_size]
                 width = max(len(c) for c in group)
@@ -228,26 +230,13 @@ def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], 
     return {layer: (s / max(1, acc.count)).float() for layer, s in acc.sums.items()}, acc.count
 
 
-def _start_token(tokenizer) -> int:
-    # A document boundary is the most neutral start: GPT-2 style "<|endoftext|>" if the
-    # vocabulary has it, else BOS, else EOS.
-    vocab = tokenizer.get_vocab()
-    for t in ("<|endoftext|>",):
-        if t in vocab:
-            return vocab[t]
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def _sample_into(model, tokenizer, acc: _Accumulator, n_tokens: int, seed: int, progress, device,
                  batch: int = 64, length: int = 128) -> None:
     """Sample text from the model; the hooks see every sampled token's keys as it is generated."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     length = min(length, (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or length) - 1)
-    start = _start_token(tokenizer)
+    start = start_token_id(tokenizer)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     while acc.count < n_tokens:
         b = min(batch, max(1, (n_tokens - acc.count) // length + 1))
@@ -363,8 +352,6 @@ class StatsCache:
         Computed once per (model identity, layer, corpus, tokens, threshold), from the cached C,
         and cached the same way (the eigendecomposition costs about a second per layer).
         """
-        from .alphaedit import nullspace_projector
-
         layers = [layers] if isinstance(layers, int) else list(layers)
         if n_tokens is None:
             n_tokens = DEFAULT_SAMPLED_TOKENS if corpus.kind == "sampled" else DEFAULT_TOKENS

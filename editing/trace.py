@@ -36,7 +36,7 @@ import torch
 from checkpoints.arch import spec_for
 from checkpoints.errors import WeightsmithError
 
-from .hooks import capture_output, get_module, patch_output, patch_outputs, start_from_block
+from .hooks import capture_output, patch_output, patch_outputs, start_from_block
 from .request import EditRequest, check_request, prompt_ids, subject_span
 
 log = logging.getLogger(__name__)
