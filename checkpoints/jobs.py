@@ -87,6 +87,16 @@ class Job:
         return Job(cancel_event=self.cancel_event, messages=self.messages, start=start, span=max(0.0, end - start),
                    parent=self)
 
+    def callback(self, what: str = "the job") -> Callable[[float | None, str], None]:
+        """A ``(fraction, text)`` callback for inner code that reports that way: each call first
+        checks the cancel event (so a Stop lands at the next report, before anything is written)."""
+
+        def report(fraction: float | None, text: str) -> None:
+            self.check(what)
+            self.progress(fraction, text)
+
+        return report
+
     # -- log ------------------------------------------------------------------
     def note(self, text: str) -> None:
         """A line for the job's log (shown by the CLI and the app after the run)."""

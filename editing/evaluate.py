@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.jobs import Job
 
 from .generation_checks import GenerationConfig, generation_scores
 from .records import EvalRecord, load_records, parse_record  # noqa: F401  (part of this module's API)
@@ -136,21 +137,29 @@ def scores_now(model, tokenizer, record: EvalRecord, generation: GenerationConfi
 
 def run_eval(session, records: list[EvalRecord], *, layer: int | None = None,
              progress: Callable[[float, str], None] | None = None,
-             generation: GenerationConfig | None = None) -> dict[str, Any]:
+             generation: GenerationConfig | None = None, job: Job | None = None) -> dict[str, Any]:
     """Edit each record on fresh weights (undo between records) and score it; with the unedited baseline.
 
     Returns ``{"n", "efficacy", "paraphrase", "neighborhood", "score", ..., "seconds_per_edit",
     "baseline": {...}}``; with ``generation``, also gen_efficacy / gen_paraphrase /
-    gen_neighborhood / fluency (:mod:`editing.generation_checks`).
+    gen_neighborhood / fluency (:mod:`editing.generation_checks`). Reports through ``job``
+    (``progress`` is the older ``(fraction, text)`` callback); a cancel stops it between steps.
     """
+    job = job if job is not None else Job(listener=progress)
     model, tok = session.model, session.tokenizer
-    baseline = [scores_now(model, tok, r, generation) for r in records]
+    # The unedited scores come first and take about as long as scoring after the edits: a fifth of the bar.
+    scoring = job.part(0.0, 0.2)
+    baseline = []
+    for i, r in enumerate(records):
+        scoring.check("the evaluation")
+        scoring.step(i, len(records), f"scoring the unedited model on record {i + 1}/{len(records)}")
+        baseline.append(scores_now(model, tok, r, generation))
     edited, seconds = [], []
     for i, rec in enumerate(records):
-        if progress:
-            progress(i / len(records), f"editing record {i + 1}/{len(records)}")
+        part = job.part(0.2 + 0.8 * i / len(records), 0.2 + 0.8 * (i + 1) / len(records))
+        part.progress(0.0, f"editing record {i + 1}/{len(records)}")
         t0 = time.time()
-        edit = session.apply(rec.request(layer))
+        edit = session.apply(rec.request(layer), job=part)
         seconds.append(time.time() - t0)
         try:
             edited.append(scores_now(model, tok, rec, generation))

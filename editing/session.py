@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from functools import partial
 import time
 from contextlib import contextmanager
@@ -44,11 +45,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from checkpoints.arch import spec_for
-from checkpoints.cards import CardInfo, write_card
+from checkpoints.cards import CardInfo, build_card, write_card
 from checkpoints.errors import WeightsmithError
-from checkpoints.peft_adapter import factors_from_state, unit_scale_config, write_adapter
+from checkpoints.jobs import Job
+from checkpoints.peft_adapter import factors_from_state, tensor_key, unit_scale_config, write_adapter
 from checkpoints.sources import public_name
-from checkpoints.tensors import ShardedWriter, tied_head_names
+from checkpoints.tensors import ShardedWriter
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
 from .checks import CheckSettings, neutral_logprobs, require_finite, target_check, update_checks, update_norms
@@ -120,6 +122,27 @@ class AppliedEdit:
     def warning(self) -> str:
         """The checks' one-line warning ("" when the update looks normal)."""
         return str(self.info.get("checks", {}).get("warning", ""))
+
+
+class _Stages:
+    """One monotone bar over an edit's two stages: the statistics (first use only) and the update.
+
+    The statistics take the first half when they are computed; found in the cache they
+    report nothing, and the update then has the whole bar.
+    """
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.used_first = progress, False
+
+    def first(self, fraction: float, text: str) -> None:
+        self.used_first = True
+        if self.progress:
+            self.progress(0.5 * fraction, text)
+
+    def rest(self, fraction: float, text: str) -> None:
+        if self.progress:
+            start = 0.5 if self.used_first else 0.0
+            self.progress(start + (1 - start) * fraction, text)
 
 
 def _delta(spec, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -205,14 +228,18 @@ class EditSession:
                 for name, w in current.items():
                     self.model.get_parameter(name).copy_(w)
 
-    def statistics(self, layers: int | list[int], progress: Progress | None = None) -> dict[int, torch.Tensor]:
+    def statistics(self, layers: int | list[int], progress: Progress | None = None, *,
+                   job: Job | None = None) -> dict[int, torch.Tensor]:
         """C = E[kkᵀ] of the unedited model for ``layers`` from the cache (computed on first use)."""
+        progress = job.callback("computing the statistics") if job is not None else progress
         with self._pristine_weights():
             return self.stats.get(self.model, self.tokenizer, self.spec, layers, self.corpus, self.stats_tokens,
                                   progress=progress)
 
-    def projectors(self, layers: int | list[int], progress: Progress | None = None) -> dict[int, tuple[torch.Tensor, int]]:
+    def projectors(self, layers: int | list[int], progress: Progress | None = None, *,
+                   job: Job | None = None) -> dict[int, tuple[torch.Tensor, int]]:
         """AlphaEdit's null-space projector of each layer's C: ``{layer: (P, kept directions)}`` (cached)."""
+        progress = job.callback("computing the projector") if job is not None else progress
         with self._pristine_weights():
             return self.stats.projectors(self.model, self.tokenizer, self.spec, layers, self.corpus,
                                          self.stats_tokens, threshold=self.alpha_hparams.nullspace_threshold,
@@ -299,13 +326,15 @@ class EditSession:
 
     # -- public API ------------------------------------------------------------------------------------
     def apply(self, request: EditRequest, progress: Progress | None = None, *,
-              method: str | None = None) -> AppliedEdit:
+              method: str | None = None, job: Job | None = None) -> AppliedEdit:
         """Compute and apply one edit (``method``: default the session's); returns the history entry.
 
         ``memit``/``alphaedit-memit`` go through :meth:`apply_batch` with this one request
         (the request's layer, if given, is the top of the four layers they spread over).
         Bad input raises before any change; so does a non-finite update.
         """
+        progress = job.callback("the edit") if job is not None else progress  # a Stop lands before the commit
+        stages = _Stages(progress)
         method = check_method(method or self.method)
         if method in MULTI_LAYER:
             top = request.layer
@@ -317,19 +346,19 @@ class EditSession:
         before = self._neutral()
         module = self.spec.module("mlp_out", layer)
         if method == "alphaedit":
-            P, kept = self.projectors(layer, progress=progress)[layer]
+            P, kept = self.projectors(layer, progress=stages.first)[layer]
             t_stats = time.time() - t0
             B, A, K, info = compute_alphaedit(self.model, self.tokenizer, self.spec, [request], P, layer=layer,
                                               prefixes=self.prefixes(), hparams=self.hparams, alpha=self.alpha_hparams,
-                                              prior_keys=self.prior_keys(layer), progress=progress)
+                                              prior_keys=self.prior_keys(layer), progress=stages.rest)
             info["nullspace_dim"] = kept
             factors, keys = {module: (B, A)}, {layer: K.T}
         else:
-            C = self.statistics(layer, progress=progress)[layer]
+            C = self.statistics(layer, progress=stages.first)[layer]
             t_stats = time.time() - t0
             result = compute_rome(self.model, self.tokenizer, self.spec, request, C, layer=layer,
                                   prefixes=self.prefixes(), hparams=rome_hparams_for(method, self.hparams),
-                                  progress=progress)
+                                  progress=stages.rest)
             info = dict(result.info)
             factors, keys = {module: (result.B[:, None], result.A[None, :])}, {layer: result.key[None, :]}
         info.update({"corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens,
@@ -342,7 +371,8 @@ class EditSession:
         return edit
 
     def apply_batch(self, requests: list[EditRequest], *, layers: list[int] | None = None,
-                    progress: Progress | None = None, method: str | None = None) -> AppliedEdit:
+                    progress: Progress | None = None, method: str | None = None,
+                    job: Job | None = None) -> AppliedEdit:
         """Apply many facts at once as one history entry.
 
         ``method``: ``memit`` (default; ``alphaedit-memit`` when the session's method is an
@@ -351,6 +381,8 @@ class EditSession:
         """
         from .memit import MemitHyperParams, compute_memit
 
+        progress = job.callback("the edit") if job is not None else progress
+        stages = _Stages(progress)
         if method is None:
             method = batch_method(self.method)
         method = check_method(method)
@@ -374,10 +406,10 @@ class EditSession:
         before = self._neutral()
         if method == "alphaedit":
             layer = layers[0]
-            P, kept = self.projectors(layer, progress=progress)[layer]
+            P, kept = self.projectors(layer, progress=stages.first)[layer]
             B, A, K, info = compute_alphaedit(self.model, self.tokenizer, self.spec, requests, P, layer=layer,
                                               prefixes=self.prefixes(), hparams=self.hparams, alpha=self.alpha_hparams,
-                                              prior_keys=self.prior_keys(layer), progress=progress)
+                                              prior_keys=self.prior_keys(layer), progress=stages.rest)
             info.update({"nullspace_dim": kept, "corpus": self.corpus.describe(), "stats_tokens": self.stats_tokens})
             edit = self._commit(method, list(requests), layers, {self.spec.module("mlp_out", layer): (B, A)}, info,
                                 keys={layer: K.T}, before=before)
@@ -386,15 +418,15 @@ class EditSession:
         alpha, projectors, prior, Cs = None, None, None, {}
         if method == "alphaedit-memit":
             alpha = self.alpha_hparams
-            found = self.projectors(layers, progress=progress)
+            found = self.projectors(layers, progress=stages.first)
             projectors = {layer: P for layer, (P, _) in found.items()}
             prior = {layer: self.prior_keys(layer) for layer in layers}
         else:
-            Cs = self.statistics(layers, progress=progress)
+            Cs = self.statistics(layers, progress=stages.first)
         try:
             factors, info = compute_memit(self.model, self.tokenizer, self.spec, requests, layers, Cs,
                                           prefixes=self.prefixes(), hparams=hp, rome=self.hparams,
-                                          apply_layer=self._apply_memit_layer, progress=progress,
+                                          apply_layer=self._apply_memit_layer, progress=stages.rest,
                                           alpha=alpha, projectors=projectors, prior_keys=prior)
         finally:
             # compute_memit applied its layers as it went (later layers see earlier ones) as temporary
@@ -481,7 +513,7 @@ class EditSession:
         if not self._edits:
             raise WeightsmithError("no edits to export")
         config = self.model.config.to_dict()
-        skip = set(tied_head_names(config, self.spec))
+        skip = set(self.spec.tied_head_names(config))
         with ShardedWriter(Path(out_dir), skip=skip, overwrite=overwrite) as w:
             for name, t in self.model.state_dict().items():
                 if name not in skip:
@@ -490,9 +522,12 @@ class EditSession:
             gen = getattr(self.model, "generation_config", None)
             if gen is not None:
                 w.write_text("generation_config.json", gen.to_json_string())
-            self.tokenizer.save_pretrained(str(w.staging))
+            with tempfile.TemporaryDirectory() as tmp:  # the tokenizer saves into a folder; the writer takes files
+                self.tokenizer.save_pretrained(tmp)
+                for f in sorted(Path(tmp).iterdir()):
+                    w.add_file(f.name, f)
             w.write_text("edit_log.json", json.dumps(self.history, indent=2, default=str))
-            write_card(w.staging, self._card("finetune", scores, "transformers"))
+            w.add_file("README.md", str(build_card(self._card("finetune", scores, "transformers"))).encode("utf-8"))
         return Path(out_dir)
 
     def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -505,8 +540,8 @@ class EditSession:
         for module, facs in per_module.items():
             B = torch.cat([b for b, _ in facs], dim=1).float().contiguous()
             A = torch.cat([a for _, a in facs], dim=0).float().contiguous()
-            tensors[f"base_model.model.{module}.lora_A.weight"] = A
-            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+            tensors[tensor_key(module, "A")] = A
+            tensors[tensor_key(module, "B")] = B
             ranks[module] = A.shape[0]
         return tensors, ranks
 

@@ -35,6 +35,7 @@ import torch
 
 from checkpoints.arch import spec_for
 from checkpoints.errors import WeightsmithError
+from checkpoints.jobs import Job
 
 from .hooks import capture_output, patch_output, patch_outputs, start_from_block
 from .request import EditRequest, check_request, prompt_ids, subject_span
@@ -123,7 +124,7 @@ def _module_names(spec, kind: str, n: int) -> list[str]:
 
 @torch.no_grad()
 def causal_trace(model, tokenizer, prompt: str, subject: str, *, kind: Kind = "hidden", samples: int = 3,
-                 noise: float = 3.0, window: int = 10, progress: Progress | None = None,
+                 noise: float = 3.0, window: int = 10, progress: Progress | None = None, job: Job | None = None,
                  device: str | torch.device | None = None, seed: int = 0) -> TraceResult:
     """Trace ``prompt`` (containing ``subject`` or ``{}``) and return a :class:`TraceResult`.
 
@@ -131,6 +132,7 @@ def causal_trace(model, tokenizer, prompt: str, subject: str, *, kind: Kind = "h
     ``samples`` noise draws are averaged (the paper uses 10; 3 keeps a
     30-layer model under half a minute on a laptop CPU).
     """
+    progress = job.callback("the trace") if job is not None else progress
     if kind not in ("hidden", "mlp", "attn"):
         raise WeightsmithError(f"unknown trace kind {kind!r}: use hidden, mlp or attn")
     if samples < 1:
@@ -223,7 +225,7 @@ def causal_trace(model, tokenizer, prompt: str, subject: str, *, kind: Kind = "h
                 out = base(input_ids=ids_rows, use_cache=False).last_hidden_state[:, -1]
         p = answer_probs(out)[:, answer_id].reshape(len(toks), samples).mean(1)
         scores[first:, layer] = p.cpu()
-        if progress:
+        if progress:  # with a job, this also stops a cancelled trace at the next layer
             progress((layer + 1) / L, f"tracing layer {layer + 1}/{L}")
     tokens = [tokenizer.decode([int(t)]) for t in ids[0]]
     return TraceResult(text, subject, kind, scores, tokens, (first, last + 1), tokenizer.decode([answer_id]),

@@ -46,3 +46,14 @@ def test_ensure_and_tqdm_renderer():
         job.step(5, 10, "five")
         job.progress(None, "unknown")
     assert not job.cancelled
+
+
+def test_callback_reports_and_stops_at_the_next_report():
+    job = Job.recording()
+    report = job.part(0.5, 1.0).callback("the edit")
+    report(0.5, "v* step 3")
+    assert job.events == [(0.75, "v* step 3")]
+    job.cancel()
+    with pytest.raises(Cancelled, match="the edit was cancelled"):
+        report(0.6, "v* step 4")
+    assert len(job.events) == 1  # nothing reported after the cancel
