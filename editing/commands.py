@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from checkpoints.jobs import tqdm_job
+
 from .methods import DEFAULT_METHOD, METHODS
 
 
@@ -19,20 +21,14 @@ def _load(ref: str):
     return ckpt, ckpt.load_model(), ckpt.load_tokenizer()
 
 
-def _progress(frac: float, desc: str) -> None:
-    if sys.stderr.isatty():
-        print(f"\r{desc} [{frac:4.0%}]", end="", file=sys.stderr, flush=True)
-
-
 def _trace(args: argparse.Namespace) -> int:
     from .trace import causal_trace, save_trace
 
     _, model, tok = _load(args.model)
-    result = causal_trace(model, tok, args.prompt, args.subject, kind=args.kind, samples=args.samples,
-                          noise=args.noise, window=args.window, progress=_progress)
+    with tqdm_job("tracing") as job:
+        result = causal_trace(model, tok, args.prompt, args.subject, kind=args.kind, samples=args.samples,
+                              noise=args.noise, window=args.window, job=job)
     png, js = save_trace(result, Path(args.out))
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
     print(f"answer {result.answer!r}: clean {result.high_score:.4f}, corrupted {result.low_score:.4f}; "
           f"suggested edit layer: {result.suggest_layer()} ({result.seconds:.1f} s)")
     print(f"wrote {png} and {js}")
@@ -86,9 +82,8 @@ def _edit_one(args: argparse.Namespace, out: Path) -> int:
     if args.target_true:
         rec = EvalRecord(args.prompt, args.subject, args.target, args.target_true)
         before = evaluate_edit(model, tok, rec)
-    edit = session.apply(req, progress=_progress)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    with tqdm_job("editing") as job:
+        edit = session.apply(req, job=job)
     if rec is not None:
         after = evaluate_edit(model, tok, rec)
         scores = {"efficacy_before": before["efficacy"], "efficacy_after": after["efficacy"],
@@ -99,7 +94,9 @@ def _edit_one(args: argparse.Namespace, out: Path) -> int:
     steps = info["steps"][0] if isinstance(info["steps"], list) else info["steps"]
     print(f"edited ({edit.method}) layer {','.join(map(str, edit.layers))} in {info['seconds']:.1f} s ({steps} steps; "
           f"‖ΔW‖ {checks['update_norm']:.4g}, {checks['relative_norm']:.3g} of ‖W‖, "
-          f"KL on neutral text {checks.get('unrelated_kl', float('nan')):.3g}); "
+          f"KL on neutral text {checks.get('unrelated_kl', float('nan')):.3g}; the prompt now "
+          f"{'continues with' if not checks.get('missed') else 'does not continue with'} the target, "
+          f"P = {checks.get('target_prob', float('nan')):.2f}); "
           f"wrote {'adapter' if args.as_adapter else 'model'} to {out}")
     if edit.warning:
         print(f"warning: {edit.warning}", file=sys.stderr)
@@ -113,9 +110,8 @@ def _edit_batch(args: argparse.Namespace, out: Path) -> int:
     requests = load_edit_requests(Path(args.batch))  # a bad file fails before the model loads
     ckpt, model, tok = _load(args.model)
     session = _session(args, ckpt, model, tok)
-    edit = session.apply_batch(requests, progress=_progress)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    with tqdm_job("editing") as job:
+        edit = session.apply_batch(requests, job=job)
     _write(args, session, out)
     print(f"edited {len(requests)} facts ({edit.method}) over layers {','.join(map(str, edit.layers))} in "
           f"{edit.info['seconds']:.1f} s; wrote {'adapter' if args.as_adapter else 'model'} to {out}")
@@ -133,9 +129,8 @@ def _eval_edits(args: argparse.Namespace) -> int:
     ckpt, model, tok = _load(args.model)
     session = _session(args, ckpt, model, tok)
     gen = None if args.no_generation else GenerationConfig(answer_tokens=args.gen_tokens)
-    result = run_eval(session, records, layer=args.layer, progress=_progress, generation=gen)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    with tqdm_job("evaluating") as job:
+        result = run_eval(session, records, layer=args.layer, generation=gen, job=job)
     if args.json:
         print(json.dumps(result))
     else:
