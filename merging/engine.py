@@ -299,7 +299,11 @@ def _merge_one(plan: TensorPlan, method: MergeMethod, inputs: tuple[torch.Tensor
         return first, base
     shared, per_model = resolve_params(method, plan)
     norms.last_task_sum_l1 = 0.0
-    ctx = TensorContext(plan.out_name, seed=seed or 0, device=dev,
+    # Which side of a stored 2-D weight is its output comes from the architecture map (GPT-2's
+    # Conv1D stores [in, out]); Iso-CTS projects on the output side.
+    spec = (plan.base or plan.inputs[0]).ckpt.spec
+    transposed = first.dim() == 2 and spec.module_transposed(spec.module_name(plan.out_name))
+    ctx = TensorContext(plan.out_name, seed=seed or 0, device=dev, transposed=transposed,
                         new_tensor=loader.empty if dev.type == "cpu" else None, exact_ties=exact_ties)
     if base is not None and (norms.enabled or want_task_sum):
         if method.observes:

@@ -150,3 +150,18 @@ def test_gpt2_weights_merge(tmp_path, tiny_gpt2_family):
         out, result = merge(tmp_path, f"merge_method: {name}\nbase_model: {f['base']}\n"
                                       f"models:\n  - model: {f['ft1']}\n  - model: {f['ft2']}\n", name)
         assert all(torch.isfinite(t).all() for t in out.values()) and result.tensors_changed > 0
+
+
+def test_engine_tells_iso_cts_a_conv1d_weight_is_stored_in_out(tmp_path, tiny_gpt2_family):
+    # GPT-2's c_fc is a Conv1D, stored [in, out]: the engine passes transposed=True from the
+    # architecture map, so the merged tensor is the per-tensor method's with that flag.
+    f = tiny_gpt2_family
+    out, _ = merge(tmp_path, f"merge_method: iso_cts\nbase_model: {f['base']}\n"
+                             f"models:\n  - model: {f['ft1']}\n  - model: {f['ft2']}\n", "iso_cts")
+    name = next(k for k in out if k.endswith("h.0.mlp.c_fc.weight"))
+    base, ft1, ft2 = (load(f[k])[name] for k in ("base", "ft1", "ft2"))
+    assert torch.allclose(out[name], call("iso_cts", base, [ft1, ft2], transposed=True), atol=1e-5)
+    assert not torch.allclose(out[name], call("iso_cts", base, [ft1, ft2]), atol=1e-4)  # non-vacuous
+    head = next(k for k in out if k.endswith("wte.weight"))  # an embedding is no Conv1D: not transposed
+    b, a1, a2 = (load(f[k])[head] for k in ("base", "ft1", "ft2"))
+    assert torch.allclose(out[head], call("iso_cts", b, [a1, a2]), atol=1e-5)
