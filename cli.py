@@ -56,6 +56,31 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _demo_model(args: argparse.Namespace) -> int:
+    from checkpoints.demo import demo_model_path
+    from checkpoints.jobs import tqdm_job
+    from editing.prepare import prepare_statistics
+
+    path = demo_model_path()
+    if not args.no_stats:
+        # The app's first edit would otherwise sample these for minutes with nothing to show for it.
+        with tqdm_job("demo model: editing statistics") as job:
+            prepare_statistics("demo", job=job)
+    print(path)
+    return 0
+
+
+def extend_demo_model(sub: argparse._SubParsersAction) -> None:
+    """``demo-model`` (registered by ``checkpoints``) also prepares the demo's editing statistics here:
+    ``checkpoints`` never imports ``editing``, and this module may import both."""
+    p = sub.choices["demo-model"]
+    p.description = ("Prepare the bundled SmolLM2-135M-Instruct, and the editing statistics of its default "
+                     "layers in the cache the app reads, then print its folder.")
+    p.add_argument("--no-stats", action="store_true",
+                   help="skip the editing statistics (the app's first edit then computes them)")
+    p.set_defaults(func=_demo_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightsmith",
@@ -67,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_commands.register(sub)
     gguf_commands.register(sub)
     checkpoint_commands.register(sub)
+    extend_demo_model(sub)
     register_serve(sub)
     hub_commands.register(sub)
     edit_commands.register(sub)

@@ -243,7 +243,7 @@ def _sample_into(model, tokenizer, acc: _Accumulator, n_tokens: int, seed: int, 
         ids = torch.full((b, 1), start, dtype=torch.long, device=device)
         past = None
         acc.mask = None
-        for _ in range(length):
+        for step in range(length):
             out = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
             past = out.past_key_values
             acc.count += b
@@ -253,6 +253,9 @@ def _sample_into(model, tokenizer, acc: _Accumulator, n_tokens: int, seed: int, 
             ids = torch.cat([ids, nxt.to(device)], dim=1)
             if acc.count >= n_tokens:
                 break
+            # A batch is a minute or more on a small CPU: report (and let a Stop land) as it goes.
+            if progress and step % 8 == 7:
+                progress(min(1.0, acc.count / max(1, n_tokens)), "sampling text for statistics")
         if progress:
             progress(min(1.0, acc.count / max(1, n_tokens)), "sampling text for statistics")
 
@@ -291,6 +294,7 @@ class StatsCache:
         self._mem: dict[StatsKey, torch.Tensor] = {}
         self.memory = memory
         self.last_computed_seconds: float | None = None
+        self.last_missing: list[int] = []  # layers the last :meth:`get` had to compute (the others were cached)
 
     def key(self, model, spec: ArchSpec, layer: int, corpus: Corpus, n_tokens: int) -> StatsKey:
         return StatsKey(layer_identity(model, spec, layer), layer, corpus.digest, int(n_tokens))
@@ -333,6 +337,7 @@ class StatsCache:
         keys = {layer: self.key(model, spec, layer, corpus, n_tokens) for layer in layers}
         out = {layer: c for layer in layers if (c := self.lookup(keys[layer])) is not None}
         missing = [layer for layer in layers if layer not in out]
+        self.last_missing = missing
         if missing:
             t0 = time.time()
             computed, used = compute_second_moments(model, tokenizer, spec, missing, corpus, n_tokens,

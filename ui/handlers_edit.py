@@ -35,7 +35,7 @@ class EditHandlers:
 
     def edit_session(self, ws: Workspace, model_ref: str, *, create: bool = True):
         """This workspace's in-memory EditSession for ``model_ref`` (a new one when the model changes)."""
-        from editing.session import EditSession
+        from editing.prepare import open_session
 
         resolved = self.ref(ws, model_ref)
         with self._lock:
@@ -46,11 +46,9 @@ class EditHandlers:
         if not create:
             raise WeightsmithError("no edits yet for this model in this session")
         ckpt = resolve(resolved, **self.policy(ws))
-        with building_models():
-            model, tokenizer = ckpt.load_model(device=self.config.device), ckpt.load_tokenizer()
-        session = EditSession(model, tokenizer,
-                              stats=self.stats, base_name=ckpt.hub_id or ckpt.name,
-                              corpus=self.config.edit_corpus, stats_tokens=self.config.edit_stats_tokens)
+        with building_models():  # the same load as `weightsmith demo-model`'s statistics: the same cache keys
+            session = open_session(ckpt, stats=self.stats, corpus=self.config.edit_corpus,
+                                   stats_tokens=self.config.edit_stats_tokens, device=self.config.device)
         with self._lock:
             self._edit_sessions[ws.id] = (resolved, session)
             # Each session holds a full model copy: keep only the most recent few.

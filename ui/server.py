@@ -1,7 +1,5 @@
 """Start the app: ``weightsmith serve``, ``make run`` and ``python app.py`` (a Space) call :func:`serve`."""
 
-import os
-
 from checkpoints.errors import WeightsmithError
 from checkpoints.sizes import parse_size
 
@@ -17,8 +15,10 @@ def serve(*, host: str = "127.0.0.1", port: int = 7860, allow_paths: bool = Fals
     if int(queue_size) < 1:
         raise WeightsmithError(f"--queue-size {queue_size}: must be at least 1")
     # The ROME statistics corpus (a text file) can be set for a deployment; default: model-sampled text.
+    from editing.prepare import configured_corpus  # the one `weightsmith demo-model` prepares statistics for
+
     config = AppConfig(allow_paths=allow_paths, max_file_size=max_file_size, workspace_max_age=workspace_max_age,
                        workspace_max_bytes=parse_size(workspace_quota, what="--workspace-quota"),
-                       queue_max_size=int(queue_size), edit_corpus=os.environ.get("WEIGHTSMITH_EDIT_CORPUS") or None)
+                       queue_max_size=int(queue_size), edit_corpus=configured_corpus())
     build_app(config=config).queue(**queue_kwargs(config)).launch(
         server_name=host, server_port=port, share=share, **launch_kwargs(config))
