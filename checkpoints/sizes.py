@@ -11,6 +11,7 @@ Example::
     parse_size("5GB")    # 5_000_000_000
     parse_size("5GiB")   # 5_368_709_120
     parse_size(None)     # None (no limit)
+    format_size(12_288)  # "12.3 KB" (what parse_size reads back, to the digit shown)
 """
 
 from __future__ import annotations
@@ -40,3 +41,18 @@ def parse_size(value: str | int | float | None, *, what: str = "size") -> int | 
     number, unit, binary = float(m.group(1)), (m.group(2) or "").lower(), bool(m.group(3))
     scale = (1024 if binary else 1000) ** _POWER[unit] if unit else 1
     return int(number * scale)
+
+
+def format_size(n_bytes: int | float) -> str:
+    """A byte count for people, in the parser's decimal units: "512 B", "12.3 KB", "4.2 MB", "1.50 GB".
+
+    Below 0.1 MB the size is shown in KB, so a small adapter never reads as "0.0 MB".
+    """
+    n = float(n_bytes)
+    if n < 1000:
+        return f"{n:.0f} B"
+    if n < 100_000:
+        return f"{n / 1e3:.1f} KB"
+    if n < 1e9:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB"

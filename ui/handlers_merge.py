@@ -3,6 +3,7 @@
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
+from checkpoints.sizes import format_size
 from checkpoints.textfiles import load_yaml
 
 from .endpoint import endpoint
@@ -35,7 +36,7 @@ class MergeHandlers:
                     details={"method": result.method, "tensors_changed": result.tensors_changed})
         rows = [("result", f"`ws:{out.name}`"), ("method", result.method),
                 ("tensors changed", f"{result.tensors_changed} of {result.tensors_total}"),
-                ("blocks", result.num_blocks), ("output", f"{result.output_bytes / 2**20:.1f} MB"),
+                ("blocks", result.num_blocks), ("output", format_size(result.output_bytes)),
                 ("weights", result.finite_check), ("time", f"{result.seconds:.1f} s")]
         if result.lines_alpha is not None:
             rows.append(("LiNeS", f"α = {result.lines_alpha:.4g}, β = {result.lines_beta:.4g}"))

@@ -15,6 +15,7 @@ import gradio as gr
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.model_cache import ModelCache, release_memory, warm_imports
+from checkpoints.sizes import format_size
 from checkpoints.sources import resolve
 from checkpoints.workspace import Workspace, WorkspaceConfig, WorkspaceManager, folder_bytes
 
@@ -122,7 +123,7 @@ class WorkbenchBase:
 
     def workspace_table(self, request: Any) -> list[list[Any]]:
         ws = self.workspace(request)
-        return [[i.ref, i.kind, i.origin, f"{folder_bytes(ws.item_path(i.name)) / 2**20:.1f} MB"]
+        return [[i.ref, i.kind, i.origin, format_size(folder_bytes(ws.item_path(i.name)))]
                 for i in ws.items()]
 
     # ---- jobs -----------------------------------------------------------------------
