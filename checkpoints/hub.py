@@ -47,6 +47,7 @@ from typing import Any
 from .cards import CardInfo, load_card, set_card_repo, write_card
 from .errors import WeightsmithError
 from .hub_client import configure_hub_client, is_timeout
+from .jobs import Job
 from .refs import is_hub_id
 from .secrets import check_token, install_redaction, redact, register_secret
 from .sources import public_name
@@ -282,6 +283,7 @@ def push_folder(
     progress: ProgressFn | None = None,
     allow_ambient_token: bool = True,
     card: CardInfo | None = None,
+    job: Job | None = None,
 ) -> PushResult:
     """Publish ``folder`` (with its card) to ``repo_id`` on the Hub in one commit.
 
@@ -292,7 +294,8 @@ def push_folder(
     a Space). ``private`` only applies when the repo is created. ``revision``:
     a branch, created from ``main`` if missing. ``create_pr``: open a pull
     request instead of committing to the branch. ``progress(fraction, text)``
-    is called at each stage (``gr.Progress`` fits). ``card``: when given, this
+    is called at each stage (``gr.Progress`` fits); ``job`` (:class:`checkpoints.jobs.Job`)
+    is told the same stages instead. ``card``: when given, this
     card is written into the folder first (for folders without one, e.g. uploads).
 
     Returns :class:`PushResult` with the commit URL. Raises a one-line
@@ -301,7 +304,9 @@ def push_folder(
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     folder = Path(folder)
-    report = progress or (lambda fraction, text: None)
+    if job is not None and progress is not None:
+        raise ValueError("pass job, or the older progress, not both")
+    report = job.progress if job is not None else progress or (lambda fraction, text: None)
     if not folder.is_dir():
         raise WeightsmithError(f"{public_name(str(folder))}: no such folder to push")
     repo_id = (repo_id or "").strip()

@@ -140,12 +140,20 @@ def skeleton_model(base: LocalCheckpoint, device: str | torch.device = "cpu"):
 
 
 def _peft_mix(adapters: Sequence[LoraAdapter], weights: list[float], base: LocalCheckpoint, method: AdapterMethod,
-              params: Mapping[str, Any], device: str | torch.device, notes: list[str]):
-    """PEFT's add_weighted_adapter on a skeleton: (mixed factors, rank, all module paths)."""
+              params: Mapping[str, Any], device: str | torch.device, notes: list[str], job: Job):
+    """PEFT's add_weighted_adapter on a skeleton: (mixed factors, rank, all module paths).
+
+    ``job`` is told each stage (0..1 of this step), so the bar moves while PEFT works.
+    """
     from peft import get_peft_model_state_dict
 
+    job.progress(0.0, "building the model skeleton")
     model = skeleton_model(base, device)
+    job.check("the mix")
+    job.progress(0.2, f"attaching {len(adapters)} adapter(s)")
     peft_model, names = attach_adapters(model, adapters, base.spec)
+    job.check("the mix")
+    job.progress(0.4, f"mixing with {method.name} (PEFT)")
     mix_names, mix_weights = names, weights
     if len(adapters) == 1:
         if method.name == "svd":
@@ -170,6 +178,7 @@ def _peft_mix(adapters: Sequence[LoraAdapter], weights: list[float], base: Local
     # PEFT builds the factors so that B @ A is the mixed ΔW (input scalings are already inside).
     # The mix layer's own scaling is ignored on purpose: with rsLoRA copied from the first
     # adapter it would be √r instead of 1.
+    job.progress(0.8, "reading the mixed factors")
     mixed = factors_from_state("mix", get_peft_model_state_dict(peft_model, adapter_name=MIX_NAME))
     rank = int(peft_model.peft_config[MIX_NAME].r)
     all_modules = [n for n, _ in peft_model.base_model.model.named_modules()]
@@ -235,7 +244,7 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, job: Job | None = N
 
     job.check("the mix")
     job.progress(0.25, f"mixing {len(adapters)} adapter(s) with {method.name}")
-    mixed, rank, all_modules = _peft_mix(adapters, weights, base, method, params, device, notes)
+    mixed, rank, all_modules = _peft_mix(adapters, weights, base, method, params, device, notes, job.part(0.25, 0.6))
 
     # Scale B by λ(block). The output config has lora_alpha = r and no rsLoRA,
     # so a loader's scaling is 1 and its ΔW is exactly B @ A.
@@ -263,10 +272,10 @@ def mix_adapters(recipe: AdapterMixRecipe, out_dir: Path, *, job: Job | None = N
     card = _mix_card(recipe, base, adapters, method, rank, merge, notes, out_dir.name, lines_alpha)
     job.check("the mix")
     if merge:
-        job.progress(0.5, f"merging into {base.name}")
-        write_merged_model(base, factors, out_dir, card, job=job.part(0.5, 0.95), overwrite=overwrite)
+        job.progress(0.6, f"merging into {base.name}")
+        write_merged_model(base, factors, out_dir, card, job=job.part(0.6, 0.95), overwrite=overwrite)
     else:
-        job.progress(0.8, "writing adapter")
+        job.progress(0.65, "writing adapter")
         config = unit_scale_config({m: a.shape[0] for m, (a, _) in factors.items()}, base_model=public_base(base), spec=spec,
                                    target_modules=compact_targets(list(factors), all_modules))
         write_adapter(out_dir, config, factors, extra=lambda folder: write_card(folder, card), overwrite=overwrite)

@@ -166,9 +166,10 @@ def _params(*, normalize: bool, rescale: bool, sparsifier: Sparsifier) -> tuple[
     ps = [
         ParamSpec("weight", "float", None, per_model=True, required=True,
                   help="how much of this model's task vector (θ − θ_base) is added"),
-        ParamSpec("density", "float", 1.0, min=0.0, max=1.0, min_exclusive=True, per_model=True,
-                  help="fraction of the task vector's entries kept"),
     ]
+    if sparsifier is not None:  # plain task arithmetic keeps every entry: it takes no density
+        ps.append(ParamSpec("density", "float", 1.0, min=0.0, max=1.0, min_exclusive=True, per_model=True,
+                            help="fraction of the task vector's entries kept"))
     if sparsifier == "magnitude_outliers":
         ps.append(ParamSpec("gamma", "float", 0.01, min=0.0, max=1.0, per_model=True,
                             help="fraction of the largest-magnitude entries dropped as outliers"))
