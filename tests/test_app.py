@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ui import forms, plots  # noqa: E402
 from ui.config import AppConfig  # noqa: E402
 from ui.handlers_edit import MAX_BATCH_EDITS, load_edit_requests  # noqa: E402
-from ui.progress import gradio_job, progress_adapter  # noqa: E402
+from ui.progress import StopEvents, eta_text, gradio_job  # noqa: E402
 from ui.workbench import Workbench  # noqa: E402
 from checkpoints.errors import WeightsmithError  # noqa: E402
 from checkpoints.generation import ModelCache, generate_text  # noqa: E402
@@ -141,16 +141,6 @@ def test_stop_sets_the_running_jobs_cancel_flag(wb):
     assert wb.run_job(req("a"), job) == 1
     assert seen["cancelled"] is True
     assert wb.stop(req("a")) == "Nothing to stop."
-
-
-def test_progress_adapter_accepts_library_shapes():
-    calls = []
-    rep = progress_adapter(lambda frac, desc=None: calls.append((round(frac, 3), desc)))
-    rep(3, 4, "tensors")
-    rep(0.5)
-    rep(done=1, total=2, desc="x")
-    assert calls == [(0.75, "tensors"), (0.5, None), (0.5, "x")]
-    progress_adapter(None)(1, 2)  # no bar: silently ignored
 
 
 def test_gradio_job_drives_the_bar_and_obeys_the_stop_event():
@@ -363,7 +353,8 @@ def test_edit_undo_save_and_scores(edit_wb, tiny_llama_family):
         base = wb.loaded_model(wb.workspace(r), "tiny-base").model(**ids).logits
     assert (replayed - edited).abs().max() < 1e-4
     assert (base - edited).abs().max() > 1e-4  # non-vacuous: the edit changed the logits
-    hist, msg = wb.undo("tiny-base", 1, r)
+    assert wb.active_edits("tiny-base", r)["choices"] == [1]  # Undo offers the active edit
+    hist, msg = wb.undo("tiny-base", None, r)  # empty: the latest, never a failing first Undo
     assert hist == [] and "Undid edit 1" in msg
     assert all(torch.equal(v, before_w[k]) for k, v in session.model.state_dict().items())  # bit-exact
     with pytest.raises(gr.Error, match="no active edit"):
@@ -472,3 +463,196 @@ def test_batch_edit_from_csv_is_one_history_entry(edit_wb, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in session.model.state_dict().items())
     with pytest.raises(gr.Error, match="upload a JSON or CSV"):
         edit_wb.edit_batch("tiny-base", None, r, None)
+
+
+# ---- issue 13: no silent waits, and the rough edges a new user hit -------------------------------------------
+
+def test_eta_comes_from_this_jobs_own_pace():
+    assert eta_text(0.5, 10.0) == " · about 10 s left"
+    assert eta_text(0.25, 30.0) == " · about 90 s left"
+    assert eta_text(0.1, 60.0) == " · about 9 min left"
+    assert eta_text(0.5, 1.0) == "" and eta_text(0.0, 30.0) == "" and eta_text(1.0, 30.0) == ""  # too early / done
+    now = [0.0]
+    calls = []
+    job = gradio_job(lambda frac, desc=None: calls.append(desc), clock=lambda: now[0])
+    job.progress(0.1, "statistics")  # at 0 s: no estimate yet
+    now[0] = 8.0
+    job.progress(0.5, "v* steps")
+    assert calls == ["statistics", "v* steps · about 8 s left"]
+
+
+def test_stopping_becomes_stopped_when_the_job_ends():
+    import threading
+
+    jobs = StopEvents()
+    assert jobs.wait_stopped("s", 0.01) is None  # Stop found nothing: nothing to report
+    ev = jobs.start("s")
+    assert jobs.stop("s") and ev.is_set()
+    assert jobs.wait_stopped("s", 0.01) is False  # still running: the page keeps "Stopping…"
+    jobs.stop("s")
+    timer = threading.Timer(0.05, jobs.finish, ("s", ev))
+    timer.start()
+    assert jobs.wait_stopped("s", 5.0) is True  # the job ended: "Stopped"
+    assert jobs.wait_stopped("s", 0.01) is None  # told once
+
+
+def test_sizes_under_a_tenth_of_a_megabyte_are_kilobytes(wb, tiny_adapters):
+    from checkpoints.sizes import format_size, parse_size
+
+    assert format_size(12_288) == "12.3 KB" and format_size(512) == "512 B"
+    assert format_size(4_200_000) == "4.2 MB" and format_size(1.5e9) == "1.50 GB"
+    for n in (12_288, 99_999, 4_200_000):
+        assert abs(parse_size(format_size(n)) - n) <= 0.05 * n  # the parser reads the formatter back
+    wb.upload([str(p) for p in tiny_adapters[0].iterdir() if p.suffix in (".json", ".safetensors")], "small", "",
+              req("kb"))
+    (size,) = [row[3] for row in wb.workspace_table(req("kb")) if row[0] == "ws:small"]
+    assert size.endswith(" KB") and float(size.split()[0]) > 0, size
+
+
+def test_push_refusal_speaks_to_the_visitor(wb, tiny_llama_family, monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    ref = _upload_tiny(wb, "p", tiny_llama_family["ft2"], "offline")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with caplog.at_level("WARNING"), pytest.raises(gr.Error) as e:
+        wb.push(ref, "alice/offline", False, GOOD_TOKEN, req("p"), None, None)
+    assert "cannot push" in str(e.value) and "download" in str(e.value)
+    assert "unset" not in str(e.value) and "HF_HUB_OFFLINE" not in str(e.value)
+    assert "unset it" in caplog.text  # the operator's hint is in the server log
+
+
+def test_upload_without_tokenizer_says_what_it_limits(wb, tiny_llama_family):
+    folder = tiny_llama_family["ft1"]
+    weights_only = [str(p) for p in folder.iterdir() if p.name in ("config.json", "model.safetensors")]
+    msg = wb.upload(weights_only, "bare", "", req("u"))
+    assert "ws:bare" in msg and "No tokenizer" in msg and "Playground" in msg
+    full = wb.upload([str(p) for p in folder.iterdir() if p.is_file()], "full", "", req("u"))
+    assert "No tokenizer" not in full  # non-vacuity: with its tokenizer nothing is said
+
+
+def test_mix_progress_moves_through_the_mix(wb, tiny_adapters):
+    for i, folder in enumerate(tiny_adapters, 1):
+        wb.upload([str(p) for p in folder.iterdir() if p.suffix in (".json", ".safetensors")], f"ad{i}", "",
+                  req("mx"))
+    recipe = ("base_model: tiny-base\nadapters:\n  - {adapter: ws:ad1, weight: 0.7}\n"
+              "  - {adapter: ws:ad2, weight: 0.3}\nmethod: cat\n")
+    for extra in ("", "merge_into_base: true\n"):
+        seen = []
+        wb.mix_adapters(recipe + extra, "mix", req("mx"), lambda frac, desc=None: seen.append((frac, desc)))
+        fractions = [f for f, _ in seen]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        assert max(b - a for a, b in zip(fractions, fractions[1:])) <= 0.35, seen  # no long jump after a long sit
+        assert any("mixing with cat" in d for _, d in seen) and any("attaching" in d for _, d in seen)
+        wb.workspace(req("mx")).delete_item("mix")
+
+
+def test_merge_form_offers_only_what_the_method_takes():
+    assert forms.merge_columns("task_arithmetic") == ["model", "weight"]  # no density column
+    assert forms.merge_columns("ties") == ["model", "weight", "density"]  # non-vacuity: TIES trims
+    text, status = forms.merge_yaml_from_form(
+        "task_arithmetic", "tiny-base", [forms.merge_default_row("task_arithmetic", "tiny-ft1"),
+                                         forms.merge_default_row("task_arithmetic", "tiny-ft2")],
+        forms.merge_shared_rows("task_arithmetic"), False, True, 0.5, 0.5, "", "")
+    assert status.startswith("✓") and "density" not in text and "weight: 1.0" in text
+    assert forms.merge_default_row("ties", "m") == ["m", "1.0", ""]  # a default the user never chose stays empty
+    # Linear takes no base model: switching to it leaves base_model out and turns the picker off.
+    text, status = forms.merge_yaml_from_form(*_merge_form("linear"))
+    assert status.startswith("✓"), status
+    assert "base_model" not in text
+    from ui.tab_merge import base_update
+
+    assert base_update("linear")["interactive"] is False and base_update("ties")["interactive"] is True
+
+
+def test_merge_tab_says_nothing_before_the_user_acts():
+    form = ["task_arithmetic", "demo", [["", ""]], forms.merge_shared_rows("task_arithmetic"), False, True, 0.5,
+            0.5, "", ""]
+    assert forms.merge_yaml_from_form(*form)[1].startswith("⚠")  # non-vacuity: the empty form is not valid yet
+    text, status = forms.merge_yaml_untouched(*form)
+    assert status == "" and "merge_method: task_arithmetic" in text
+
+
+def test_yaml_edit_updates_the_method_and_its_description():
+    from ui.tab_merge import form_from_yaml
+
+    text, _ = forms.merge_yaml_from_form(*_merge_form("task_arithmetic"))
+    out = form_from_yaml(text.replace("task_arithmetic", "ties"))
+    assert out[0] == "ties" and out[10] == forms.merge_method_md("ties") and out[-1].startswith("✓")
+    assert out[10] != forms.merge_method_md("task_arithmetic")
+    linear = form_from_yaml("merge_method: linear\nmodels:\n  - {model: tiny-ft1, parameters: {weight: 1.0}}\n")
+    assert linear[1]["interactive"] is False  # the base picker is off for a method without one
+
+
+def test_edit_layer_field_is_empty_and_sends_none():
+    from ui.handlers_edit import layer_value
+
+    assert layer_value("") is None and layer_value(None) is None and layer_value(" 3 ") == 3
+    assert layer_value(3) == 3 and layer_value(0) == 0  # an API client's number
+    for bad, line in (("seven", "whole number"), ("1.5", "whole number"), (-1, "at least 0"), ("nan", "whole number"),
+                      ([2], "whole number or empty")):
+        with pytest.raises(WeightsmithError, match=line):
+            layer_value(bad)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from ui.layout import build_app
+
+    return build_app(config=AppConfig(workspace_root=tmp_path_factory.mktemp("page-ws")))
+
+
+def _component(page, label):
+    (found,) = [b for b in page.blocks.values() if getattr(b, "label", None) == label]
+    return found
+
+
+def _chained(page, api_name):
+    """The page's events that run after the event ``api_name`` (with whether only on success)."""
+    (fid,) = [i for i, f in page.fns.items() if f.api_name == api_name]
+    return [f for f in page.fns.values() if f.trigger_after == fid]
+
+
+def test_page_edit_fields_start_empty_and_undo_clears_stale_outputs(page):
+    layer = _component(page, "Layer")
+    assert isinstance(layer, gr.Textbox) and layer.value == ""  # a gr.Number would show and send 0
+    (copy,) = [f for f in _chained(page, "trace") if layer._id in {o._id for o in f.outputs}]
+    assert copy.fn(7) == "7" and copy.fn(None) == ""  # the suggested layer lands in the field as text
+    undo = _component(page, "Edit to undo")
+    assert isinstance(undo, gr.Dropdown) and undo.value is None
+    after, scores = _component(page, "After the edit"), _component(page, "Scores")
+    cleared = [f for f in _chained(page, "undo") if f.trigger_only_on_success
+               and {after._id, scores._id} <= {o._id for o in f.outputs}]
+    assert len(cleared) == 1 and cleared[0].fn() == ("", None)
+    (undo_fn,) = [f for f in page.fns.values() if f.api_name == "undo"]
+    assert undo_fn.show_progress == "hidden"  # a failed Undo leaves the history it did not change in view
+    offered = [f for f in _chained(page, "edit") if undo._id in {o._id for o in f.outputs}]
+    assert len(offered) == 1  # a new edit refreshes the Undo choices
+
+
+def test_page_merge_clears_the_previous_summary_first(page):
+    (fid,) = [i for i, f in page.fns.items() if f.api_name == "merge"]
+    before = page.fns[page.fns[fid].trigger_after]
+    assert before.fn() == ("", None) and len(before.outputs) == 2
+    assert {o._id for o in before.outputs} <= {o._id for o in page.fns[fid].outputs}
+
+
+def test_failed_working_model_keeps_the_original_pane(wb, tiny_llama_family):
+    folder = tiny_llama_family["ft1"]
+    wb.upload([str(p) for p in folder.iterdir() if p.name in ("config.json", "model.safetensors")], "bare", "",
+              req("g"))
+    shown = []
+    with pytest.raises(gr.Error) as e:
+        for panes in wb.generate("ws:bare", "tiny-base", "The capital of France is", 4, req("g")):
+            shown.append(panes)
+    assert "\n" not in str(e.value) and "tokenizer" in str(e.value).lower()  # one message, naming what is missing
+    assert shown and shown[-1][0] == "" and shown[-1][1]  # the original model's answer is still shown
+    # non-vacuity: the same original alone streams the same text
+    alone = list(wb.generate("", "tiny-base", "The capital of France is", 4, req("g")))[-1]
+    assert alone[1] == shown[-1][1]
+
+
+def test_page_every_stop_button_reports_stopped(page):
+    stop_fns = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stop"]
+    after = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stopped"]
+    assert len(stop_fns) == 3 and len(after) == 3  # Merge, Adapters, Edit
+    assert {page.fns[f.trigger_after].fn.__name__ for f in after} == {"stop"}

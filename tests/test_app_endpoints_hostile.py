@@ -182,7 +182,7 @@ def server(tmp_path_factory, tiny_llama_family):
     ("/generate", ("tiny-base", "", "Hi", -5, True), "Max new tokens:"),
     ("/generate", ("tiny-base", "", "Hi", 3, "yes"), "chat must be true or false"),
     ("/inspect", ({"model": "tiny-base"},), "model must be text, not a mapping"),
-    ("/edit", (*FACT, "Rome", "Paris", "seven"), "Layer: expected a number"),
+    ("/edit", (*FACT, "Rome", "Paris", "seven"), "layer must be a whole number"),
     ("/trace", (*FACT, "sideways", 1), "Restore:"),
     ("/upload", ("/etc/passwd", "n", ""), "Files: expected uploaded files"),
     ("/upload", ([{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "n", ""), None),

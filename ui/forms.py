@@ -85,9 +85,11 @@ def merge_columns(method_name: str) -> list[str]:
 def merge_default_row(method_name: str, model: str) -> list[str]:
     from merging.methods import get_method
 
+    # Only a required value is filled in (a weight of 1); an optional one stays empty so the recipe
+    # does not spell out a default the user never chose (no `density: 1.0` on every model).
     row = [model]
     for p in get_method(method_name).model_parameters:
-        row.append(show_value(1.0 if p.default is None and p.type == "float" else p.default))
+        row.append(show_value(1.0 if p.required and p.default is None and p.type == "float" else None))
     return row
 
 
@@ -97,6 +99,13 @@ def merge_shared_rows(method_name: str, values: dict | None = None) -> list[list
     values = values or {}
     return [[p.name, show_value(values.get(p.name, p.default)), p.help or p.type]
             for p in get_method(method_name).shared_parameters]
+
+
+def takes_base(method_name: str) -> bool:
+    """Whether the method takes a base model at all (the form leaves it out of the recipe when not)."""
+    from merging.methods import get_method
+
+    return get_method(method_name).needs_base != "none"
 
 
 def merge_method_md(name: str) -> str:
@@ -114,7 +123,7 @@ def merge_form_to_dict(method: str, base: str, models: Any, shared: Any, lines_o
     """The Merge tab's widgets -> a mergekit-layout recipe mapping (what the YAML box shows)."""
     names = merge_columns(method)
     data: dict[str, Any] = {"merge_method": method}
-    if base:
+    if base and takes_base(method):
         data["base_model"] = base
     entries = []
     for row in named_rows(models):
@@ -151,6 +160,11 @@ def merge_yaml_from_form(*form) -> tuple[str, str]:
         return text, "✓ recipe is valid"
     except WeightsmithError as e:
         return text, f"⚠ {e}"
+
+
+def merge_yaml_untouched(*form) -> tuple[str, str]:
+    """The YAML the form starts with, and no verdict yet: nothing is wrong before the user has acted."""
+    return merge_yaml_from_form(*form)[0], ""
 
 
 def merge_form_from_yaml(text: str) -> dict:

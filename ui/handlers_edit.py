@@ -1,5 +1,6 @@
 """Edit tab handlers: the session's in-memory EditSession, trace, edit, evaluate, undo, batch, save."""
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,10 +14,33 @@ from checkpoints.workspace import Workspace
 from editing.methods import METHODS as EDIT_METHODS, batch_method
 
 from .endpoint import FilePath, Range, endpoint
-from .progress import cancellable
+from .progress import gradio_job, show_progress
 from .tables import history_rows
 
 MAX_BATCH_EDITS = 200  # a batch holds the queue's heavy slot; larger files go through the CLI
+
+
+def layer_value(value: str | float | None) -> int | None:
+    """The Layer field (text on the page, a number from an API client): empty means the suggested/default
+    layer (None), else a whole number >= 0; anything else is one line naming the field."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise WeightsmithError(f"layer must be a whole number (empty: the suggested layer), "
+                                   f"not {text[:20]!r}") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WeightsmithError(f"layer must be a whole number or empty, not {type(value).__name__}")
+    if not math.isfinite(value) or value != int(value):
+        raise WeightsmithError(f"layer must be a whole number, not {value:g}")
+    if value < 0:
+        raise WeightsmithError(f"layer must be at least 0, not {value:g}")
+    return int(value)
 
 
 def load_edit_requests(path: Path) -> list:
@@ -76,7 +100,7 @@ class EditHandlers:
             raise WeightsmithError("the subject is empty")
         result = self.run_job(request, lambda cancel: causal_trace(
             session.model, session.tokenizer, prompt, subject, kind=kind or "mlp", samples=int(samples or 3),
-            progress=cancellable(progress, cancel), device=self.config.device))
+            job=gradio_job(progress, cancel), device=self.config.device))
         layer = result.suggest_layer()
         fig = plot_trace(result)
         md = (f"The model's answer: **{result.answer.strip()}** ({result.seconds:.1f} s, {result.samples} noise "
@@ -87,20 +111,19 @@ class EditHandlers:
 
     @endpoint
     def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str,
-             layer: Annotated[float | None, Range(0, integer=True)],
-             request: gr.Request, progress=gr.Progress(),
+             layer, request: gr.Request, progress=gr.Progress(),
              method: Literal[EDIT_METHODS] | None = None):  # type: ignore[valid-type]
         """Apply one edit (``method``: rome, r-rome, alphaedit, memit, alphaedit-memit; empty: the default);
-        returns (generation before, after, summary, history table)."""
+        ``layer``: a whole number, or empty for the suggested/default layer.
+        Returns (generation before, after, summary, history table)."""
         from editing.request import EditRequest
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
-        req = EditRequest(prompt, subject, target, None if layer in (None, "") else int(layer),
-                          (target_true or None))
+        req = EditRequest(prompt, subject, target, layer_value(layer), (target_true or None))
         session.check(req)
         before = self._greedy(session, req.text)
-        applied = self.run_job(request, lambda cancel: session.apply(req, progress=cancellable(progress, cancel),
+        applied = self.run_job(request, lambda cancel: session.apply(req, job=gradio_job(progress, cancel),
                                                                      method=method or None))
         after = self._greedy(session, req.text)
         info = applied.summary()
@@ -123,6 +146,7 @@ class EditHandlers:
         record = {"prompt": prompt, "subject": subject, "target_new": target, "ground_truth": target_true,
                   "rephrase_prompt": [p for p in (paraphrases or "").splitlines() if p.strip()],
                   "locality_prompt": [p for p in (neighbours or "").splitlines() if p.strip()]}
+        show_progress(progress, 0.0, "scoring the prompt, paraphrases and neighbours, then generating")
         scores = fact_scores(session.model, session.tokenizer, record)
         n = len(session.history)
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in scores.items()]
@@ -130,12 +154,24 @@ class EditHandlers:
 
     @endpoint
     def undo(self, model: str, edit_id: Annotated[float | None, Range(0, integer=True)], request: gr.Request):
+        """Undo edit ``edit_id`` (empty: the latest active edit); returns (history table, message)."""
         ws = self.workspace(request)
         session = self.edit_session(ws, model, create=False)
-        if edit_id in (None, ""):
-            raise WeightsmithError("enter the id of the edit to undo (see the history)")
+        if edit_id is None:
+            if not session.history:
+                raise WeightsmithError("no active edit to undo")
+            edit_id = session.history[-1]["id"]
         session.undo(int(edit_id))
-        return history_rows(session.history), f"Undid edit {int(edit_id)}; the weights are exactly as without it."
+        return history_rows(session.history), (f"Undid edit {int(edit_id)}; the weights are exactly as without it. "
+                                               "Evaluate again for the scores without it.")
+
+    def active_edits(self, model: str, request: gr.Request):
+        """The Undo choices: the ids of the active edits, latest first; none chosen (Undo takes the latest)."""
+        try:
+            session = self.edit_session(self.workspace(request), model, create=False)
+        except WeightsmithError:
+            return gr.update(choices=[], value=None)
+        return gr.update(choices=[h["id"] for h in reversed(session.history)], value=None)
 
     @endpoint
     def edit_batch(self, model: str, file: FilePath, request: gr.Request, progress=gr.Progress(),
@@ -148,7 +184,7 @@ class EditHandlers:
         requests = load_edit_requests(Path(file))
         session = self.edit_session(ws, model)
         applied = self.run_job(request, lambda cancel: session.apply_batch(
-            requests, progress=cancellable(progress, cancel),
+            requests, job=gradio_job(progress, cancel),
             method=batch_method(method) if method else None))
         return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
                                                f"{', '.join(map(str, applied.layers))}.")

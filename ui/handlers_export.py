@@ -1,5 +1,6 @@
 """Export tab handlers: zip download, GGUF size and export, model card preview, push to the Hub."""
 
+import logging
 from typing import Literal
 
 import gradio as gr
@@ -7,10 +8,13 @@ import gradio as gr
 from checkpoints.cards import load_card
 from checkpoints.errors import WeightsmithError
 from checkpoints.gguf_export import GGUF_TYPES
+from checkpoints.sizes import format_size
 from checkpoints.workspace import Workspace
 
 from .endpoint import endpoint
-from .progress import progress_adapter
+from .progress import gradio_job
+
+log = logging.getLogger(__name__)
 
 GgufType = Literal[tuple(GGUF_TYPES)]  # type: ignore[valid-type] - the exporter's registry of types
 
@@ -35,7 +39,7 @@ class ExportHandlers:
         if not item:
             return "Choose a workspace item to see the size of its GGUF file."
         size = estimate_folder_gguf(ws.item_path(item), qtype, base=self._gguf_base(ws, item), policy=self.policy(ws))
-        return f"{qtype}: about **{size / 2**20:.1f} MB** of weights (plus the tokenizer, a few MB)."
+        return f"{qtype}: about **{format_size(size)}** of weights (plus the tokenizer, a few MB)."
 
     @endpoint
     def export_gguf(self, item: str, qtype: GgufType, request: gr.Request, progress=gr.Progress()):
@@ -50,7 +54,7 @@ class ExportHandlers:
         base, policy = self._gguf_base(ws, item), self.policy(ws)
         ws.check_quota(estimate_folder_gguf(folder, qtype, base=base, policy=policy))
         out = self.run_job(request, lambda cancel: export_folder_gguf(
-            folder, qtype, base=base, policy=policy, progress=progress_adapter(progress), cancel=cancel))
+            folder, qtype, base=base, policy=policy, job=gradio_job(progress, cancel)))
         return str(out.result.path), f"{out.result.summary()}\n\n{out.check}. **Push** now adds it to the same commit."
 
     def _gguf_base(self, ws: Workspace, item: str) -> str | None:
@@ -84,9 +88,20 @@ class ExportHandlers:
         folder = ws.item_path(item)
         if not folder.is_dir():
             raise WeightsmithError(f"{item}: no such item in this workspace")
+        if hub_offline():
+            # The visitor cannot change the server's settings: the operator's hint goes to the log.
+            log.warning("push refused: HF_HUB_OFFLINE=1 is set on this server; unset it to allow pushing")
+            raise WeightsmithError("this server has no access to the Hugging Face Hub, so it cannot push; "
+                                   "download the zip (or the GGUF) here and upload it from your own machine")
         tok = hub.token_for_push(oauth_token, token or None)
         # On a Space the server's own HF_TOKEN must never publish on a visitor's behalf.
         result = hub.push_folder(folder, repo_id.strip(), token=tok, private=bool(private),
-                                 progress=progress_adapter(progress),
-                                 allow_ambient_token=not hub.running_on_space())
+                                 job=gradio_job(progress), allow_ambient_token=not hub.running_on_space())
         return f"Pushed to [{repo_id.strip()}]({result.commit_url})"
+
+
+def hub_offline() -> bool:
+    """Whether this server runs with ``HF_HUB_OFFLINE`` (huggingface_hub's own reading of it)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

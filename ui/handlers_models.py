@@ -13,6 +13,18 @@ from checkpoints.workspace import Workspace
 from .endpoint import Files, Range, endpoint
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def missing_tokenizer_note(item) -> str:
+    """For a model uploaded without a tokenizer: what is missing and what it limits (said at upload, not later)."""
+    if item.kind != "model" or any(f.rsplit("/", 1)[-1] in TOKENIZER_FILES for f in item.files):
+        return ""
+    return ("\n\n**No tokenizer in this upload** (tokenizer.json or tokenizer.model with tokenizer_config.json): "
+            "merging and export of the weights work; the Playground, Edit and GGUF export need a tokenizer, "
+            "so upload its tokenizer files again together with the weights.")
+
+
 class ModelsHandlers:
     """Mixin of :class:`ui.workbench.Workbench`."""
 
@@ -38,7 +50,7 @@ class ModelsHandlers:
         ws = self.workspace(request)
         cfg = self.ref(ws, config_from) if config_from else None
         item = import_upload(ws, files, name=name or None, config_from=cfg, **self.local_policy(ws))
-        return f"Imported **{item.ref}** ({item.kind}): {', '.join(item.files)}"
+        return f"Imported **{item.ref}** ({item.kind}): {', '.join(item.files)}" + missing_tokenizer_note(item)
 
     @endpoint
     def delete_item(self, ref: str, request: gr.Request) -> str:
@@ -58,10 +70,15 @@ class ModelsHandlers:
         n = max(1, min(int(max_new_tokens), self.config.max_new_tokens))
         if not (prompt or "").strip():
             raise WeightsmithError("the prompt is empty")
-        streams = []
+        streams, failed = [], []
         for ref in (working, original):
             if ref:
-                loaded = self.loaded_model(ws, ref)
+                try:
+                    loaded = self.loaded_model(ws, ref)
+                except WeightsmithError as e:  # the other pane still streams; the error is said once, at the end
+                    failed.append(e)
+                    streams.append(iter(()))
+                    continue
                 text = prompt
                 if chat and getattr(loaded.tokenizer, "chat_template", None):
                     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
@@ -81,6 +98,8 @@ class ModelsHandlers:
                 except StopIteration:
                     active[i] = False
             yield texts[0], texts[1]
+        if failed:
+            raise failed[0]
 
     def loaded_model(self, ws: Workspace, ref: str) -> LoadedModel:
         """A model ready to generate: a checkpoint, or a workspace adapter applied to its base."""

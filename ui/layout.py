@@ -98,8 +98,8 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
                 p_btn = gr.Button("Generate", variant="primary")
                 p_stop = gr.Button("Stop", variant="stop")
             with gr.Row():
-                p_out_w = gr.Textbox(label="Working model", lines=8)
-                p_out_o = gr.Textbox(label="Original model", lines=8)
+                p_out_w = gr.Textbox(label="Working model", lines=8, elem_id="play-working")
+                p_out_o = gr.Textbox(label="Original model", lines=8, elem_id="play-original")
 
         # ---- Export --------------------------------------------------------------
         with gr.Tab("Export", id="export", elem_id="tab-export"):

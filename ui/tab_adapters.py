@@ -5,7 +5,7 @@ import gradio as gr
 from checkpoints.demo_adapters import demo_adapter_refs
 
 from .forms import adapter_method_choices, adapter_method_md, adapter_param_rows, mix_form_to_yaml, named_rows
-from .widgets import run_controls
+from .widgets import run_controls, wire_stop
 
 
 def adapters_tab(wb, picker, heavy) -> dict:
@@ -66,6 +66,6 @@ def adapters_tab(wb, picker, heavy) -> dict:
     for comp in (base, table, params, lines_on, alpha, beta, output):
         comp.input(mix_form_to_yaml, form, [recipe, status], **private)
     run_ev = run.click(wb.mix_adapters, [recipe, out_name], [result, result_ref], api_name="mix_adapters", **heavy)
-    stop.click(wb.stop, None, result, cancels=[run_ev], **private)
+    wire_stop(wb, stop, result, [run_ev])
     return {"creates_items": [run_ev, up_ev], "result_ref": result_ref, "adapter_picker": add_ref,
             "demo_adapters": demo_refs, "init": (mix_form_to_yaml, form, [recipe, status])}

@@ -4,14 +4,17 @@ import gradio as gr
 
 from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS
 
+from .widgets import wire_stop
+
 
 def edit_tab(wb, picker, heavy) -> dict:
     """Build the tab inside the open Blocks; returns the parts the page wires (see :func:`ui.layout.build_app`)."""
     with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
         with gr.Row():
             model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")
-            layer = gr.Number(label="Layer", value=None, precision=0,
-                              info="empty: the suggested/default layer", minimum=0)
+            # A Textbox, not a gr.Number: the page shows a Number's empty value as 0 and sends 0.
+            layer = gr.Textbox(label="Layer", value="", placeholder="suggested", max_lines=1,
+                               info="empty: the suggested/default layer")
             method = gr.Dropdown(list(EDIT_METHODS), value=DEFAULT_METHOD, label="Method",
                                  info="r-rome and alphaedit avoid ROME's disabling edits in long series; "
                                       "memit methods spread an edit over 4 layers")
@@ -27,6 +30,7 @@ def edit_tab(wb, picker, heavy) -> dict:
                 samples = gr.Slider(1, 10, value=3, step=1, label="Noise samples")
                 trace_btn = gr.Button("Trace", variant="secondary")
             trace_md = gr.Markdown()
+            suggested = gr.Number(visible=False, precision=0)  # the trace's layer, a number for API clients
             trace_fig = gr.Plot(label="Causal trace", show_label=False)
         with gr.Row():
             edit_btn = gr.Button("Apply edit", variant="primary")
@@ -48,7 +52,8 @@ def edit_tab(wb, picker, heavy) -> dict:
         history = gr.Dataframe(headers=["id", "method", "layer", "prompt", "target", "seconds", "check"],
                                interactive=False, column_count=7)
         with gr.Row():
-            undo_id = gr.Number(label="Edit id", precision=0, value=None)
+            undo_id = gr.Dropdown(label="Edit to undo", choices=[], value=None, allow_custom_value=True,
+                                  info="empty: the latest")
             undo_btn = gr.Button("Undo edit")
             batch_file = gr.File(label="Batch edits (JSON or CSV)", file_types=[".json", ".csv"])
             batch_btn = gr.Button("Apply batch (MEMIT)")
@@ -61,13 +66,20 @@ def edit_tab(wb, picker, heavy) -> dict:
 
     private = dict(api_visibility="private", queue=False)
     trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, kind, samples],
-                               [trace_fig, trace_md, layer], api_name="trace", **heavy)
+                               [trace_fig, trace_md, suggested], api_name="trace", **heavy)
+    trace_ev.success(lambda n: "" if n is None else str(int(n)), suggested, layer, **private)
     edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer, method],
                              [before, after, edit_md, history], api_name="edit", **heavy)
     eval_ev = eval_btn.click(wb.evaluate, [model, prompt, subject, target, target_true, paraphrases, neighbours],
                              scores, api_name="evaluate", **heavy)
-    undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", **heavy)
+    # No status overlay: a failed Undo says so in its one message and the history it did not change stays shown.
+    undo_ev = undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", show_progress="hidden",
+                             **heavy)
+    # The output of the undone edit and its scores no longer describe the model.
+    undo_ev.success(lambda: ("", None), None, [after, scores], **private)
     batch_ev = batch_btn.click(wb.edit_batch, [model, batch_file, method], [history, edit_md], api_name="edit_batch", **heavy)
+    for ev in (edit_ev, undo_ev, batch_ev):
+        ev.success(wb.active_edits, [model], undo_id, **private)
     save_ev = save_btn.click(wb.save_edits, [model, save_as, save_name], save_md, api_name="save_edits", **heavy)
-    stop.click(wb.stop, None, edit_md, cancels=[trace_ev, edit_ev, eval_ev, batch_ev], **private)
+    wire_stop(wb, stop, edit_md, [trace_ev, edit_ev, eval_ev, batch_ev])
     return {"creates_items": [save_ev]}

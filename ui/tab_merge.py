@@ -6,9 +6,9 @@ from checkpoints.errors import WeightsmithError
 from merging.methods import REGISTRY
 
 from .forms import (merge_columns, merge_default_row, merge_form_from_yaml, merge_method_md, merge_shared_rows,
-                    merge_yaml_from_form, named_rows)
+                    merge_yaml_from_form, merge_yaml_untouched, named_rows, takes_base)
 from .plots import lines_plot
-from .widgets import run_controls
+from .widgets import run_controls, wire_stop
 
 
 def merge_tab(wb, picker, heavy) -> dict:
@@ -62,7 +62,8 @@ def merge_tab(wb, picker, heavy) -> dict:
         keep = [r[0] for r in named_rows(rows)]
         cols = merge_columns(m)
         data = [merge_default_row(m, ref) for ref in keep] or [[""] * len(cols)]
-        return gr.update(value={"headers": cols, "data": data}, headers=cols), merge_shared_rows(m), merge_method_md(m)
+        return (gr.update(value={"headers": cols, "data": data}, headers=cols), merge_shared_rows(m),
+                merge_method_md(m), base_update(m))
 
     def on_add(m, rows, ref):
         if not ref:
@@ -72,30 +73,44 @@ def merge_tab(wb, picker, heavy) -> dict:
         data.append(merge_default_row(m, ref))
         return gr.update(value={"headers": cols, "data": data})
 
-    def on_yaml(text):
-        try:
-            f = merge_form_from_yaml(text)
-        except WeightsmithError as e:
-            return [gr.skip()] * 10 + [f"⚠ {e}"]
-        return [f["method"], f["base"], gr.update(value=f["models"], headers=f["models"]["headers"]), f["shared"],
-                f["lines_on"], f["alpha_auto"], f["alpha"], f["beta"], f["out_dtype"], f["seed"], "✓ form updated from YAML"]
-
     def plot(on, auto, a, b, L, rows):
         n = len(named_rows(rows))
         return lines_plot(on, auto, a, b, L, max(1, n))
 
-    method.input(on_method, [method, models], [models, shared, method_info], **private).then(
+    method.input(on_method, [method, models], [models, shared, method_info, base], **private).then(
         merge_yaml_from_form, form, [recipe, recipe_status], **private)
     add_btn.click(on_add, [method, models, add_ref], models, **private).then(
         merge_yaml_from_form, form, [recipe, recipe_status], **private)
     for comp in (base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed):
         comp.input(merge_yaml_from_form, form, [recipe, recipe_status], **private)
-    recipe.input(on_yaml, [recipe], [*form, recipe_status], **private, trigger_mode="always_last")
+    recipe.input(form_from_yaml, [recipe], [*form, method_info, recipe_status], **private,
+                 trigger_mode="always_last")
     base.change(wb.merge_blocks, [base], num_blocks, api_visibility="private")
     for comp in (lines_on, alpha_auto, alpha, beta, num_blocks, models):
         comp.change(plot, [lines_on, alpha_auto, alpha, beta, num_blocks, models], lines_fig, **private)
 
-    run_ev = run.click(wb.merge, [recipe, out_name], [result, norms_fig, result_ref], api_name="merge", **heavy)
-    stop.click(wb.stop, None, result, cancels=[run_ev], **private)
+    # The previous summary goes first: beside a failure it would read as this run's result.
+    run_ev = run.click(lambda: ("", None), None, [result, norms_fig], **private).then(
+        wb.merge, [recipe, out_name], [result, norms_fig, result_ref], api_name="merge", **heavy)
+    wire_stop(wb, stop, result, [run_ev])
     return {"creates_items": [run_ev], "result_ref": result_ref,
-            "init": (merge_yaml_from_form, form, [recipe, recipe_status])}
+            "init": (merge_yaml_untouched, form, [recipe, recipe_status])}
+
+
+def base_update(method: str):
+    """The base picker for ``method``: off (and left out of the recipe) when the method takes no base."""
+    if takes_base(method):
+        return gr.update(interactive=True, info="the model the task vectors are taken against")
+    return gr.update(interactive=False, info=f"{method} takes no base model: list every model below")
+
+
+def form_from_yaml(text: str) -> list:
+    """The recipe box, edited by hand -> every form widget, the method's description and the status line."""
+    try:
+        f = merge_form_from_yaml(text)
+    except WeightsmithError as e:
+        return [gr.skip()] * 11 + [f"⚠ {e}"]
+    base = gr.update(value=f["base"], **{k: v for k, v in base_update(f["method"]).items() if k != "__type__"})
+    return [f["method"], base, gr.update(value=f["models"], headers=f["models"]["headers"]), f["shared"],
+            f["lines_on"], f["alpha_auto"], f["alpha"], f["beta"], f["out_dtype"], f["seed"],
+            merge_method_md(f["method"]), "✓ form updated from YAML"]
