@@ -202,7 +202,9 @@ def test_upload_adapter(manager, tmp_path):
     cfg = tmp_path / "adapter_config.json"
     cfg.write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "peft_type": "LORA"}))
     w = tmp_path / "adapter_model.safetensors"
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)}, str(w))
+    # A whole LoRA pair: uploads are validated like any adapter (a lone lora_A is refused).
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)}, str(w))
     item = import_upload(ws, [cfg, w], name="a1")
     assert item.kind == "adapter" and item.ref == "ws:a1"
     with pytest.raises(WeightsmithError, match="adapter_model.safetensors"):
@@ -252,7 +254,8 @@ def test_upload_adapter_as_zip(manager, tmp_path):
     src = tmp_path / "lora"
     src.mkdir()
     (src / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "peft_type": "LORA"}))
-    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 8)}, str(src / "adapter_model.safetensors"))
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 8), "base_model.model.x.lora_B.weight": torch.zeros(8, 2)},
+              str(src / "adapter_model.safetensors"))
     z = tmp_path / "lora.zip"
     with zipfile.ZipFile(z, "w") as zf:
         for p in src.iterdir():
