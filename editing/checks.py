@@ -16,9 +16,9 @@ above the session's usual one (on the demo model: 1,233 against a median of
 * ``finite``: a non-finite update is refused before anything changes
   (:func:`require_finite`).
 
-A second question is whether the edit *took*: :func:`target_check` runs the
-edited prompt with its new target once (teacher-forced) after the update and
-asks whether greedy decoding now produces exactly that target. r-ROME makes the
+A second question is whether the edit *took*: :func:`target_check` decodes ten
+greedy tokens after the edited prompt and asks whether the new target is among
+them (the rule the checks by generation use). r-ROME makes the
 update exact at the mean key k*, so a prompt whose own key is far from k* gets
 only part of δ and can keep its old answer; that shows as ``missed`` with the
 continuation the model gives instead. A miss is a warning, not a disabling edit.
@@ -86,24 +86,24 @@ def neutral_logprobs(model, tokenizer, prompts: tuple[str, ...] | list[str]) -> 
 
 
 @torch.no_grad()
-def target_check(model, tokenizer, text: str, target: str) -> dict[str, Any]:
-    """Does greedy decoding after ``text`` produce ``target``? One teacher-forced forward pass.
+def target_check(model, tokenizer, text: str, target: str, *, window: int = 10) -> dict[str, Any]:
+    """Does the model now say ``target`` after ``text``? Greedy decoding of ``window`` tokens.
 
-    Returns ``generates_target`` (bool), ``target_prob`` (per-token mean probability of the
-    target) and ``continuation`` (the greedy tokens at the target's positions, decoded).
+    ``generates_target``: the target occurs in them as a whole word, case-insensitive (the
+    rule of :func:`editing.generation_checks.mentions`, as the checks by generation score);
+    ``continuation``: those tokens, decoded; ``target_prob``: the per-token mean probability
+    of the target right after ``text`` (teacher-forced). Two short passes on the demo model.
     """
+    from .generation_checks import greedy_continuations, mentions
     from .request import prompt_ids, target_ids
 
     device = next(model.parameters()).device
     pi, ti = prompt_ids(tokenizer, text), target_ids(tokenizer, target)
     ids = torch.tensor([pi + ti[:-1]], dtype=torch.long, device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, len(pi) - 1:].float()
-    logp = F.log_softmax(logits, -1)
-    want = torch.tensor(ti, device=device)
-    greedy = logits.argmax(-1)
-    return {"generates_target": bool(torch.equal(greedy, want)),
-            "target_prob": round(float(logp.gather(-1, want[:, None]).mean().exp()), 5),
-            "continuation": tokenizer.decode(greedy.tolist())}
+    logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0, len(pi) - 1:].float(), -1)
+    prob = float(logp.gather(-1, torch.tensor(ti, device=device)[:, None]).mean().exp())
+    said = tokenizer.decode(greedy_continuations(model, tokenizer, [text], window)[0], skip_special_tokens=True)
+    return {"generates_target": mentions(said, target), "target_prob": round(prob, 5), "continuation": said}
 
 
 def unrelated_kl(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -163,7 +163,8 @@ def update_checks(norm: float, relative: float, before: torch.Tensor | None, aft
         if missed:
             t, r = missed[0]
             more = f" (and {len(missed) - 1} more of {len(targets)})" if len(missed) > 1 else ""
-            warnings.append(f"the edit did not take on its prompt: the model continues {r['continuation']!r}, not "
+            said = r["continuation"] if len(r["continuation"]) <= 60 else r["continuation"][:57] + "..."
+            warnings.append(f"the edit did not take on its prompt: the model continues {said!r}, not "
                             f"{t!r} (P = {r['target_prob']:.2f}){more}; try another layer or method")
     out["warning"] = "; ".join(warnings)
     return out

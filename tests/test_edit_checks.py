@@ -197,33 +197,43 @@ def test_target_check_by_hand():
 def test_target_check_by_hand_on_a_bigram_model(tiny_tokenizer):
     from bigram_model import bigram_model
     from editing.checks import target_check
+    from test_generation_checks import ROWS
 
-    # After "of" the model says " Rome" (logit ln 3), after " Rome" it says " is" (ln 2); 0 elsewhere.
-    m = bigram_model(tiny_tokenizer, {"Ġof": {"ĠRome": math.log(3)}, "ĠRome": {"Ġis": math.log(2)}})
+    # After "of" the model says " Rome" (logit ln 3), then " is" (ln 2), then " Paris" (ln 4), " is", ...
+    m = bigram_model(tiny_tokenizer, ROWS)
     V = m.config.vocab_size
     text = "The Eiffel Tower is located in the city of"
     got = target_check(m, tiny_tokenizer, text, "Rome is")
-    assert got["generates_target"] is True and got["continuation"] == " Rome is"
+    assert got["generates_target"] is True and got["continuation"] == " Rome is Paris is Paris is Paris is Paris is"
     assert got["target_prob"] == round(math.sqrt(3 / (V + 2) * 2 / (V + 1)), 5)
-    miss = target_check(m, tiny_tokenizer, text, "Paris")  # non-vacuous: another target is not generated
-    assert miss["generates_target"] is False and miss["continuation"] == " Rome"
-    assert miss["target_prob"] == round(1 / (V + 2), 5)
+    later = target_check(m, tiny_tokenizer, text, "Paris")  # said within the ten greedy tokens, not first
+    assert later["generates_target"] is True and later["target_prob"] == round(1 / (V + 2), 5)
+    short = target_check(m, tiny_tokenizer, text, "Paris", window=1)  # non-vacuous: the window matters
+    assert short["generates_target"] is False and short["continuation"] == " Rome"
+    assert target_check(m, tiny_tokenizer, text, "Berlin")["generates_target"] is False
 
 
-def test_each_edit_reports_whether_it_took(sharp_dirs, corpus_file, stats):  # noqa: F811
+def test_each_edit_reports_whether_it_took(sharp_dirs, corpus_file, stats, monkeypatch):  # noqa: F811
     from editing.checks import target_check
 
     s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
-    # The tiny random model's cheap edit of the Eiffel Tower does not reach greedy decoding: the
-    # check says so, with what the model continues instead, in the history and the card.
     e = s.apply(FACTS[0])
     c = e.info["checks"]
+    assert c["missed"] == 0 and c["generates_target"] == 1 and "did not take" not in e.warning, c
+    assert c["target_prob"] == target_check(s.model, s.tokenizer, FACTS[0].text, "Rome")["target_prob"]
+    s.undo(e.id)
+    real = session_module.compute_rome
+
+    def feeble(*args, **kwargs):  # the same edit scaled down to nothing: the model keeps its answer
+        r = real(*args, **kwargs)
+        r.B = r.B * 1e-6
+        return r
+
+    monkeypatch.setattr(session_module, "compute_rome", feeble)
+    weak = s.apply(FACTS[0])
+    c = weak.info["checks"]
     after = target_check(s.model, s.tokenizer, FACTS[0].text, "Rome")
     assert c["missed"] == 1 and c["generates_target"] == 0 and not after["generates_target"], c
-    assert c["target_prob"] == after["target_prob"]
-    assert f"the model continues {after['continuation']!r}, not 'Rome'" in e.warning and not c["flag"]
+    assert f"the model continues {after['continuation']!r}, not 'Rome'" in weak.warning and not c["flag"]
     assert s.history[-1]["checks"]["missed"] == 1
     assert "did not take on their own prompt" in s._card("finetune", None, "transformers").summary
-    s.undo(e.id)
-    # The numbers are today's model's: the same check on the unedited model gives another answer.
-    assert target_check(s.model, s.tokenizer, FACTS[0].text, "Rome")["target_prob"] != c["target_prob"]
