@@ -624,7 +624,9 @@ def test_page_edit_fields_start_empty_and_undo_clears_stale_outputs(page):
                and {after._id, scores._id} <= {o._id for o in f.outputs}]
     assert len(cleared) == 1 and cleared[0].fn() == ("", None)
     (undo_fn,) = [f for f in page.fns.values() if f.api_name == "undo"]
-    assert undo_fn.show_progress == "hidden"  # a failed Undo leaves the history it did not change in view
+    history = _component(page, "Edit history")
+    shown_on = {getattr(c, "_id", c) for c in undo_fn.show_progress_on}
+    assert history._id not in shown_on and shown_on  # a failed Undo leaves the history it did not change in view
     offered = [f for f in _chained(page, "edit") if undo._id in {o._id for o in f.outputs}]
     assert len(offered) == 1  # a new edit refreshes the Undo choices
 
@@ -656,3 +658,10 @@ def test_page_every_stop_button_reports_stopped(page):
     after = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stopped"]
     assert len(stop_fns) == 3 and len(after) == 3  # Merge, Adapters, Edit
     assert {page.fns[f.trigger_after].fn.__name__ for f in after} == {"stop"}
+
+
+def test_page_playground_error_stays_off_the_original_pane(page):
+    (gen,) = [f for f in page.fns.values() if f.api_name == "generate"]
+    (original,) = [o for o in gen.outputs if o.label == "Original model"]  # the pane (a picker has that label too)
+    shown_on = {getattr(c, "_id", c) for c in gen.show_progress_on}
+    assert shown_on and original._id not in shown_on  # its answer stays readable when the working model fails

@@ -127,6 +127,59 @@ def test_adapter_upload_in_the_adapters_tab(served, tmp_path, tiny_llama_family)
             browser.close()
 
 
+def test_first_look_and_a_failed_playground_model(served, tmp_path, tiny_llama_family):
+    """Issue 13's page behaviours: no warning before the user acts, an empty Layer field, and a working model
+    without a tokenizer that fails in one message while the original model's answer stays in its pane."""
+    from playwright.sync_api import expect, sync_playwright
+
+    folder = tiny_llama_family["ft1"]
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served.local_url)
+            page.get_by_role("tab", name="Merge").click()
+            merge = page.locator("#tab-merge")
+            expect(merge.locator(".cm-content")).to_contain_text("merge_method: task_arithmetic", timeout=30_000)
+            expect(merge.get_by_text("⚠")).to_have_count(0)  # nothing is wrong before the user has acted
+            page.get_by_role("tab", name="Edit").click()
+            edit = page.locator("#tab-edit")
+            layer = edit.get_by_role("textbox", name="Layer empty: the suggested/default layer")
+            expect(layer).to_have_value("")  # not 0
+            expect(layer).to_have_attribute("placeholder", "suggested")
+            edit.get_by_role("button", name="Undo edit").click()  # nothing to undo yet: one message
+            expect(page.locator(".toast-body").first).to_contain_text("no edits yet", timeout=30_000)
+            expect(page.locator("#edit-history").get_by_text("Error", exact=True)).to_have_count(0)
+            page.locator(".toast-body").first.locator("..").get_by_role("button", name="Close").first.click()
+            page.get_by_role("tab", name="Models").click()
+            models = page.locator("#tab-models")
+            models.locator("input[type=file][multiple]").first.set_input_files(
+                [str(folder / "config.json"), str(folder / "model.safetensors")])
+            page.wait_for_timeout(1_000)
+            models.get_by_label("Name").fill("bare")
+            models.get_by_role("button", name="Import").click()
+            expect(models.get_by_text("No tokenizer in this upload")).to_be_visible(timeout=60_000)
+            page.get_by_role("tab", name="Playground").click()
+            play = page.locator("#tab-playground")
+            for label, value in (("Working model", "ws:bare"), ("Original model", "tiny-base")):
+                box = play.get_by_role("combobox", name=label)  # the pane below has the same label
+                box.click()
+                box.fill(value)
+                box.press("Enter")
+                page.wait_for_timeout(300)
+            tokens = play.get_by_role("spinbutton", name="number input for Max new tokens")
+            tokens.fill("4")
+            tokens.press("Tab")
+            play.get_by_role("button", name="Generate").click()
+            expect(page.locator(".toast-body").first).to_contain_text("tokenizer", timeout=60_000)
+            original = page.locator("#play-original textarea")
+            expect(original).not_to_have_value("", timeout=10_000)
+            expect(page.locator("#play-original").get_by_text("Error", exact=True)).to_have_count(0)
+            page.screenshot(path=str(tmp_path / "playground-error.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def make_screenshots(out_dir: Path, *, port: int = 7870, only_models: bool = False) -> list[Path]:
     """Drive the real app on the demo model through every tab and save one screenshot per tab."""
     from playwright.sync_api import expect, sync_playwright

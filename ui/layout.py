@@ -154,8 +154,11 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         ws_del.click(wb.delete_item, [ws_del_item], u_msg, api_visibility="private").then(**refresh_kw)
         demo.load(**refresh_kw)
 
+        # Progress (and an error's badge) on the working pane only: when the working model fails, the
+        # original model's answer stays readable beside the one error message.
         gen_ev = p_btn.click(wb.generate, [p_work, p_orig, p_prompt, p_n, p_chat], [p_out_w, p_out_o], api_name="generate",
-                             concurrency_limit=config.generate_concurrency, concurrency_id="generate")
+                             concurrency_limit=config.generate_concurrency, concurrency_id="generate",
+                             show_progress_on=p_out_w)
         p_stop.click(None, None, None, cancels=[gen_ev], api_visibility="private", queue=False)
 
         e_zip_btn.click(wb.export, [e_item], e_file, api_name="export", concurrency_limit=2,

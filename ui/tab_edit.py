@@ -50,7 +50,8 @@ def edit_tab(wb, picker, heavy) -> dict:
             scores = gr.Dataframe(headers=["score", "value"], interactive=False, column_count=2, label="Scores")
         gr.Markdown("### Edit history")
         history = gr.Dataframe(headers=["id", "method", "layer", "prompt", "target", "seconds", "check"],
-                               interactive=False, column_count=7)
+                               interactive=False, column_count=7, elem_id="edit-history",
+                               label="Edit history", show_label=False)
         with gr.Row():
             undo_id = gr.Dropdown(label="Edit to undo", choices=[], value=None, allow_custom_value=True,
                                   info="empty: the latest")
@@ -72,8 +73,8 @@ def edit_tab(wb, picker, heavy) -> dict:
                              [before, after, edit_md, history], api_name="edit", **heavy)
     eval_ev = eval_btn.click(wb.evaluate, [model, prompt, subject, target, target_true, paraphrases, neighbours],
                              scores, api_name="evaluate", **heavy)
-    # No status overlay: a failed Undo says so in its one message and the history it did not change stays shown.
-    undo_ev = undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", show_progress="hidden",
+    # Status (and an error's badge) on the message only: a failed Undo leaves the history it did not change in view.
+    undo_ev = undo_btn.click(wb.undo, [model, undo_id], [history, edit_md], api_name="undo", show_progress_on=edit_md,
                              **heavy)
     # The output of the undone edit and its scores no longer describe the model.
     undo_ev.success(lambda: ("", None), None, [after, scores], **private)
