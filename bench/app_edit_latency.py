@@ -78,18 +78,25 @@ def app_times(url: str) -> dict[str, float]:
 def library_times() -> dict[str, float]:
     from checkpoints.sources import resolve
     from editing.prepare import configured_corpus, open_session
-    from editing.request import EditRequest
     from editing.trace import causal_trace
 
     out = {}
     out["load"], session = timed(open_session, resolve("demo"), corpus=configured_corpus())
-    out["first edit"], _ = timed(session.apply, EditRequest(*FIRST))
-    later = EditRequest(*LATER)
+    out["first edit"], _ = timed(session.apply, request(FIRST))
+    later = request(LATER)
     out["later edit"], _ = timed(session.apply, later)
     # The app's edit also shows the model's greedy continuation before and after: the same two generations.
     out["2 generations"], _ = timed(lambda: [greedy(session, later.text) for _ in range(2)])
     out["trace"], _ = timed(causal_trace, session.model, session.tokenizer, *TRACE, kind="mlp", samples=3)
     return out
+
+
+def request(fact: tuple[str, str, str, str]):
+    """(prompt, subject, target, true answer) -> an EditRequest at the default layer, as the app sends it."""
+    from editing.request import EditRequest
+
+    prompt, subject, target, target_true = fact
+    return EditRequest(prompt, subject, target, None, target_true)
 
 
 def greedy(session, prompt: str, n: int = 24) -> str:
