@@ -45,7 +45,11 @@ class WorkbenchBase:
         # gc.collect of each job's release_memory() and the automatic ones during an edit (measured: 2.5 s
         # each on a loaded 2-core machine, 0 s once frozen), time the library alone does not spend.
         # Frozen, collections walk only what requests allocate; these objects live as long as the server.
-        gc.freeze()
+        # Once per process, garbage first: a frozen object in a cycle is never freed, and a test process
+        # builds many workbenches beside models that are dropped later.
+        if not gc.get_freeze_count():
+            gc.collect()
+            gc.freeze()
         self.models = ModelCache(max_models=self.config.max_loaded_models, device=self.config.device)
         # Base + adapter, merged for the Playground: one at a time, each is a full model copy.
         self.adapter_models = ModelCache(max_models=1, device=self.config.device)
