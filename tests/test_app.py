@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ui import forms, plots  # noqa: E402
 from ui.config import AppConfig  # noqa: E402
 from ui.handlers_edit import MAX_BATCH_EDITS, load_edit_requests  # noqa: E402
-from ui.progress import StopEvents, eta_text, gradio_job  # noqa: E402
 from ui.workbench import Workbench  # noqa: E402
 from checkpoints.errors import WeightsmithError  # noqa: E402
 from checkpoints.generation import ModelCache, generate_text  # noqa: E402
@@ -141,32 +140,6 @@ def test_stop_sets_the_running_jobs_cancel_flag(wb):
     assert wb.run_job(req("a"), job) == 1
     assert seen["cancelled"] is True
     assert wb.stop(req("a")) == "Nothing to stop."
-
-
-def test_gradio_job_drives_the_bar_and_obeys_the_stop_event():
-    import threading
-
-    from checkpoints.jobs import Cancelled
-
-    calls = []
-    stop = threading.Event()
-    job = gradio_job(lambda frac, desc=None: calls.append((round(frac, 3), desc)), stop)
-    job.step(1, 4, "tensors")
-    job.part(0.5, 1.0).progress(0.5, "half of the rest")
-    job.progress(None, "writing")  # unknown fraction: the bar stays where it was, the text changes
-    assert calls == [(0.25, "tensors"), (0.75, "half of the rest"), (0.75, "writing")]
-    job.check("merge")  # not stopped yet: no error
-    stop.set()  # the Stop button's event
-    assert job.cancelled
-    with pytest.raises(Cancelled, match="merge was cancelled"):
-        job.check("merge")
-    assert not gradio_job(None).cancelled  # without a Stop button: its own event
-    gradio_job(None).progress(0.5, "x")  # no bar: ignored
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("display gone")
-
-    gradio_job(broken).progress(0.5, "x")  # a display never breaks the job
 
 
 def test_workspace_cleanup_forgets_expired_sessions(wb):
@@ -467,35 +440,6 @@ def test_batch_edit_from_csv_is_one_history_entry(edit_wb, tmp_path):
 
 # ---- issue 13: no silent waits, and the rough edges a new user hit -------------------------------------------
 
-def test_eta_comes_from_this_jobs_own_pace():
-    assert eta_text(0.5, 10.0) == " · about 10 s left"
-    assert eta_text(0.25, 30.0) == " · about 90 s left"
-    assert eta_text(0.1, 60.0) == " · about 9 min left"
-    assert eta_text(0.5, 1.0) == "" and eta_text(0.0, 30.0) == "" and eta_text(1.0, 30.0) == ""  # too early / done
-    now = [0.0]
-    calls = []
-    job = gradio_job(lambda frac, desc=None: calls.append(desc), clock=lambda: now[0])
-    job.progress(0.1, "statistics")  # at 0 s: no estimate yet
-    now[0] = 8.0
-    job.progress(0.5, "v* steps")
-    assert calls == ["statistics", "v* steps · about 8 s left"]
-
-
-def test_stopping_becomes_stopped_when_the_job_ends():
-    import threading
-
-    jobs = StopEvents()
-    assert jobs.wait_stopped("s", 0.01) is None  # Stop found nothing: nothing to report
-    ev = jobs.start("s")
-    assert jobs.stop("s") and ev.is_set()
-    assert jobs.wait_stopped("s", 0.01) is False  # still running: the page keeps "Stopping…"
-    jobs.stop("s")
-    timer = threading.Timer(0.05, jobs.finish, ("s", ev))
-    timer.start()
-    assert jobs.wait_stopped("s", 5.0) is True  # the job ended: "Stopped"
-    assert jobs.wait_stopped("s", 0.01) is None  # told once
-
-
 def test_sizes_under_a_tenth_of_a_megabyte_are_kilobytes(wb, tiny_adapters):
     from checkpoints.sizes import format_size, parse_size
 
@@ -594,50 +538,6 @@ def test_edit_layer_field_is_empty_and_sends_none():
             layer_value(bad)
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    from ui.layout import build_app
-
-    return build_app(config=AppConfig(workspace_root=tmp_path_factory.mktemp("page-ws")))
-
-
-def _component(page, label):
-    (found,) = [b for b in page.blocks.values() if getattr(b, "label", None) == label]
-    return found
-
-
-def _chained(page, api_name):
-    """The page's events that run after the event ``api_name`` (with whether only on success)."""
-    (fid,) = [i for i, f in page.fns.items() if f.api_name == api_name]
-    return [f for f in page.fns.values() if f.trigger_after == fid]
-
-
-def test_page_edit_fields_start_empty_and_undo_clears_stale_outputs(page):
-    layer = _component(page, "Layer")
-    assert isinstance(layer, gr.Textbox) and layer.value == ""  # a gr.Number would show and send 0
-    (copy,) = [f for f in _chained(page, "trace") if layer._id in {o._id for o in f.outputs}]
-    assert copy.fn(7) == "7" and copy.fn(None) == ""  # the suggested layer lands in the field as text
-    undo = _component(page, "Edit to undo")
-    assert isinstance(undo, gr.Dropdown) and undo.value is None
-    after, scores = _component(page, "After the edit"), _component(page, "Scores")
-    cleared = [f for f in _chained(page, "undo") if f.trigger_only_on_success
-               and {after._id, scores._id} <= {o._id for o in f.outputs}]
-    assert len(cleared) == 1 and cleared[0].fn() == ("", None)
-    (undo_fn,) = [f for f in page.fns.values() if f.api_name == "undo"]
-    history = _component(page, "Edit history")
-    shown_on = {getattr(c, "_id", c) for c in undo_fn.show_progress_on}
-    assert history._id not in shown_on and shown_on  # a failed Undo leaves the history it did not change in view
-    offered = [f for f in _chained(page, "edit") if undo._id in {o._id for o in f.outputs}]
-    assert len(offered) == 1  # a new edit refreshes the Undo choices
-
-
-def test_page_merge_clears_the_previous_summary_first(page):
-    (fid,) = [i for i, f in page.fns.items() if f.api_name == "merge"]
-    before = page.fns[page.fns[fid].trigger_after]
-    assert before.fn() == ("", None) and len(before.outputs) == 2
-    assert {o._id for o in before.outputs} <= {o._id for o in page.fns[fid].outputs}
-
-
 def test_failed_working_model_keeps_the_original_pane(wb, tiny_llama_family):
     folder = tiny_llama_family["ft1"]
     wb.upload([str(p) for p in folder.iterdir() if p.name in ("config.json", "model.safetensors")], "bare", "",
@@ -651,17 +551,3 @@ def test_failed_working_model_keeps_the_original_pane(wb, tiny_llama_family):
     # non-vacuity: the same original alone streams the same text
     alone = list(wb.generate("", "tiny-base", "The capital of France is", 4, req("g")))[-1]
     assert alone[1] == shown[-1][1]
-
-
-def test_page_every_stop_button_reports_stopped(page):
-    stop_fns = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stop"]
-    after = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stopped"]
-    assert len(stop_fns) == 3 and len(after) == 3  # Merge, Adapters, Edit
-    assert {page.fns[f.trigger_after].fn.__name__ for f in after} == {"stop"}
-
-
-def test_page_playground_error_stays_off_the_original_pane(page):
-    (gen,) = [f for f in page.fns.values() if f.api_name == "generate"]
-    (original,) = [o for o in gen.outputs if o.label == "Original model"]  # the pane (a picker has that label too)
-    shown_on = {getattr(c, "_id", c) for c in gen.show_progress_on}
-    assert shown_on and original._id not in shown_on  # its answer stays readable when the working model fails
