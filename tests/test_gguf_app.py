@@ -18,6 +18,7 @@ from ui.workbench import Workbench  # noqa: E402
 from checkpoints.cards import CardInfo, write_card  # noqa: E402
 from hub_fixtures import GOOD_TOKEN, fake_hub, hub_env, no_internet  # noqa: E402,F401
 from test_gguf_export import _save, _trained  # noqa: E402
+from checkpoints.sizes import parse_size  # noqa: E402
 
 
 def req(name: str) -> SimpleNamespace:
@@ -53,8 +54,8 @@ def test_export_gguf_into_the_item_and_push_it_in_one_commit(wb, tiny_bpe_llama,
     assert gguf.parent == folder and gguf.name == "mymodel-q8_0.gguf"
     assert msg.startswith("wrote mymodel-q8_0.gguf: ") and "within its type's error bound" in msg
     # the estimate counts the tensors' bytes: the file adds only header and tokenizer (~KBs here)
-    mb = float(estimate.split("**")[1].split(" MB")[0])
-    assert 0 < gguf.stat().st_size / 2**20 - mb < 0.05
+    estimated = parse_size(estimate.split("**")[1].replace(" ", ""))  # e.g. "43.9 KB", decimal units
+    assert 0 < gguf.stat().st_size - estimated < 0.05 * 2**20
     assert calls and calls[-1] == pytest.approx(1.0) and calls == sorted(calls)  # progress, tensor by tensor
     card = (folder / "README.md").read_text()
     assert "- gguf" in card.split("---")[1] and "FROM ./mymodel-q8_0.gguf" in card and "llama-cli -m" in card
@@ -109,7 +110,8 @@ def test_a_mixed_adapter_item_exports_as_a_gguf_lora(tmp_path, tiny_bpe_llama):
               req("a"))
     wb.mix_adapters("base_model: tiny\nadapters:\n  - {adapter: ws:ad, weight: 0.5}\nmethod: cat\n", "mix",
                     req("a"), None)
-    assert "MB** of weights" in wb.gguf_estimate("ws:mix", "f16", req("a"))
+    estimate = wb.gguf_estimate("ws:mix", "f16", req("a"))
+    assert "** of weights" in estimate and parse_size(estimate.split("**")[1].replace(" ", "")) > 0
     path, msg = wb.export_gguf("ws:mix", "f16", req("a"), None)
     assert msg.startswith("wrote adapter mix-f16.gguf: ") and ", 16 tensors (" in msg  # 4 blocks x q, v x A, B
     assert "within its type's error bound" in msg  # the product B·A read back against PEFT's ΔW
