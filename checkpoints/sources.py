@@ -33,7 +33,7 @@ from .peft_adapter import is_adapter_folder
 from .hub_download import download_from_hub
 from .refs import is_hub_id
 from .tensors import (SUPPORT_FILES, CheckpointReader, TensorMeta, parse_json_object, read_safetensors_header,
-                      tied_head_names, weight_files)
+                      weight_files)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class LocalCheckpoint:
         return self._reader
 
     def tied_names(self) -> list[str]:
-        return tied_head_names(self.config, self.spec)
+        return self.spec.tied_head_names(self.config)
 
     def check_matches_config(self) -> None:
         """Raise if the weights' shapes contradict the config (hidden size, vocab, layer count)."""

@@ -420,12 +420,6 @@ class ShardedWriter:
                     copied.append(n)
         return copied
 
-    @property
-    def staging(self) -> Path:
-        """The temporary folder. Transitional: use :meth:`add_file`; this goes once
-        ``editing/session.py`` and ``merging/adapters.py`` no longer write into it."""
-        return self.tmp
-
     # -- finish ------------------------------------------------------------
     def commit(self) -> Path:
         """Close the last shard, name shards, write the index, and rename into place."""
@@ -457,12 +451,3 @@ class ShardedWriter:
             self._current = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
-
-
-def tied_head_names(config: dict, spec) -> list[str]:
-    """Head weights a tied-embedding model does not store: :meth:`checkpoints.arch.ArchSpec.tied_head_names`.
-
-    The rule (and gpt2's default) is declared in the architecture map; this name stays only
-    until its callers (sources, engine, editing's export_model) call the spec directly.
-    """
-    return spec.tied_head_names(config)

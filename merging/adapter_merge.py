@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from checkpoints.cards import CardInfo, write_card
+from checkpoints.cards import CardInfo, build_card
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Job, ensure
 from checkpoints.sources import LocalCheckpoint
@@ -51,5 +51,5 @@ def write_merged_model(base: LocalCheckpoint, factors: Mapping[str, tuple[torch.
                 job.step(i, len(names), f"writing tensor {i + 1}/{len(names)}")
         writer.copy_support_files(base.support_dir)
         if card is not None:
-            write_card(writer.staging, card)
+            writer.add_file("README.md", str(build_card(card)).encode("utf-8"))
     return Path(out_dir)

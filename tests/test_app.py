@@ -236,12 +236,20 @@ def test_merge_handler_writes_private_item_without_leaking_paths(wb, tiny_llama_
     assert [i.name for i in ws.items()] == ["m"]  # failed runs left nothing
 
 
-def test_mix_adapters_handler_and_playground(wb, tiny_adapters):
+MIX_RECIPE = ("base_model: tiny-base\nadapters:\n  - {adapter: ws:ad1, weight: 0.7}\n"
+              "  - {adapter: ws:ad2, weight: 0.3}\nmethod: cat\n")
+
+
+def _upload_adapters(wb, tiny_adapters, session: str) -> None:
+    """The two tiny adapters as ws:ad1 and ws:ad2 of ``session``."""
     for i, folder in enumerate(tiny_adapters, 1):
         wb.upload([str(p) for p in folder.iterdir() if p.suffix in (".json", ".safetensors")], f"ad{i}", "",
-                  req("a"))
-    recipe = ("base_model: tiny-base\nadapters:\n  - {adapter: ws:ad1, weight: 0.7}\n"
-              "  - {adapter: ws:ad2, weight: 0.3}\nmethod: cat\n")
+                  req(session))
+
+
+def test_mix_adapters_handler_and_playground(wb, tiny_adapters):
+    _upload_adapters(wb, tiny_adapters, "a")
+    recipe = MIX_RECIPE
     md, ref = wb.mix_adapters(recipe, "mix", req("a"), None)
     assert ref == "ws:mix" and "**exact in ΔW space**: yes" in md
     assert wb.workspace(req("a")).item("mix").kind == "adapter"
@@ -475,11 +483,8 @@ def test_upload_without_tokenizer_says_what_it_limits(wb, tiny_llama_family):
 
 
 def test_mix_progress_moves_through_the_mix(wb, tiny_adapters):
-    for i, folder in enumerate(tiny_adapters, 1):
-        wb.upload([str(p) for p in folder.iterdir() if p.suffix in (".json", ".safetensors")], f"ad{i}", "",
-                  req("mx"))
-    recipe = ("base_model: tiny-base\nadapters:\n  - {adapter: ws:ad1, weight: 0.7}\n"
-              "  - {adapter: ws:ad2, weight: 0.3}\nmethod: cat\n")
+    _upload_adapters(wb, tiny_adapters, "mx")
+    recipe = MIX_RECIPE
     for extra in ("", "merge_into_base: true\n"):
         seen = []
         wb.mix_adapters(recipe + extra, "mix", req("mx"), lambda frac, desc=None: seen.append((frac, desc)))

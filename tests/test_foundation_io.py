@@ -19,7 +19,6 @@ from checkpoints.tensors import (
     CheckpointReader,
     ShardedWriter,
     read_safetensors_header,
-    tied_head_names,
 )
 
 
@@ -80,7 +79,7 @@ def test_dtype_cast_on_write(tiny_llama_dir, tmp_path):
 
 def test_tied_weights_stay_tied(tiny_llama_tied_dir, tmp_path):
     src = resolve(tiny_llama_tied_dir)
-    assert tied_head_names(src.config, src.spec) == ["lm_head.weight"]
+    assert src.spec.tied_head_names(src.config) == ["lm_head.weight"]
     assert "lm_head.weight" not in src.reader()  # save_pretrained drops the tied copy
     out = tmp_path / "tied"
     with ShardedWriter(out, skip=src.tied_names()) as w:
