@@ -39,6 +39,46 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from checkpoints.jobs import tqdm_job
+
+    from .analysis import analyze_recipe
+    from .recipe import MergeRecipe
+
+    recipe = MergeRecipe.from_yaml(open_recipe(args.recipe))
+    with tqdm_job("analysing") as job:
+        try:
+            result = analyze_recipe(recipe, density=args.density, job=job, device=args.device)
+        except KeyboardInterrupt:
+            job.cancel()
+            raise
+    print(result.table())
+    if args.json:
+        _write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8"))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .analysis_plots import analysis_figure
+
+        _write_atomic(args.plot, lambda tmp: analysis_figure(result).savefig(tmp, format="png", dpi=110))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename: a failed write leaves no partial file."""
+    from pathlib import Path
+
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        write(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def open_recipe(path: str):
     from pathlib import Path
 
@@ -69,3 +109,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="merge inputs that hold NaN/Inf and write non-finite outputs (reported) instead of stopping "
                         "with an error naming the model and tensor")
     p.set_defaults(func=_merge)
+
+    a = sub.add_parser("analyze", help="task vectors of a recipe's models per block, before merging: norms, "
+                                       "cosines, TIES sign conflicts, |tau| kept at a density")
+    a.add_argument("recipe", help="recipe YAML with a base_model (mergekit format)")
+    a.add_argument("--density", type=float, default=None,
+                   help="TIES trim density in (0, 1] for every model (default: the recipe's own; 0.2 for methods "
+                        "without one)")
+    a.add_argument("--json", metavar="OUT", help="also write every number as JSON")
+    a.add_argument("--plot", metavar="OUT.png", help="also save the four plots as a PNG")
+    a.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    a.set_defaults(func=_analyze)
