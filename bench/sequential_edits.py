@@ -30,6 +30,7 @@ AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -46,7 +47,7 @@ HALF = 500  # dev-1000.json: records 0-499 tune, 500-999 report
 
 from checkpoints.sources import resolve  # noqa: E402
 from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
-from editing.evaluate import aggregate, evaluate_edit, load_records, perplexity  # noqa: E402
+from editing.evaluate import aggregate, evaluate_edits, load_records, perplexity  # noqa: E402
 from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
 from editing.rome import RomeHyperParams  # noqa: E402
@@ -94,6 +95,40 @@ def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:
     return ids[-n:]
 
 
+def model_fingerprint(model) -> str:
+    """SHA-256 over the weights' bytes: the unedited scores are reused only for these exact weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class UneditedCache:
+    """The unedited model's per-record scores, by dev-1000 record number, in one JSON file.
+
+    Scoring the unedited model on 1,000 records costs as much as a checkpoint (about 50 min
+    under load), and every run and method needs the same numbers, so they are computed once.
+    """
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        data = json.loads(path.read_text()) if path.exists() else {}
+        self.data = data if data.get("fingerprint") == fingerprint else {"fingerprint": fingerprint}
+
+    def rows(self, kind: str, numbers: list[int], compute) -> list[dict]:
+        """Rows of ``kind`` for ``numbers``, computing (all at once) only the missing ones."""
+        have = self.data.setdefault(kind, {})
+        missing = [n for n in numbers if str(n) not in have]
+        if missing:
+            for n, row in zip(missing, compute(missing)):
+                have[str(n)] = row
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data))
+            tmp.replace(self.path)
+        return [have[str(n)] for n in numbers]
+
+
 def record_span(lo: int, offset: int, n: int) -> str:
     """The dev-1000 record numbers a sequence edits, in order (it wraps into the other half past 500)."""
     first = lo + offset
@@ -110,7 +145,7 @@ def mean_of(rows: list[dict], key: str) -> float | None:
 
 def measure(model, tok, records, base_rows, held, gen_idx, base_gen, args) -> dict:
     """Scores of the model as it is now on ``records`` (all edited so far), with the unedited ones."""
-    rows = [evaluate_edit(model, tok, r) for r in records]
+    rows = evaluate_edits(model, tok, records)
     out = {k: mean_of(rows, k) for k in SCORES}
     out["unedited"] = {k: mean_of(base_rows[:len(records)], k) for k in SCORES}
     if len(records) > HALF:
@@ -271,6 +306,8 @@ def main() -> int:
                     help="stop a method whose perplexity exceeds this multiple of the unedited one (0: never)")
     ap.add_argument("--out", default="/work/notes/sequential", help="output prefix: .jsonl and .png")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--unedited-cache", default=str(Path.home() / ".cache" / "weightsmith" / "bench-unedited.json"),
+                    help="JSON file of the unedited model's per-record scores, reused across runs")
     ap.add_argument("--replot", default=None, help="only redraw the PNG and print the table from this .jsonl")
     args = ap.parse_args()
     if args.replot:
@@ -300,10 +337,14 @@ def main() -> int:
     t0 = time.time()
     unedited = {"ppl": round(perplexity(model, held, seq_len=SEQ_LEN), 3),
                 "fluency": round(fluency_on(model, tok, FLUENCY_PROMPTS), 4), "ppl_tokens": len(held)}
-    base_rows = [evaluate_edit(model, tok, r) for r in records]
+    numbers = (list(range(lo, lo + HALF)) + list(range(HALF - lo, 2 * HALF - lo)))[args.offset:args.offset + args.max_edits]
+    cache = UneditedCache(Path(args.unedited_cache), model_fingerprint(model))
+    base_rows = cache.rows("scores", numbers, lambda ns: evaluate_edits(model, tok, [all_records[n] for n in ns]))
     k = min(args.gen_sample, len(records))
     gen_idx = sorted({round(i * (len(records) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
-    base_gen = {i: generation_scores(model, tok, records[i], GenerationConfig(fluency_tokens=0)) for i in gen_idx}
+    gen_rows = cache.rows("generation", [numbers[i] for i in gen_idx], lambda ns: [
+        generation_scores(model, tok, all_records[n], GenerationConfig(fluency_tokens=0)) for n in ns])
+    base_gen = dict(zip(gen_idx, gen_rows))
     unedited["seconds"] = round(time.time() - t0, 1)
     print(f"unedited: ppl {unedited['ppl']} on {len(held)} held-out tokens, fluency {unedited['fluency']}, "
           f"{aggregate(base_rows)} ({unedited['seconds']} s)", flush=True)

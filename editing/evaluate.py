@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Job
+from checkpoints.perplexity import perplexity  # noqa: F401  (one definition; editing's callers import it here)
 
 from .generation_checks import GenerationConfig, generation_scores
 from .records import EvalRecord, load_records, parse_record  # noqa: F401  (part of this module's API)
@@ -43,49 +44,61 @@ from .request import pad_id, prompt_ids, target_ids
 GENERATION_KEYS = ("gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency")
 
 @torch.no_grad()
-def target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 16) -> list[float]:
-    """Per-token mean log-prob of ``" " + target`` after each prompt (pairs)."""
+def target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 32) -> list[float]:
+    """Per-token mean log-prob of ``" " + target`` after each prompt (pairs), in the order given.
+
+    Rows are batched by length, so a batch pads little: scoring many records at once
+    costs about half of scoring them one by one (bench/sequential_edits.py scores
+    up to a thousand records at every checkpoint).
+    """
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
-    out: list[float] = []
     pad = pad_id(tokenizer)
-    for s in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for p, t in zip(prompts[s:s + batch_size], targets[s:s + batch_size]):
-            pi, ti = prompt_ids(tokenizer, p), target_ids(tokenizer, t)
-            rows.append(pi + ti[:-1])
-            spans.append((len(pi) - 1, ti))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    rows, spans = [], []
+    for p, t in zip(prompts, targets):
+        pi, ti = prompt_ids(tokenizer, p), target_ids(tokenizer, t)
+        rows.append(pi + ti[:-1])
+        spans.append((len(pi) - 1, ti))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[float] = [0.0] * len(rows)
+    for s in range(0, len(order), batch_size):
+        batch = order[s:s + batch_size]
+        width = max(len(rows[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        for j, i in enumerate(batch):
+            ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            mask[j, :len(rows[i])] = 1
         h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        for i, (start, ti) in enumerate(spans):
-            logp = F.log_softmax(head(h[i, start:start + len(ti)]).float(), -1)
-            out.append(float(logp.gather(-1, torch.tensor(ti, device=device)[:, None]).mean()))
+        for j, i in enumerate(batch):
+            start, ti = spans[i]
+            logp = F.log_softmax(head(h[j, start:start + len(ti)]).float(), -1)
+            out[i] = float(logp.gather(-1, torch.tensor(ti, device=device)[:, None]).mean())
     return out
 
 
 def evaluate_edit(model, tokenizer, record: EvalRecord | dict[str, Any]) -> dict[str, float]:
     """Scores of the model as it is now on one record (call before and after an edit)."""
-    rec = parse_record(record) if isinstance(record, dict) else record
+    return evaluate_edits(model, tokenizer, [record])[0]
+
+
+def _pairs(rec: EvalRecord) -> tuple[list[tuple[str, list[str]]], list[str], list[str]]:
+    """A record's score groups and its (prompt, target) pairs: new then true for each prompt."""
     new, true = rec.target_new, rec.target_true
     if not true:
         raise WeightsmithError(f"record {rec.subject!r}: no true target to compare with")
+    # The neighbourhood prompts' true answer may differ from the edited fact's.
     ntrue = rec.neighborhood_true or true
     groups = [("efficacy", [rec.text]), ("paraphrase", rec.paraphrases), ("neighborhood", rec.neighborhood)]
     prompts, targets = [], []
-    for _, ps in groups:
+    for name, ps in groups:
         for p in ps:
             prompts += [p, p]
-        targets += [t for _ in ps for t in (new, true)]
-    # The neighbourhood prompts' true answer may differ from the edited fact's.
-    k = 2 * (1 + len(rec.paraphrases))
-    for j in range(len(rec.neighborhood)):
-        targets[k + 2 * j + 1] = ntrue
-    lps = target_logprobs(model, tokenizer, prompts, targets)
+            targets += [new, ntrue if name == "neighborhood" else true]
+    return groups, prompts, targets
+
+
+def _scores(groups: list[tuple[str, list[str]]], lps: list[float]) -> dict[str, float]:
     scores: dict[str, float] = {}
     i = 0
     for name, ps in groups:
@@ -104,6 +117,18 @@ def evaluate_edit(model, tokenizer, record: EvalRecord | dict[str, Any]) -> dict
         scores[name] = sum(wins) / len(wins)
         scores[f"{name}_magnitude"] = sum(mags) / len(mags)
     return scores
+
+
+def evaluate_edits(model, tokenizer, records: list[EvalRecord | dict[str, Any]]) -> list[dict[str, float]]:
+    """:func:`evaluate_edit` for many records, their prompts scored together in length-sorted batches."""
+    parsed = [parse_record(r) if isinstance(r, dict) else r for r in records]
+    per = [_pairs(r) for r in parsed]
+    lps = target_logprobs(model, tokenizer, [p for _, ps, _ in per for p in ps], [t for _, _, ts in per for t in ts])
+    out, at = [], 0
+    for groups, ps, _ in per:
+        out.append(_scores(groups, lps[at:at + len(ps)]))
+        at += len(ps)
+    return out
 
 
 def harmonic_mean(values: list[float]) -> float:
@@ -169,32 +194,3 @@ def run_eval(session, records: list[EvalRecord], *, layer: int | None = None,
     out["seconds_per_edit"] = round(sum(seconds) / max(1, len(seconds)), 3)
     out["baseline"] = aggregate(baseline)
     return out
-
-
-@torch.no_grad()
-def perplexity(model, token_ids: list[int], *, seq_len: int = 256, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over ``token_ids`` cut into consecutive windows of ``seq_len``.
-
-    Windows do not overlap; each window's first token is context only, so
-    ``len(token_ids) - windows`` tokens are predicted.
-    """
-    if len(token_ids) < 2:
-        raise WeightsmithError("perplexity needs at least two tokens")
-    device = next(model.parameters()).device
-    windows = [token_ids[i:i + seq_len] for i in range(0, len(token_ids), seq_len)]
-    windows = [w for w in windows if len(w) > 1]
-    nll, count = 0.0, 0
-    for s in range(0, len(windows), batch_size):
-        group = windows[s:s + batch_size]
-        width = max(len(w) for w in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, w in enumerate(group):
-            ids[i, :len(w)] = torch.tensor(w)
-            mask[i, :len(w)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                     ignore_index=-100, reduction="sum"))
-        count += int((labels != -100).sum())
-    return math.exp(nll / count)

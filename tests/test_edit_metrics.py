@@ -13,7 +13,8 @@ import math
 
 import pytest
 
-from editing.evaluate import EvalRecord, aggregate, evaluate_edit, harmonic_mean, perplexity, target_logprobs
+from editing.evaluate import (EvalRecord, aggregate, evaluate_edit, evaluate_edits, harmonic_mean, perplexity,
+                              target_logprobs)
 from bigram_model import bigram_fixture, bigram_model
 
 PROMPT = "The {} is located in the city of"  # last token "Ġof"
@@ -67,6 +68,20 @@ def test_neighbourhood_uses_its_own_true_answer(model, tiny_tokenizer):
     # Non-vacuity: with the default (the record's true answer, Paris) the same prompt wins.
     rec.neighborhood_true = None
     assert evaluate_edit(model, tiny_tokenizer, rec)["neighborhood"] == 1.0
+
+
+def test_many_records_scored_together_equal_each_scored_alone(model, tiny_tokenizer):
+    # evaluate_edits batches every record's prompts by length; each record keeps its own scores and order.
+    other = EvalRecord(PROMPT, "Eiffel Tower", "Paris", "Rome", paraphrases=["The Eiffel Tower is in"],
+                       neighborhood=["France is a"])  # the roles swapped: different scores
+    recs = [REC, other, REC, other]
+    together = evaluate_edits(model, tiny_tokenizer, recs)
+    alone = [evaluate_edit(model, tiny_tokenizer, r) for r in recs]
+    assert [sorted(t) for t in together] == [sorted(a) for a in alone]
+    assert all(t[k] == pytest.approx(a[k], abs=1e-6) for t, a in zip(together, alone) for k in a)
+    # Non-vacuity: the two records really score differently, so a mix-up of rows would show.
+    assert together[0]["efficacy"] == 1.0 and together[1]["efficacy"] == 0.0
+    assert together[0]["paraphrase"] != together[1]["paraphrase"]
 
 
 def test_efficacy_flips_when_the_new_target_loses(tiny_tokenizer):
