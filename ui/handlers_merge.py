@@ -1,4 +1,7 @@
-"""Merge tab handlers: run a recipe into a workspace item, and the block count its LiNeS plot previews."""
+"""Merge tab handlers: run a recipe into a workspace item, analyse its task vectors before merging,
+and the block count its LiNeS plot previews."""
+
+from typing import Annotated
 
 import gradio as gr
 
@@ -6,7 +9,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.sizes import format_size
 from checkpoints.textfiles import load_yaml
 
-from .endpoint import endpoint
+from .endpoint import Range, endpoint
 from .plots import norms_plot
 from .progress import gradio_job, show_progress
 from .tables import md_table
@@ -22,11 +25,9 @@ class MergeHandlers:
         Returns (summary Markdown, task-vector norms plot, ``ws:<name>`` of the result).
         """
         from merging.engine import run_merge
-        from merging.recipe import MergeRecipe
 
         ws = self.workspace(request)
-        recipe = MergeRecipe.from_dict(load_yaml(recipe_yaml, what="recipe"))
-        resolved = recipe.with_models_renamed(lambda r: self.ref(ws, r))
+        resolved = self.session_recipe(ws, recipe_yaml)
         ws.check_quota()
         out = ws.new_item_dir(out_name or "merge", default="merge")
         show_progress(progress, 0.0, "checking models")
@@ -42,6 +43,35 @@ class MergeHandlers:
             rows.append(("LiNeS", f"α = {result.lines_alpha:.4g}, β = {result.lines_beta:.4g}"))
         md = "### Merged\n" + md_table(rows) + "\n\nTry it in the **Playground** or download it from **Export**."
         return md, norms_plot(result.block_norms), f"ws:{out.name}"
+
+    @endpoint
+    def analyze(self, recipe_yaml: str, density: Annotated[float | None, Range(0, 1)], request: gr.Request,
+                progress=gr.Progress()):
+        """Task vectors of a recipe's models against its base, per block, before merging: norms, pairwise
+        cosines, the TIES sign-conflict rate and the |τ| mass kept at ``density`` (empty: the recipe's own).
+
+        Returns (summary Markdown with the table, the four plots, every number as JSON).
+        """
+        from merging.analysis import analyze_recipe
+        from merging.analysis_plots import analysis_figure
+
+        ws = self.workspace(request)
+        resolved = self.session_recipe(ws, recipe_yaml)
+        show_progress(progress, 0.0, "checking models")
+        result = self.run_job(request, lambda cancel: analyze_recipe(
+            resolved, density=density, device=self.config.device, job=gradio_job(progress, cancel),
+            **self.local_policy(ws)))
+        md = (f"### Task-vector analysis ({result.seconds:.1f} s)\n```text\n{result.table()}\n```\n"
+              "conflict: kept parameters whose trimmed task-vector values disagree in sign (TIES drops them); "
+              "kept: share of each model's |τ| mass that the density keeps.")
+        return md, analysis_figure(result), result.to_dict()
+
+    def session_recipe(self, ws, recipe_yaml: str):
+        """The recipe YAML parsed and validated, its models renamed to what this session may read."""
+        from merging.recipe import MergeRecipe
+
+        recipe = MergeRecipe.from_dict(load_yaml(recipe_yaml, what="recipe"))
+        return recipe.with_models_renamed(lambda r: self.ref(ws, r))
 
     @endpoint
     def merge_blocks(self, base: str, request: gr.Request):

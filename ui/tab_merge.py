@@ -1,4 +1,5 @@
-"""The Merge tab: a form generated from the method registry, the recipe YAML beside it, LiNeS preview, run."""
+"""The Merge tab: a form generated from the method registry, the recipe YAML beside it, LiNeS preview,
+the task-vector analysis (Analyze), run."""
 
 import gradio as gr
 
@@ -51,6 +52,16 @@ def merge_tab(wb, picker, heavy) -> dict:
                 recipe = gr.Code(language="yaml", label="Recipe (mergekit YAML; edit either side)",
                                  interactive=True, lines=22)
                 recipe_status = gr.Markdown()
+        with gr.Row():
+            analyze = gr.Button("Analyze", scale=0, min_width=120)
+            density = gr.Number(label="Density for the TIES trim", value=None, minimum=0, maximum=1, step=0.05,
+                                info="empty: the recipe's own (0.2 for methods without one)")
+            gr.Markdown("Before merging: each model's task vector per block, how alike they are, how often "
+                        "their signs clash after TIES's trim, and how much of |τ| the density keeps.")
+        analysis = gr.Markdown()
+        analysis_fig = gr.Plot(label="Task-vector analysis")
+        with gr.Accordion("Analysis numbers (JSON)", open=False):
+            analysis_json = gr.JSON(label="analysis")
         run, stop, result, result_ref = run_controls("Merge")
         norms_fig = gr.Plot(label="Task-vector norms per block")
 
@@ -92,7 +103,10 @@ def merge_tab(wb, picker, heavy) -> dict:
     # The previous summary goes first: beside a failure it would read as this run's result.
     run_ev = run.click(lambda: ("", None), None, [result, norms_fig], **private).then(
         wb.merge, [recipe, out_name], [result, norms_fig, result_ref], api_name="merge", **heavy)
-    wire_stop(wb, stop, result, [run_ev])
+    analysis_out = [analysis, analysis_fig, analysis_json]
+    analyze_ev = analyze.click(lambda: ("", None, None), None, analysis_out, **private).then(
+        wb.analyze, [recipe, density], analysis_out, api_name="analyze", **heavy)
+    wire_stop(wb, stop, result, [run_ev, analyze_ev])
     return {"creates_items": [run_ev], "result_ref": result_ref,
             "init": (merge_yaml_untouched, form, [recipe, recipe_status])}
 
