@@ -40,7 +40,7 @@ from typing import Any, Literal
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import WeightsmithError
-from .refs import is_hub_id
+from .refs import is_hub_id, lora_sides
 from .sources import public_name
 
 Relation = Literal["merge", "adapter", "finetune"]
@@ -139,7 +139,8 @@ def build_card(info: CardInfo, *, repo_id: str | None = None) -> ModelCard:
     Returns a :class:`huggingface_hub.ModelCard` whose front matter holds only
     valid Hub ids in ``base_model`` (see the module docstring).
     """
-    bases = list(dict.fromkeys(public_name(b) for b in info.base_models))
+    # A model+adapter input (a merge recipe's LoRA input) names both as bases, as mergekit's card does.
+    bases = list(dict.fromkeys(side for b in info.base_models for side in lora_sides(public_name(b))))
     hub_bases = [b for b in bases if is_hub_id(b)]
     tags = [*_default_tags(info), *info.tags]
     meta: dict[str, Any] = {

@@ -31,7 +31,7 @@ from .demo import DEMO_NAME, demo_folder, demo_model_path
 from .errors import WeightsmithError
 from .peft_adapter import is_adapter_folder
 from .hub_download import download_from_hub
-from .refs import is_hub_id
+from .refs import is_hub_id, join_lora_ref, lora_sides
 from .tensors import (SUPPORT_FILES, CheckpointReader, TensorMeta, parse_json_object, read_safetensors_header,
                       weight_files)
 
@@ -49,7 +49,7 @@ class LocalCheckpoint:
 
     ref: str
     name: str
-    kind: str  # demo | folder | safetensors | gguf | pickle | hub
+    kind: str  # demo | folder | safetensors | gguf | pickle | hub | lora (model+adapter, merging.lora_inputs)
     support_dir: Path
     files: list[Path]
     config: dict[str, Any]
@@ -258,6 +258,10 @@ def _from_hub(repo_id: str, allow_hub: bool) -> LocalCheckpoint:
 def public_name(ref: str) -> str:
     """What a card may show for a model reference: a Hub id as is, a path as its last component."""
     s = str(ref).strip().rstrip("/")
+    sides = lora_sides(s)
+    if len(sides) == 2 and not Path(s).expanduser().exists():
+        # model+adapter (a merge recipe's LoRA input): each side by its own public name.
+        return join_lora_ref(public_name(sides[0]), public_name(sides[1]))
     if s == "demo" or (s and Path(s).expanduser().resolve() == demo_folder().resolve()):
         return DEMO_NAME
     if is_hub_id(s) and not Path(s).exists():

@@ -27,8 +27,9 @@ import torch
 
 from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
-from checkpoints.sources import LocalCheckpoint, resolve
+from checkpoints.sources import LocalCheckpoint
 
+from .lora_inputs import resolve_input
 from .methods import MergeMethod
 from .recipe import MergeRecipe
 from .schedule import depth_t, resolve as resolve_setting
@@ -66,7 +67,7 @@ def resolve_models(recipe: MergeRecipe, *, allow_local: bool = True,
     out: dict[str, LocalCheckpoint] = {}
     for ref in recipe.model_refs():
         try:
-            out[ref] = resolve(ref, allow_local=allow_local, trusted_roots=trusted_roots)
+            out[ref] = resolve_input(ref, allow_local=allow_local, trusted_roots=trusted_roots)  # model[+lora]
         except WeightsmithError as e:
             raise WeightsmithError(f"model {ref!r} of the recipe: {e}") from None
     return out
