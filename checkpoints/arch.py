@@ -160,6 +160,12 @@ class ArchSpec:
             return self.optional_prefixes[0] + module
         return module
 
+    def is_vocabulary_weight(self, name: str) -> bool:
+        """True for a weight with one row per token, stored ``[vocab, hidden]``: the token
+        embedding (the first of ``embeddings``; GPT-2's position table is not one) or the head."""
+        short = self.strip_optional_prefix(name)
+        return any(short == self.strip_optional_prefix(f"{p}.weight") for p in (*self.embeddings[:1], *self.head))
+
     def tied_head_names(self, config: Mapping[str, Any]) -> list[str]:
         """Names of head weights that a tied-embedding model does not store.
 

@@ -53,6 +53,7 @@ from .methods import MergeMethod, TensorContext
 from .planning import (TensorInput, TensorPlan, check_compatible, first_model, header_bound, plan_merge, plan_numel,
                        resolve_models, resolve_params)
 from .recipe import MergeRecipe
+from .tokenizer_merge import merge_vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
     if job is not None:
         job.progress(0.0, "checking models")
     ckpts = resolve_models(recipe, allow_local=allow_local, trusted_roots=trusted_roots)
+    ckpts, vocab = merge_vocabularies(recipe, ckpts)  # tokenizer: union etc.: models seen in the output's vocabulary
     ref = ckpts[recipe.base_model] if recipe.base_model else ckpts[first_model(recipe)]
     check_compatible(recipe, ckpts)
     plans, num_blocks = plan_merge(recipe, method, ckpts, ref)
@@ -229,7 +231,7 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
         job.check("the merge")
-        write_support(writer, recipe, ckpts, ref, out_config)
+        write_support(writer, recipe, ckpts, ref, out_config, vocab)
         write_card(writer, recipe, method, ckpts, alpha)
     if lines is not None and alpha is None:
         alpha = float(lines.alpha)
@@ -249,6 +251,7 @@ def check_recipe(recipe: MergeRecipe, *, allow_local: bool = True,
     """Resolve and header-check a recipe without merging; returns a summary (for the app's Check button)."""
     recipe.validate()
     ckpts = resolve_models(recipe, allow_local=allow_local, trusted_roots=trusted_roots)
+    ckpts, _ = merge_vocabularies(recipe, ckpts)
     ref = ckpts[recipe.base_model] if recipe.base_model else ckpts[first_model(recipe)]
     check_compatible(recipe, ckpts)
     plans, num_blocks = plan_merge(recipe, recipe.method, ckpts, ref)

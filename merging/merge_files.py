@@ -19,9 +19,10 @@ from checkpoints.tensors import SUPPORT_FILES, ShardedWriter
 
 from .methods import MergeMethod
 from .recipe import MergeRecipe
+from .tokenizer_build import MergedVocabulary
+from .tokenizer_merge import TOKENIZER_FILES, write_tokenizer
 
 RECIPE_NAME = "weightsmith_recipe.yml"
-TOKENIZER_FILES = tuple(n for n in SUPPORT_FILES if n not in ("config.json", "generation_config.json"))
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -41,14 +42,11 @@ def output_config(recipe: MergeRecipe, ref: LocalCheckpoint, num_blocks: int) ->
 
 
 def write_support(writer: ShardedWriter, recipe: MergeRecipe, ckpts: dict[str, LocalCheckpoint],
-                  ref: LocalCheckpoint, config: dict[str, Any]) -> None:
-    """Support files of the reference (the tokenizer of ``tokenizer_source``), config and the public recipe."""
-    if recipe.tokenizer_source not in (None, "base", "union"):
-        # The tokenizer comes whole from the chosen model, nothing of it from the reference.
-        writer.copy_support_files(ref.support_dir, names=[n for n in SUPPORT_FILES if n not in TOKENIZER_FILES])
-        writer.copy_support_files(ckpts[recipe.tokenizer_source].support_dir, names=TOKENIZER_FILES)
-    else:
-        writer.copy_support_files(ref.support_dir)
+                  ref: LocalCheckpoint, config: dict[str, Any], vocab: MergedVocabulary | None = None) -> None:
+    """Support files of the reference, the tokenizer (:func:`merging.tokenizer_merge.write_tokenizer`:
+    the merged vocabulary's, else the reference's, with the recipe's chat template), config and the public recipe."""
+    writer.copy_support_files(ref.support_dir, names=[n for n in SUPPORT_FILES if n not in TOKENIZER_FILES])
+    write_tokenizer(writer, recipe, ckpts, ref, vocab)
     writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
     public = recipe.with_models_renamed(lambda r: _public(r, ckpts))
     writer.write_text(RECIPE_NAME, public.to_yaml())

@@ -1,7 +1,8 @@
 """Merge recipes: mergekit YAML ⇄ dataclasses, validated with one clear error each.
 
 Accepted keys (mergekit's): ``merge_method``, ``models`` (or ``slices``),
-``base_model``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``;
+``base_model``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``, ``tokenizer``,
+``chat_template`` (see :mod:`merging.tokenizer_config`, :mod:`merging.chat_template`);
 plus Weightsmith's ``lines: {alpha, beta}`` and ``seed`` (random methods).
 mergekit ignores the two extra keys, so a recipe without them runs unchanged
 there.
@@ -35,9 +36,11 @@ import yaml
 from checkpoints.errors import WeightsmithError
 from checkpoints.textfiles import load_yaml, read_text
 
+from .chat_template import check_chat_template
 from .lines import LinesConfig
 from .methods import MergeMethod, get_method
 from .schedule import is_filter_entry, setting_values
+from .tokenizer_config import TokenizerConfig, check_tokenizer_settings, input_refs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "lines", "seed")
+            "tokenizer_source", "tokenizer", "chat_template", "lines", "seed")
 
 
 @dataclass
@@ -88,6 +91,8 @@ class MergeRecipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
     lines: LinesConfig | None = None
     seed: int | None = None
 
@@ -131,6 +136,8 @@ class MergeRecipe:
             dtype=_opt_str(data.get("dtype")),
             out_dtype=_opt_str(data.get("out_dtype")),
             tokenizer_source=_ref(data.get("tokenizer_source"), "tokenizer_source"),
+            tokenizer=TokenizerConfig.from_dict(data["tokenizer"]) if data.get("tokenizer") is not None else None,
+            chat_template=data.get("chat_template"),
             lines=LinesConfig.from_dict(lines) if lines is not None else None,
             seed=seed,
         )
@@ -167,6 +174,10 @@ class MergeRecipe:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.to_dict()
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.lines is not None:
             out["lines"] = self.lines.to_dict()
         if self.seed is not None:
@@ -186,6 +197,7 @@ class MergeRecipe:
         r.base_model = rename(r.base_model) if r.base_model else None
         if r.tokenizer_source not in (None, "base", "union"):
             r.tokenizer_source = rename(r.tokenizer_source)
+        r.tokenizer = r.tokenizer.renamed(rename) if r.tokenizer is not None else None
         return r
 
     # -- facts ---------------------------------------------------------------
@@ -195,12 +207,10 @@ class MergeRecipe:
 
     def model_refs(self) -> list[str]:
         """Every referenced model, base first, each once."""
-        refs = [self.base_model] if self.base_model else []
-        refs += [m.model for m in self.models]
-        refs += [s.model for sl in self.slices for s in sl.sources]
-        refs += [sl.base_model for sl in self.slices if sl.base_model]
-        if self.tokenizer_source not in (None, "base", "union"):
-            refs.append(self.tokenizer_source)
+        refs = input_refs(self)
+        donor = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+        if donor not in (None, "base", "union"):
+            refs.append(donor)
         return list(dict.fromkeys(refs))
 
     def non_base_models(self) -> list[ModelEntry]:
@@ -221,8 +231,8 @@ class MergeRecipe:
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise WeightsmithError(f"recipe: {key} {value!r} is not one of float32, float16, bfloat16")
-        if self.tokenizer_source == "union":
-            raise WeightsmithError("recipe: tokenizer_source union is not supported (use base or a model)")
+        check_tokenizer_settings(self)
+        check_chat_template(self.chat_template)
         groups = self._input_groups()
         for label, base, entries in groups:
             others = [e for e in entries if e != base]
