@@ -26,6 +26,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.secrets import install_redaction, redact
 from checkpoints.staging import output_error
 from editing import commands as edit_commands
+from evaluation import commands as eval_commands
 from merging import adapter_commands
 from merging import commands as merge_commands
 from merging import gguf_commands
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     hub_commands.register(sub)
     edit_commands.register(sub)
+    eval_commands.register(sub)
     return parser
 
 

@@ -2,10 +2,12 @@
 
 Rooms and the arrows allowed between them (docs/architecture.md draws the same):
 
-    cli, bench  ->  app  ->  ui  ->  merging, editing  ->  checkpoints
+    cli, bench  ->  app  ->  ui  ->  merging  ->  evaluation  ->  checkpoints
+                                ui  ->  editing, evaluation  ->  checkpoints
 
 * ``checkpoints`` (the ground floor) imports no other room;
-* ``merging`` and ``editing`` import ``checkpoints`` only, never each other;
+* ``evaluation`` imports ``checkpoints`` only; ``merging`` may import it (the evolutionary search scores trials);
+* ``merging`` and ``editing`` never import each other, and ``editing`` imports ``checkpoints`` only;
 * ``ui`` imports the library; ``app`` (the entry Spaces run) imports ``ui`` and the library;
 * ``cli`` may import everything but ``bench``; nothing imports ``cli`` or ``bench``.
 
@@ -27,17 +29,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("checkpoints", "merging", "editing", "ui", "bench")
+PACKAGES = ("checkpoints", "evaluation", "merging", "editing", "ui", "bench")
 TOP_MODULES = ("app", "cli")
 
 ALLOWED: dict[str, set[str]] = {
     "checkpoints": {"checkpoints"},
-    "merging": {"merging", "checkpoints"},
+    "evaluation": {"evaluation", "checkpoints"},
+    "merging": {"merging", "evaluation", "checkpoints"},  # the evolutionary merge search scores trials
     "editing": {"editing", "checkpoints"},
-    "ui": {"ui", "merging", "editing", "checkpoints"},
-    "app": {"ui", "merging", "editing", "checkpoints"},
-    "cli": {"app", "ui", "merging", "editing", "checkpoints"},
-    "bench": {"bench", "app", "ui", "merging", "editing", "checkpoints"},
+    "ui": {"ui", "merging", "editing", "evaluation", "checkpoints"},
+    "app": {"ui", "merging", "editing", "evaluation", "checkpoints"},
+    "cli": {"app", "ui", "merging", "editing", "evaluation", "checkpoints"},
+    "bench": {"bench", "app", "ui", "merging", "editing", "evaluation", "checkpoints"},
 }
 
 
