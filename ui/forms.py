@@ -148,10 +148,16 @@ def merge_form_to_dict(method: str, base: str, models: Any, shared: Any, lines_o
 
 
 def merge_yaml_from_form(*form) -> tuple[str, str]:
-    """(YAML text, status line). The YAML is shown even when the recipe is not valid yet."""
+    """(YAML text, status line). The YAML is shown even when the recipe is not valid yet.
+
+    ``form`` may end with the recipe box's current text: the recipe keys the form has no
+    widget for (``tokenizer``, ``tokenizer_source``, ``chat_template``, ``dtype``) are kept from it.
+    """
     import yaml
 
-    data = merge_form_to_dict(*form)
+    current = form[10] if len(form) > 10 else ""
+    data = merge_form_to_dict(*form[:10])
+    data.update(_keys_without_widgets(current, data))
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
     try:
         from merging.recipe import MergeRecipe
@@ -160,6 +166,19 @@ def merge_yaml_from_form(*form) -> tuple[str, str]:
         return text, "✓ recipe is valid"
     except WeightsmithError as e:
         return text, f"⚠ {e}"
+
+
+def _keys_without_widgets(text: str, shown: dict) -> dict:
+    """The top-level recipe keys in ``text`` that the form neither shows nor writes (empty if it does not parse)."""
+    from merging.recipe import TOP_KEYS
+
+    try:
+        data = load_yaml(text or "", what="recipe")
+    except WeightsmithError:
+        return {}
+    form_keys = {"merge_method", "base_model", "models", "slices", "parameters", "out_dtype", "lines", "seed"}
+    return {k: v for k, v in data.items() if k in TOP_KEYS and k not in form_keys and k not in shown} \
+        if isinstance(data, dict) else {}
 
 
 def merge_yaml_untouched(*form) -> tuple[str, str]:

@@ -66,6 +66,7 @@ def merge_tab(wb, picker, heavy) -> dict:
         norms_fig = gr.Plot(label="Task-vector norms per block")
 
     form = [method, base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed]
+    form_and_recipe = [*form, recipe]  # the recipe keys without a widget (tokenizer, chat_template...) are kept
     private = dict(api_visibility="private", queue=False)
 
     def on_method(m, rows):
@@ -89,11 +90,11 @@ def merge_tab(wb, picker, heavy) -> dict:
         return lines_plot(on, auto, a, b, L, max(1, n))
 
     method.input(on_method, [method, models], [models, shared, method_info, base], **private).then(
-        merge_yaml_from_form, form, [recipe, recipe_status], **private)
+        merge_yaml_from_form, form_and_recipe, [recipe, recipe_status], **private)
     add_btn.click(on_add, [method, models, add_ref], models, **private).then(
-        merge_yaml_from_form, form, [recipe, recipe_status], **private)
+        merge_yaml_from_form, form_and_recipe, [recipe, recipe_status], **private)
     for comp in (base, models, shared, lines_on, alpha_auto, alpha, beta, out_dtype, seed):
-        comp.input(merge_yaml_from_form, form, [recipe, recipe_status], **private)
+        comp.input(merge_yaml_from_form, form_and_recipe, [recipe, recipe_status], **private)
     recipe.input(form_from_yaml, [recipe], [*form, method_info, recipe_status], **private,
                  trigger_mode="always_last")
     base.change(wb.merge_blocks, [base], num_blocks, api_visibility="private")
