@@ -190,16 +190,23 @@ def write_card(folder: Path, info: CardInfo, *, repo_id: str | None = None) -> P
     return path
 
 
-def add_card_section(folder: Path, heading: str, body: str, *, tags: tuple[str, ...] = ()) -> Path:
+def add_card_section(folder: Path, heading: str, body: str, *, tags: tuple[str, ...] = (),
+                     base_models: list[str] | tuple[str, ...] = ()) -> Path:
     """Put section ``## heading`` (replacing one of that heading) before "How to load", and add ``tags``.
 
-    For outputs added to a finished folder (a GGUF file). ``body`` is written as given, so that
-    relative file names such as ``./model.gguf`` survive: it must not name local paths (the push
-    refuses a card that does).
+    For outputs added to a finished folder (a GGUF file, the chain of a multi-stage merge). ``body``
+    is written as given, so that relative file names such as ``./model.gguf`` survive: it must not
+    name local paths (the push refuses a card that does). ``base_models`` that are Hub ids (either
+    side of ``model+adapter``) join the front matter's ``base_model`` list.
     """
     path = Path(folder) / "README.md"
     card = ModelCard(path.read_text(encoding="utf-8"))
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+    hub = [b for ref in base_models for b in lora_sides(public_name(ref)) if is_hub_id(b)]
+    if hub:
+        have = card.data.base_model
+        card.data.base_model = list(dict.fromkeys([*([have] if isinstance(have, str) else have or []), *hub]))
+        card.data.base_model_relation = card.data.base_model_relation or "merge"
     block = f"## {heading}\n\n{body.strip()}\n\n"
     text = re.sub(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", "", card.text, flags=re.M | re.S)
     at = text.find("## How to load")

@@ -120,8 +120,18 @@ def load_yaml(text: str, *, what: str = "YAML") -> Any:
 
     ``what`` names the document in the message (e.g. ``"recipe"``, ``"recipe my.yml"``).
     """
+    return _parse(lambda: yaml.load(text or "", Loader=_BoundedLoader), what)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_yaml_documents(text: str, *, what: str = "YAML") -> list[Any]:
+    """Every document of a ``---``-separated YAML stream, each loaded as :func:`load_yaml` loads one
+    (aliases bounded per document); one :class:`WeightsmithError` line on bad input."""
+    return _parse(lambda: list(yaml.load_all(text or "", Loader=_BoundedLoader)), what)  # noqa: S506
+
+
+def _parse(load, what: str) -> Any:
     try:
-        return yaml.load(text or "", Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+        return load()
     except UnsafeYaml as e:
         raise UnsafeYaml(f"{what} {e}") from None
     except yaml.YAMLError as e:

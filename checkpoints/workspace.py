@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from .errors import WeightsmithError
-from .refs import is_hub_id
+from .refs import is_hub_id, join_lora_ref, split_lora_ref
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +214,16 @@ class Workspace:
         * ``demo`` stays ``demo``; ``ws:<name>`` becomes this workspace's item folder;
         * a key of ``named`` (server-chosen models, e.g. an allowlist) becomes its path;
         * a Hub id ``owner/name`` stays as is (if ``allow_hub``);
-        * anything else is a server-side path, allowed only with ``allow_paths``.
+        * anything else is a server-side path, allowed only with ``allow_paths``;
+        * ``model+adapter`` (a LoRA input of a merge recipe) maps each side as above.
         """
         ref = str(ref or "").strip()
         if not ref:
             raise WeightsmithError("no model chosen")
+        model, lora = split_lora_ref(ref)
+        if lora is not None:  # a merge recipe's model+adapter: each side mapped on its own
+            return join_lora_ref(*(self.resolve_ref(side, allow_paths=allow_paths, allow_hub=allow_hub, named=named)
+                                   for side in (model, lora)))
         if ref == "demo":
             return ref
         if named and ref in named:

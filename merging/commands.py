@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import os
+from pathlib import Path
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.sizes import parse_size
@@ -19,20 +20,23 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 def _merge(args: argparse.Namespace) -> int:
     from checkpoints.jobs import tqdm_job
 
-    from .engine import run_merge
-    from .recipe import MergeRecipe
+    from .multistage import run_recipe
 
-    recipe = MergeRecipe.from_yaml(open_recipe(args.recipe))
+    recipe = open_recipe(args.recipe)
     with tqdm_job("merging") as job:
         try:
-            result = run_merge(recipe, args.out_dir, job=job, device=args.device,
-                               max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"),
-                               overwrite=args.allow_overwrite, seed=args.seed, collect_norms=False,
-                               threads=args.threads or None, exact_ties=not args.fast_ties, fsync=args.fsync,
-                               allow_nonfinite=args.allow_nonfinite)
+            run = run_recipe(recipe, args.out_dir, job=job, device=args.device,
+                             intermediate_dir=args.intermediate_dir,
+                             max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"),
+                             overwrite=args.allow_overwrite, seed=args.seed, collect_norms=False,
+                             threads=args.threads or None, exact_ties=not args.fast_ties, fsync=args.fsync,
+                             allow_nonfinite=args.allow_nonfinite)
         except KeyboardInterrupt:
             job.cancel()
             raise
+    result = run.result
+    for stage in run.stages[:-1]:
+        print(f"stage {stage.name}: {'reused' if stage.reused else 'merged'} ({stage.folder}, {stage.seconds:.1f} s)")
     extra = f", LiNeS alpha {result.lines_alpha:.4g}" if result.lines_alpha is not None else ""
     print(f"wrote {result.out_dir} ({result.tensors_changed}/{result.tensors_total} tensors changed, "
           f"{result.output_bytes / 1e9:.2f} GB, {result.seconds:.1f} s{extra}; {result.finite_check})")
@@ -80,8 +84,6 @@ def _write_atomic(path: str, write) -> None:
 
 
 def open_recipe(path: str):
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise WeightsmithError(f"{path}: no such recipe file")
@@ -90,8 +92,12 @@ def open_recipe(path: str):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML recipe (plus LiNeS)")
-    p.add_argument("recipe", help="recipe YAML (mergekit format, optional lines: {alpha, beta})")
+    p.add_argument("recipe", help="recipe YAML (mergekit format, optional lines: {alpha, beta}; several named "
+                                  "documents make a multi-stage recipe, as mergekit-multi runs it)")
     p.add_argument("out_dir", help="output folder (must not exist unless --allow-overwrite)")
+    p.add_argument("--intermediate-dir", type=Path, default=None,
+                   help="multi-stage recipes: where intermediate stages are cached and reused while unchanged "
+                        "(default: the intermediate folder of the Weightsmith cache)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500M (default 5GB)")
     p.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")

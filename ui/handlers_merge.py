@@ -20,19 +20,21 @@ class MergeHandlers:
 
     @endpoint
     def merge(self, recipe_yaml: str, out_name: str, request: gr.Request, progress=gr.Progress()):
-        """Run a merge recipe (mergekit YAML) into a new workspace item.
+        """Run a merge recipe (mergekit YAML; several ``name:``d documents for a multi-stage recipe,
+        whose intermediate stages are cached in this session's workspace) into a new workspace item.
 
         Returns (summary Markdown, task-vector norms plot, ``ws:<name>`` of the result).
         """
-        from merging.engine import run_merge
+        from merging.multistage import run_recipe
 
         ws = self.workspace(request)
-        resolved = self.session_recipe(ws, recipe_yaml)
         ws.check_quota()
         out = ws.new_item_dir(out_name or "merge", default="merge")
         show_progress(progress, 0.0, "checking models")
-        result = self.run_job(request, lambda cancel: run_merge(
-            resolved, out, device=self.config.device, job=gradio_job(progress, cancel), **self.local_policy(ws)))
+        run = self.run_job(request, lambda cancel: run_recipe(
+            recipe_yaml, out, rename=lambda r: self.ref(ws, r), intermediate_dir=ws.tmp_dir / "intermediate",
+            device=self.config.device, job=gradio_job(progress, cancel), **self.local_policy(ws)))
+        result = run.result
         ws.register(out.name, kind="model", origin="merge",
                     details={"method": result.method, "tensors_changed": result.tensors_changed})
         rows = [("result", f"`ws:{out.name}`"), ("method", result.method),
@@ -41,6 +43,8 @@ class MergeHandlers:
                 ("weights", result.finite_check), ("time", f"{result.seconds:.1f} s")]
         if result.lines_alpha is not None:
             rows.append(("LiNeS", f"α = {result.lines_alpha:.4g}, β = {result.lines_beta:.4g}"))
+        if run.stages:
+            rows.append(("stages", ", ".join(f"{s.name} ({'reused' if s.reused else 'merged'})" for s in run.stages)))
         md = "### Merged\n" + md_table(rows) + "\n\nTry it in the **Playground** or download it from **Export**."
         return md, norms_plot(result.block_norms), f"ws:{out.name}"
 
