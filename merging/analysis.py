@@ -266,7 +266,10 @@ def analyze_recipe(recipe: MergeRecipe, *, density: float | None = None, job: Jo
     plans, num_blocks = plan_merge(recipe, planner, ckpts, ref)
     tied = set(ref.spec.tied_head_names(ref.config))
     todo = [p for p in plans if p.base is not None and p.inputs and p.out_name not in tied]
-    public = {i.ckpt.ref: i.ckpt.name for p in todo for i in p.inputs}  # each model once, in recipe order
+    # A ``models:`` recipe's inputs are its entries, in order (the same checkpoint may be listed twice);
+    # slices take their models by reference, each once.
+    public = ({a: i.ckpt.name for a, i in enumerate(todo[0].inputs)} if recipe.models and todo
+              else {i.ckpt.ref: i.ckpt.name for p in todo for i in p.inputs})
     keys, names = list(public), list(public.values())
     if not todo or not names:
         raise WeightsmithError("analyze: the recipe has no model besides its base to compare against it")
@@ -292,7 +295,10 @@ def analyze_recipe(recipe: MergeRecipe, *, density: float | None = None, job: Jo
                 taus = [torch.sub(t.to(dev), base) for t in inputs]  # fresh float32: the inputs stay untouched
                 del inputs, base
                 densities, weights = _settings(method, plan, density)
-                index = [keys.index(inp.ckpt.ref) for inp in plan.inputs]
+                index = (list(range(len(plan.inputs))) if recipe.models
+                         else [keys.index(inp.ckpt.ref) for inp in plan.inputs])
+                if len(set(index)) != len(index):
+                    raise WeightsmithError(f"analyze: a slice lists the same model twice for tensor {plan.out_name}")
                 for k, d in zip(index, densities):
                     lo, hi = ranges[k] or (d, d)
                     ranges[k] = (min(lo, d), max(hi, d))
