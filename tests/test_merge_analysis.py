@@ -249,3 +249,26 @@ def test_endpoint_bad_input_keeps_serving(server):  # noqa: F811
         c.predict(ENDPOINT_RECIPE, 2.0, api_name="/analyze")
     _, _, numbers = c.predict(ENDPOINT_RECIPE, 0.5, api_name="/analyze")
     assert len(numbers["rows"]) == 7
+
+
+def test_hostile_arguments_one_line(server):  # noqa: F811
+    import gradio as gr
+    from types import SimpleNamespace
+
+    from test_app_endpoints_hostile import HOSTILE, UNEXPECTED
+
+    wb = server[0].workbench
+    good = (ENDPOINT_RECIPE, 0.3)
+    refused = []
+    for i in range(len(good)):
+        for label, bad in HOSTILE.items():
+            args = good[:i] + (bad,) + good[i + 1:]
+            try:
+                wb.analyze(*args, SimpleNamespace(session_hash=f"hostile-{i}-{label}"), progress=None)
+            except gr.Error as e:
+                msg = str(e.message)
+                assert "\n" not in msg and UNEXPECTED not in msg, (i, label, msg)
+                refused.append(msg)
+    # Non-vacuity: every bad value was refused but a None density (the recipe's own), which works.
+    assert "density must be at least 0, not -3" in refused and "recipe_yaml must be text, not a list" in refused
+    assert len(refused) == 2 * len(HOSTILE) - 1
