@@ -181,13 +181,12 @@ class _Aligner:
             return self.ready.pop(ref)
 
     def _read(self, ref: str, name: str) -> torch.Tensor:
+        """Model ``ref``'s weight ``name`` (however it spells the optional prefix); a head it does not
+        store is its embedding (a tied head, as mergekit's tied names say)."""
         ckpt = self.ckpts[ref]
         spec, reader = ckpt.spec, ckpt.reader()
-        wanted = [name]
-        if spec.locate(name).kind == "head" and name in [spec.strip_optional_prefix(n) for n in ckpt.tied_names()] + \
-                ckpt.tied_names():
-            wanted += [f"{e}.weight" for e in spec.embeddings[:1]]  # a tied head is the embedding
-        for w in wanted:
+        head = spec.locate(name).kind == "head"
+        for w in (name, *([f"{e}.weight" for e in spec.embeddings[:1]] if head else [])):
             for cand in (w, spec.strip_optional_prefix(w), spec.module_name(w) + ".weight"):
                 if cand in reader:
                     t = reader.get(cand, dtype=None)
@@ -205,7 +204,7 @@ class _AlignedReader(CheckpointReader):
             if spec.is_vocabulary_weight(name):
                 # No byte extent: the loader asks ``get`` for it.
                 metas[name] = TensorMeta(name, (vocab_size, *m.shape[1:]), m.dtype, m.file)
-        super().__init__(metas, pickled=original._pickled, headers=original.headers())
+        super().__init__(metas, headers=original.headers())  # every read goes through ``get`` below
         self._original, self._ref, self._aligner = original, ref, aligner
 
     def get(self, name: str, *, dtype: torch.dtype | None = torch.float32,
