@@ -176,7 +176,8 @@ def doc_name(doc: Any) -> Any:
 
 @dataclass
 class StageRun:
-    """What happened to one stage: its cache key, whether it was reused, where its result is."""
+    """What happened to one stage: its cache key (empty for the final one, which is not cached), whether
+    it was reused, where its result is."""
 
     name: str
     key: str
@@ -209,7 +210,7 @@ def run_recipe(recipe: str | Path, out_dir: Path | str, *, intermediate_dir: Pat
     """Run a recipe, single or multi-stage, into ``out_dir``: what ``weightsmith merge`` and the Merge tab call.
 
     Args:
-        recipe: YAML text, or a :class:`Path` to read it from.
+        recipe: YAML text, or a :class:`Path` (or a ``.yml``/``.yaml`` name) to read it from.
         out_dir: the final merge's folder (must not exist unless ``overwrite``).
         intermediate_dir: the cache of intermediate stages (default :func:`default_intermediate_dir`).
         rename: maps each model reference that is not a stage name (e.g. the app's ``ws:`` items
@@ -221,7 +222,8 @@ def run_recipe(recipe: str | Path, out_dir: Path | str, *, intermediate_dir: Pat
     Returns a :class:`RecipeRun`. Raises :class:`WeightsmithError` with one line for a bad recipe
     (before anything runs) and :class:`checkpoints.jobs.Cancelled` when cancelled.
     """
-    text = read_text(recipe, what="recipe") if isinstance(recipe, Path) else str(recipe)
+    is_file = isinstance(recipe, Path) or ("\n" not in recipe and recipe.endswith((".yml", ".yaml")))
+    text = read_text(Path(recipe), what="recipe") if is_file else str(recipe)
     docs = parse_recipe_documents(text)
     out_dir = Path(out_dir)
     policy = dict(allow_local=allow_local, trusted_roots=tuple(trusted_roots))
@@ -276,13 +278,12 @@ def _run_staged(staged: StagedRecipe, out_dir: Path, intermediate: Path, rename:
             return join_lora_ref(mapped, (rename(lora) if rename else lora) if lora is not None else None)
 
         recipe = stage.recipe.with_models_renamed(resolved)
-        key = _stage_key(stage, resolved, keys, options, policy)
-        keys[stage.label] = key
-        if stage is staged.final:
+        if stage is staged.final:  # not cached: it is the output
             result = _run_final(staged, recipe, out_dir, overwrite, part, policy, merge_options,
                                 lambda r: _public_ref(r, {n.name for n in staged.stages if n.name}, rename))
-            folder, reused = out_dir, False
+            key, folder, reused = "", out_dir, False
         else:
+            key = keys[stage.label] = _stage_key(stage, resolved, keys, options, policy)
             folder = intermediate / key[:16] / stage.label
             reused = (folder / "config.json").is_file()
             if reused:

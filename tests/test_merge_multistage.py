@@ -187,3 +187,35 @@ def test_same_tensors_as_mergekit_multi(tmp_path, tiny_llama_family):
     without = run_recipe(two_stage(f, final_first=False), tmp_path / "plain", intermediate_dir=tmp_path / "ws-inter")
     assert without.stages[0].reused
     assert float((ours[MID] - load(tmp_path / "plain")[MID]).abs().max()) > 1e-3
+
+
+def test_merge_tab_runs_stages_with_workspace_items(tmp_path, tiny_llama_family):
+    """The app: a stage reading stage1+ws:<uploaded adapter>, stages cached in the session's own workspace."""
+    import gradio as gr
+    from types import SimpleNamespace
+
+    from ui.config import AppConfig
+    from ui.workbench import Workbench
+
+    f = tiny_llama_family
+    wb = Workbench(AppConfig(workspace_root=tmp_path / "ws", named_models={
+        f"tiny-{k}": str(v) for k, v in f.items()}))
+    a, b = SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
+    lora = make_adapter(f["base"], tmp_path / "lora", ["q_proj"], seed=5)
+    assert "ws:style" in wb.upload([str(p) for p in lora.iterdir()], "style", "", a)
+    text = two_stage({k: f"tiny-{k}" for k in f}, first="stage1+ws:style")
+    md, _, ref = wb.merge(text, "chain", a, None)
+    assert "stage1 (merged), final (merged)" in md and ref == "ws:chain"
+    md, _, _ = wb.merge(text, "chain2", a, None)
+    assert "stage1 (reused)" in md
+    ws = wb.workspace(a)
+    assert len(list((ws.tmp_dir / "intermediate").glob("*/stage1"))) == 1
+    assert torch.equal(load(ws.item_path("ws:chain"))[MID], load(ws.item_path("ws:chain2"))[MID])
+    card = (ws.item_path("ws:chain") / "README.md").read_text()
+    assert f"2. **final** (this model): linear of stage1+style, {f['ft3'].name}\n" in card  # public names
+    assert str(ws.path) not in card
+    # another session sees neither the adapter nor the cache: its own run fails on ws:style, one line
+    with pytest.raises(gr.Error, match="ws:style: no such item"):
+        wb.merge(text, "chain", b, None)
+    with pytest.raises(gr.Error, match="'stag1' is neither a stage"):
+        wb.merge(two_stage({k: f"tiny-{k}" for k in f}, first="stag1"), "bad", a, None)
