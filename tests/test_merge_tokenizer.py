@@ -28,6 +28,11 @@ from tiny_vocab import task_arithmetic_recipe as task_arithmetic
 
 MERGEKIT_VENV = Path(os.environ.get("WEIGHTSMITH_MERGEKIT_VENV", "/work/mergekit-venv"))
 MERGEKIT_TEMPLATES = MERGEKIT_VENV / "lib/python3.11/site-packages/mergekit/_data/chat_templates"
+MERGEKIT_YAML = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+# Checked before any fixture is built, so CI (no mergekit venv) skips these at once.
+needs_mergekit = pytest.mark.skipif(not (MERGEKIT_YAML.exists() and MERGEKIT_TEMPLATES.is_dir()),
+                                    reason=f"mergekit 0.1.5 venv not found at {MERGEKIT_VENV} "
+                                           "(bench/merge_vs_mergekit.py makes it); CI has none")
 TEMPLATE_A = "{% for m in messages %}A: {{ m['content'] }}\n{% endfor %}"
 TEMPLATE_B = "{% for m in messages %}B|{{ m['role'] }}|{{ m['content'] }}\n{% endfor %}\n"
 UNION = sorted(set().union(*map(set, VOCABS.values())))
@@ -201,8 +206,7 @@ def test_chat_template_refused(bad):
                                "chat_template": bad})
 
 
-@pytest.mark.skipif(not MERGEKIT_TEMPLATES.is_dir(), reason=f"mergekit 0.1.5 venv not found at {MERGEKIT_VENV} "
-                    "(bench/merge_vs_mergekit.py makes it); CI has none")
+@needs_mergekit
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_bundled_templates_render_as_mergekits(name):
     from tiny_vocab import word_tokenizer
@@ -274,16 +278,13 @@ def test_merge_form_keeps_tokenizer_keys(fam):
 # -- against mergekit 0.1.5 ---------------------------------------------------------------------------
 
 def mergekit_yaml(recipe: Path, out: Path) -> None:
-    exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
-    if not exe.exists():
-        pytest.skip(f"mergekit 0.1.5 venv not found at {MERGEKIT_VENV} (bench/merge_vs_mergekit.py makes it); "
-                    "CI has none")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(exe), str(recipe), str(out), "--quiet"], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = subprocess.run([str(MERGEKIT_YAML), str(recipe), str(out), "--quiet"], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@needs_mergekit
 @pytest.mark.parametrize("case", ["union_tokens_pad_auto_template", "tied_task_arithmetic_union",
                                   "ties_tokenizer_source_base"])
 def test_equals_mergekit(fam, tied, tmp_path, case):
