@@ -121,29 +121,42 @@ class EvalResult:
 
 
 # -- models -----------------------------------------------------------------------------------------------
-def model_from_ref(ref: str, *, device: str = "cpu", cache: EvalCache | None = None, **resolve_kw) -> EvalModel:
+def _adapter_dir(ref: str, resolve_kw: dict[str, Any]) -> Path | None:
+    """The adapter folder ``ref`` names (``demo-adapter:<name>``, or a PEFT adapter folder the policy lets us
+    read: any with local paths on, else one inside the trusted roots), or None for a model."""
+    if is_demo_adapter_ref(ref):
+        return demo_adapter_path(ref)
+    path = Path(ref).expanduser()
+    if not ref or "\x00" in ref or not path.is_dir() or not is_adapter_folder(path):
+        return None
+    roots = [Path(r).resolve() for r in resolve_kw.get("trusted_roots", ())]
+    if resolve_kw.get("allow_local", True) or any(path.resolve().is_relative_to(r) for r in roots):
+        return path
+    return None
+
+
+def model_from_ref(ref: str, *, device: str = "cpu", cache: EvalCache | None = None, name: str | None = None,
+                   base: str | None = None, **resolve_kw) -> EvalModel:
     """A model reference as :func:`checkpoints.sources.resolve` takes it, or an adapter applied to its base
-    (``demo-adapter:<name>`` or a PEFT adapter folder): the adapter's merged weights are what is scored."""
-    file_digest = cache.file_digest if cache is not None else None
-    kw = {"file_digest": file_digest} if file_digest else {}
+    (``demo-adapter:<name>`` or a PEFT adapter folder; ``base`` overrides the base its config declares): the
+    adapter's merged weights are what is scored. ``name`` is what tables show (default: ``ref``)."""
     ref = str(ref).strip()
-    adapter_dir = demo_adapter_path(ref) if is_demo_adapter_ref(ref) else None
-    if adapter_dir is None and ref and Path(ref).is_dir() and is_adapter_folder(Path(ref)) \
-            and resolve_kw.get("allow_local", True):
-        adapter_dir = Path(ref)
-    if adapter_dir is not None:
-        base = resolve(declared_base(adapter_dir), **resolve_kw)
-        digest = file_digest or file_sha256
+    name = name or ref
+    file_digest = cache.file_digest if cache is not None else file_sha256
+    adapter_dir = _adapter_dir(ref, resolve_kw)
+    if adapter_dir is None:
+        ckpt = resolve(ref, **resolve_kw)
+        return EvalModel(name, lambda: checkpoint_digest(ckpt, file_digest=file_digest),
+                         lambda: LoadedModel(ckpt.load_model(device=device), ckpt.load_tokenizer(), name))
+    base_ckpt = resolve(base or declared_base(adapter_dir), **resolve_kw)
 
-        def adapter_digest() -> str:  # the base's content and the adapter's config and factors
-            files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
-            return _joined("adapter", checkpoint_digest(base, **kw), *[f"{p.name}:{digest(p)}" for p in files])
+    def adapter_digest() -> str:  # the base's content, and the adapter's config and factors
+        files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+        return _joined("adapter", checkpoint_digest(base_ckpt, file_digest=file_digest),
+                       *[f"{p.name}:{file_digest(p)}" for p in files])
 
-        return EvalModel(ref, adapter_digest, lambda: LoadedModel(
-            base_plus_adapter(base, adapter_dir, device=device), base.load_tokenizer(), ref))
-    ckpt = resolve(ref, **resolve_kw)
-    return EvalModel(ref, lambda: checkpoint_digest(ckpt, **kw),
-                     lambda: LoadedModel(ckpt.load_model(device=device), ckpt.load_tokenizer(), ckpt.name))
+    return EvalModel(name, adapter_digest, lambda: LoadedModel(
+        base_plus_adapter(base_ckpt, adapter_dir, device=device), base_ckpt.load_tokenizer(), name))
 
 
 def model_in_memory(name: str, model, tokenizer) -> EvalModel:

@@ -13,7 +13,7 @@
   as ``ws:<item>/…``, any other absolute path as ``<server path>``.
 
 Hints understood: ``str``, ``float``, ``int``, ``bool``, ``Literal[...]``, ``X | None``,
-``Files`` (uploaded file paths), ``FilePath`` (one uploaded file), and
+``Files`` (uploaded file paths), ``FilePath`` (one uploaded file), ``Texts`` (a list of texts), and
 ``Annotated[float | None, Range(...)]``. Parameters named ``request``,
 ``progress`` and ``oauth_token`` are Gradio's and pass through untouched.
 """
@@ -74,8 +74,13 @@ class _FilesMarker:
     """Annotated marker: the value is a list of uploaded files."""
 
 
+class _TextsMarker:
+    """Annotated marker: the value is a list of texts (a multiselect dropdown), or one text."""
+
+
 FilePath = Annotated[Union[str, None], _FileMarker()]
 Files = Annotated[Union[list, None], _FilesMarker()]
+Texts = Annotated[Union[list, str, None], _TextsMarker()]
 
 
 def _kind(value: Any) -> str:
@@ -149,6 +154,13 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         return [_file(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if any(isinstance(m, _FileMarker) for m in meta):
         return None if value in (None, "") else _file(name, value)
+    if any(isinstance(m, _TextsMarker) for m in meta):
+        value = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list of texts, not {_kind(value)}")
+        if len(value) > MAX_FILES:
+            raise UserError(f"{name}: {len(value)} entries (at most {MAX_FILES})")
+        return [_text(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if value is None:
         if optional:
             return None

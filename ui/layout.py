@@ -2,7 +2,7 @@
 
 The Merge, Adapters and Edit tabs are built by ``ui.tab_merge``, ``ui.tab_adapters`` and
 ``ui.tab_edit`` from the libraries' registries. Every action is also an API endpoint with a
-stable ``api_name`` (``merge``, ``mix_adapters``, ``trace``, ``edit``, ``evaluate``, ``generate``,
+stable ``api_name`` (``merge``, ``mix_adapters``, ``trace``, ``edit``, ``evaluate``, ``eval``, ``generate``,
 ``export``, ``push``, plus ``inspect`` and ``upload``), callable from ``gradio_client``.
 Heavy jobs share queue concurrency groups so two merges never run at once.
 """
@@ -19,6 +19,7 @@ from .config import MODEL_FILE_TYPES, AppConfig
 from .endpoint import guard_preprocess
 from .tab_adapters import adapters_tab
 from .tab_edit import edit_tab
+from .tab_eval import eval_tab
 from .tab_merge import merge_tab
 from .workbench import Workbench
 
@@ -85,6 +86,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         merge_parts = merge_tab(wb, picker, heavy)
         adapter_parts = adapters_tab(wb, picker, heavy)
         edit_parts = edit_tab(wb, picker, heavy)
+        eval_tab(wb, picker, heavy)
 
         # ---- Playground ----------------------------------------------------------
         with gr.Tab("Playground", id="playground", elem_id="tab-playground"):

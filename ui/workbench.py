@@ -6,11 +6,13 @@ stand-in request (anything with a ``session_hash``).
 
 from .handlers_adapters import AdapterHandlers
 from .handlers_edit import EditHandlers
+from .handlers_eval import EvalHandlers
 from .handlers_export import ExportHandlers
 from .handlers_merge import MergeHandlers
 from .handlers_models import ModelsHandlers
 from .workbench_base import WorkbenchBase
 
 
-class Workbench(ModelsHandlers, MergeHandlers, AdapterHandlers, EditHandlers, ExportHandlers, WorkbenchBase):
+class Workbench(ModelsHandlers, MergeHandlers, AdapterHandlers, EditHandlers, EvalHandlers, ExportHandlers,
+                WorkbenchBase):
     """The app's handlers (one mixin per tab) with the server's sessions, policy and jobs."""
