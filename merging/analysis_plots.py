@@ -17,7 +17,15 @@ def _short(r: RowStats) -> str:
 
 def _x_axis(ax, rows: list[RowStats]) -> None:
     step = max(1, len(rows) // 16)  # about 16 labels, whatever the depth
-    ticks = [i for i, r in enumerate(rows) if r.block is None or i % step == 0]
+
+    def shown(i: int) -> bool:
+        if rows[i].block is None:
+            return True
+        beside = [rows[j] for j in (i - 1, i + 1) if 0 <= j < len(rows)]
+        # When thinned, a block label next to "emb"/"norm" would overlap it.
+        return rows[i].block % step == 0 and (step == 1 or all(r.block is not None for r in beside))
+
+    ticks = [i for i in range(len(rows)) if shown(i)]
     ax.set_xticks(ticks, [_short(rows[i]) for i in ticks], fontsize=7)
     ax.set_xlabel("row (emb = embeddings, numbers = blocks)", fontsize=8)
     ax.grid(alpha=0.3)
@@ -58,7 +66,9 @@ def analysis_figure(result: TaskVectorAnalysis):
     x = range(len(rows))
     conflict.bar(x, [100 * (r.conflict_rate or 0.0) for r in rows], color="#dc2626")
     conflict.set_ylabel("% of kept parameters", fontsize=8)
-    density = f"density {result.density:g}" if result.density is not None else "the recipe's density"
+    used = {v for pair in result.density_range for v in pair}
+    density = (f"density {result.density:g}" if result.density is not None
+               else f"density {used.pop():g}" if len(used) == 1 else "the recipe's densities")
     conflict.set_title(f"TIES sign conflicts after the trim at {density}", fontsize=9)
     _x_axis(conflict, rows)
     _per_model(kept, result, [[None if v is None else 100 * v for v in r.kept_fraction] for r in rows],

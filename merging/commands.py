@@ -18,22 +18,15 @@ from checkpoints.sizes import parse_size
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 def _merge(args: argparse.Namespace) -> int:
-    from checkpoints.jobs import tqdm_job
-
     from .multistage import run_recipe
 
     recipe = open_recipe(args.recipe)
-    with tqdm_job("merging") as job:
-        try:
-            run = run_recipe(recipe, args.out_dir, job=job, device=args.device,
-                             intermediate_dir=args.intermediate_dir,
-                             max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"),
-                             overwrite=args.allow_overwrite, seed=args.seed, collect_norms=False,
-                             threads=args.threads or None, exact_ties=not args.fast_ties, fsync=args.fsync,
-                             allow_nonfinite=args.allow_nonfinite)
-        except KeyboardInterrupt:
-            job.cancel()
-            raise
+    run = with_bar("merging", lambda job: run_recipe(
+        recipe, args.out_dir, job=job, device=args.device, intermediate_dir=args.intermediate_dir,
+        max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size"),
+        overwrite=args.allow_overwrite, seed=args.seed, collect_norms=False,
+        threads=args.threads or None, exact_ties=not args.fast_ties, fsync=args.fsync,
+        allow_nonfinite=args.allow_nonfinite))
     result = run.result
     for stage in run.stages[:-1]:
         print(f"stage {stage.name}: {'reused' if stage.reused else 'merged'} ({stage.folder}, {stage.seconds:.1f} s)")
@@ -46,18 +39,12 @@ def _merge(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     import json
 
-    from checkpoints.jobs import tqdm_job
-
     from .analysis import analyze_recipe
     from .recipe import MergeRecipe
 
     recipe = MergeRecipe.from_yaml(open_recipe(args.recipe))
-    with tqdm_job("analysing") as job:
-        try:
-            result = analyze_recipe(recipe, density=args.density, job=job, device=args.device)
-        except KeyboardInterrupt:
-            job.cancel()
-            raise
+    result = with_bar("analysing", lambda job: analyze_recipe(recipe, density=args.density, job=job,
+                                                             device=args.device))
     print(result.table())
     if args.json:
         _write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8"))
@@ -68,6 +55,18 @@ def _analyze(args: argparse.Namespace) -> int:
         _write_atomic(args.plot, lambda tmp: analysis_figure(result).savefig(tmp, format="png", dpi=110))
         print(f"wrote {args.plot}")
     return 0
+
+
+def with_bar(desc: str, work):
+    """``work(job)`` with the job shown as a tqdm bar; Ctrl-C cancels the job (nothing is written)."""
+    from checkpoints.jobs import tqdm_job
+
+    with tqdm_job(desc) as job:
+        try:
+            return work(job)
+        except KeyboardInterrupt:
+            job.cancel()
+            raise
 
 
 def _write_atomic(path: str, write) -> None:
