@@ -106,10 +106,9 @@ class StagedRecipe:
             doc = dict(doc)
             name = doc.pop("name", None)
             if name is not None:
-                name = str(name) if isinstance(name, (str, int)) and not isinstance(name, bool) else None
-                if name is None or not _STAGE_NAME.fullmatch(name):
+                if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
                     raise WeightsmithError(f"recipe document {i + 1}: name must be letters, digits, '_', '-' or "
-                                           f"'.' (at most 64, not starting with '.' or '-'), got {doc_name(docs[i])!r}")
+                                           f"'.' (at most 64, not starting with '.' or '-'), got {name!r}")
                 if name in names:
                     raise WeightsmithError(f"recipe: two stages are named {name}")
                 names.add(name)
@@ -143,15 +142,15 @@ class StagedRecipe:
     def run_order(self) -> list[Stage]:
         """The final stage's ancestors, each after the stages it reads, the final last."""
         order: list[Stage] = []
-        path: list[str] = []
+        path: list[Stage] = []  # by identity: an unnamed final and a stage named "final" are two stages
 
         def visit(stage: Stage) -> None:
-            if stage in order:
+            if any(stage is s for s in order):
                 return
-            if stage.label in path:
-                cycle = path[path.index(stage.label):] + [stage.label]
-                raise WeightsmithError(f"recipe: the stages {' -> '.join(cycle)} form a cycle")
-            path.append(stage.label)
+            if any(stage is s for s in path):
+                cycle = path[next(i for i, s in enumerate(path) if s is stage):] + [stage]
+                raise WeightsmithError(f"recipe: the stages {' -> '.join(s.label for s in cycle)} form a cycle")
+            path.append(stage)
             for dep in stage.reads:
                 visit(self.by_name(dep))
             path.pop()
@@ -159,19 +158,11 @@ class StagedRecipe:
 
         for stage in self.stages:  # every stage, so a cycle away from the final is reported too
             visit(stage)
-        needed: set[str] = set()
-
-        def mark(stage: Stage) -> None:
-            needed.add(stage.label)
-            for dep in stage.reads:
-                mark(self.by_name(dep))
-
-        mark(self.final)
-        return [s for s in order if s.label in needed]
-
-
-def doc_name(doc: Any) -> Any:
-    return doc.get("name") if isinstance(doc, dict) else None
+        needed = [self.final]
+        for stage in reversed(order):  # dependencies come before their readers
+            if any(stage is s for s in needed):
+                needed += [self.by_name(dep) for dep in stage.reads]
+        return [s for s in order if any(s is n for n in needed)]
 
 
 @dataclass

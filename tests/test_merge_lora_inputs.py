@@ -11,6 +11,7 @@ separate venv, absent in CI) must give the same tensors within 1e-5.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -123,6 +124,19 @@ def test_bad_lora_references_are_one_line(tmp_path, tiny_llama_family, tiny_gpt2
         assert words in str(err.value) and "\n" not in str(err.value), (ref, str(err.value))
         assert not (tmp_path / "never").exists()
     assert split_lora_ref("org/base+org/lora") == ("org/base", "org/lora")
+
+
+def test_a_file_the_adapter_names_stays_inside_it(tmp_path, tiny_llama_family, llama_lora):
+    """An adapter whose weights file links outside its folder is refused, like any checkpoint's."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(llama_lora / "adapter_model.safetensors", outside / "w.safetensors")
+    sneaky = tmp_path / "sneaky"
+    sneaky.mkdir()
+    shutil.copy(llama_lora / "adapter_config.json", sneaky / "adapter_config.json")
+    (sneaky / "adapter_model.safetensors").symlink_to(outside / "w.safetensors")
+    with pytest.raises(WeightsmithError, match="points outside the checkpoint folder"):
+        resolve_input(f"{tiny_llama_family['base']}+{sneaky}")
 
 
 def test_server_policy_applies_to_the_adapter(tmp_path, tiny_llama_family, llama_lora):

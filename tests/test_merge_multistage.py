@@ -219,3 +219,11 @@ def test_merge_tab_runs_stages_with_workspace_items(tmp_path, tiny_llama_family)
         wb.merge(text, "chain", b, None)
     with pytest.raises(gr.Error, match="'stag1' is neither a stage"):
         wb.merge(two_stage({k: f"tiny-{k}" for k in f}, first="stag1"), "bad", a, None)
+
+
+def test_merge_form_says_a_multistage_recipe_is_edited_in_the_yaml(tiny_llama_family):
+    from ui.forms import merge_form_from_yaml
+
+    with pytest.raises(WeightsmithError, match=r"multi-stage recipe \(2 stages\) is edited in the YAML only"):
+        merge_form_from_yaml(two_stage(tiny_llama_family))
+    assert merge_form_from_yaml(FINAL.format(first="a/b", **tiny_llama_family))["method"] == "linear"  # one recipe

@@ -188,9 +188,14 @@ def merge_yaml_untouched(*form) -> tuple[str, str]:
 
 def merge_form_from_yaml(text: str) -> dict:
     """Parse the YAML box into widget values; raises WeightsmithError on a bad recipe."""
+    from merging.multistage import is_multistage, parse_recipe_documents
     from merging.recipe import MergeRecipe
 
-    recipe = MergeRecipe.from_dict(load_yaml(text, what="recipe"))
+    docs = parse_recipe_documents(text)
+    if is_multistage(docs):
+        raise WeightsmithError(f"a multi-stage recipe ({len(docs)} stages) is edited in the YAML only "
+                               "(the form shows one recipe); Merge runs it")
+    recipe = MergeRecipe.from_dict(docs[0] if docs else None)
     if recipe.slices:
         raise WeightsmithError("slices recipes are edited in the YAML only (the form shows models recipes)")
     names = merge_columns(recipe.merge_method)
