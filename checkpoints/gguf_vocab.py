@@ -78,6 +78,28 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     return name
 
 
+def pre_tokenizer_of(name: str):
+    """The ``tokenizers`` pre-tokenizer that llama.cpp's ``tokenizer.ggml.pre = name`` stands for, or None.
+
+    The inverse of :func:`pre_tokenizer_name`, from the same table, so that a GGUF turned into a
+    ``tokenizer.json`` and exported again keeps its name (``smollm`` stays ``smollm``).
+    """
+    from tokenizers import Regex, pre_tokenizers
+
+    signature = next((sig for sig, known in PRE_TOKENIZERS.items() if known == name), None)
+    if signature is None:
+        return None
+    steps = []
+    for kind, value in signature:
+        if kind == "ByteLevel":
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=value))
+        elif kind == "Digits":
+            steps.append(pre_tokenizers.Digits(individual_digits=value))
+        else:  # Split: the pieces the regex matches are kept, each on its own
+            steps.append(pre_tokenizers.Split(Regex(value), behavior="isolated"))
+    return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+
+
 def _read_tokenizer_json(folder: Path) -> dict[str, Any]:
     if not (folder / "tokenizer.json").is_file():
         raise WeightsmithError("GGUF export needs the model's tokenizer.json (a fast tokenizer); none was found")
