@@ -20,6 +20,7 @@ import torch
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.refs import split_lora_ref
+from checkpoints.sources import resolve
 from merging.engine import run_merge
 from merging.lora_inputs import resolve_input
 from merging.recipe import MergeRecipe
@@ -76,8 +77,12 @@ def test_base_plus_lora_equals_peft_merge_and_unload(tmp_path, tiny_llama_family
     assert len(adapted) == 12 and all(not torch.equal(out[n], plain[n]) for n in adapted)
     assert all(torch.equal(out[n], plain[n]) for n in set(out) - set(adapted))
     assert result.tensors_total == len(plain)
-    # nothing but the output was written beside it (no merged copy of base+adapter first)
+    # nothing but the output was written beside it (no merged copy of base+adapter first): the adapted
+    # tensors have no bytes in any file, they are computed when read; the others are read from the base's files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    ckpt = resolve_input(f"{base}+{llama_lora}")
+    assert ckpt.files == resolve(str(base)).files
+    assert ckpt.reader().meta(Q0).data_start is None and ckpt.reader().meta(K0).data_start is not None
 
 
 def test_gpt2_conv1d_lora_equals_peft(tmp_path, tiny_gpt2_family):
