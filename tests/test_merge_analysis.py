@@ -272,3 +272,23 @@ def test_hostile_arguments_one_line(server):  # noqa: F811
     # Non-vacuity: every bad value was refused but a None density (the recipe's own), which works.
     assert "density must be at least 0, not -3" in refused and "recipe_yaml must be text, not a list" in refused
     assert len(refused) == 2 * len(HOSTILE) - 1
+
+
+# -- the Merge tab's wiring ------------------------------------------------------------------
+
+from test_app_page import page  # noqa: E402,F401  (the built page, no server)
+
+
+def test_page_analyze_clears_first_and_stop_cancels_it(page):  # noqa: F811
+    (fid,) = [i for i, f in page.fns.items() if f.api_name == "analyze"]
+    analyze = page.fns[fid]
+    before = page.fns[analyze.trigger_after]
+    # The previous analysis goes first: beside a failure it would read as this run's result.
+    assert before.fn() == ("", None, None)
+    assert [o._id for o in before.outputs] == [o._id for o in analyze.outputs]
+    assert [type(o).__name__ for o in analyze.outputs] == ["Markdown", "Plot", "JSON"]
+    assert (analyze.concurrency_id, analyze.concurrency_limit) == ("heavy", 1)  # one heavy job at a time
+    # The Merge tab's Stop cancels the analysis as it cancels the merge.
+    (merge,) = [f for f in page.fns.values() if f.api_name == "merge"]
+    stoppers = [f for f in page.fns.values() if f.is_cancel_function and fid in f.cancels]
+    assert len(stoppers) == 1 and merge._id in stoppers[0].cancels
