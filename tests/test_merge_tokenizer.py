@@ -170,6 +170,21 @@ def test_tied_head_union(tied, tmp_path):
     torch.testing.assert_close(got["dog"], want, rtol=0, atol=1e-6)
 
 
+def test_gpt2_union_aligns_the_token_table_not_the_position_table(tmp_path):
+    from tiny_vocab import build_vocab_family
+
+    g = build_vocab_family(tmp_path / "gpt2", gpt2=True)
+    out = merge(task_arithmetic(g, "tokenizer_source: union\n"), tmp_path / "out")
+    state, wte = tensors(out), "transformer.wte.weight"
+    assert state[wte].shape[0] == len(UNION) and "lm_head.weight" not in state
+    r, got = rows(g, wte), token_rows(out, wte)
+    assert torch.equal(got["apple"], r["ft1"]["apple"]) and torch.equal(got["cherry"], r["ft2"]["cherry"])
+    # The position table keeps its shape and merges as any tensor.
+    pos = {m: tensors(g[m])["transformer.wpe.weight"] for m in ("base", "ft1", "ft2")}
+    want = pos["base"] + 0.7 * (pos["ft1"] - pos["base"]) + 0.4 * (pos["ft2"] - pos["base"])
+    torch.testing.assert_close(state["transformer.wpe.weight"], want, rtol=0, atol=1e-6)
+
+
 def test_plain_recipe_is_unchanged(fam, tmp_path):
     """No tokenizer key: the base's tokenizer files, and the same vocabulary is required."""
     same = (f"merge_method: linear\nmodels:\n  - model: {fam['base']}\n    parameters: {{weight: 1.0}}\n")

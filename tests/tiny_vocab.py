@@ -26,7 +26,8 @@ VOCABS = {
     "ft1": SPECIALS + list(reversed(COMMON)) + ["apple", "dog", "banana"],
     "ft2": SPECIALS + COMMON + ["banana", "cherry"],
 }
-VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
 def word_tokenizer(words: list[str], chat_template: str | None = None):
@@ -42,12 +43,17 @@ def word_tokenizer(words: list[str], chat_template: str | None = None):
     return fast
 
 
-def build_vocab_family(root: Path, *, tie: bool = False, templates: dict[str, str] | None = None) -> dict[str, Path]:
-    """Save base, ft1 and ft2 (see the module's docstring) under ``root``; returns their folders."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_vocab_family(root: Path, *, tie: bool = False, templates: dict[str, str] | None = None,
+                       gpt2: bool = False) -> dict[str, Path]:
+    """Save base, ft1 and ft2 (see the module's docstring) under ``root``; returns their folders.
+    Llamas, or GPT-2s (``gpt2``: a tied head and a position table that is not a vocabulary weight)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     def model(words: list[str], seed: int):
         torch.manual_seed(seed)
+        if gpt2:
+            return GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                              bos_token_id=1, eos_token_id=2)).eval()
         cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=24, num_attention_heads=2,
                           num_key_value_heads=1, num_hidden_layers=2, max_position_embeddings=32,
                           tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
@@ -95,7 +101,7 @@ def vocabulary(folder: Path) -> dict[str, int]:
 def token_rows(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """token -> row of vocabulary weight ``name`` in ``folder`` (a tied head reads the embedding)."""
     state = tensors(folder)
-    weight = state.get(name, state["model.embed_tokens.weight"])
+    weight = state[name] if name in state else next(state[e] for e in EMBEDDINGS if e in state)
     return {tok: weight[i] for tok, i in vocabulary(folder).items()}
 
 
