@@ -92,11 +92,11 @@ class SafetensorsHeader:
 
 def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """``json`` hook: a header or index naming a key twice is ambiguous (readers disagree on which wins)."""
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice")
-        out[key] = value
+    out = dict(pairs)  # in C; only a short count tells that a key came twice (a header has ~1000 objects)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {twice!r} appears twice")
     return out
 
 

@@ -242,6 +242,8 @@ class _OpenShard:
 
 # Start writing a shard's bytes to disk every this many bytes (see ShardedWriter.add).
 _WRITEBACK_BYTES = 32 * 2**20
+# Largest single write() of tensor bytes (see ShardedWriter.add).
+_WRITE_PIECE = 2**20
 
 
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -345,9 +347,13 @@ class ShardedWriter:
             if self.header_reserve:
                 self._current.handle.write(b" " * self.header_reserve)  # type: ignore[attr-defined]
         cur = self._current
-        # uint8 view of the tensor's bytes: no extra copy for contiguous tensors.
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        cur.handle.write(memoryview(raw) if t.numel() else b"")  # type: ignore[attr-defined]
+        if t.numel():
+            # uint8 view of the tensor's bytes: no extra copy for contiguous tensors. Written in
+            # pieces: one write() of a 100 MB tensor cost the kernel 4-10x the system time of the
+            # same bytes in 1 MB writes here (0.65-1.7 s against 0.15-0.19 s per 538 MB).
+            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            for start in range(0, nbytes, _WRITE_PIECE):
+                cur.handle.write(raw[start:start + _WRITE_PIECE])  # type: ignore[attr-defined]
         cur.entries[name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape),
                              "data_offsets": [cur.nbytes, cur.nbytes + nbytes]}
         cur.nbytes += nbytes

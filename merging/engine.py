@@ -171,6 +171,9 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
     changed = 0
     alpha: float | None = None
     capacity = max((plan_numel(p) for p in plans), default=0)
+    # Scratch for every step's results, apart from the prefetcher's read buffers: a step's result
+    # is written before the next step computes, so one pool serves them all (fresh memory's first
+    # touch cost ~0.25 s per 100 MB buffer here; each read buffer used to carry its own).
     loader = TensorLoader(capacity=capacity)
     # Methods that only read their inputs get mapped views of the files (no read copy).
     mapped = dev.type == "cpu" and method.reads_inputs_only
@@ -192,9 +195,10 @@ def run_merge(recipe: MergeRecipe, out_dir: Path | str, *, job: Job | None = Non
                 if i in skipped:
                     job.step(i + 1, total_steps, plan.out_name)
                     continue
-                inputs, buffers = prefetch.take(i)
+                inputs, _ = prefetch.take(i)
                 prefetch.start_after(i)  # read the next tensor while this one is merged and written
-                merged, base = _merge_one(plan, method, inputs, dev, seed, norms, buffers, want_task_sum=auto,
+                loader.reset()
+                merged, base = _merge_one(plan, method, inputs, dev, seed, norms, loader, want_task_sum=auto,
                                           exact_ties=exact_ties)
                 del inputs
                 if not merged.is_floating_point():  # integer buffers are copied, never scaled
