@@ -55,7 +55,8 @@ from checkpoints.staging import staged_folder
 from checkpoints.textfiles import load_yaml_documents, read_text
 
 from .adapter_files import find_adapter_files
-from .engine import MergeResult, run_merge
+from . import engine  # engine.run_merge looked up per call, so a test (or a caller) may substitute it
+from .engine import MergeResult
 from .lora_inputs import resolve_input, source_files
 from .merge_files import RECIPE_NAME
 from .recipe import MergeRecipe
@@ -222,7 +223,7 @@ def run_recipe(recipe: str | Path, out_dir: Path | str, *, intermediate_dir: Pat
         single = MergeRecipe.from_dict(docs[0] if docs else None)
         if rename is not None:
             single = single.with_models_renamed(lambda r: _rename_sides(r, rename))
-        return RecipeRun(run_merge(single, out_dir, job=job, overwrite=overwrite, **policy, **merge_options))
+        return RecipeRun(engine.run_merge(single, out_dir, job=job, overwrite=overwrite, **policy, **merge_options))
     staged = StagedRecipe.from_documents(docs, known_model=lambda word: _known_model(word, rename, allow_local))
     if out_dir.exists() and not overwrite:  # before any stage runs
         raise WeightsmithError(f"{out_dir} already exists (choose another folder or allow overwrite)")
@@ -282,7 +283,7 @@ def _run_staged(staged: StagedRecipe, out_dir: Path, intermediate: Path, rename:
                 job.note(f"stage {stage.label}: reused the cached result {key[:16]} (recipe and inputs unchanged)")
             else:
                 part.progress(0.0, f"stage {stage.label}: merging")
-                run_merge(recipe, folder, job=part, overwrite=True, **policy, **merge_options)
+                engine.run_merge(recipe, folder, job=part, overwrite=True, **policy, **merge_options)
                 _drop_older(intermediate, stage.label, keep=folder)
                 job.note(f"stage {stage.label}: merged into the cache as {key[:16]}")
             folders[stage.label] = folder
@@ -353,7 +354,7 @@ def _run_final(staged: StagedRecipe, recipe: MergeRecipe, out_dir: Path, overwri
                                 if split_lora_ref(r)[0] not in {t.name for t in staged.stages}))
     with staged_folder(out_dir, overwrite=overwrite) as tmp:
         inner = tmp / "merge"
-        result = run_merge(recipe, inner, job=job, **policy, **merge_options)
+        result = engine.run_merge(recipe, inner, job=job, **policy, **merge_options)
         for f in inner.iterdir():
             f.rename(tmp / f.name)
         inner.rmdir()
