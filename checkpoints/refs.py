@@ -7,7 +7,7 @@ ASCII letters, digits, ``_ . -``, at most 96 characters a part, no ``--`` or
 never by looking at the disk, so a server can refuse local lookups for it.
 
 A merge recipe's model may also carry a LoRA adapter, mergekit's way:
-``model+adapter`` (:func:`split_lora_ref`, :func:`join_lora_ref`).
+``model+adapter`` (:func:`split_lora_ref`, :func:`join_lora_ref`, :func:`lora_sides`).
 """
 
 from __future__ import annotations
@@ -60,5 +60,8 @@ def join_lora_ref(model: str, lora: str | None) -> str:
 
 def lora_sides(ref: str) -> list[str]:
     """The model and adapter of ``model+adapter``; any other reference alone (never raises)."""
-    parts = [p.strip() for p in str(ref).split(LORA_SEPARATOR)]
-    return parts if len(parts) == 2 and all(parts) else [str(ref)]
+    try:
+        model, lora = split_lora_ref(ref)
+    except WeightsmithError:
+        return [str(ref)]
+    return [str(ref)] if lora is None else [model, lora]
