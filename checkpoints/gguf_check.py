@@ -186,10 +186,21 @@ def expected_tensors(ckpt) -> dict[str, tuple[str, str | None]]:
     return out
 
 
+def oriented(ckpt, src: str, change: str | None) -> np.ndarray:
+    """Source tensor ``src`` of ``ckpt`` as float32, in llama.cpp's orientation (see :func:`expected_tensors`)."""
+    import torch
+
+    x = ckpt.reader().get(src, dtype=torch.float32).numpy()
+    if change == "transpose":
+        return x.T
+    if change == "permute":
+        return x[llama_rows(x.shape[0], permuted_heads(ckpt, src))]
+    return x
+
+
 def check_gguf(path: Path, ckpt) -> GGUFCheck:
     """Compare every tensor of the GGUF file ``path`` with ``ckpt`` (a ``LocalCheckpoint``)."""
     import gguf
-    import torch
 
     reader = gguf.GGUFReader(str(path))
     found = {t.name: t for t in reader.tensors}
@@ -197,17 +208,12 @@ def check_gguf(path: Path, ckpt) -> GGUFCheck:
     report = GGUFCheck()
     for name in sorted(set(found) - set(expected)):
         report.failures.append(f"{name}: in the file but not in the source")
-    src_reader = ckpt.reader()
     for name, (src, change) in expected.items():
         t = found.get(name)
         if t is None:
             report.failures.append(f"{name}: missing (source {src})")
             continue
-        x = src_reader.get(src, dtype=torch.float32).numpy()
-        if change == "transpose":
-            x = x.T
-        elif change == "permute":
-            x = x[llama_rows(x.shape[0], permuted_heads(ckpt, src))]
+        x = oriented(ckpt, src, change)
         shape = tuple(int(s) for s in reversed(t.shape))
         if shape != x.shape:
             report.failures.append(f"{name}: shape {list(shape)}, source {src} has {list(x.shape)}")
