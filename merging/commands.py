@@ -18,8 +18,11 @@ from checkpoints.sizes import parse_size
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 def _merge(args: argparse.Namespace) -> int:
+    from checkpoints.tensor_loading import keep_freed_buffers
+
     from .multistage import run_recipe
 
+    keep_freed_buffers()  # one-shot process: reuse large freed temporaries instead of faulting in new ones
     recipe = open_recipe(args.recipe)
     run = with_bar("merging", lambda job: run_recipe(
         recipe, args.out_dir, job=job, device=args.device, intermediate_dir=args.intermediate_dir,
