@@ -32,7 +32,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .run import EvalSettings, evaluate_models
 
     settings = EvalSettings(batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                            limit=args.limit, max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+                            limit=args.limit, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                            backend=args.backend)
     cache = None if args.no_cache else EvalCache.default()
     with tqdm_job("evaluating", disable=args.json or None) as job:
         result = evaluate_models(args.models, args.task, settings=settings, job=job, device=args.device,
@@ -70,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="generation tasks: plain prompts, no chat template")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["weightsmith", "lm-eval"], default="weightsmith",
+                   help="lm-eval: score multiple-choice tasks with lm-evaluation-harness, if installed "
+                        "(pip install lm-eval; not a dependency)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached results")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_eval)

@@ -37,7 +37,8 @@ from .tasks import Task, load_task
 log = logging.getLogger(__name__)
 
 SAMPLES_KEPT = 3  # generated answers kept with a result, to show what was scored
-DEFAULT_CACHE = object()  # evaluate_models(cache=...) default: EvalCache.default()
+DEFAULT_CACHE = object()
+BACKENDS = ("weightsmith", "lm-eval")  # evaluate_models(cache=...) default: EvalCache.default()
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class EvalSettings:
     limit: int | None = None  # question files: the first items only
     max_new_tokens: int = 48  # generation and style answers
     chat: bool = True  # generation and style prompts as a user message through the chat template
+    backend: str = "weightsmith"  # or "lm-eval" for multiple choice (evaluation.lm_eval_backend), if installed
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "max_new_tokens"):
@@ -61,13 +63,15 @@ class EvalSettings:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise WeightsmithError(f"{name.replace('_', ' ')} must be at least 1, not {v}")
+        if self.backend not in BACKENDS:
+            raise WeightsmithError(f"unknown backend {self.backend!r} (have: {', '.join(BACKENDS)})")
 
     def for_kind(self, kind: str) -> dict[str, Any]:
         """The settings that change a ``kind`` task's score (batch size changes none)."""
         if kind == "perplexity":
             return {"seq_len": self.seq_len, "max_tokens": self.max_tokens}
         if kind == "choice":
-            return {"limit": self.limit}
+            return {"limit": self.limit, **({"backend": self.backend} if self.backend != "weightsmith" else {})}
         return {"limit": self.limit, "max_new_tokens": self.max_new_tokens, "chat": self.chat}
 
 
@@ -79,6 +83,7 @@ class EvalModel:
     name: str
     digest: Callable[[], str]
     load: Callable[[], LoadedModel]
+    folder: Path | None = None  # a checkpoint folder (what the lm-eval backend loads)
 
 
 @dataclass
@@ -146,8 +151,9 @@ def model_from_ref(ref: str, *, device: str = "cpu", cache: EvalCache | None = N
     adapter_dir = _adapter_dir(ref, resolve_kw)
     if adapter_dir is None:
         ckpt = resolve(ref, **resolve_kw)
+        folder = ckpt.support_dir if all(Path(f).parent == Path(ckpt.support_dir) for f in ckpt.files) else None
         return EvalModel(name, lambda: checkpoint_digest(ckpt, file_digest=file_digest),
-                         lambda: LoadedModel(ckpt.load_model(device=device), ckpt.load_tokenizer(), name))
+                         lambda: LoadedModel(ckpt.load_model(device=device), ckpt.load_tokenizer(), name), folder)
     base_ckpt = resolve(base or declared_base(adapter_dir), **resolve_kw)
 
     def adapter_digest() -> str:  # the base's content, and the adapter's config and factors
@@ -201,6 +207,21 @@ def score_task(loaded: LoadedModel, task: Task, settings: EvalSettings, job: Job
                      samples=samples)
 
 
+def lm_eval_score(spec: EvalModel, task: Task, settings: EvalSettings, device: str, job: Job) -> TaskScore:
+    """One multiple-choice task scored by lm-eval-harness (optional backend) on a checkpoint folder."""
+    from .lm_eval_backend import choice_scores
+
+    if task.kind != "choice" or task.source is None:
+        raise WeightsmithError(f"the lm-eval backend scores multiple-choice files only ({task.name} is {task.kind})")
+    if spec.folder is None:
+        raise WeightsmithError(f"{spec.name}: the lm-eval backend takes model folders (not adapters or bare files)")
+    job.progress(None, f"{spec.name}: {task.name} with lm-eval")
+    t0 = time.monotonic()
+    metrics = choice_scores(spec.folder, task.source, limit=settings.limit, batch_size=settings.batch_size,
+                            device=device)
+    return TaskScore(spec.name, task.name, task.kind, metrics, len(task.head(settings.limit)), time.monotonic() - t0)
+
+
 def evaluate_models(models: Sequence[str | EvalModel], tasks: Sequence[str | Path | Task], *,
                     settings: EvalSettings | None = None, job: Job | None = None, device: str = "cpu",
                     cache: EvalCache | None | object = DEFAULT_CACHE, **resolve_kw) -> EvalResult:
@@ -245,6 +266,12 @@ def evaluate_models(models: Sequence[str | EvalModel], tasks: Sequence[str | Pat
                     hit.update(model=spec.name, task=task.name, cached=True)
                     scores.append(TaskScore(**hit))
                     job.note(f"{spec.name} on {task.name}: from the cache")
+                    continue
+                if settings.backend == "lm-eval":
+                    score = lm_eval_score(spec, task, settings, device, sub)
+                    scores.append(score)
+                    if store is not None:
+                        store.put(key, {k: v for k, v in asdict(score).items() if k not in ("model", "task", "cached")})
                     continue
                 if loaded is None:
                     sub.progress(0.0, f"loading {spec.name}")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +69,7 @@ class Task:
     digest: str
     text: str = ""  # perplexity tasks
     items: tuple[ChoiceItem | PromptItem, ...] = ()
+    source: Path | None = None  # the file it was read from (the lm-eval backend hands it over)
 
     def head(self, limit: int | None) -> tuple[ChoiceItem | PromptItem, ...]:
         """The first ``limit`` items (all when None)."""
@@ -107,8 +108,8 @@ def load_task(spec: str | Path) -> Task:
     if path.suffix.lower() != ".jsonl":
         if not text.strip():
             raise WeightsmithError(f"task {path.name}: the text is empty")
-        return Task(name, "perplexity", digest, text=text)
-    return parse_jsonl(text, name=name, file_name=path.name, digest=digest)
+        return Task(name, "perplexity", digest, text=text, source=path)
+    return replace(parse_jsonl(text, name=name, file_name=path.name, digest=digest), source=path)
 
 
 def parse_jsonl(text: str, *, name: str, file_name: str, digest: str) -> Task:
