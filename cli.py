@@ -30,6 +30,7 @@ from evaluation import commands as eval_commands
 from merging import adapter_commands
 from merging import commands as merge_commands
 from merging import gguf_commands
+from merging import moe_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge_commands.register(sub)
     adapter_commands.register(sub)
     gguf_commands.register(sub)
+    moe_commands.register(sub)
     checkpoint_commands.register(sub)
     extend_demo_model(sub)
     register_serve(sub)

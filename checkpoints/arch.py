@@ -246,6 +246,51 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class MoeLayout:
+    """How a mixture of experts built from dense ``source_types`` models is stored (``weightsmith moe``).
+
+    Names are relative to the block. The router holds one row per expert; the experts are
+    fused as transformers 5 loads them natively (mergekit 0.1.5 writes the same):
+    ``gate_up`` is ``[experts, 2*intermediate, hidden]`` (each expert's gate rows, then its up
+    rows) and ``down`` is ``[experts, hidden, intermediate]``. ``dense_gate``/``dense_up``/``dense_down``
+    are the dense MLP's weights each expert contributes.
+    """
+
+    model_type: str
+    architecture: str
+    source_types: tuple[str, ...]
+    router: str
+    gate_up: str
+    down: str
+    dense_gate: str
+    dense_up: str
+    dense_down: str
+    num_experts_key: str
+    experts_per_token_key: str
+
+
+MOE_LAYOUTS: dict[str, MoeLayout] = {
+    "mixtral": MoeLayout(
+        model_type="mixtral", architecture="MixtralForCausalLM", source_types=("llama", "mistral"),
+        router="mlp.gate.weight", gate_up="mlp.experts.gate_up_proj", down="mlp.experts.down_proj",
+        dense_gate="mlp.gate_proj.weight", dense_up="mlp.up_proj.weight", dense_down="mlp.down_proj.weight",
+        num_experts_key="num_local_experts", experts_per_token_key="num_experts_per_tok"),
+}
+
+
+def moe_layout_for(model_type: str | None) -> MoeLayout:
+    """The MoE layout dense ``model_type`` experts are assembled into; one error line otherwise."""
+    for layout in MOE_LAYOUTS.values():
+        if model_type in layout.source_types:
+            return layout
+    kinds = ", ".join(t for layout in MOE_LAYOUTS.values() for t in layout.source_types)
+    if model_type == "qwen2":
+        raise WeightsmithError("qwen2 experts (Qwen2-MoE output) are not supported yet; "
+                               f"mixture-of-experts assembly takes {kinds} models")
+    raise WeightsmithError(f"mixture-of-experts assembly takes {kinds} models, not {model_type!r}")
+
+
 _GENERIC_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
