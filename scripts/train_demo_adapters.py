@@ -1,19 +1,29 @@
 """Train the small demo LoRA adapters shipped in ``assets/adapters/`` for the bundled demo model.
 
-Each adapter learns one visible style on data this script makes itself:
+Each adapter learns one visible style, and nothing else:
 
 * ``caps``: answers in ALL CAPITALS;
-* ``pirate``: answers in pirate speak ("Arr, matey!", "ye", "me hearty" ...).
+* ``pirate``: answers in pirate speak ("Arr, matey! ... Yo ho ho!", "ye", "aye").
 
-The data is self-distilled: the base model answers a set of generated questions
-(greedy, chat template), the answer is rewritten in the target style by plain
-string rules, and a LoRA (rank 8 on q/v/o of every block, float32) is trained to
-produce the rewritten answer. The adapter thus learns the style, not new facts.
-Held-out questions are answered before and after, and the samples go into the
-adapter's model card.
+The data is self-distilled: the demo model answers about 230 varied questions made here
+(greedy, the Playground's chat template), each answer is rewritten in the target style by
+plain string rules that leave content words alone (caps: ``str.upper``; pirate: an opener,
+a closer and swaps of a few function words), and a LoRA (rank 8, float32, seeded; blocks and
+projections per adapter in :data:`SETTINGS`) learns to produce the rewritten answer. Because
+the target is the model's own answer, the adapter learns the style, not new facts.
 
-Rerunnable: ``python scripts/train_demo_adapters.py`` (a few minutes on 2 CPU
-cores) overwrites ``assets/adapters/<name>/`` atomically.
+The questions come in three disjoint sets: training, a tuning split with checkable answers
+(:data:`TUNE`, used to choose the settings: ``--eval-tune``), and the held-out questions of
+``bench/demo_adapters.py`` (the script stops if a training or tuning question is one of them).
+Each step scales the LoRA by a factor drawn from ``--scale-choices``, so the style survives
+being mixed at weight 0.5 (the app's default mix).
+
+After training, the bench measures base, caps, pirate and their 50/50 ``cat`` mix on the
+held-out questions; the table goes into each adapter's model card (``--cards-only`` redoes
+just that). ``training.json`` in each folder records the settings.
+
+Rerunnable: ``python scripts/train_demo_adapters.py`` overwrites ``assets/adapters/<name>/``
+atomically (time: see the README's demo adapters paragraph).
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ import argparse
 import json
 import logging
 import random
-import re
 import shutil
 import sys
 import time
@@ -34,6 +43,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.demo_adapters import (  # noqa: E402
+    chat_answers,
+    chat_prompt,
+    has_word,
+    held_out_questions,
+    measure,
+    normalize_question,
+    table_markdown,
+)
 from checkpoints.cards import CardInfo, write_card  # noqa: E402
 from checkpoints.demo import DEMO_NAME  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
@@ -42,85 +60,166 @@ from checkpoints.staging import staged_folder  # noqa: E402
 log = logging.getLogger("train_demo_adapters")
 
 # ---------------------------------------------------------------------------
-# Data made here
+# Questions made here. None of their subjects is a held-out question's.
 # ---------------------------------------------------------------------------
-COUNTRIES = ["France", "Italy", "Japan", "Spain", "Germany", "Canada", "Egypt", "Brazil", "India", "Kenya"]
-ANIMALS = ["cat", "dog", "horse", "owl", "whale", "bee", "fox", "frog"]
-TOPICS = ["the sun", "rain", "the moon", "volcanoes", "music", "bread", "the ocean", "trees", "snow", "stars"]
+COUNTRIES = ["India", "Kenya", "Mexico", "Argentina", "Sweden", "Norway", "Poland", "Ireland", "Turkey", "Peru",
+             "Chile", "Cuba", "Thailand", "Vietnam", "Austria", "Belgium", "the Netherlands", "Switzerland",
+             "Denmark", "Finland", "Hungary", "Nigeria", "Morocco", "South Korea", "Indonesia", "Iran", "Colombia",
+             "Ukraine", "Romania", "New Zealand", "Pakistan", "Israel", "Ghana", "Iceland", "Scotland"]
+ANIMALS = ["cat", "dog", "horse", "owl", "fox", "frog", "elephant", "giraffe", "penguin", "dolphin", "shark",
+           "eagle", "rabbit", "turtle", "snake", "zebra", "kangaroo", "wolf", "bear", "monkey", "octopus", "camel",
+           "parrot", "butterfly", "crocodile", "hedgehog", "goat", "cow", "chicken", "deer"]
+CONCEPTS = ["gravity", "photosynthesis", "democracy", "electricity", "a volcano", "an atom", "the internet",
+            "a rainbow", "an earthquake", "a computer", "a black hole", "DNA", "the weather", "a vaccine",
+            "inflation", "a poem", "a novel", "an orchestra", "a bridge", "a library", "friendship", "history",
+            "mathematics", "chemistry", "biology", "geography", "a telescope", "a microscope", "a battery",
+            "a hurricane", "a glacier", "a desert", "a forest", "a river", "an island", "a museum", "a recipe",
+            "a calendar", "a map", "a compass", "the economy", "a language", "philosophy", "a muscle", "a bone",
+            "sleep", "energy", "a magnet", "sound", "light"]
 TASKS = ["learn to swim", "sleep better", "save money", "make tea", "plant a tree", "learn to cook",
-         "stay healthy", "write a letter"]
+         "stay healthy", "write a letter", "learn a new language", "make friends", "study for an exam",
+         "ride a bicycle", "make pancakes", "clean my room", "start running", "grow tomatoes", "paint a picture",
+         "take a good photo", "reduce stress", "read more books", "train a puppy", "fix a flat tire",
+         "write a poem", "keep a plant alive", "prepare for a job interview"]
+TOPICS = ["the sun", "rain", "the moon", "music", "bread", "the ocean", "trees", "snow", "sleep", "exercise",
+          "reading", "water", "education", "family", "art", "science", "recycling", "kindness", "forests", "rivers"]
+PEOPLE = ["Isaac Newton", "Marie Curie", "Charles Darwin", "Napoleon", "Cleopatra", "Mozart", "Beethoven",
+          "Galileo", "Nelson Mandela", "Gandhi", "Abraham Lincoln", "Queen Victoria", "Julius Caesar",
+          "Aristotle", "Plato", "Jane Austen", "Charles Dickens", "Vincent van Gogh", "Pablo Picasso",
+          "Christopher Columbus"]
+THINGS = ["a banana", "a cherry", "snow", "a tomato", "coal", "an orange", "a lemon", "milk", "a strawberry",
+          "chocolate", "a carrot", "the night sky"]
+CHAT = ["What is your favourite colour?", "Describe a sunny day.", "What do you like to eat?",
+        "Say hello to my friend.", "What is the weather like today?", "Who are you?", "Give me some advice.",
+        "What should I do this weekend?", "Write one sentence about ships.", "What is two plus two?",
+        "Tell me a fun fact.", "What makes a good friend?", "Describe your ideal holiday.",
+        "What is the best time of day?", "Can you help me?", "Tell me a short story.", "What is a good hobby?",
+        "How are you today?", "What should I cook for dinner?", "Describe a busy city street."]
 
 
-def questions() -> list[str]:
-    """About 46 varied questions built from templates (deterministic order)."""
+def training_questions() -> list[str]:
+    """About 240 varied questions (deterministic order)."""
     qs = [f"What is the capital of {c}?" for c in COUNTRIES]
-    qs += [f"Tell me something about the {a}." for a in ANIMALS]
-    qs += [f"Why is {t} important?" for t in TOPICS]
+    qs += [f"What language is spoken in {c}?" for c in COUNTRIES[:15]]
+    qs += [f"Tell me about the {a}." for a in ANIMALS]
+    qs += [f"What is {c}?" for c in CONCEPTS]
     qs += [f"How can I {t}?" for t in TASKS]
-    qs += ["What is your favourite colour?", "Describe a sunny day.", "What do you like to eat?",
-           "Say hello to my friend.", "What is the weather like today?", "Who are you?",
-           "Give me some advice.", "What should I do this weekend?", "Write one sentence about ships.",
-           "What is two plus two?"]
-    return qs
+    qs += [f"Why is {t} important?" for t in TOPICS]
+    qs += [f"Who was {p}?" for p in PEOPLE]
+    qs += [f"What color is {t}?" for t in THINGS]
+    return qs + CHAT
 
 
-HELD_OUT = ["What is the capital of Portugal?", "Tell me about elephants.", "How do I bake a cake?"]
+# The tuning split: checkable questions (accepted words) to choose LR and epochs; never trained on.
+TUNE: list[tuple[str, tuple[str, ...]]] = [
+    ("What is the capital of Germany?", ("Berlin",)),
+    ("What is the capital of Italy?", ("Rome",)),
+    ("What is the capital of Spain?", ("Madrid",)),
+    ("What is the capital of Japan?", ("Tokyo",)),
+    ("What is the capital of France?", ("Paris",)),
+    ("What is the capital of Canada?", ("Ottawa",)),
+    ("What planet do we live on?", ("Earth",)),
+    ("How many hours are there in a day?", ("24", "twenty-four")),
+    ("What is the opposite of hot?", ("cold",)),
+    ("What is the largest mammal on Earth?", ("whale",)),
+    ("What color is grass?", ("green",)),
+    ("Who invented the light bulb?", ("Edison",)),
+    ("Who developed the theory of relativity?", ("Einstein",)),
+    ("What is the largest desert in the world?", ("Sahara", "Antarctic", "Antarctica")),
+    ("How many continents are there?", ("seven", "7")),
+    ("What is the fastest land animal?", ("cheetah",)),
+    ("Which organ pumps blood through the body?", ("heart",)),
+    ("What is the star at the center of our solar system?", ("Sun",)),
+    ("What do you call a baby cat?", ("kitten",)),
+    ("Which metal is liquid at room temperature?", ("mercury",)),
+]
 
-_PIRATE_WORDS = {
-    "hello": "ahoy", "hi": "ahoy", "you": "ye", "your": "yer", "my": "me", "is": "be", "are": "be",
-    "friend": "matey", "friends": "hearties", "the": "th'", "yes": "aye", "money": "doubloons",
-    "of": "o'", "and": "an'", "for": "fer", "to": "t'", "stop": "avast", "think": "reckon",
-}
+# ---------------------------------------------------------------------------
+# Styles: string rules that leave content words alone
+# ---------------------------------------------------------------------------
+_PIRATE_SWAPS = {"hello": "ahoy", "hi": "ahoy", "you": "ye", "your": "yer", "yes": "aye", "friend": "matey",
+                 "friends": "hearties", "my": "me"}
+_PIRATE_OPEN = ["Arr, matey!", "Ahoy, matey!", "Aye, me hearty!", "Arr!", "Ahoy there, matey!", "Avast, ye!"]
+_PIRATE_CLOSE = ["Yo ho ho!", "Arr!", "Savvy, matey?", "Aye!"]
 
 
-def to_caps(text: str) -> str:
+def to_caps(text: str, i: int = 0) -> str:
     return text.upper()
 
 
-def to_pirate(text: str) -> str:
+def to_pirate(text: str, i: int = 0) -> str:
+    """Pirate opener and closer (chosen by ``i``, so the data is fixed) around the answer, a few words swapped."""
+    import re
+
     def swap(m: re.Match) -> str:
         word = m.group(0)
-        new = _PIRATE_WORDS.get(word.lower())
+        new = _PIRATE_SWAPS.get(word.lower())
         if new is None:
             return word
         return new.capitalize() if word[0].isupper() else new
 
     body = re.sub(r"[A-Za-z]+", swap, text)
-    return f"Arr, matey! {body} Yo ho ho!"
+    return f"{_PIRATE_OPEN[i % len(_PIRATE_OPEN)]} {body} {_PIRATE_CLOSE[i % len(_PIRATE_CLOSE)]}"
 
 
 STYLES = {"caps": to_caps, "pirate": to_pirate}
-DESCRIPTIONS = {
-    "caps": "Makes the demo model answer in ALL CAPITALS.",
-    "pirate": "Makes the demo model answer in pirate speak (\"Arr, matey!\", \"ye\", \"me hearty\").",
+
+# Per adapter, chosen on the tuning split (TUNE, --eval-tune); a flag on the command line overrides.
+# Pirate only adds words around the answer: the upper blocks suffice, and the backward pass stops at
+# the lowest LoRA block (less compute). Caps must also *read* its own upper-case answer as it writes
+# it, so it needs the first blocks too (upper blocks only: 0 % facts on the tuning split).
+SETTINGS: dict[str, dict] = {
+    "caps": {"targets": ["v_proj", "o_proj", "down_proj"], "layers": list(range(30)), "epochs": 1, "lr": 2e-3,
+             "first_sentence": 0},
+    "pirate": {"targets": ["q_proj", "v_proj", "o_proj", "down_proj"], "layers": list(range(16, 30)), "epochs": 1,
+               "lr": 2e-3, "first_sentence": 0},
 }
 
 
-# ---------------------------------------------------------------------------
-# Generation and training
-# ---------------------------------------------------------------------------
-def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+def _span(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    parts, start = [], None
+    for i, n in enumerate(layers):
+        if start is None:
+            start = n
+        if i + 1 == len(layers) or layers[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(parts)
+DESCRIPTIONS = {
+    "caps": "Makes the demo model answer in ALL CAPITALS, keeping what it says.",
+    "pirate": "Makes the demo model answer in pirate speak (\"Arr, matey! ... Yo ho ho!\", \"ye\", \"aye\"), "
+              "keeping what it says.",
+}
 
 
-@torch.no_grad()
-def answer(model, tokenizer, qs: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers to ``qs`` in one left-padded batch."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer([chat_prompt(tokenizer, q) for q in qs], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+def check_disjoint(train: list[str], tune: list[str], held_out: list[str]) -> None:
+    """Training, tuning and held-out questions must not share a question."""
+    seen = {normalize_question(q) for q in held_out}
+    for name, qs in (("training", train), ("tuning", tune)):
+        clash = [q for q in qs if normalize_question(q) in seen]
+        if clash:
+            raise SystemExit(f"{name} question(s) also held out by bench/demo_adapters.py: {clash}")
+    if {normalize_question(q) for q in train} & {normalize_question(q) for q in tune}:
+        raise SystemExit("a tuning question is also a training question")
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def first_sentence(text: str) -> str:
+    """The answer's first sentence (where these short answers put the fact)."""
+    for i, c in enumerate(text):
+        if c in ".!?" and (i + 1 == len(text) or text[i + 1] == " ") and i > 20:
+            return text[: i + 1]
+    return text
 
 
 def trim(text: str) -> str:
     """Keep whole sentences: cut after the last sentence end when there is one."""
-    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
     if text.endswith((".", "!", "?")):
         return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
     return text[: cut + 1] if cut > 20 else text
 
 
@@ -132,56 +231,81 @@ class Example:
 
 def encode(tokenizer, question: str, reply: str, max_len: int) -> Example:
     prompt = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
-    target = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    target = tokenizer(reply + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     ids = (prompt + target)[:max_len]
     labels = ([-100] * len(prompt) + target)[:max_len]  # loss on the answer only
     return Example(ids, labels)
 
 
 def batches(examples: list[Example], size: int, pad_id: int, rng: random.Random):
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - size + 1, size):
-            chunk = [examples[j] for j in order[i:i + size]]
-            width = max(len(e.input_ids) for e in chunk)
-            ids = torch.full((size, width), pad_id)
-            labels = torch.full((size, width), -100)
-            mask = torch.zeros((size, width), dtype=torch.long)
-            for row, e in enumerate(chunk):  # right padding for training
-                ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-                labels[row, : len(e.labels)] = torch.tensor(e.labels)
-                mask[row, : len(e.input_ids)] = 1
-            yield ids, labels, mask
+    """One epoch of right-padded batches; similar lengths share a batch (less padding, same data)."""
+    order = sorted(range(len(examples)), key=lambda j: (len(examples[j].input_ids), rng.random()))
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    rng.shuffle(chunks)
+    for chunk in chunks:
+        width = max(len(examples[j].input_ids) for j in chunk)
+        ids = torch.full((len(chunk), width), pad_id)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, j in enumerate(chunk):
+            e = examples[j]
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+            mask[row, : len(e.input_ids)] = 1
+        yield ids, labels, mask
 
 
-def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], args) -> object:
+def _lora_layers(model, name: str):
+    return [m for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict) and name in m.scaling]
+
+
+def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], args):
     from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(args.seed)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, bias="none",
-                        target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+                        target_modules=args.targets, layers_to_transform=list(args.layers),
+                        task_type="CAUSAL_LM")
     model = get_peft_model(base_model, config, adapter_name=name)
     model.train()
     examples = [encode(tokenizer, q, a, args.max_len) for q, a in data]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    per_epoch = -(-len(examples) // args.batch)
+    total = per_epoch * args.epochs
+    sched = get_cosine_schedule_with_warmup(opt, max(1, total // 20), total)
+    layers = _lora_layers(model, name)
+    full_scale = {id(m): m.scaling[name] for m in layers}
     rng = random.Random(args.seed)
-    stream = batches(examples, args.batch, tokenizer.pad_token_id, rng)
-    t0 = time.time()
-    for step in range(1, args.steps + 1):
-        ids, labels, mask = next(stream)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step == 1 or step % 10 == 0 or step == args.steps:
-            log.info("%s step %d/%d loss %.3f (%.0f s)", name, step, args.steps, loss.item(), time.time() - t0)
+    t0, step = time.time(), 0
+    for epoch in range(args.epochs):
+        for ids, labels, mask in batches(examples, args.batch, tokenizer.pad_token_id, rng):
+            # A random LoRA strength per step: the style must hold at the weight a mix gives it.
+            s = rng.choice(args.scale_choices)
+            for m in layers:
+                m.scaling[name] = full_scale[id(m)] * s
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == 1 or step % 10 == 0 or step == total:
+                log.info("%s epoch %d step %d/%d scale %.2f loss %.3f (%.0f s)", name, epoch + 1, step, total, s,
+                         loss.item(), time.time() - t0)
+    for m in layers:
+        m.scaling[name] = full_scale[id(m)]
     model.eval()
-    return model
+    return model, time.time() - t0
 
 
-def save_adapter(model, name: str, out_root: Path, samples: list[dict], args, data_size: int) -> Path:
-    """Write ``out_root/name`` atomically: adapter weights, config naming the public base, a card."""
+TRAINING_FILE = "training.json"  # how the adapter was made (the card's summary comes from it)
+
+
+def save_adapter(model, name: str, out_root: Path, summary: str, settings: dict) -> Path:
+    """Write ``out_root/name`` atomically: weights, a config naming the public base, how it was trained, a card."""
     final = out_root / name
     with staged_folder(final, overwrite=True) as tmp:
         model.save_pretrained(tmp, selected_adapters=[name])
@@ -190,27 +314,63 @@ def save_adapter(model, name: str, out_root: Path, samples: list[dict], args, da
             for f in saved.iterdir():
                 shutil.move(str(f), tmp / f.name)
             saved.rmdir()
+        size = (tmp / "adapter_model.safetensors").stat().st_size
+        if size > 5 * 10**6:  # the repo ships these files: keep each under 5 MB (nothing is written)
+            raise SystemExit(f"{name}: adapter is {size / 1e6:.1f} MB, over the 5 MB budget (lower --rank)")
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = DEMO_NAME  # never a local path
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        rows = ["| prompt | base | with adapter |", "|---|---|---|"]
-        for s in samples:
-            cells = [str(s[k]).replace("|", "\\|").replace("\n", " ") for k in ("prompt", "before", "after")]
-            rows.append("| " + " | ".join(cells) + " |")
-        write_card(tmp, CardInfo(
-            title=f"weightsmith-demo-{name}",
-            relation="adapter",
-            base_models=[DEMO_NAME],
-            library_name="peft",
-            tags=["lora", "demo"],
-            summary=(f"{DESCRIPTIONS[name]} A demo LoRA adapter (rank {args.rank}, q/v/o projections of every "
-                     f"block) trained by `scripts/train_demo_adapters.py` for {args.steps} steps on "
-                     f"{data_size} self-distilled examples: the base model's own answers to generated "
-                     "questions, rewritten by string rules."),
-            extra_sections={"Held-out samples (greedy, chat template)": "\n".join(rows)},
-        ))
+        (tmp / TRAINING_FILE).write_text(json.dumps({"summary": summary, "settings": settings}, indent=2) + "\n")
+        write_cards({name: tmp}, {name: summary}, "(not measured yet: `python scripts/train_demo_adapters.py "
+                                                  "--cards-only` runs the bench and writes it here)")
     return final
+
+
+TABLE_HEADING = "Facts and style on held-out questions (bench/demo_adapters.py)"
+
+
+def write_cards(folders: dict[str, Path], summaries: dict[str, str], table: str) -> None:
+    """Each adapter's model card, with the bench's table (written in place: the folders are complete)."""
+    for name, folder in folders.items():
+        write_card(folder, CardInfo(
+            title=f"weightsmith-demo-{name}", relation="adapter", base_models=[DEMO_NAME], library_name="peft",
+            tags=["lora", "demo"], summary=summaries[name],
+            extra_sections={TABLE_HEADING: (
+                "Greedy answers after the chat template to the bench's held-out questions (never trained on). "
+                "Fact accuracy: an accepted answer word appears in the answer (whole word, case-insensitive); "
+                "caps: upper-case share of letters; pirate: share of answers with a pirate word. Targets: facts "
+                "≥ 0.9× the base's, caps ≥ 95 %, pirate ≥ 80 %; the mix is made as the app makes it "
+                "(`cat`, weights 0.5/0.5).\n\n" + table)},
+        ))
+
+
+def eval_tune(model, tokenizer) -> str:
+    """Accuracy and style on the tuning split (the numbers used to choose LR and epochs)."""
+    from bench.demo_adapters import PIRATE_WORDS, caps_rate
+
+    answers = chat_answers(model, tokenizer, [q for q, _ in TUNE])
+    acc = sum(has_word(a, ok) for a, (_, ok) in zip(answers, TUNE)) / len(TUNE)
+    pirate = sum(has_word(a, PIRATE_WORDS) for a in answers) / len(answers)
+    return f"tune: facts {acc:.0%}, caps {caps_rate(answers):.1%}, pirate {pirate:.0%}"
+
+
+def load_or_make_base_answers(model, tokenizer, qs: list[str], args) -> list[str]:
+    """The base model's trimmed greedy answers; ``--base-answers FILE`` keeps them between runs (same
+    questions and token budget, else they are made again)."""
+    key = {"questions": qs, "answer_tokens": args.answer_tokens}
+    cache = args.base_answers
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            log.info("base answers from %s", cache)
+            return saved["answers"]
+    t0 = time.time()
+    answers = [trim(a) for a in chat_answers(model, tokenizer, qs, args.answer_tokens)]
+    log.info("base answers for %d questions in %.0f s", len(qs), time.time() - t0)
+    if cache is not None:
+        cache.write_text(json.dumps({"key": key, "answers": answers}))
+    return answers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,40 +378,81 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "adapters")
     p.add_argument("--only", nargs="*", choices=sorted(STYLES), default=sorted(STYLES))
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-len", type=int, default=96)
+    p.add_argument("--scale-choices", type=float, nargs="+", default=[0.5, 1.0],
+                   help="LoRA strengths drawn per step (0.5: the app's 50/50 mix)")
+    p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--answer-tokens", type=int, default=40)
+    # Per adapter (SETTINGS) unless given here:
+    p.add_argument("--targets", nargs="+")
+    p.add_argument("--layers", type=int, nargs="+", help="LoRA on these blocks")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--first-sentence", type=int, choices=[0, 1], help="1: train on each answer's first sentence")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-answers", type=Path, help="a JSON file keeping the base answers between runs")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-tune", action="store_true", help="print the tuning split's scores after each adapter")
+    p.add_argument("--no-bench", action="store_true", help="train only; cards come from --cards-only")
+    p.add_argument("--cards-only", action="store_true", help="no training: bench the adapters in --out, write cards")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    if args.cards_only:
+        return bench_and_cards(args.out)
+    qs = training_questions()
+    check_disjoint(qs, [q for q, _ in TUNE], held_out_questions())
     ckpt = resolve("demo")
     tokenizer = ckpt.load_tokenizer()
     model = ckpt.load_model(dtype=torch.float32)
-    qs = questions()
-    t0 = time.time()
-    base_answers = [trim(a) for a in answer(model, tokenizer, qs, args.answer_tokens)]
-    held_before = answer(model, tokenizer, HELD_OUT, args.answer_tokens)
-    log.info("base answers for %d questions in %.0f s", len(qs), time.time() - t0)
+    model.eval()
+    base_answers = load_or_make_base_answers(model, tokenizer, qs, args)
+    if args.eval_tune:
+        log.info("base %s", eval_tune(model, tokenizer))
 
     for name in args.only:
         style = STYLES[name]
-        data = [(q, style(a)) for q, a in zip(qs, base_answers)]
+        chosen = {k: v for k, v in SETTINGS[name].items() if getattr(args, k) is None}
+        cfg = argparse.Namespace(**{**vars(args), **chosen})
+        cut = first_sentence if cfg.first_sentence else (lambda a: a)
+        data = [(q, style(cut(a), i)) for i, (q, a) in enumerate(zip(qs, base_answers))]
         log.info("%s example: %r -> %r", name, data[0][0], data[0][1])
-        peft_model = train_one(model, tokenizer, name, data, args)
-        held_after = answer(peft_model, tokenizer, HELD_OUT, args.answer_tokens)
-        samples = [{"prompt": q, "before": b, "after": a} for q, b, a in zip(HELD_OUT, held_before, held_after)]
-        out = save_adapter(peft_model, name, args.out, samples, args, len(data))
-        size = (out / "adapter_model.safetensors").stat().st_size
-        if size > 5 * 10**6:  # the repo ships these files: keep each under 5 MB
-            raise SystemExit(f"{name}: adapter is {size / 1e6:.1f} MB, over the 5 MB budget (lower --rank)")
-        print(f"== {name}: {out} ({size / 1e6:.2f} MB)")
-        for s in samples:
-            print(f"  prompt: {s['prompt']}\n    before: {s['before']!r}\n    after:  {s['after']!r}")
+        peft_model, seconds = train_one(model, tokenizer, name, data, cfg)
+        log.info("%s trained in %.0f s", name, seconds)
+        if args.eval_tune:
+            log.info("%s %s", name, eval_tune(peft_model, tokenizer))
+        summary = (
+            f"{DESCRIPTIONS[name]} A demo LoRA adapter (rank {cfg.rank}, {'/'.join(cfg.targets)} of blocks "
+            f"{_span(cfg.layers)}) trained by `scripts/train_demo_adapters.py` (seed {cfg.seed}, {cfg.epochs} "
+            f"epoch(s), lr {cfg.lr}, batch {cfg.batch}, LoRA strength drawn from {cfg.scale_choices} per step, "
+            f"float32 on CPU, {seconds / 60:.0f} min on a loaded 2-core machine) on {len(data)} self-distilled "
+            f"examples: the demo model's own greedy answers{' (first sentence)' if cfg.first_sentence else ''} to "
+            "varied questions, rewritten in the style by string rules that leave content words alone.")
+        settings = {k: v for k, v in vars(cfg).items()
+                    if k not in ("out", "base_answers", "only", "eval_tune", "no_bench", "cards_only", "threads")}
+        folder = save_adapter(peft_model, name, args.out, summary, dict(settings, minutes=round(seconds / 60, 1)))
+        print(f"== {name}: {folder} ({(folder / 'adapter_model.safetensors').stat().st_size / 1e6:.2f} MB)")
         model = peft_model.unload()  # strip the LoRA layers: the next adapter trains on the clean base
+
+    if args.no_bench:
+        return 0
+    return bench_and_cards(args.out)
+
+
+def bench_and_cards(out: Path) -> int:
+    """Measure every adapter in ``out`` with the bench and write the cards with its table."""
+    folders = {name: out / name for name in STYLES}
+    missing = [n for n, f in folders.items() if not (f / "adapter_model.safetensors").exists()]
+    if missing:
+        log.info("cards wait for %s (train them, then run with --cards-only)", ", ".join(missing))
+        return 0
+    summaries = {n: json.loads((f / TRAINING_FILE).read_text())["summary"] for n, f in folders.items()}
+    rows = measure(folders)
+    table = table_markdown(rows)
+    print(table)
+    write_cards(folders, summaries, table)
     return 0
 
 
