@@ -14,12 +14,24 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import WeightsmithError
 from .jobs import Job, ensure
+
+
+def right_padded(rows: Sequence[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one right-padded batch: (input ids, attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
 
 
 @torch.no_grad()
@@ -41,13 +53,7 @@ def token_nll(model, token_ids: list[int], *, seq_len: int = 256, batch_size: in
     for s in range(0, len(windows), batch_size):
         job.check("the perplexity")
         job.step(s, len(windows), f"perplexity: window {s + 1}/{len(windows)}")
-        group = windows[s:s + batch_size]
-        width = max(len(w) for w in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, w in enumerate(group):
-            ids[i, :len(w)] = torch.tensor(w)
-            mask[i, :len(w)] = 1
+        ids, mask = right_padded(windows[s:s + batch_size])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
         nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints.jobs import Job, ensure
+from checkpoints.perplexity import right_padded
 
 from .tasks import ChoiceItem
 
@@ -82,12 +83,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         job.step(s, len(order), f"scoring choices {s + 1}/{len(order)}")
         batch = order[s:s + batch_size]
         inputs = [rows[i][0][:-1] for i in batch]
-        width = max(len(x) for x in inputs)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, x in enumerate(inputs):
-            ids[j, :len(x)] = torch.tensor(x)
-            mask[j, :len(x)] = 1
+        ids, mask = right_padded(inputs)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         for j, i in enumerate(batch):
             tokens, k = rows[i]

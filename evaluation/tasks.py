@@ -173,12 +173,15 @@ def _text_field(row: dict, key: str, where: str) -> str:
     return value
 
 
+def _known_fields(row: dict, fields: tuple[str, ...], what: str, where: str) -> None:
+    unknown = set(row) - {*fields, "id"}
+    if unknown:
+        raise WeightsmithError(f"{where}: unknown field {sorted(unknown)[0]!r} ({what} has {', '.join(fields)})")
+
+
 def _item(row: dict, where: str) -> ChoiceItem | PromptItem:
     if "choices" in row:
-        unknown = set(row) - {"query", "choices", "gold", "id"}
-        if unknown:
-            raise WeightsmithError(f"{where}: unknown field {sorted(unknown)[0]!r} (a choice item has query, "
-                                   "choices, gold)")
+        _known_fields(row, ("query", "choices", "gold"), "a choice item", where)
         query = _text_field(row, "query", where)
         choices = row["choices"]
         if (not isinstance(choices, list) or not 2 <= len(choices) <= MAX_CHOICES
@@ -189,10 +192,7 @@ def _item(row: dict, where: str) -> ChoiceItem | PromptItem:
             raise WeightsmithError(f"{where}: 'gold' must be the index of the right choice (0 to {len(choices) - 1})")
         return ChoiceItem(query, tuple(choices), gold)
     if "prompt" in row:
-        unknown = set(row) - {"prompt", "answers", "answer", "id"}
-        if unknown:
-            raise WeightsmithError(f"{where}: unknown field {sorted(unknown)[0]!r} (a prompt item has prompt, "
-                                   "answers)")
+        _known_fields(row, ("prompt", "answers", "answer"), "a prompt item", where)
         prompt = _text_field(row, "prompt", where)
         if "answers" in row and "answer" in row:
             raise WeightsmithError(f"{where}: give 'answers' or 'answer', not both")
