@@ -53,9 +53,6 @@ class MergedVocabulary:
     donor: LocalCheckpoint  # whose tokenizer files the output copies when ``rebuilt`` is False
     rebuilt: bool  # the tokenizer differs from the donor's files (so it is saved anew)
 
-    def token_id(self, token: str) -> int:
-        return self.tokenizer.get_vocab()[token]
-
     def unchanged_for(self, ref: str, rows: int) -> bool:
         """Whether model ``ref``'s vocabulary weights (``rows`` rows) are already the output's."""
         p = self.permutations.get(ref)

@@ -21,7 +21,7 @@ from checkpoints.errors import WeightsmithError
 from merging.chat_template import BUNDLED
 from merging.engine import run_merge
 from merging.recipe import MergeRecipe
-from tiny_vocab import (VOCAB_NAMES, VOCABS, config, max_token_diff, mergekit_cases, tensors, token_rows,
+from tiny_vocab import (VOCABS, config, max_token_diff, mergekit_cases, tensors, token_rows,
                         vocabulary)
 from tiny_vocab import linear_recipe as linear
 from tiny_vocab import task_arithmetic_recipe as task_arithmetic
@@ -36,6 +36,7 @@ needs_mergekit = pytest.mark.skipif(not (MERGEKIT_YAML.exists() and MERGEKIT_TEM
 TEMPLATE_A = "{% for m in messages %}A: {{ m['content'] }}\n{% endfor %}"
 TEMPLATE_B = "{% for m in messages %}B|{{ m['role'] }}|{{ m['content'] }}\n{% endfor %}\n"
 UNION = sorted(set().union(*map(set, VOCABS.values())))
+LLAMA_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_union_tokenizer_encodes_every_models_tokens(fam, tmp_path):
     assert all(tok.get_vocab()[w] == i for i, w in enumerate(VOCABS["base"]))
 
 
-@pytest.mark.parametrize("name", VOCAB_NAMES)
+@pytest.mark.parametrize("name", LLAMA_VOCAB)
 def test_union_rows_follow_mergekits_rule_by_hand(fam, tmp_path, name):
     out = merge(linear(fam, "tokenizer: {source: union}\n"), tmp_path / "out")
     got = token_rows(out, name)
@@ -104,7 +105,7 @@ def test_union_rows_follow_mergekits_rule_by_hand(fam, tmp_path, name):
 
 def test_token_new_to_the_base_gets_its_donors_row_exactly(fam, tmp_path):
     out = merge(task_arithmetic(fam, "tokenizer_source: union\n"), tmp_path / "out")
-    for name in VOCAB_NAMES:
+    for name in LLAMA_VOCAB:
         got, r = token_rows(out, name), rows(fam, name)
         # Every model holds ft1's row for 'apple', so every task vector there is zero.
         assert torch.equal(got["apple"], r["ft1"]["apple"])
@@ -124,7 +125,7 @@ def test_tokens_force_model_token_zero_and_padding(fam, tmp_path):
     n = len(UNION) + 2
     assert config(out)["vocab_size"] == 24 and n == 19
     state = tensors(out)
-    for name in VOCAB_NAMES:
+    for name in LLAMA_VOCAB:
         got, r = token_rows(out, name), rows(fam, name)
         torch.testing.assert_close(got["the"], r["ft2"]["the"], rtol=0, atol=1e-6)  # forced in every model
         torch.testing.assert_close(got["<new>"], r["ft1"]["apple"], rtol=0, atol=1e-6)
@@ -185,6 +186,30 @@ def test_gpt2_union_aligns_the_token_table_not_the_position_table(tmp_path):
     torch.testing.assert_close(state["transformer.wpe.weight"], want, rtol=0, atol=1e-6)
 
 
+def test_base_tokens_past_vocab_size_are_trimmed(tmp_path):
+    """mergekit's rule: a BPE base tokenizer loses the entries its embedding has no row for."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "ab": 3, "c": 4, "abc": 5}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c")], unk_token="<unk>"))
+    folders = {}
+    for seed, name in enumerate(("base", "ft")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                                     num_key_value_heads=1, num_hidden_layers=2)).save_pretrained(tmp_path / name)
+        PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>").save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    assert len(vocabulary(folders["base"])) == 6  # non-vacuity: two entries have no embedding row
+    out = merge(f"merge_method: task_arithmetic\nbase_model: {folders['base']}\nmodels:\n"
+                f"  - model: {folders['ft']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: base\n",
+                tmp_path / "out")
+    assert vocabulary(out) == {"<unk>": 0, "a": 1, "b": 2, "ab": 3}
+    assert config(out)["vocab_size"] == 4
+    torch.testing.assert_close(tensors(out)["lm_head.weight"], tensors(folders["ft"])["lm_head.weight"],
+                               rtol=0, atol=1e-6)  # weight 1: the fine-tune, rows in place
+
+
 def test_plain_recipe_is_unchanged(fam, tmp_path):
     """No tokenizer key: the base's tokenizer files, and the same vocabulary is required."""
     same = (f"merge_method: linear\nmodels:\n  - model: {fam['base']}\n    parameters: {{weight: 1.0}}\n")
@@ -234,9 +259,9 @@ def test_bundled_templates_render_as_mergekits(name):
              [{"role": "user", "content": "x"}, {"role": "assistant", "content": " y "}]]
     for conv in convs:
         for prompt in (True, False):
-            render = lambda t: tok.apply_chat_template(conv, chat_template=t, tokenize=False,  # noqa: E731
-                                                       add_generation_prompt=prompt)
-            assert render(BUNDLED[name]) == render(theirs)
+            ours, mk = (tok.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=prompt)
+                        for t in (BUNDLED[name], theirs))
+            assert ours == mk
 
 
 # -- recipes ------------------------------------------------------------------------------------------
@@ -284,6 +309,7 @@ def test_merge_form_keeps_tokenizer_keys(fam):
     current = linear(fam, "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\nchat_template: chatml\n")
     form = ["linear", "", [[str(fam["base"]), "0.5"], [str(fam["ft1"]), "0.5"]], [], False, True, 1.0, 0.0, "", ""]
     text, status = merge_yaml_from_form(*form, current)
+    assert status == "✓ recipe is valid"
     r = MergeRecipe.from_yaml(text)
     assert r.tokenizer is not None and r.tokenizer.pad_to_multiple_of == 8 and r.chat_template == "chatml"
     assert [m.model for m in r.models] == [str(fam["base"]), str(fam["ft1"])]  # the form's models win
