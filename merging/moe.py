@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "weightsmith_moe.yml"
 _TOP_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture")
 _EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -241,19 +240,21 @@ def output_config(layout: MoeLayout, base: LocalCheckpoint, config: MoeConfig,
     out.update({"architectures": [layout.architecture], layout.num_experts_key: len(config.experts),
                 layout.experts_per_token_key: config.experts_per_token, "sliding_window": None})
     if dtype is not None:
-        out["dtype"] = _DTYPE_NAMES[dtype]
+        out["dtype"] = next(name for name, t in DTYPES.items() if t == dtype)  # the long name comes first
     out.pop("transformers_version", None)
     return out
 
 
 def _expert_tensors(layout: MoeLayout, spec, layer: int, experts: list[tuple[MoeExpert, LocalCheckpoint]],
-                    generator: torch.Generator, finite: FiniteCheck) -> tuple[torch.Tensor, torch.Tensor]:
+                    generator: torch.Generator, finite: FiniteCheck,
+                    stored: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Block ``layer``'s fused ``gate_up`` and ``down`` from each expert's dense MLP."""
     gate_up, down = [], []
     for expert, ckpt in experts:
         parts = {}
         for rel in (layout.dense_gate, layout.dense_up, layout.dense_down):
             name = f"{spec.block(layer)}.{rel}"
+            # Noise and scale in float32; without a dtype the experts keep the base's stored one.
             t = ckpt.reader().get(name)
             finite.input(t, ckpt.name, name)
             if expert.noise_scale is not None:
@@ -263,7 +264,7 @@ def _expert_tensors(layout: MoeLayout, spec, layer: int, experts: list[tuple[Moe
             parts[rel] = t
         gate_up.append(torch.cat([parts[layout.dense_gate], parts[layout.dense_up]], dim=0))
         down.append(parts[layout.dense_down])
-    return torch.stack(gate_up), torch.stack(down)
+    return torch.stack(gate_up).to(stored), torch.stack(down).to(stored)
 
 
 def _public(ckpt: LocalCheckpoint) -> str:
@@ -328,12 +329,13 @@ def build_moe(config: MoeConfig, out_dir: Path, *, job: Job | None = None, devic
                 add(name, t)
             elif layer not in done_layers:
                 done_layers.add(layer)
-                gate_up, down = _expert_tensors(layout, spec, layer, experts, generator, finite)
+                stored = dtype or base.reader().meta(name).dtype
+                gate_up, down = _expert_tensors(layout, spec, layer, experts, generator, finite, stored)
                 add(f"{spec.block(layer)}.{layout.gate_up}", gate_up)
                 del gate_up
                 add(f"{spec.block(layer)}.{layout.down}", down)
                 del down
-                add(f"{spec.block(layer)}.{layout.router}", rows[layer])
+                add(f"{spec.block(layer)}.{layout.router}", rows[layer].to(stored))
         writer.copy_support_files(base.support_dir, names=[n for n in SUPPORT_FILES if n != "config.json"])
         writer.write_text("config.json", json.dumps(output_config(layout, base, config, dtype), indent=2) + "\n")
         public = config.with_models_renamed(lambda ref: _public(cache[ref]))
