@@ -120,7 +120,7 @@ def chat_prompt(tokenizer, question: str) -> str:
 
 @torch.no_grad()
 def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int = ANSWER_TOKENS,
-                 batch: int = 16) -> list[str]:
+                 batch: int = 64) -> list[str]:
     """Greedy answers to ``questions``, in left-padded batches (same tokens as one by one)."""
     tokenizer.padding_side = "left"
     out_texts: list[str] = []
