@@ -40,6 +40,7 @@ from .chat_template import check_chat_template
 from .lines import LinesConfig
 from .methods import MergeMethod, get_method
 from .schedule import is_filter_entry, setting_values
+from .recipe_refs import read_model_ref
 from .tokenizer_config import TokenizerConfig, check_tokenizer_settings, input_refs
 
 log = logging.getLogger(__name__)
@@ -130,12 +131,12 @@ class MergeRecipe:
         recipe = cls(
             merge_method=str(data["merge_method"]),
             models=models,
-            base_model=_ref(data.get("base_model"), "base_model"),
+            base_model=read_model_ref(data.get("base_model"), "base_model"),
             parameters=_params(data.get("parameters"), "parameters"),
             slices=slices,
             dtype=_opt_str(data.get("dtype")),
             out_dtype=_opt_str(data.get("out_dtype")),
-            tokenizer_source=_ref(data.get("tokenizer_source"), "tokenizer_source"),
+            tokenizer_source=read_model_ref(data.get("tokenizer_source"), "tokenizer_source"),
             tokenizer=TokenizerConfig.from_dict(data["tokenizer"]) if data.get("tokenizer") is not None else None,
             chat_template=data.get("chat_template"),
             lines=LinesConfig.from_dict(lines) if lines is not None else None,
@@ -328,16 +329,6 @@ def _as_list(value: Any, key: str) -> list:
     return value
 
 
-def _ref(value: Any, key: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, dict) and "model" in value:  # mergekit also allows {model: ...}
-        value = value["model"]
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
-        raise WeightsmithError(f"recipe: {key} must name a model, got {value!r}")
-    return str(value).strip()
-
-
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -361,7 +352,7 @@ def _model_entry(item: Any, i: int) -> ModelEntry:
     extra = set(item) - {"model", "parameters"}
     if extra:
         raise WeightsmithError(f"recipe: models[{i}] has unknown key(s) {', '.join(sorted(extra))}")
-    model = _ref(item["model"], f"models[{i}].model")
+    model = read_model_ref(item["model"], f"models[{i}].model")
     return ModelEntry(model, _params(item.get("parameters"), f"models[{i}].parameters"))  # type: ignore[arg-type]
 
 
@@ -375,7 +366,7 @@ def _slice(item: Any, i: int) -> SliceDef:
         lr = src["layer_range"]
         if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
             raise WeightsmithError(f"recipe: slices[{i}].sources[{j}].layer_range must be [start, end], got {lr!r}")
-        sources.append(SliceSource(_ref(src["model"], "model"), (lr[0], lr[1]),  # type: ignore[arg-type]
+        sources.append(SliceSource(read_model_ref(src["model"], "model"), (lr[0], lr[1]),  # type: ignore[arg-type]
                                    _params(src.get("parameters"), f"slices[{i}].sources[{j}].parameters")))
     return SliceDef(sources, _params(item.get("parameters"), f"slices[{i}].parameters"),
-                    _ref(item.get("base_model"), f"slices[{i}].base_model"))
+                    read_model_ref(item.get("base_model"), f"slices[{i}].base_model"))

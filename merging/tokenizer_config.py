@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 from checkpoints.errors import WeightsmithError
 
+from .recipe_refs import read_model_ref
+
 SOURCES = ("base", "union")
 
 
@@ -148,9 +150,7 @@ def input_refs(recipe) -> list[str]:
 
 def model_name(value: Any, key: str) -> str:
     """A model reference (``{model: ...}`` allowed, as in mergekit); one error otherwise."""
-    from .recipe import _ref  # the recipe's one reader of a model reference (recipe imports this module)
-
-    return _ref(value, key)  # type: ignore[return-value]
+    return read_model_ref(value, key)  # type: ignore[return-value]
 
 
 def _setting(data: Any, token: str) -> TokenSetting:
