@@ -4,8 +4,7 @@
 ``/usr/bin/chromium`` (``make browser`` installs it) and is skipped with a
 clear reason when it is missing. It saves a screenshot of the result.
 
-Run as a script to regenerate the README screenshots of every tab on the
-real demo model: ``python tests/test_app_browser.py assets/screenshots``.
+The journeys of a new user, and the README's screenshots, are in ``test_app_journeys.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +41,8 @@ def _opened(url: str):
         browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            # The suite shares the machine: a step may wait on the CPU far longer than Playwright's 30 s.
+            page.set_default_timeout(120_000)
             page.goto(url)
             yield page
         finally:
@@ -65,7 +66,7 @@ def served(tmp_path_factory, tiny_llama_family):
     root = tmp_path_factory.mktemp("browser-ws")
     cfg = AppConfig(workspace_root=root, named_models={
         "tiny-base": str(tiny_llama_family["base"]), "tiny-ft1": str(tiny_llama_family["ft1"]),
-        "tiny-ft2": str(tiny_llama_family["ft2"])}, stats_root=root / "stats")
+        "tiny-ft2": str(tiny_llama_family["ft2"])}, stats_root=root / "stats", edit_stats_tokens=1000)
     demo = build_app(config=cfg)
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **launch_kwargs(cfg))
     try:
@@ -175,114 +176,3 @@ def test_first_look_and_a_failed_playground_model(served, tmp_path, tiny_llama_f
         expect(original).not_to_have_value("", timeout=10_000)
         expect(page.locator("#play-original").get_by_text("Error", exact=True)).to_have_count(0)
         page.screenshot(path=str(tmp_path / "playground-error.png"), full_page=True)
-
-
-def make_screenshots(out_dir: Path, *, port: int = 7870, only_models: bool = False) -> list[Path]:
-    """Drive the real app on the demo model through every tab and save one screenshot per tab."""
-    from playwright.sync_api import expect, sync_playwright
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # ROME statistics from the shared wikitext file when present (cached on disk after the first run);
-    # otherwise the app's default, text the model samples itself (slow on a busy CPU).
-    wiki = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    cfg = AppConfig(edit_corpus=str(wiki) if wiki.exists() else None)
-    demo = build_app(config=cfg)
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        **launch_kwargs(cfg))
-    saved = []
-    try:
-        with sync_playwright() as p:
-            browser = _browser(p)
-            page = browser.new_page(viewport={"width": 1360, "height": 1000})
-            page.goto(demo.local_url)
-
-            def tab(name: str):
-                page.get_by_role("tab", name=name).click()
-                page.wait_for_timeout(800)
-                return page.locator(f"#tab-{name.lower()}")
-
-            def shot(name: str):
-                page.wait_for_timeout(1200)
-                path = out_dir / f"{name}.png"
-                page.screenshot(path=str(path), full_page=True)
-                saved.append(path)
-
-            t = tab("Models")
-            from merging.adapters import demo_adapters
-
-            caps = demo_adapters().get("caps")
-            if caps is not None:  # an upload, so the workspace table shows an item
-                t.locator("input[type=file][multiple]").first.set_input_files(
-                    [str(caps / "adapter_config.json"), str(caps / "adapter_model.safetensors")])
-                page.wait_for_timeout(2_000)
-                t.get_by_label("Name").fill("my-caps-adapter")
-                t.get_by_role("button", name="Import").click()
-                expect(t.get_by_text("Imported")).to_be_visible(timeout=60_000)
-            t.get_by_role("button", name="Inspect").click()
-            expect(t.get_by_text("134,515,008")).to_be_visible(timeout=60_000)
-            shot("models")
-            if only_models:
-                return saved
-
-            t = tab("Adapters")
-            t.get_by_label("merged model").check()
-            t.get_by_label("Output name").fill("caps-pirate")
-            t.get_by_role("button", name="Mix", exact=True).click()
-            expect(t.get_by_text("Mixed", exact=True)).to_be_visible(timeout=300_000)
-            shot("adapters")
-
-            t = tab("Merge")
-            set_dropdown(page, "Add a model", "ws:caps-pirate", scope=t)
-            t.get_by_role("button", name="Add ▾").click()
-            page.wait_for_timeout(500)
-            t.get_by_label("LiNeS layer scaling").check()
-            t.get_by_label("α auto").uncheck()
-            t.get_by_label("α", exact=True).fill("0.3")
-            t.get_by_label("β", exact=True).fill("0.7")
-            t.get_by_label("β", exact=True).press("Tab")
-            t.get_by_label("Output name").fill("caps-pirate-lines")
-            t.get_by_role("button", name="Merge", exact=True).click()
-            expect(t.get_by_text("tensors changed")).to_be_visible(timeout=300_000)
-            shot("merge")
-
-            t = tab("Playground")
-            t.get_by_label("Prompt").fill("What is the capital of France?")
-            t.get_by_role("button", name="Generate").click()
-            page.wait_for_timeout(5_000)
-            expect(t.get_by_role("button", name="Generate")).to_be_enabled(timeout=120_000)
-            page.wait_for_timeout(20_000)
-            shot("playground")
-
-            t = tab("Edit")
-            t.get_by_role("button", name="Trace", exact=True).click()
-            expect(t.get_by_text("set as the edit layer")).to_be_visible(timeout=300_000)
-            # Edit at the model's default ROME layer (statistics cached there); the trace's suggestion
-            # stays visible above, and any layer can be typed in.
-            t.get_by_label("Layer").fill("4")
-            t.get_by_role("button", name="Apply edit").click()
-            expect(t.get_by_text("Undo it below")).to_be_visible(timeout=600_000)
-            t.get_by_role("button", name="Evaluate").click()
-            expect(t.get_by_text("efficacy").first).to_be_visible(timeout=120_000)
-            shot("edit")
-
-            t = tab("Export")
-            set_dropdown(page, "Workspace item", "ws:caps-pirate-lines", scope=t)
-            expect(t.get_by_text("weightsmith").first).to_be_visible(timeout=30_000)
-            t.get_by_role("button", name="Make zip").click()
-            page.wait_for_timeout(15_000)
-            shot("export")
-
-            browser.close()
-    finally:
-        demo.close()
-    return saved
-
-
-if __name__ == "__main__":
-    import logging
-
-    logging.basicConfig(level=logging.INFO)
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    for path in make_screenshots(Path(args[0] if args else "assets/screenshots"),
-                                 only_models="--models-only" in sys.argv):
-        print(path)
