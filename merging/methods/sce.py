@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .base import MergeMethod, ParamSpec
-from .task_arithmetic import calculate_majority_sign_mask
+from .task_arithmetic import _CHUNK, calculate_majority_sign_mask
 
 # mergekit's floors: below this total energy the weights are uniform; the kept-weight sum is clamped to it.
 _TINY = 1e-6
@@ -39,21 +39,48 @@ def variance_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor:
     return mask
 
 
+def _weights(energy: torch.Tensor) -> torch.Tensor:
+    """Each model's share of the total energy (uniform when the total is below mergekit's floor)."""
+    total = float(energy.sum())
+    return torch.full_like(energy, 1 / energy.numel()) if abs(total) < _TINY else energy / total
+
+
+def _erase_and_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σᵢ wᵢτᵢ over the models whose sign agrees with the elected one, divided by their Σ wᵢ (over axis 0)."""
+    agree = calculate_majority_sign_mask(deltas, method="total")  # (T, ...) bool
+    kept = agree.to(deltas.dtype).mul_(weights.view(-1, *([1] * (deltas.dim() - 1))))  # wᵢ where τᵢ is kept
+    return deltas.mul_(kept).sum(dim=0).div_(kept.sum(dim=0).clamp_(min=_TINY))
+
+
 def sce(base, tensors, params, per_model, ctx):
     if not tensors:
         return base.clone()
+    keep = float(params["select_topk"])
+    if keep >= 1:
+        return _sce_sliced(base, tensors, ctx)
     deltas = torch.stack(tensors).sub_(base)  # (T, *shape), a new tensor: the inputs stay untouched
     tensors.clear()
-    keep = float(params["select_topk"])
-    if keep < 1:
-        deltas.mul_(variance_mask(deltas, keep))
-    agree = calculate_majority_sign_mask(deltas, method="total")  # (T, *shape) bool
+    deltas.mul_(variance_mask(deltas, keep))
     energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)  # (T,)
-    total = float(energy.sum())
-    weights = torch.full_like(energy, 1 / energy.numel()) if abs(total) < _TINY else energy / total
-    kept = agree.to(deltas.dtype).mul_(weights.view(-1, *([1] * (deltas.dim() - 1))))  # wᵢ where τᵢ is kept
-    merged = deltas.mul_(kept).sum(dim=0).div_(kept.sum(dim=0).clamp_(min=_TINY))
-    return merged.add_(base)
+    return _erase_and_mean(deltas, _weights(energy)).add_(base)
+
+
+def _sce_sliced(base: torch.Tensor, tensors: list[torch.Tensor], ctx) -> torch.Tensor:
+    """SCE without selection, in slices: the stacked task vectors, sign votes and weights of a whole
+    embedding held 1.6 GB at once on the demo model; slices need a few MB (same tensors: the
+    erase and the mean are elementwise across models, and each energy is the same row reduction)."""
+    inputs = [t.reshape(-1) for t in tensors]
+    tensors.clear()
+    flat = base.reshape(-1)
+    scratch = ctx.empty_like(base).reshape(-1)
+    energy = torch.stack([torch.sub(t, flat, out=scratch).square_().view(1, -1).mean(dim=1)[0] for t in inputs])
+    weights = _weights(energy)
+    out = scratch  # the energies are taken: the scratch holds the result now
+    for start in range(0, flat.numel(), _CHUNK):
+        stop = min(flat.numel(), start + _CHUNK)
+        deltas = torch.stack([t[start:stop] for t in inputs]).sub_(flat[start:stop])
+        torch.add(_erase_and_mean(deltas, weights), flat[start:stop], out=out[start:stop])
+    return out.view(base.shape)
 
 
 METHODS = [
