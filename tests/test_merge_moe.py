@@ -114,6 +114,49 @@ def test_cheap_embed_rows_by_hand(tiny_llama_family, tiny_tokenizer, tmp_path):
     assert not torch.allclose(want[0], want[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_hidden_rows_by_hand(tiny_llama_family, tiny_tokenizer, tmp_path, mode):
+    from safetensors.torch import load_file
+
+    fam = tiny_llama_family
+    out = build_moe(config(fam["base"], two_experts(fam["ft1"], fam["ft2"]), mode=mode), tmp_path / "m").out_dir
+    model = load_dense(fam["base"])
+
+    def states(prompts):  # [layers, hidden]: the state entering each layer, per prompt, averaged
+        per = []
+        for p in prompts:
+            ids = torch.tensor([tiny_tokenizer("<s>" + p, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                hs = torch.stack(model(input_ids=ids, output_hidden_states=True).hidden_states[:4])[:, 0]
+            per.append(hs.mean(1) if mode == "hidden_avg" else hs[:, -1])
+        return torch.stack(per).mean(0)
+
+    got = load_file(out / "model.safetensors")
+    for e, (pos, neg) in enumerate(((PROMPTS_A, PROMPTS_B), (PROMPTS_B, PROMPTS_A))):
+        d = states(pos) - states(neg)
+        want = d / d.norm(dim=-1, keepdim=True)
+        for layer in range(4):
+            torch.testing.assert_close(got[f"model.layers.{layer}.mlp.gate.weight"][e], want[layer],
+                                       rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want[0], want[3], atol=1e-3)  # the rows differ from layer to layer
+
+
+def test_without_dtype_the_base_dtype_is_kept(tmp_path):
+    from conftest import build_tiny_llama, perturbed, save_model
+    from safetensors.torch import load_file
+
+    base = build_tiny_llama(0, layers=2)
+    a = save_model(base.to(torch.bfloat16), tmp_path / "a")
+    b = save_model(perturbed(base, 1).to(torch.bfloat16), tmp_path / "b")
+    import json
+
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg.pop("dtype", None) or cfg.pop("torch_dtype", None)  # a config that does not say its dtype
+    (a / "config.json").write_text(json.dumps(cfg))
+    out = build_moe(config(a, two_experts(a, b), mode="random"), tmp_path / "moe").out_dir
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
 # -- transformers loads it and computes what the parts compute --------------------------------------
 
 @pytest.mark.parametrize("per_token", [1, 2])
