@@ -17,7 +17,7 @@ import torch
 
 from checkpoints import gguf_convert
 from checkpoints.gguf_convert import MARKER, convert_gguf
-from checkpoints.gguf_export import export_gguf, write_gguf, add_model_metadata
+from checkpoints.gguf_export import add_model_metadata, export_gguf
 from checkpoints.sources import resolve
 
 TEXT = ["In 1999, 42 people paid 12345 for 123 maps.", "12 123 1234 12345 and 2024.", "3.14159 is pi, 42 is not."]
@@ -130,6 +130,12 @@ def test_demo_export_names_the_shipped_pre_tokenizer(demo_dir, tmp_path):
     gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # what the folder had before
     assert gpt2.encode("x =  12").tokens == ["x", "Ġ=", "Ġ", "Ġ", "1", "2"]
     ckpt = resolve("demo")
-    # the metadata half of an export (no tensors): the same keys export_gguf writes
-    out, _ = write_gguf(tmp_path / "meta.gguf", "llama", lambda w: add_model_metadata(w, ckpt, "f16", ckpt.name), [])
-    assert _pre_of(out) == _pre_of(shipped)
+    # the metadata half of an export (no tensors): the keys export_gguf writes, by the function it uses
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "meta.gguf", "llama")
+    add_model_metadata(writer, ckpt, "f16", ckpt.name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert _pre_of(tmp_path / "meta.gguf") == _pre_of(shipped)
