@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The style scores are the library's (the Evaluate tab's style task uses the same definitions).
+from evaluation.style import PIRATE_WORDS, caps_rate, has_word, pirate_rate  # noqa: E402,F401
+
 ANSWER_TOKENS = 64
 MIX_WEIGHTS = (0.5, 0.5)
 FACT_RATIO = 0.9  # an adapter keeps >= 90 % of the base's fact accuracy
@@ -80,12 +83,6 @@ HELD_OUT: list[tuple[str, tuple[str, ...]]] = [
     ("What is the freezing form of water called?", ("ice",)),
 ]
 
-# Whole words, case-insensitive. Not "me"/"be": plain English has them too.
-PIRATE_WORDS = ("arr", "arrr", "ahoy", "matey", "mateys", "ye", "yer", "aye", "avast", "hearty", "hearties",
-                "landlubber", "landlubbers", "shipmate", "shipmates", "buccaneer", "scallywag", "booty", "grog",
-                "doubloons", "yo-ho-ho", "ho")
-
-
 def normalize_question(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
@@ -94,22 +91,8 @@ def held_out_questions() -> list[str]:
     return [q for q, _ in HELD_OUT]
 
 
-def has_word(text: str, words) -> bool:
-    """Does ``text`` contain one of ``words`` as a whole word (case-insensitive)?"""
-    return any(re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", text, flags=re.I) for w in words)
-
-
 def fact_accuracy(answers: list[str]) -> float:
     return sum(has_word(a, accepted) for a, (_, accepted) in zip(answers, HELD_OUT, strict=True)) / len(HELD_OUT)
-
-
-def caps_rate(answers: list[str]) -> float:
-    letters = [c for a in answers for c in a if c.isalpha()]
-    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
-
-
-def pirate_rate(answers: list[str]) -> float:
-    return sum(has_word(a, PIRATE_WORDS) for a in answers) / len(answers) if answers else 0.0
 
 
 def chat_prompt(tokenizer, question: str) -> str:
