@@ -4,8 +4,9 @@
    transformers at conversion. Every tensor of the shipped file is decoded here with our own block
    decoder (:func:`checkpoints.gguf_check.decode`), brought to the source's layout, and compared with
    the float32 source (0 = the source holds exactly the shipped values).
-2. **transformers' dequantiser** (the one ``from_pretrained(..., gguf_file=...)`` uses) on the same
-   bytes, against ours.
+2. **transformers' own dequantiser** (``integrations.gguf.dequant``, its newer loading path; for llama
+   ``from_pretrained(..., gguf_file=...)`` still takes the legacy path through ``gguf.quants``) on the
+   same bytes, against ours.
 3. **What re-quantising keeps.** The q8_0 export decoded, per shipped type: the share of values that
    come back bit-exact, the largest error, and the largest error as a share of the Q8_0 bound.
 4. **Agreement** of the export, loaded by transformers, with the source on ``bench/gguf_export.py``'s

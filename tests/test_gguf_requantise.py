@@ -1,8 +1,9 @@
 """Re-quantising weights that came out of a GGUF, and reading GGUF blocks the way transformers does.
 
 The demo model is the shipped SmolLM2 GGUF dequantised (Q4_1 matrices, a Q8_0 token embedding).
-These cases pin down what a q8_0 export of such weights can and cannot keep, and that the
-dequantiser transformers loads GGUF files with gives the values our independent decoder gives.
+These cases pin down what a q8_0 export of such weights can and cannot keep, and that transformers'
+own dequantiser (``integrations.gguf.dequant``, its newer loading path; for llama it still takes the legacy
+path through ``gguf.quants``, compared in tests/test_gguf_export.py) gives the values our decoder gives.
 """
 
 from __future__ import annotations
