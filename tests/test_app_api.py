@@ -46,7 +46,7 @@ def client(server) -> Client:
 def test_api_names_are_stable(server):
     names = set(client(server).view_api(return_format="dict", print_info=False)["named_endpoints"])
     expected = {"/merge", "/mix_adapters", "/trace", "/edit", "/evaluate", "/generate", "/export", "/push",
-                "/inspect", "/upload"}
+                "/inspect", "/upload", "/analyze", "/eval"}
     assert expected <= names, names - expected
     # Heavy jobs share one queue slot: two merges (or a merge and an edit) never run together.
     demo, cfg = server
