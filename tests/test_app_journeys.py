@@ -242,7 +242,8 @@ def export_journey(page, cast: Cast, shot: Callable[[str], None]) -> list[str]:
     with page.expect_download(timeout=cast.timeout) as download:
         link.click()
     names = zipfile.ZipFile(download.value.path()).namelist()  # read before the browser (and it) goes
-    assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
+    folder = cast.export_item[3:]  # the zip holds the item's folder
+    assert f"{folder}/config.json" in names and any(n.endswith(".safetensors") for n in names), names
     shot("export")
     return names
 
@@ -325,7 +326,7 @@ def test_playground_journey(served, cast, tmp_path):
 
 def test_export_journey(served, cast, tmp_path):
     names, _ = run(served, cast, "export", tmp_path, "merge")
-    assert "README.md" in names  # the card the preview showed travels with the weights
+    assert "my-merge/README.md" in names  # the card the preview showed travels with the weights
 
 
 # ---- the README's screenshots, on the demo model ------------------------------------------------------
