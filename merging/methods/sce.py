@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .base import MergeMethod, ParamSpec
-from .task_arithmetic import _CHUNK, calculate_majority_sign_mask
+from .task_arithmetic import SLICE_ENTRIES, calculate_majority_sign_mask
 
 # mergekit's floors: below this total energy the weights are uniform; the kept-weight sum is clamped to it.
 _TINY = 1e-6
@@ -76,8 +76,8 @@ def _sce_sliced(base: torch.Tensor, tensors: list[torch.Tensor], ctx) -> torch.T
     energy = torch.stack([torch.sub(t, flat, out=scratch).square_().view(1, -1).mean(dim=1)[0] for t in inputs])
     weights = _weights(energy)
     out = scratch  # the energies are taken: the scratch holds the result now
-    for start in range(0, flat.numel(), _CHUNK):
-        stop = min(flat.numel(), start + _CHUNK)
+    for start in range(0, flat.numel(), SLICE_ENTRIES):
+        stop = min(flat.numel(), start + SLICE_ENTRIES)
         deltas = torch.stack([t[start:stop] for t in inputs]).sub_(flat[start:stop])
         torch.add(_erase_and_mean(deltas, weights), flat[start:stop], out=out[start:stop])
     return out.view(base.shape)
