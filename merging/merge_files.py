@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from checkpoints.errors import WeightsmithError
 from checkpoints.sources import LocalCheckpoint, public_name
 from checkpoints.tensors import SUPPORT_FILES, ShardedWriter
 
@@ -33,6 +34,15 @@ def output_config(recipe: MergeRecipe, ref: LocalCheckpoint, num_blocks: int) ->
     key = next((k for k in (ref.spec.num_layers_key, "num_hidden_layers", "n_layer") if k in config), None)
     if key is not None and config[key] != num_blocks:
         config[key] = num_blocks
+    # Configs such as qwen2's list one attention type per layer; transformers refuses a config whose list
+    # does not match the layer count, so a merge that changes the count (passthrough slices) resizes it.
+    types = config.get("layer_types")
+    if isinstance(types, list) and types and len(types) != num_blocks:
+        if len(set(map(str, types))) > 1:
+            raise WeightsmithError(f"the reference config's layer_types differ per layer ({sorted(set(map(str, types)))}); "
+                                   f"a merge to {num_blocks} layers would need each output layer's type from its "
+                                   "source layer, which is not supported yet")
+        config["layer_types"] = [types[0]] * num_blocks
     out = recipe.torch_dtype("out_dtype") or recipe.torch_dtype("dtype")
     if out is not None:
         for k in ("torch_dtype", "dtype"):

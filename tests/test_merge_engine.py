@@ -309,3 +309,30 @@ def test_loader_mapped_views_unaligned_and_rounded(tmp_path, tiny_llama_family):
             assert torch.equal(rounded, want.to(torch.bfloat16).float()) and not torch.equal(rounded, want)
         assert torch.equal(loader.get(ck.reader(), "half", None), want.to(torch.bfloat16).float())
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_passthrough_slices_of_qwen2_keep_a_loadable_config(tmp_path):
+    # Qwen2's config lists one attention type per layer; a 6-layer output of two 4-layer models must list 6
+    # (transformers refuses the config otherwise; mergekit 0.1.5 itself writes the stale list of 4).
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=4, max_position_embeddings=64)
+    src = tmp_path / "qwen"
+    Qwen2ForCausalLM(cfg).save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["layer_types"] == ["full_attention"] * 4  # non-vacuous
+    recipe = MergeRecipe.from_yaml(f"""
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {src}
+        layer_range: [0, 3]
+  - sources:
+      - model: {src}
+        layer_range: [1, 4]
+""")
+    run_merge(recipe, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["layer_types"] == ["full_attention"] * 6
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 6
