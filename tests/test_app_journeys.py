@@ -94,7 +94,8 @@ def models_journey(page, cast: Cast, shot: Callable[[str], None]) -> None:
 
     t = tab(page, "Models")
     t.locator("input[type=file][multiple]").first.set_input_files([str(p) for p in cast.upload])
-    expect(t.get_by_text(cast.upload[-1].name).first).to_be_visible(timeout=cast.timeout)  # uploaded
+    weights = next(p.name for p in cast.upload if p.suffix == ".safetensors")
+    expect(t.get_by_text(weights).first).to_be_visible(timeout=cast.timeout)  # uploaded
     t.get_by_label("Name").fill(cast.upload_name)
     t.get_by_role("button", name="Import").click()
     ref = f"ws:{cast.upload_name}"
