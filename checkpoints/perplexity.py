@@ -24,8 +24,8 @@ from .jobs import Job, ensure
 
 
 def right_padded(rows: Sequence[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows as one right-padded batch: (input ids, attention mask)."""
-    width = max(len(r) for r in rows)
+    """Token rows as one right-padded batch: (input ids, attention mask), each ``[len(rows), longest]``."""
+    width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):

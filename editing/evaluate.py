@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Job
-from checkpoints.perplexity import perplexity  # noqa: F401  (one definition; editing's callers import it here)
+from checkpoints.perplexity import perplexity, right_padded  # noqa: F401  (one definition; editing's callers import it here)
 
 from .generation_checks import GenerationConfig, generation_scores
 from .records import EvalRecord, load_records, parse_record  # noqa: F401  (part of this module's API)
@@ -63,12 +63,7 @@ def target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], *,
     out: list[float] = [0.0] * len(rows)
     for s in range(0, len(order), batch_size):
         batch = order[s:s + batch_size]
-        width = max(len(rows[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(batch):
-            ids[j, :len(rows[i])] = torch.tensor(rows[i])
-            mask[j, :len(rows[i])] = 1
+        ids, mask = right_padded([rows[i] for i in batch], pad)
         h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         for j, i in enumerate(batch):
             start, ti = spans[i]

@@ -26,10 +26,11 @@ from typing import Any, Callable
 import torch
 
 from checkpoints.arch import ArchSpec
+from checkpoints.perplexity import right_padded
 
 from .alphaedit import AlphaEditHyperParams, alphaedit_factors
 from .hooks import capture_output
-from .request import EditRequest, pad_id, pad_right, tokenise
+from .request import EditRequest, pad_id, tokenise
 from .rome import RomeHyperParams, compute_keys, compute_value, default_layer, prefixed
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _residuals(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], la
     """Output of block ``layer`` at each bare prompt's subject-last token: ``[n, hidden]``."""
     device = next(model.parameters()).device
     seqs = [tokenise(tokenizer, r.text, r.subject) for r in requests]
-    ids, mask = pad_right([s.ids for s in seqs], pad_id(tokenizer))
+    ids, mask = right_padded([s.ids for s in seqs], pad_id(tokenizer))
     with capture_output(model, spec.block(layer)) as seen:
         model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     idx = torch.tensor([s.subject_last for s in seqs], device=device)

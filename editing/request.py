@@ -110,17 +110,6 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows as one right-padded batch: ``(ids, attention_mask)``, each ``[len(rows), longest]``."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
 def subject_span(tokenizer: Any, text: str, start: int, subject: str) -> tuple[int, int]:
     """Token range ``[first, last]`` (inclusive) covering ``text[start:start+len(subject)]``.
 

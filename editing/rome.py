@@ -42,9 +42,10 @@ import torch.nn.functional as F
 
 from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
+from checkpoints.perplexity import right_padded
 
 from .hooks import StopForward, capture_input, get_module, patch_output, stop_after
-from .request import EditRequest, Tokenised, fill, pad_id, pad_right, start_token_id, target_ids, tokenise
+from .request import EditRequest, Tokenised, fill, pad_id, start_token_id, target_ids, tokenise
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def prefixed(prefixes: list[str], text: str) -> list[str]:
 def compute_keys(model, tokenizer, spec: ArchSpec, layer: int, seqs: list[Tokenised]) -> torch.Tensor:
     """Down-projection inputs of ``layer`` at each sequence's subject-last token: ``[n, in]``."""
     device = next(model.parameters()).device
-    ids, mask = pad_right([s.ids for s in seqs], pad_id(tokenizer))
+    ids, mask = right_padded([s.ids for s in seqs], pad_id(tokenizer))
     name = spec.module("mlp_out", layer)
     with capture_input(model, name) as seen, stop_after(model, name):
         try:
@@ -220,7 +221,7 @@ class SplitBatch:
             cache = out.past_key_values
             self.kv = [(layer.keys, layer.values) for layer in cache.layers]
             self._cache_cls = DynamicCache
-        self.tail_ids, self.tail_mask = pad_right(tails, pad)
+        self.tail_ids, self.tail_mask = right_padded(tails, pad)
         self.tail_pos = self.head_len[:, None] + torch.arange(self.tail_ids.shape[1])[None, :]
 
     def run(self) -> torch.Tensor:
