@@ -30,7 +30,6 @@ AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 HALF = 500  # dev-1000.json: records 0-499 tune, 500-999 report
 
+from checkpoints.fingerprint import module_digest  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
 from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
 from editing.evaluate import aggregate, evaluate_edits, load_records, perplexity  # noqa: E402
@@ -93,15 +93,6 @@ def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:
         raise SystemExit(f"held-out text overlaps the statistics: {len(ids)} tokens, {stats_tokens} for the "
                          f"statistics, {n} held out")
     return ids[-n:]
-
-
-def model_fingerprint(model) -> str:
-    """SHA-256 over the weights' bytes: the unedited scores are reused only for these exact weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
 
 
 class UneditedCache:
@@ -338,7 +329,7 @@ def main() -> int:
     unedited = {"ppl": round(perplexity(model, held, seq_len=SEQ_LEN), 3),
                 "fluency": round(fluency_on(model, tok, FLUENCY_PROMPTS), 4), "ppl_tokens": len(held)}
     numbers = (list(range(lo, lo + HALF)) + list(range(HALF - lo, 2 * HALF - lo)))[args.offset:args.offset + args.max_edits]
-    cache = UneditedCache(Path(args.unedited_cache), model_fingerprint(model))
+    cache = UneditedCache(Path(args.unedited_cache), module_digest(model))
     base_rows = cache.rows("scores", numbers, lambda ns: evaluate_edits(model, tok, [all_records[n] for n in ns]))
     k = min(args.gen_sample, len(records))
     gen_idx = sorted({round(i * (len(records) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
