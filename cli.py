@@ -29,6 +29,7 @@ from editing import commands as edit_commands
 from evaluation import commands as eval_commands
 from merging import adapter_commands
 from merging import commands as merge_commands
+from merging import evolve_commands
 from merging import gguf_commands
 from merging import moe_commands
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub_commands.register(sub)
     edit_commands.register(sub)
     eval_commands.register(sub)
+    evolve_commands.register(sub)
     return parser
 
 
