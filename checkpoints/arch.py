@@ -250,11 +250,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 class MoeLayout:
     """How a mixture of experts built from dense ``source_types`` models is stored (``weightsmith moe``).
 
-    Names are relative to the block. The router holds one row per expert; the experts are
-    fused as transformers 5 loads them natively (mergekit 0.1.5 writes the same):
+    Names are relative to the block. The router holds one row per expert. Without ``expert_names``
+    the experts are fused as transformers 5 loads them natively (mergekit 0.1.5 writes the same):
     ``gate_up`` is ``[experts, 2*intermediate, hidden]`` (each expert's gate rows, then its up
-    rows) and ``down`` is ``[experts, hidden, intermediate]``. ``dense_gate``/``dense_up``/``dense_down``
-    are the dense MLP's weights each expert contributes.
+    rows) and ``down`` is ``[experts, hidden, intermediate]``. With ``expert_names`` (templates with
+    ``{e}``, in gate/up/down order) each expert's three matrices are stored apart: the layout
+    transformers' own ``save_pretrained`` writes and its conversion mapping fuses on load.
+    ``dense_gate``/``dense_up``/``dense_down`` are the dense MLP's weights each expert contributes.
+
+    ``shared_experts`` is how many always-on experts the layout takes (mergekit-moe's
+    ``shared_experts``); their weights go to ``shared_names`` and their one-row gate to ``shared_gate``.
+    ``required_biases`` must exist in the output; a source without one gets zeros (as mergekit does).
+    ``mergekit_name`` is the name mergekit-moe's ``architecture:`` key matches by prefix.
     """
 
     model_type: str
@@ -268,26 +275,55 @@ class MoeLayout:
     dense_down: str
     num_experts_key: str
     experts_per_token_key: str
+    mergekit_name: str = ""
+    shared_experts: int = 0
+    expert_names: tuple[str, str, str] | None = None
+    shared_names: tuple[str, str, str] | None = None
+    shared_gate: str | None = None
+    required_biases: tuple[str, ...] = ()
+    # Output config values beyond the base's settings; the *_intermediate_size keys copy intermediate_size.
+    config_overrides: tuple[tuple[str, Any], ...] = ()
+    intermediate_keys: tuple[str, ...] = ()
 
 
 MOE_LAYOUTS: dict[str, MoeLayout] = {
+    # Order matters: mergekit-moe prefers Mixtral whenever it fits.
     "mixtral": MoeLayout(
         model_type="mixtral", architecture="MixtralForCausalLM", source_types=("llama", "mistral"),
         router="mlp.gate.weight", gate_up="mlp.experts.gate_up_proj", down="mlp.experts.down_proj",
         dense_gate="mlp.gate_proj.weight", dense_up="mlp.up_proj.weight", dense_down="mlp.down_proj.weight",
-        num_experts_key="num_local_experts", experts_per_token_key="num_experts_per_tok"),
+        num_experts_key="num_local_experts", experts_per_token_key="num_experts_per_tok", mergekit_name="Mixtral"),
+    "qwen2_moe": MoeLayout(
+        model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", source_types=("llama", "mistral", "qwen2"),
+        router="mlp.gate.weight", gate_up="mlp.experts.gate_up_proj", down="mlp.experts.down_proj",
+        dense_gate="mlp.gate_proj.weight", dense_up="mlp.up_proj.weight", dense_down="mlp.down_proj.weight",
+        num_experts_key="num_experts", experts_per_token_key="num_experts_per_tok", mergekit_name="Qwen MoE",
+        shared_experts=1,
+        expert_names=("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
+                      "mlp.experts.{e}.down_proj.weight"),
+        shared_names=("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
+                      "mlp.shared_expert.down_proj.weight"),
+        shared_gate="mlp.shared_expert_gate.weight",
+        required_biases=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        config_overrides=(("decoder_sparse_step", 1), ("norm_topk_prob", True), ("use_sliding_window", False),
+                          ("mlp_only_layers", []), ("qkv_bias", True),
+                          ("layer_types", None)),  # None: rebuilt without sliding windows, as mergekit turns them off
+        intermediate_keys=("moe_intermediate_size", "shared_expert_intermediate_size")),
 }
 
 
-def moe_layout_for(model_type: str | None) -> MoeLayout:
-    """The MoE layout dense ``model_type`` experts are assembled into; one error line otherwise."""
+def moe_layout_for(model_type: str | None, *, shared_experts: int = 0) -> MoeLayout:
+    """The MoE layout dense ``model_type`` experts with ``shared_experts`` always-on experts are
+    assembled into, chosen as mergekit-moe chooses (Mixtral first); one error line otherwise."""
     for layout in MOE_LAYOUTS.values():
-        if model_type in layout.source_types:
+        if model_type in layout.source_types and shared_experts == layout.shared_experts:
             return layout
-    kinds = ", ".join(t for layout in MOE_LAYOUTS.values() for t in layout.source_types)
-    if model_type == "qwen2":
-        raise WeightsmithError("qwen2 experts (Qwen2-MoE output) are not supported yet; "
-                               f"mixture-of-experts assembly takes {kinds} models")
+    fits = [layout for layout in MOE_LAYOUTS.values() if model_type in layout.source_types]
+    if fits:
+        wants = "; ".join(f"{layout.architecture} takes exactly {layout.shared_experts}" for layout in fits)
+        raise WeightsmithError(f"{model_type} experts with {shared_experts} shared_experts fit no MoE layout "
+                               f"({wants}); mergekit-moe's rule")
+    kinds = ", ".join(dict.fromkeys(t for layout in MOE_LAYOUTS.values() for t in layout.source_types))
     raise WeightsmithError(f"mixture-of-experts assembly takes {kinds} models, not {model_type!r}")
 
 

@@ -58,7 +58,8 @@ def random_rows(layers: int, experts: int, hidden: int, *, mode: str, seed: int)
     return torch.rand((layers, experts, hidden), generator=g) * 2 * scale - scale
 
 
-def _token_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids mergekit routes by: BOS (when the tokenizer has one) + prompt, no other special tokens."""
     ids = tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise WeightsmithError(f"prompt {prompt!r} has no tokens")
@@ -76,7 +77,7 @@ def _prompt_rows(encode, prompts: Prompts) -> torch.Tensor:
 def cheap_embed_rows(embed: torch.Tensor, tokenizer, experts: list[Prompts], layers: int) -> torch.Tensor:
     """``[layers, experts, hidden]`` from the embedding matrix ``embed`` (``[vocab, hidden]``)."""
     def encode(prompts: tuple[str, ...]) -> torch.Tensor:
-        ids = torch.tensor([i for p in prompts for i in _token_ids(tokenizer, p)])
+        ids = torch.tensor([i for p in prompts for i in prompt_ids(tokenizer, p)])
         if int(ids.max()) >= embed.shape[0]:
             raise WeightsmithError("a prompt token is outside the base model's embedding matrix")
         return _normalise(embed.float()[ids].sum(dim=0))
@@ -97,7 +98,7 @@ def hidden_rows(model, tokenizer, experts: list[Prompts], *, average: bool, devi
         per_prompt = []
         for p in prompts:
             job.check("the gate prompts")
-            ids = torch.tensor([_token_ids(tokenizer, p)], device=device)
+            ids = torch.tensor([prompt_ids(tokenizer, p)], device=device)
             with torch.no_grad():
                 out = model(input_ids=ids, output_hidden_states=True, return_dict=True)
             states = torch.stack(out.hidden_states[:-1]).float()[:, 0]  # [layers, seq, hidden]
