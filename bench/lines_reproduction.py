@@ -11,7 +11,7 @@ user makes it (a :class:`merging.recipe.MergeRecipe` run by :func:`merging.engin
 recipe's ``lines:`` block) and scored by :func:`evaluation.evaluate_models` (cached by content):
 
 * target tasks: ``lines-add-mc``, ``lines-reverse-mc`` (held-out questions; accuracy, 4 choices);
-* general ability: ``wikitext-excerpt`` perplexity (the fine-tunes never saw WikiText) and
+* general ability: ``wikitext-excerpt`` perplexity (its first 1024 tokens; the fine-tunes never saw WikiText) and
   ``general-mc`` + ``capitals-mc`` accuracy (62 questions pooled).
 
 Rows: the base; each fine-tune; LiNeS on each fine-tune for every α in :data:`ALPHAS` (β = 1 − α;
@@ -52,12 +52,14 @@ TARGET = {"add": "lines-add-mc", "reverse": "lines-reverse-mc"}
 GENERAL_MC = ("general-mc", "capitals-mc")
 PERPLEXITY = "wikitext-excerpt"
 TASKS = (*TARGET.values(), *GENERAL_MC, PERPLEXITY)
-ALPHAS = (0.0, 0.25, 0.5, 0.75)  # LiNeS on one fine-tune: α = γ, β = 1 − γ (α = 1 is the fine-tune)
+ALPHAS = (0.0, 0.3, 0.6)  # LiNeS on one fine-tune: α = γ, β = 1 − γ (α = 1 is the fine-tune)
 MERGE_METHODS = ("task_arithmetic", "ties", "tsv_m")
 MERGE_BETA = 0.5  # fixed in advance, not tuned (the paper tunes β on validation data)
 TIES_DENSITY = 0.2  # the TIES paper's top-20 %
 PLOT = ROOT / "assets" / "plots" / "lines_reproduction.png"
 TABLE_JSON = ROOT / "assets" / "plots" / "lines_reproduction.json"
+# WikiText: the excerpt's first 1024 tokens (4 windows of 256), to fit 2 shared cores.
+SETTINGS = EvalSettings(max_tokens=1024)
 
 
 @dataclass
@@ -73,7 +75,13 @@ class Row:
     scores: dict[str, float] = field(default_factory=dict)  # "task/metric" -> value
 
     def target(self, task: str) -> float:
-        return self.scores[f"{TARGET[task]}/acc"]
+        return self.scores.get(f"{TARGET[task]}/acc", float("nan"))
+
+    def tasks(self) -> tuple[str, ...]:
+        """What the row is scored on: a single-task LiNeS row skips the other fine-tune's task (CPU time)."""
+        if self.group == "lines-single":
+            return (TARGET[self.finetune], *GENERAL_MC, PERPLEXITY)
+        return TASKS
 
     def general_acc(self, counts: dict[str, int]) -> float:
         """general-mc and capitals-mc pooled: correct answers over all their questions."""
@@ -178,8 +186,9 @@ def table_markdown(rows: list[Row], counts: dict[str, int]) -> str:
     lines = [f"| model | LiNeS α, β | add acc | reverse acc | general acc ({n_general} q) | WikiText ppl |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.name} | {_lines_cell(r)} | {r.target('add'):.3f} | {r.target('reverse'):.3f} | "
-                     f"{r.general_acc(counts):.3f} | {r.perplexity:.2f} |")
+        add, rev = (f"{r.target(t):.3f}" if TARGET[t] + "/acc" in r.scores else "–" for t in FINETUNE_TASKS)
+        lines.append(f"| {r.name} | {_lines_cell(r)} | {add} | {rev} | {r.general_acc(counts):.3f} | "
+                     f"{r.perplexity:.2f} |")
     return "\n".join(lines)
 
 
@@ -192,7 +201,8 @@ def plot_reproduction(rows: list[Row], counts: dict[str, int], path: Path) -> No
     import matplotlib.pyplot as plt
 
     base = next(r for r in rows if r.group == "base")
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes = axes.ravel()
     panels = [("target-task accuracy", lambda r, t: r.target(t), base.target),
               (f"general accuracy ({sum(counts[t] for t in GENERAL_MC)} q)", lambda r, t: r.general_acc(counts),
                lambda t: base.general_acc(counts)),
@@ -211,18 +221,34 @@ def plot_reproduction(rows: list[Row], counts: dict[str, int], path: Path) -> No
     axes[0].legend(fontsize=8)
     merges = [r for r in rows if r.group == "merge"]
     methods = list(dict.fromkeys(r.method for r in merges))
+
+    def picked(lines_on: bool) -> list[Row]:
+        return [next(r for r in merges if r.method == m and (r.beta is not None) == lines_on) for m in methods]
+
     ax = axes[3]
     width = 0.2
-    for k, (label, lines_on, hatch) in enumerate([("no LiNeS", False, ""), ("LiNeS", True, "//")]):
-        picked = [next(r for r in merges if r.method == m and (r.beta is not None) == lines_on) for m in methods]
-        for j, (metric, color) in enumerate([("add", "tab:blue"), ("reverse", "tab:orange")]):
+    for k, (label, hatch) in enumerate([("no LiNeS", ""), ("LiNeS", "//")]):
+        for j, task in enumerate(FINETUNE_TASKS):
             xs = [i + (2 * k + j - 1.5) * width for i in range(len(methods))]
-            ax.bar(xs, [r.target(metric) for r in picked], width, color=color, hatch=hatch, edgecolor="black",
-                   label=f"{metric} acc, {label}")
+            ax.bar(xs, [r.target(task) for r in picked(bool(k))], width, color=colors[task], hatch=hatch,
+                   edgecolor="black", label=f"{task} acc, {label}")
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylim(0, 1)
-    ax.set_title("multi-task merges: target accuracy")
+    ax.set_title("merges of both fine-tunes: target accuracy")
     ax.legend(fontsize=7)
+    for ax, (title, value) in zip(axes[4:], [("merges: general accuracy", lambda r: r.general_acc(counts)),
+                                             ("merges: WikiText perplexity", lambda r: r.perplexity)]):
+        for k, (label, hatch) in enumerate([("no LiNeS", ""), ("LiNeS", "//")]):
+            xs = [i + (k - 0.5) * 0.35 for i in range(len(methods))]
+            ax.bar(xs, [value(r) for r in picked(bool(k))], 0.35, color="tab:green", hatch=hatch, edgecolor="black",
+                   label=label)
+        ax.axhline(value(base), color="gray", linestyle=":", label="base")
+        ax.set_xticks(range(len(methods)), methods)
+        if "perplexity" in title:  # bars from 0 would hide differences of a few percent
+            lows = [value(r) for r in merges] + [value(base)]
+            ax.set_ylim(0.95 * min(lows), 1.03 * max(lows))
+        ax.set_title(title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -254,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             ref = str(folder)
             if row.group == "merge" and row.beta is not None:
                 row.alpha = alpha
-        result = score_rows([(row, ref)])
+        result = score_rows([(row, ref)], row.tasks(), settings=SETTINGS)
         counts.update(question_counts(result))
         rows.append(row)
         log.info("%s: %s", row.name, row.scores)

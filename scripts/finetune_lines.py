@@ -11,8 +11,8 @@ Each task's held-out questions are the multiple-choice files ``assets/tasks/line
 (written by ``--write-tasks`` from a fixed seed); the training questions are drawn from another seed
 and every one that is a held-out question is dropped, so the fine-tune never sees the test split.
 
-Training: all parameters, float32, AdamW (lr 1e-4 after 10 warm-up steps, no weight decay), batch 8,
-``--steps`` steps (default 120), loss on the answer tokens only, one torch thread, seeded. The
+Training: all parameters, float32, AdamW (lr 2e-4 after 10 warm-up steps, no weight decay), batch 8,
+``--steps`` steps (default 60), loss on the answer tokens only, one torch thread, seeded. The
 result is a normal checkpoint folder (safetensors, config, the demo's tokenizer) in
 ``$WEIGHTSMITH_HOME/lines-finetunes/<task>`` with ``training.json`` recording the settings and the loss.
 
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=sorted(TASKS), action="append", help="task(s) to fine-tune on")
     ap.add_argument("--write-tasks", action="store_true", help="write the held-out task files to assets/tasks")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base", default="demo")

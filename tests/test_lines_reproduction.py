@@ -78,6 +78,9 @@ def test_plan_has_every_row_the_issue_asks_for():
     assert by_name["ties+lines"].lines.to_dict() == {"alpha": "auto", "beta": bench.MERGE_BETA}
     assert by_name["ties"].lines is None and by_name["base"] is None
     assert by_name["ties"].method.name == "ties" and by_name["tsv_m+lines"].method.name == "tsv_m"
+    rows_by_name = {r.name: r for r, _, _ in rows}
+    assert rows_by_name["lines-add-a0"].tasks() == ("lines-add-mc", *bench.GENERAL_MC, bench.PERPLEXITY)
+    assert set(rows_by_name["ties+lines"].tasks()) == {*bench.TARGET.values(), *bench.GENERAL_MC, bench.PERPLEXITY}
 
 
 def _write_tasks(folder: Path) -> list[Path]:
