@@ -234,7 +234,7 @@ def export_journey(page, cast: Cast, shot: Callable[[str], None]) -> list[str]:
     t.get_by_role("button", name="Refresh").click()
     set_dropdown(page, "Workspace item", cast.export_item, scope=t)
     expect(t.get_by_text(re.compile(r"q8_0: about [\d.]+ [KMG]B of weights"))).to_be_visible(timeout=cast.timeout)
-    expect(t.get_by_text("Front matter")).to_be_visible(timeout=cast.timeout)  # the card Push would publish
+    expect(t.get_by_text("Listed on the Hub as")).to_be_visible(timeout=cast.timeout)  # the card Push would publish
     t.get_by_role("button", name="Make zip").click()
     expect(t.get_by_label(f"{cast.export_item[3:]}.zip", exact=True)).to_be_visible(timeout=cast.timeout)
     link = t.get_by_test_id("download-link")  # "<size> ⇣"

@@ -245,7 +245,7 @@ def test_endpoint_bad_input_keeps_serving(server):  # noqa: F811
         c.predict(recipe_text(None, "tiny-ft1", "tiny-ft2", method="linear"), None, api_name="/analyze")
     with pytest.raises(Exception, match="unknown-model"):
         c.predict(recipe_text("tiny-base", "tiny-ft1", "unknown-model"), None, api_name="/analyze")
-    with pytest.raises(Exception, match="Density for the TIES trim: Value 2.0 is greater than maximum value 1"):
+    with pytest.raises(Exception, match="density must be at most 1, not 2"):
         c.predict(ENDPOINT_RECIPE, 2.0, api_name="/analyze")
     _, _, numbers = c.predict(ENDPOINT_RECIPE, 0.5, api_name="/analyze")
     assert len(numbers["rows"]) == 7

@@ -7,6 +7,7 @@ they stand for and read it back. The recipes' own classes validate; nothing here
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from checkpoints.errors import WeightsmithError
@@ -32,6 +33,35 @@ def cell_value(value: Any) -> Any:
         return load_yaml(text, what="cell")
     except WeightsmithError:
         return text
+
+
+def optional_number(value: str | float | None, name: str, *, empty: str, low: float | None = None,
+                    high: float | None = None, integer: bool = False) -> float | int | None:
+    """A number field whose empty value means a default: text on the page (a Textbox, since a gr.Number
+    shows and sends 0 when empty), a number from an API client. Empty -> None; else the number, checked
+    against ``low``/``high`` (inclusive) and ``integer``; anything else is one line naming the field and
+    what empty means (``empty``, e.g. "the suggested layer")."""
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            # ascii(): a lone surrogate or a NUL typed into the field is shown escaped, never passed on
+            raise WeightsmithError(f"{name} must be {kind} (empty: {empty}), not {ascii(text[:20])}") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WeightsmithError(f"{name} must be {kind} or empty, not {type(value).__name__}")
+    if not math.isfinite(value) or (integer and value != int(value)):
+        raise WeightsmithError(f"{name} must be {kind}, not {value:g}")
+    if low is not None and value < low:
+        raise WeightsmithError(f"{name} must be at least {low:g}, not {value:g}")
+    if high is not None and value > high:
+        raise WeightsmithError(f"{name} must be at most {high:g}, not {value:g}")
+    return int(value) if integer else float(value)
 
 
 def show_value(value: Any) -> str:
@@ -267,3 +297,27 @@ def mix_form_to_yaml(base: str, adapters: Any, method: str, params: Any, lines_o
         return text, "✓ recipe is valid"
     except WeightsmithError as e:
         return text, f"⚠ {e}"
+
+
+def mix_form_from_yaml(text: str) -> dict:
+    """Parse the Adapters tab's recipe box into widget values (the reverse of :func:`mix_form_to_yaml`);
+    raises WeightsmithError on a recipe the form cannot show."""
+    from merging.adapters import AdapterMixRecipe
+
+    recipe = AdapterMixRecipe.from_dict(load_yaml(text or "", what="mix recipe") or {})
+    rows = []
+    for i, entry in enumerate(recipe.adapters):
+        if not isinstance(entry.adapter, str):
+            raise WeightsmithError(f"adapters[{i}]: name an adapter (demo-adapter:NAME, ws:NAME or a Hub id); "
+                                   "upload files in the Models tab first")
+        rows.append([entry.adapter, show_value(entry.weight)])
+    lines = recipe.lines
+    if lines is not None and lines.alpha == "auto":
+        raise WeightsmithError("lines: alpha auto is not offered for adapters here; give a number")
+    return {
+        "base": recipe.base_model, "adapters": {"headers": ["adapter", "weight"], "data": rows},
+        "method": recipe.method, "params": adapter_param_rows(recipe.method, recipe.parameters),
+        "lines_on": lines is not None, "alpha": 0.5 if lines is None else float(lines.alpha),
+        "beta": 0.5 if lines is None else float(lines.beta),
+        "output": "merged model" if recipe.merge_into_base else "adapter",
+    }

@@ -1,6 +1,5 @@
 """Edit tab handlers: the session's in-memory EditSession, trace, edit, evaluate, undo, batch, save."""
 
-import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -11,9 +10,10 @@ from checkpoints.generation import stream_text
 from checkpoints.model_cache import LoadedModel, building_models
 from checkpoints.sources import resolve
 from checkpoints.workspace import Workspace
-from editing.methods import METHODS as EDIT_METHODS, batch_method
+from editing.methods import METHODS as EDIT_METHODS, MULTI_LAYER, batch_method, check_method
 
 from .endpoint import FilePath, Range, endpoint
+from .forms import optional_number
 from .progress import gradio_job, show_progress
 from .tables import history_rows
 
@@ -23,24 +23,32 @@ MAX_BATCH_EDITS = 200  # a batch holds the queue's heavy slot; larger files go t
 def layer_value(value: str | float | None) -> int | None:
     """The Layer field (text on the page, a number from an API client): empty means the suggested/default
     layer (None), else a whole number >= 0; anything else is one line naming the field."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise WeightsmithError(f"layer must be a whole number (empty: the suggested layer), "
-                                   f"not {text[:20]!r}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise WeightsmithError(f"layer must be a whole number or empty, not {type(value).__name__}")
-    if not math.isfinite(value) or value != int(value):
-        raise WeightsmithError(f"layer must be a whole number, not {value:g}")
-    if value < 0:
-        raise WeightsmithError(f"layer must be at least 0, not {value:g}")
-    return int(value)
+    return optional_number(value, "layer", empty="the suggested layer", low=0, integer=True)  # type: ignore[return-value]
+
+
+def planned_layers(model_type: str, num_layers: int, method: str | None, layer: int | None) -> list[int]:
+    """The layers :meth:`editing.session.EditSession.apply` changes for ``method`` and the Layer field's
+    ``layer`` (None: empty), so the page can say so before the edit. It follows the library's rule
+    (tests/test_app_rough_edges.py checks it against the layers each applied edit reports):
+    one-layer methods edit ``layer`` or ROME's default layer; MEMIT methods the four layers ending at
+    ``layer``, or by default MEMIT's own span (four ending one above ROME's default layer)."""
+    from editing.memit import MemitHyperParams
+    from editing.rome import default_layer
+
+    if check_method(method) in MULTI_LAYER:
+        if layer is None:
+            return MemitHyperParams().layers_for(model_type, num_layers)
+        return list(range(max(0, layer - 3), layer + 1))
+    return [default_layer(model_type, num_layers) if layer is None else layer]
+
+
+def layers_text(layers: list[int]) -> str:
+    """``layer 4``, ``layers 2–5`` (consecutive) or ``layers 1, 3``."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}–{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
 
 
 def load_edit_requests(path: Path) -> list:
@@ -127,10 +135,33 @@ class EditHandlers:
                                                                      method=method or None))
         after = self._greedy(session, req.text)
         info = applied.summary()
-        md = (f"Edit **{applied.id}** ({applied.method}): {subject} → **{target}** at layer {','.join(map(str, applied.layers))} "
+        md = (f"Edit **{applied.id}** ({applied.method}): {subject} → **{target}** at {layers_text(applied.layers)} "
               f"in {info.get('seconds', '?')} s. Undo it below; save it from the history."
               + (f"\n\n**Warning:** {applied.warning}" if applied.warning else ""))
         return req.text + before, req.text + after, md, history_rows(session.history)
+
+    def edit_plan(self, model: str, method: str | None, layer, request: gr.Request) -> str:
+        """The line under the Layer field: which layers the next edit changes, from the model's config (no
+        load) and the library's rule (:func:`planned_layers`); what is wrong with the field, if anything."""
+        try:
+            ckpt = self.checkpoint(self.workspace(request), model, allow_hub=False)
+            num_layers, model_type = ckpt.num_layers, ckpt.model_type
+        except WeightsmithError:
+            return ""  # no model to plan for yet (a Hub id not downloaded, a typo): the edit will say
+        try:
+            chosen = layer_value(layer)
+            m = check_method(method)
+        except WeightsmithError as e:
+            return f"⚠ {e}"
+        layers = planned_layers(model_type, num_layers, m, chosen)
+        if layers[-1] >= num_layers:
+            return f"⚠ layer {layers[-1]} is out of range: this model has layers 0–{num_layers - 1}"
+        if chosen is None:
+            why = ("its default: four ending one above this model's ROME layer" if m in MULTI_LAYER
+                   else "this model's default")
+        else:
+            why = f"the four ending at layer {chosen}" if m in MULTI_LAYER else "the Layer field"
+        return f"**{m}** will edit **{layers_text(layers)}** ({why})."
 
     @endpoint
     def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
@@ -186,8 +217,8 @@ class EditHandlers:
         applied = self.run_job(request, lambda cancel: session.apply_batch(
             requests, job=gradio_job(progress, cancel),
             method=batch_method(method) if method else None))
-        return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over layers "
-                                               f"{', '.join(map(str, applied.layers))}.")
+        return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over "
+                                               f"{layers_text(applied.layers)}.")
 
     @endpoint
     def save_edits(self, model: str, save_as: Literal["model", "adapter"] | None, name: str, request: gr.Request):

@@ -10,6 +10,7 @@ import gradio as gr
 from checkpoints.errors import WeightsmithError
 
 from .endpoint import FilePath, Range, Texts, endpoint
+from .forms import optional_number
 from .plots_eval import eval_bars_plot
 from .progress import gradio_job, show_progress
 
@@ -44,7 +45,7 @@ class EvalHandlers:
 
     @endpoint
     def eval_models(self, models: Texts, tasks: Texts, task_file: FilePath,
-                    limit: Annotated[float | None, Range(1, 20_000, integer=True)],
+                    limit,
                     max_new_tokens: Annotated[float, Range(1, 256, integer=True)],
                     request: gr.Request, progress=gr.Progress()):
         """Score ``models`` on the bundled ``tasks`` and an uploaded ``task_file`` (either may be empty).
@@ -54,6 +55,7 @@ class EvalHandlers:
         from evaluation.run import EvalSettings, evaluate_models
         from evaluation.tasks import bundled_tasks
 
+        limit = optional_number(limit, "limit", empty="all questions", low=1, high=20_000, integer=True)
         models = [m.strip() for m in models if m.strip()]
         if not models:
             raise WeightsmithError("pick at least one model")
@@ -69,7 +71,7 @@ class EvalHandlers:
         ws = self.workspace(request)
         cache = self.eval_cache()
         specs = [self.eval_model(ws, m, cache) for m in models]
-        settings = EvalSettings(limit=int(limit) if limit else None, max_new_tokens=int(max_new_tokens))
+        settings = EvalSettings(limit=limit, max_new_tokens=int(max_new_tokens))
         show_progress(progress, 0.0, "reading the tasks")
         result = self.run_job(request, lambda cancel: evaluate_models(
             specs, chosen, settings=settings, job=gradio_job(progress, cancel), device=self.config.device,

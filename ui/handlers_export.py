@@ -64,15 +64,20 @@ class ExportHandlers:
 
     @endpoint
     def card_preview(self, item: str, request: gr.Request) -> str:
+        """The item's model card as a visitor of its Hub page would meet it, or what is wrong with it, in a
+        user's words (the library's line names the file and the fault)."""
         ws = self.workspace(request)
         if not item:
             return "Choose a workspace item to see its model card."
+        if not (ws.item_path(item) / "README.md").is_file():
+            return no_card_text(item)
         try:
             card = load_card(ws.item_path(item))
-        except WeightsmithError as e:  # what Push would say; uploads have no card
-            return f"*{e}*"
-        # The front matter (what the Hub indexes) as YAML, then the card's body.
-        return f"**Front matter**\n```yaml\n{card.data.to_yaml()}\n```\n{card.text.lstrip()}"
+        except WeightsmithError as e:  # what Push would say
+            return f"**The Hub would refuse this card**, so Push would stop here: {e}"
+        # The metadata the Hub lists and searches (YAML), then the page text visitors read.
+        return (f"**Listed on the Hub as** (base model, tags, licence: what search and filters use)\n"
+                f"```yaml\n{card.data.to_yaml()}\n```\n**The model page**\n\n{card.text.lstrip()}")
 
     @endpoint
     def push(self, item: str, repo_id: str, private: bool, token: str, request: gr.Request,
@@ -93,6 +98,8 @@ class ExportHandlers:
             log.warning("push refused: HF_HUB_OFFLINE=1 is set on this server; unset it to allow pushing")
             raise WeightsmithError("this server has no access to the Hugging Face Hub, so it cannot push; "
                                    "download the zip (or the GGUF) here and upload it from your own machine")
+        if not (folder / "README.md").is_file():
+            raise WeightsmithError(no_card_text(item))
         tok = hub.token_for_push(oauth_token, token or None)
         # On a Space the server's own HF_TOKEN must never publish on a visitor's behalf.
         result = hub.push_folder(folder, repo_id.strip(), token=tok, private=bool(private),
@@ -105,3 +112,10 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+def no_card_text(item: str) -> str:
+    """What a visitor reads for an item without a model card (an upload that brought none)."""
+    return (f"{item} has no model card yet. The card is the page people read on the Hub: what the model is, "
+            "what it was made from and how to use it. Merges, mixes and edits made here get one; for an upload, "
+            "add a README.md to its files and import it again. Push needs a card.")

@@ -1,15 +1,14 @@
 """Merge tab handlers: run a recipe into a workspace item, analyse its task vectors before merging,
 and the block count its LiNeS plot previews."""
 
-from typing import Annotated
-
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
 from checkpoints.sizes import format_size
 from checkpoints.textfiles import load_yaml
 
-from .endpoint import Range, endpoint
+from .endpoint import endpoint
+from .forms import optional_number
 from .plots import norms_plot
 from .progress import gradio_job, show_progress
 from .tables import md_table
@@ -49,8 +48,7 @@ class MergeHandlers:
         return md, norms_plot(result.block_norms), f"ws:{out.name}"
 
     @endpoint
-    def analyze(self, recipe_yaml: str, density: Annotated[float | None, Range(0, 1)], request: gr.Request,
-                progress=gr.Progress()):
+    def analyze(self, recipe_yaml: str, density, request: gr.Request, progress=gr.Progress()):
         """Task vectors of a recipe's models against its base, per block, before merging: norms, pairwise
         cosines, the TIES sign-conflict rate and the |τ| mass kept at ``density`` (empty: the recipe's own).
 
@@ -59,6 +57,7 @@ class MergeHandlers:
         from merging.analysis import analyze_recipe
         from merging.analysis_plots import analysis_figure
 
+        density = optional_number(density, "density", empty="the recipe's own", low=0, high=1)
         ws = self.workspace(request)
         resolved = self.session_recipe(ws, recipe_yaml)
         show_progress(progress, 0.0, "checking models")

@@ -3,8 +3,10 @@
 import gradio as gr
 
 from checkpoints.demo_adapters import demo_adapter_refs
+from checkpoints.errors import WeightsmithError
 
-from .forms import adapter_method_choices, adapter_method_md, adapter_param_rows, mix_form_to_yaml, named_rows
+from .forms import (adapter_method_choices, adapter_method_md, adapter_param_rows, mix_form_from_yaml,
+                    mix_form_to_yaml, named_rows)
 from .widgets import run_controls, wire_stop
 
 
@@ -65,7 +67,20 @@ def adapters_tab(wb, picker, heavy) -> dict:
     add_btn.click(on_add, [table, add_ref], table, **private).then(mix_form_to_yaml, form, [recipe, status], **private)
     for comp in (base, table, params, lines_on, alpha, beta, output):
         comp.input(mix_form_to_yaml, form, [recipe, status], **private)
+    # Either side may be edited: the recipe box, edited by hand, sets the form (the table above all).
+    recipe.input(mix_from_yaml, [recipe], [*form, method_info, status], **private, trigger_mode="always_last")
     run_ev = run.click(wb.mix_adapters, [recipe, out_name], [result, result_ref], api_name="mix_adapters", **heavy)
     wire_stop(wb, stop, result, [run_ev])
     return {"creates_items": [run_ev, up_ev], "result_ref": result_ref, "adapter_picker": add_ref,
             "demo_adapters": demo_refs, "init": (mix_form_to_yaml, form, [recipe, status])}
+
+
+def mix_from_yaml(text: str) -> list:
+    """The recipe box, edited by hand -> every form widget, the method's description and the status line
+    (a recipe the form cannot show leaves the form as it was and says why)."""
+    try:
+        f = mix_form_from_yaml(text)
+    except WeightsmithError as e:
+        return [gr.skip()] * 9 + [f"⚠ {e}"]
+    return [f["base"], gr.update(value=f["adapters"]), f["method"], f["params"], f["lines_on"], f["alpha"],
+            f["beta"], f["output"], adapter_method_md(f["method"]), "✓ form updated from YAML"]

@@ -2,7 +2,7 @@
 
 import gradio as gr
 
-from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS
+from editing.methods import DEFAULT_METHOD, METHODS as EDIT_METHODS, MULTI_LAYER
 
 from .widgets import wire_stop
 
@@ -13,11 +13,15 @@ def edit_tab(wb, picker, heavy) -> dict:
         with gr.Row():
             model = picker("Model to edit", info="loaded once per session; edits apply in memory until saved")
             # A Textbox, not a gr.Number: the page shows a Number's empty value as 0 and sends 0.
-            layer = gr.Textbox(label="Layer", value="", placeholder="suggested", max_lines=1,
-                               info="empty: the suggested/default layer")
+            layer = gr.Textbox(label="Layer", value="", placeholder="default", max_lines=1,
+                               info="empty: the method's default; Trace fills in its suggestion")
             method = gr.Dropdown(list(EDIT_METHODS), value=DEFAULT_METHOD, label="Method",
                                  info="r-rome and alphaedit avoid ROME's disabling edits in long series; "
                                       "memit methods spread an edit over 4 layers")
+        # Which layers the next edit changes, in numbers, before it runs (the result names them again).
+        plan = gr.Markdown(f"Layer empty: **{DEFAULT_METHOD}** edits its default "
+                           f"{'layers' if DEFAULT_METHOD in MULTI_LAYER else 'layer'} for the model.",
+                           elem_id="edit-plan")
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value="{} is located in the city of",
                                 info="{} marks the subject (or write the subject in the prompt)", scale=3)
@@ -69,6 +73,8 @@ def edit_tab(wb, picker, heavy) -> dict:
     trace_ev = trace_btn.click(wb.trace, [model, prompt, subject, kind, samples],
                                [trace_fig, trace_md, suggested], api_name="trace", **heavy)
     trace_ev.success(lambda n: "" if n is None else str(int(n)), suggested, layer, **private)
+    for comp in (model, method, layer):  # the trace's suggestion lands in the Layer field: a change too
+        comp.change(wb.edit_plan, [model, method, layer], plan, **private)
     edit_ev = edit_btn.click(wb.edit, [model, prompt, subject, target, target_true, layer, method],
                              [before, after, edit_md, history], api_name="edit", **heavy)
     eval_ev = eval_btn.click(wb.evaluate, [model, prompt, subject, target, target_true, paraphrases, neighbours],

@@ -26,7 +26,8 @@ def eval_tab(wb, picker, heavy) -> dict:
         with gr.Row():
             task_file = gr.File(label="…and/or your task file (.jsonl questions or .txt text)", type="filepath",
                                 file_types=[".jsonl", ".txt"], height=120)
-            limit = gr.Number(label="Questions per task (empty: all)", value=None, precision=0, minimum=1)
+            # A Textbox, not a gr.Number: the page shows a Number's empty value as 0 and sends 0.
+            limit = gr.Textbox(label="Questions per task (empty: all)", value="", placeholder="all", max_lines=1)
             new_tokens = gr.Slider(1, 256, value=48, step=1, label="Answer tokens (generation tasks)")
         with gr.Row():
             run = gr.Button("Evaluate", variant="primary")

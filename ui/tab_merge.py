@@ -54,8 +54,9 @@ def merge_tab(wb, picker, heavy) -> dict:
                 recipe_status = gr.Markdown()
         with gr.Row():
             analyze = gr.Button("Analyze", scale=0, min_width=120)
-            density = gr.Number(label="Density for the TIES trim", value=None, minimum=0, maximum=1, step=0.05,
-                                info="empty: the recipe's own (0.2 for methods without one)")
+            # A Textbox, not a gr.Number: the page shows a Number's empty value as 0 and sends 0.
+            density = gr.Textbox(label="Density for the TIES trim", value="", placeholder="the recipe's own",
+                                 max_lines=1, info="empty: the recipe's own (0.2 for methods without one)")
             gr.Markdown("Before merging: each model's task vector per block, how alike they are, how often "
                         "their signs clash after TIES's trim, and how much of |τ| the density keeps.")
         analysis = gr.Markdown()
