@@ -285,7 +285,8 @@ class EditSession:
 
     def _commit(self, method: str, requests: list[EditRequest], layers: list[int],
                 factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any], *,
-                keys: dict[int, torch.Tensor] | None = None, before: torch.Tensor | None = None) -> AppliedEdit:
+                keys: dict[int, torch.Tensor] | None = None, before: torch.Tensor | None = None,
+                checks: dict[str, Any] | None = None) -> AppliedEdit:
         require_finite(factors)  # before anything changes
         current = {m: self.spec.as_out_in(self.model.get_parameter(self._param_name(m)).detach()) for m in factors}
         norm, relative = update_norms(factors, current)
@@ -317,10 +318,11 @@ class EditSession:
         targets = ([(r.target, target_check(self.model, self.tokenizer, r.text, r.target)) for r in requests]
                    if before is not None else None)
         earlier = self._norms.setdefault(method, [])
-        info["checks"] = update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets)
-        if not info["checks"]["flag"]:
+        info["checks"] = (dict(checks) if checks is not None else
+                          update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets))
+        if not info["checks"].get("flag"):
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
-        if info["checks"]["warning"]:
+        if info["checks"].get("warning"):
             log.warning("edit %d: %s", edit.id, info["checks"]["warning"])
         return edit
 
@@ -369,6 +371,16 @@ class EditSession:
         log.info("edit %d (%s): %s -> %s at layer %d in %.1f s", edit.id, method, request.subject, request.target,
                  layer, info["seconds"])
         return edit
+
+    def replay(self, method: str, requests: list[EditRequest], layers: list[int],
+               factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, keys: dict[int, torch.Tensor] | None = None,
+               checks: dict[str, Any] | None = None) -> AppliedEdit:
+        """Apply an edit computed earlier (its ``factors``, e.g. saved between the runs of a long sequence)
+        without recomputing it. ``checks`` are the original run's: the history's flags and the outlier
+        check's reference stay as they were; without them only the norm checks run (there is no "before")."""
+        method = check_method(method)
+        return self._commit(method, list(requests), list(layers), factors, {"replayed": True}, keys=keys,
+                            checks=checks)
 
     def apply_batch(self, requests: list[EditRequest], *, layers: list[int] | None = None,
                     progress: Progress | None = None, method: str | None = None,
@@ -423,17 +435,20 @@ class EditSession:
             prior = {layer: self.prior_keys(layer) for layer in layers}
         else:
             Cs = self.statistics(layers, progress=stages.first)
+        # compute_memit applies its layers as it goes (later layers see earlier ones). Those changes are
+        # temporary: the touched weights are saved first and copied back afterwards (also on failure),
+        # which restores their exact bits in O(1) per weight, where a refold would re-sum every earlier
+        # edit (quadratic in a long sequence); the batch is committed as one entry below.
+        saved: dict[str, torch.Tensor] = {}
         try:
             factors, info = compute_memit(self.model, self.tokenizer, self.spec, requests, layers, Cs,
                                           prefixes=self.prefixes(), hparams=hp, rome=self.hparams,
-                                          apply_layer=self._apply_memit_layer, progress=stages.rest,
+                                          apply_layer=partial(self._apply_memit_layer, saved), progress=stages.rest,
                                           alpha=alpha, projectors=projectors, prior_keys=prior)
         finally:
-            # compute_memit applied its layers as it went (later layers see earlier ones) as temporary
-            # entries; drop them (on failure this restores the weights) and commit one entry below.
-            touched = {n for e in self._edits if e.id == -1 for n in e.deltas}
-            self._edits = [e for e in self._edits if e.id != -1]
-            self._refold(touched)
+            with torch.no_grad():
+                for pname, w in saved.items():
+                    self.model.get_parameter(pname).copy_(w)
         keys = {layer: K.T for layer, K in info.pop("keys").items()}
         if alpha is not None:
             info["nullspace_dim"] = {layer: kept for layer, (_, kept) in found.items()}
@@ -442,15 +457,17 @@ class EditSession:
         info["seconds"] = round(time.time() - t0, 3)
         return edit
 
-    def _apply_memit_layer(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
-        # Temporary entry (id -1) so the next MEMIT layer sees this one; replaced by one entry at the end.
+    def _apply_memit_layer(self, saved: dict[str, torch.Tensor], module: str, B: torch.Tensor,
+                           A: torch.Tensor) -> None:
+        # A temporary change so the next MEMIT layer sees this one; apply_batch copies ``saved`` back.
         pname = self._param_name(module)
         param = self.model.get_parameter(pname)
         if pname not in self._pristine:
             self._pristine[pname] = param.detach().clone()
-        delta = _delta(self.spec, B, A, param.dtype)
-        self._edits.append(AppliedEdit(-1, "memit-partial", [], [], {}, {pname: delta}))
-        self._refold({pname})
+        if pname not in saved:
+            saved[pname] = param.detach().clone()
+        with torch.no_grad():
+            param.copy_(param + _delta(self.spec, B, A, param.dtype))
 
     def undo(self, edit_id: int) -> None:
         """Remove edit ``edit_id`` (any order); the weights become exactly pristine + the other deltas."""

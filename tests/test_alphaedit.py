@@ -40,7 +40,7 @@ def relative_effect(dW: torch.Tensor, keys: torch.Tensor) -> float:
 
 
 def test_methods_named():
-    assert check_method("R_ROME") == "r-rome" and check_method(None) == "r-rome"  # the measured default
+    assert check_method("R_ROME") == "r-rome" and check_method(None) == "memit"  # the measured default
     with pytest.raises(WeightsmithError, match="unknown editing method 'fancy'.*alphaedit-memit"):
         check_method("fancy")
     from editing.methods import batch_method
@@ -159,7 +159,8 @@ def test_r_rome_is_the_update_at_the_mean_key(llama, corpus_file, stats):  # noq
     b = s.apply(eiffel(), method="rome")
     dB = delta_out_in(s, b, 1)
     s.undo(b.id)
-    mean_session = session_for(llama, corpus_file, stats, hparams=RomeHyperParams(**{**FAST.__dict__, "update_at": "mean"}))
+    mean_session = session_for(llama, corpus_file, stats, method="rome",
+                               hparams=RomeHyperParams(**{**FAST.__dict__, "update_at": "mean"}))
     c = mean_session.apply(eiffel())
     assert torch.equal(delta_out_in(mean_session, c, 1), dA)  # r-rome == rome with update_at="mean"
     assert (dA - dB).abs().max() > 1e-3  # and differs from the prompt-key update
