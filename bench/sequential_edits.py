@@ -178,6 +178,35 @@ class Run:
         self.stopped = ""
         self.t_start = time.time()
 
+    # A 1,000-edit sequence takes hours on 2 cores, longer than one sitting: after every checkpoint the
+    # run's edits (their factors, not the weights) are saved, and --resume replays them bit-exactly.
+    def save_state(self, path: Path, identity: dict) -> None:
+        edits = [{"method": e.method, "n": len(e.requests), "layers": list(e.layers),
+                  "factors": {m: [B, A] for m, (B, A) in e.factors.items()},
+                  "keys": {int(layer): k for layer, k in e.keys.items()}, "checks": e.info.get("checks")}
+                 for e in self.session.edits]
+        state = {"identity": identity, "done": self.done, "norms": self.norms, "seconds": self.seconds,
+                 "flagged": self.flagged, "missed": self.missed, "elapsed": time.time() - self.t_start,
+                 "stopped": self.stopped, "edits": edits}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def restore(self, path: Path, identity: dict, records) -> None:
+        state = torch.load(path, weights_only=True)
+        if state["identity"] != identity:
+            raise SystemExit(f"{path} belongs to another run: {state['identity']} (this run: {identity})")
+        pos = 0
+        for e in state["edits"]:
+            reqs = [r.request(self.args.layer) for r in records[pos:pos + e["n"]]]
+            self.session.replay(e["method"], reqs, e["layers"], {m: (B, A) for m, (B, A) in e["factors"].items()},
+                                keys=e["keys"], checks=e["checks"])
+            pos += e["n"]
+        self.done, self.norms, self.seconds = state["done"], state["norms"], state["seconds"]
+        self.flagged, self.missed, self.stopped = state["flagged"], state["missed"], state["stopped"]
+        self.t_start = time.time() - state["elapsed"]
+        print(f"[{self.variant.label}] resumed after {self.done} edits ({pos} replayed)", flush=True)
+
     def advance(self, records, upto: int, ctx: dict) -> dict | None:
         """Edit records[done:upto] one at a time (or in batches), then measure; None once stopped."""
         if self.stopped or self.done >= min(upto, len(records)):
@@ -300,6 +329,8 @@ def main() -> int:
     ap.add_argument("--unedited-cache", default=str(Path.home() / ".cache" / "weightsmith" / "bench-unedited.json"),
                     help="JSON file of the unedited model's per-record scores, reused across runs")
     ap.add_argument("--replot", default=None, help="only redraw the PNG and print the table from this .jsonl")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on from the edits saved next to --out by an earlier run of the same command")
     args = ap.parse_args()
     if args.replot:
         lines = [json.loads(x) for x in Path(args.replot).read_text().splitlines() if x.strip()]
@@ -344,6 +375,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
     points: list[dict] = []
+    if args.resume and jsonl.exists():
+        points = [p for p in map(json.loads, filter(str.strip, jsonl.read_text().splitlines())) if "method" in p]
+    identity = {k: getattr(args, k) for k in ("half", "offset", "batch", "layer", "stats_tokens", "ppl_tokens")}
     with jsonl.open("a") as f:
         f.write(json.dumps({"unedited": unedited, "half": args.half, "records": record_span(lo, args.offset, len(records)),
                             "args": vars(args)}) + "\n")
@@ -358,9 +392,13 @@ def main() -> int:
         # (time, --stop-when-ppl-ratio) still compares every method at the same number of edits.
         runs = [Run(v, model if i == 0 else ckpt.load_model(), tok, corpus, stats, args)
                 for i, v in enumerate(variants)]
+        state_of = {r.variant.label: out.with_name(f"{out.name}.{r.variant.label}.state.pt") for r in runs}
+        for r in runs:
+            if args.resume and state_of[r.variant.label].exists():
+                r.restore(state_of[r.variant.label], {**identity, "method": r.variant.label}, records)
         ctx = {"unedited": unedited, "base_rows": base_rows, "held": held, "gen_idx": gen_idx, "base_gen": base_gen}
         marks = sorted({int(x) for x in args.at.split(",") if x.strip()})
-        mark = 0
+        mark = min(r.done for r in runs)
         while any(not r.stopped and r.done < len(records) for r in runs):
             later = [m for m in marks if m > mark]
             mark = later[0] if later else (max(marks + [len(records)]) if marks else mark + args.every)
@@ -368,6 +406,7 @@ def main() -> int:
                 point = r.advance(records, mark, ctx)
                 if point is not None:
                     sink(point)
+                    r.save_state(state_of[r.variant.label], {**identity, "method": r.variant.label})
         for r in runs:
             r.session.undo_all()
         # undo_all restores the pristine bits (checked on the first copy).
