@@ -34,11 +34,12 @@ import yaml
 from checkpoints.arch import MoeLayout, moe_layout_for
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Job, ensure
-from checkpoints.sources import LocalCheckpoint, resolve
+from checkpoints.sources import LocalCheckpoint
 from checkpoints.tensors import SUPPORT_FILES, ShardedWriter
 from checkpoints.textfiles import load_yaml
 
 from .finite import FiniteCheck
+from .lora_inputs import resolve_input
 from .moe_gates import GATE_MODES, PROMPTLESS_MODES, Prompts, degenerate_layers, gate_rows
 from .recipe import DTYPES
 
@@ -325,11 +326,13 @@ def _named(layout: MoeLayout, architecture: str) -> bool:
 
 def build_moe(config: MoeConfig, out_dir: Path, *, job: Job | None = None, device: str = "cpu", seed: int = 0,
               allow_all_same: bool = False, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-              load_check: bool | None = None, resolver=resolve) -> MoeResult:
+              load_check: bool | None = None, resolver=resolve_input) -> MoeResult:
     """Assemble the MoE ``config`` describes into ``out_dir``; nothing is left there on error or cancel.
 
     ``load_check``: load the output in transformers and run the experts' prompts through it before
-    publishing (None: when the weights are at most :data:`merging.moe_check.LOAD_CHECK_BYTES`)."""
+    publishing (None: when the weights are at most :data:`merging.moe_check.LOAD_CHECK_BYTES`).
+    ``resolver``: reference -> checkpoint; the default reads ``model+adapter`` as the model with the
+    LoRA applied, as mergekit-moe's model references do."""
     from checkpoints.cards import add_card_section
     from checkpoints.staging import staged_folder
 

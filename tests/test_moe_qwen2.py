@@ -134,7 +134,8 @@ def test_experts_shared_expert_and_gates_are_the_inputs(qwen2_family, tmp_path):
     model = load_qwen2_moe(out)
     experts = model.model.layers[2].mlp.experts
     p = "model.layers.2.mlp.experts"
-    assert torch.equal(experts.gate_up_proj[1], torch.cat([got[f"{p}.1.gate_proj.weight"], got[f"{p}.1.up_proj.weight"]]))
+    assert torch.equal(experts.gate_up_proj[1],
+                       torch.cat([got[f"{p}.1.gate_proj.weight"], got[f"{p}.1.up_proj.weight"]]))
     assert torch.equal(experts.down_proj[0], got[f"{p}.0.down_proj.weight"])
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["norm_topk_prob"],

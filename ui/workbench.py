@@ -10,9 +10,10 @@ from .handlers_eval import EvalHandlers
 from .handlers_export import ExportHandlers
 from .handlers_merge import MergeHandlers
 from .handlers_models import ModelsHandlers
+from .handlers_moe import MoeHandlers
 from .workbench_base import WorkbenchBase
 
 
 class Workbench(ModelsHandlers, MergeHandlers, AdapterHandlers, EditHandlers, EvalHandlers, ExportHandlers,
-                WorkbenchBase):
+                MoeHandlers, WorkbenchBase):
     """The app's handlers (one mixin per tab) with the server's sessions, policy and jobs."""
