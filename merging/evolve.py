@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import shutil
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "trials.jsonl"
 JOURNAL_NAME = "journal.log"
+ORPHAN_SECONDS = 120.0  # a running trial with no owner record after this long was left by a killed worker
 MAX_FAILS_IN_A_ROW = 3  # a search whose trials keep failing has a problem no other point will fix
 
 
@@ -143,15 +145,21 @@ def _storage(storage: str | None, state_dir: Path):
 def fail_dead_trials(study, store) -> list[int]:
     """Mark failed the running trials whose worker process is gone (killed); returns their numbers.
 
-    Workers on other machines count as alive (a process there cannot be checked from here).
+    Workers on other machines count as alive (a process there cannot be checked from here). A trial
+    with no owner record yet (its worker was killed between asking for it and recording itself, a
+    moment's window) is failed once it is :data:`ORPHAN_SECONDS` old; until then it is not counted
+    against the budget (:func:`_counts`).
     """
     from optuna.trial import TrialState
 
     study_id = store.get_study_id_from_name(study.study_name)
     failed = []
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("owner")
-        if isinstance(owner, dict) and not owner_alive(owner):
+        orphan = owner is None and t.datetime_start is not None and \
+            (now - t.datetime_start).total_seconds() > ORPHAN_SECONDS
+        if orphan or (isinstance(owner, dict) and not owner_alive(owner)):
             trial_id = store.get_trial_id_from_study_id_trial_number(study_id, t.number)
             store.set_trial_user_attr(trial_id, "error", "its worker was killed")
             store.set_trial_state_values(trial_id, TrialState.FAIL)
@@ -248,7 +256,9 @@ def run_search(spec: SearchSpec, out_dir: Path | str | None, *, storage: str | N
     deadline = started + spec.minutes * 60 if spec.minutes is not None else None
     ran, fails, last_seconds, stopped = 0, 0, 0.0, ""
     while True:
-        job.check("the search")
+        if job.cancelled:
+            raise Cancelled("the search was cancelled; its finished trials are kept (run it again to resume), "
+                            "no merge was written")
         counts = _counts(study)
         done = counts.get(TrialState.COMPLETE, 0)
         if budget is not None and done + counts.get(TrialState.RUNNING, 0) >= budget:
@@ -259,7 +269,11 @@ def run_search(spec: SearchSpec, out_dir: Path | str | None, *, storage: str | N
             stopped = f"time budget ({spec.minutes:g} min) spent"
             break
         fraction = _fraction(done, budget, now - started, spec.minutes)
-        record = _one_trial(spec, study, scratch, job, fraction, done, budget, device, allow_local, roots)
+        try:
+            record = _one_trial(spec, study, scratch, job, fraction, done, budget, device, allow_local, roots)
+        except Cancelled:
+            raise Cancelled("the search was cancelled; its finished trials are kept (run it again to resume), "
+                            "no merge was written") from None
         ran += 1
         last_seconds = record.seconds or 0.0
         _append_log(state / LOG_NAME, record, spec)
@@ -283,8 +297,14 @@ def run_search(spec: SearchSpec, out_dir: Path | str | None, *, storage: str | N
 
 
 def _counts(study) -> dict[Any, int]:
+    """Trials by state; running ones only while their worker is alive (or on another machine)."""
+    from optuna.trial import TrialState
+
     out: dict[Any, int] = {}
     for t in study.get_trials(deepcopy=False):
+        owner = t.user_attrs.get("owner")
+        if t.state == TrialState.RUNNING and not (isinstance(owner, dict) and owner_alive(owner)):
+            continue
         out[t.state] = out.get(t.state, 0) + 1
     return out
 
@@ -305,14 +325,15 @@ def _one_trial(spec: SearchSpec, study, scratch_root: Path, job: Job, fraction: 
 
     dists = {d.name: optuna.distributions.FloatDistribution(d.low, d.high) for d in spec.dimensions}
     trial = study.ask(dists)
-    trial.set_user_attr("owner", owner_record())
-    values = {d.name: float(trial.params[d.name]) for d in spec.dimensions}
     t0 = time.monotonic()
     scratch = scratch_root / f"trial-{trial.number}"
     of = f" of {budget}" if budget else ""
     span = (0.97 / budget) if budget else 0.0
     part = job.part(fraction, min(0.97, fraction + span))
+    values: dict[str, float] = {}
     try:
+        trial.set_user_attr("owner", owner_record())
+        values = {d.name: float(trial.params[d.name]) for d in spec.dimensions}
         recipe = spec.recipe(values)
         part.progress(0.0, f"trial {trial.number} ({done + 1}{of}): merging")
         run_merge(recipe, scratch, job=part.part(0.0, 0.3), collect_norms=False, overwrite=True,
@@ -348,7 +369,7 @@ def score_folder(spec: SearchSpec, folder: Path, name: str, *, job: Job | None =
                            trusted_roots=roots)
     # Uncached, so the weights' content hash would be computed for nothing: a trial's folder is new each time.
     model = replace(model, digest=lambda: "")
-    result = evaluate_models([model], [t.task for t in spec.tasks], settings=spec.settings, job=job, device=device,
+    result = evaluate_models([model], spec.task_files(), settings=spec.settings, job=job, device=device,
                              cache=None)
     return spec.fitness(result, name)
 

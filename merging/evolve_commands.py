@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from checkpoints.errors import WeightsmithError
@@ -19,9 +20,14 @@ def _evolve(args: argparse.Namespace) -> int:
     spec = SearchSpec.from_yaml(path)
     out = None if args.no_output else Path(args.out_dir)
     state = Path(f"{args.out_dir}.search") if args.no_output else None
-    result = with_bar("searching", lambda job: run_search(
-        spec, out, storage=args.storage, study_name=args.study, job=job, device=args.device,
-        threads=args.threads or None, overwrite=args.allow_overwrite, max_trials=args.trials, state_dir=state))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        result = with_bar("searching", lambda job: run_search(
+            spec, out, job=_cancel_on_interrupt(job), storage=args.storage, study_name=args.study,
+            device=args.device, threads=args.threads or None, overwrite=args.allow_overwrite, max_trials=args.trials,
+            state_dir=state))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     complete = [t for t in result.trials if t.state == "complete"]
     best_so_far = float("-inf")
     print("trial  score     best so far")
@@ -38,6 +44,19 @@ def _evolve(args: argparse.Namespace) -> int:
         print(f"wrote {result.out_dir} (scored again: {result.verified_score:.4f}); trial log "
               f"{result.state_dir}/trials.jsonl")
     return 0
+
+
+def _cancel_on_interrupt(job):
+    """Ctrl-C cancels ``job``: the running trial stops at its next check and is marked failed in the study
+    (an interrupt raised anywhere could leave it "running"); a second Ctrl-C interrupts at once."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        job.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    return job
 
 
 def register(sub: argparse._SubParsersAction) -> None:

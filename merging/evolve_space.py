@@ -185,6 +185,10 @@ class SearchSpec:
             total += t.contribution(value)
         return total, parts
 
+    def task_files(self) -> list[Task]:
+        """Each task once (a task may be listed with several metrics)."""
+        return list({t.task.name: t.task for t in self.tasks}.values())
+
     def identity(self) -> str:
         """A short hash of what decides the scores (space, recipe, tasks, settings): names the study."""
         blob = json.dumps({"recipe": self.recipe_data, "dims": [vars(d) for d in self.dimensions],
@@ -327,7 +331,8 @@ def _tasks(value: Any) -> list[ScoredTask]:
             raise WeightsmithError(f"search: tasks[{i}] must be a mapping with a task key")
         unknown = set(item) - {"task", "metric", "weight"}
         if unknown:
-            raise WeightsmithError(f"search: tasks[{i}] has unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+            raise WeightsmithError(f"search: tasks[{i}] has unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                                   "(use task, metric, weight)")
         task = load_task(str(item["task"]))
         metric = item.get("metric", DEFAULT_METRIC.get(task.kind))
         if metric is None:
@@ -340,10 +345,14 @@ def _tasks(value: Any) -> list[ScoredTask]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight == 0:
             raise WeightsmithError(f"search: tasks[{i}] weight must be a non-zero number, got {weight!r}")
         out.append(ScoredTask(task, str(metric), float(weight)))
-    names = [t.task.name for t in out]
-    twice = next((n for n in names if names.count(n) > 1), None)
+    keys = [(t.task.name, t.metric) for t in out]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
     if twice:
-        raise WeightsmithError(f"search: task {twice} is listed twice")
+        raise WeightsmithError(f"search: task {twice[0]} is listed twice with metric {twice[1]}")
+    files = {}
+    for t in out:  # the same name must be the same file (a style task may count caps and pirate both)
+        if files.setdefault(t.task.name, t.task.digest) != t.task.digest:
+            raise WeightsmithError(f"search: two different task files are named {t.task.name}")
     return out
 
 
