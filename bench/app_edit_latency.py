@@ -109,16 +109,30 @@ def greedy(session, prompt: str, n: int = 24) -> str:
     return text
 
 
+def load_text() -> str:
+    """The 1/5/15-minute load averages: every figure is printed beside the load it was measured under."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=None,
                         help="WEIGHTSMITH_HOME to use (default: a fresh temporary folder, as a new install)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to start")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="OMP_NUM_THREADS (and torch threads) of the server and of the library part alike "
+                             "(default: every CPU, as a server started without the variable uses)")
     args = parser.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="ws-latency-home-"))
     os.environ["WEIGHTSMITH_HOME"] = str(home)  # this process (the library part) and its children
+    # Both sides with the same threads, or the ratio measures the thread count rather than the app.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
     env = dict(os.environ)
-    print(f"load average at start: {os.getloadavg()}; WEIGHTSMITH_HOME={home}", flush=True)
+    print(f"load average at start: {load_text()}; OMP_NUM_THREADS={args.threads}; WEIGHTSMITH_HOME={home}",
+          flush=True)
 
     t_prep, _ = timed(subprocess.run, [weightsmith(), "demo-model"], env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"weightsmith demo-model (conversion + statistics): {t_prep:.1f} s", flush=True)
@@ -136,12 +150,14 @@ def main() -> int:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    print("app (gradio_client): " + ", ".join(f"{k} {v:.2f} s" for k, v in app.items()), flush=True)
+    print("app (gradio_client): " + ", ".join(f"{k} {v:.2f} s" for k, v in app.items())
+          + f"  [load {load_text()}]", flush=True)
     lib = library_times()
-    print("library (in-process): " + ", ".join(f"{k} {v:.2f} s" for k, v in lib.items()), flush=True)
+    print("library (in-process): " + ", ".join(f"{k} {v:.2f} s" for k, v in lib.items())
+          + f"  [load {load_text()}]", flush=True)
 
     load = os.getloadavg()
-    print(f"\nload average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs"
+    print(f"\nload average at end: {load_text()} on {os.cpu_count()} CPUs"
           + ("  (loaded machine: the figures are upper bounds)" if load[1] > 0.5 * (os.cpu_count() or 1) else ""))
     rows = [("first edit (s)", app["first edit"], 30.0, "s"),
             ("later edit app/library", app["later edit"] / lib["later edit"], 1.5, "x"),

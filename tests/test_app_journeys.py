@@ -157,6 +157,11 @@ def adapters_journey(page, cast: Cast, shot: Callable[[str], None]) -> None:
     page.keyboard.insert_text(f"base_model: {cast.base}\nadapters:\n"
                               + "".join(f"- adapter: {r}\n  weight: 0.5\n" for r in refs)
                               + "method: cat\nmerge_into_base: true\n")
+    # The table follows the recipe typed into the box: these two adapters, each at 0.5 (the uploads said 1.0).
+    expect(table.get_by_role("gridcell", name="0.5", exact=True)).to_have_count(2, timeout=cast.timeout)
+    expect(table.get_by_role("gridcell", name="1.0", exact=True)).to_have_count(0)
+    for ref in refs:
+        expect(table.get_by_role("gridcell", name=ref, exact=True)).to_be_visible()
     t.get_by_label("Output name").fill("my-mix")
     t.get_by_role("button", name="Mix", exact=True).click()
     expect(t.get_by_text("Mixed", exact=True)).to_be_visible(timeout=cast.timeout)
@@ -182,10 +187,18 @@ def edit_journey(page, cast: Cast, shot: Callable[[str], None]) -> None:
     suggested = re.search(r"Suggested edit layer (\d+)", t.get_by_text("set as the edit layer").inner_text())
     layer = t.get_by_role("textbox", name=re.compile("^Layer"))
     expect(layer).to_have_value(suggested.group(1))  # the trace's layer landed in the field
+    plan = page.locator("#edit-plan")  # the layers the edit will change, named before it runs
+    expect(plan).to_contain_text(re.compile(rf"will edit layers? .*layer {suggested.group(1)}\b"),
+                                 timeout=cast.timeout)
     if cast.edit_layer is not None:
         layer.fill(cast.edit_layer)
+        expect(plan).to_contain_text("default" if cast.edit_layer == "" else f"layer {cast.edit_layer}",
+                                     timeout=cast.timeout)
+    shown = re.search(r"will edit (layers? [\d–, ]*\d)", plan.inner_text()).group(1)
     t.get_by_role("button", name="Apply edit").click()
     expect(t.get_by_text("Undo it below")).to_be_visible(timeout=cast.timeout)
+    expect(t.get_by_text(f"at {shown} in ")).to_be_visible()  # and the result names the same layers
+    cast.made["edit layers"] = shown
     text = prompt.replace("{}", subject)
     expect(t.get_by_label("Before the edit")).to_have_value(re.compile("^" + re.escape(text) + ".+"))
     expect(t.get_by_label("After the edit")).to_have_value(re.compile("^" + re.escape(text) + ".+"))
@@ -318,6 +331,10 @@ def test_edit_journey(served, cast, tmp_path):
     (session, rows), = seen
     assert len(rows) == 1 and rows[0][4] == "Rome"
     assert cast.made["edit"] == rows[0][6] != ""  # the page's check column is the library's check of that edit
+    layers = [int(x) for x in re.findall(r"\d+", cast.made["edit layers"])]
+    if "–" in cast.made["edit layers"]:
+        layers = list(range(layers[0], layers[1] + 1))
+    assert rows[0][2] == ",".join(map(str, layers))  # the layers the page named are those the library edited
     assert session.history == []  # then undone from the page
 
 
