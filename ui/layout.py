@@ -3,7 +3,7 @@
 The Merge, Adapters and Edit tabs are built by ``ui.tab_merge``, ``ui.tab_adapters`` and
 ``ui.tab_edit`` from the libraries' registries. Every action is also an API endpoint with a
 stable ``api_name`` (``merge``, ``mix_adapters``, ``trace``, ``edit``, ``evaluate``, ``eval``, ``generate``,
-``export``, ``push``, ``moe``, plus ``inspect`` and ``upload``), callable from ``gradio_client``.
+``export``, ``push``, ``moe``, ``evolve``, plus ``inspect`` and ``upload``), callable from ``gradio_client``.
 Heavy jobs share queue concurrency groups so two merges never run at once.
 """
 
@@ -20,6 +20,7 @@ from .endpoint import guard_preprocess
 from .tab_adapters import adapters_tab
 from .tab_edit import edit_tab
 from .tab_eval import eval_tab
+from .tab_evolve import evolve_tab
 from .tab_merge import merge_tab
 from .tab_moe import moe_tab
 from .workbench import Workbench
@@ -89,6 +90,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
         edit_parts = edit_tab(wb, picker, heavy)
         eval_tab(wb, picker, heavy)
         moe_parts = moe_tab(wb, picker, heavy)
+        evolve_parts = evolve_tab(wb, picker, heavy)
 
         # ---- Playground ----------------------------------------------------------
         with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
@@ -177,7 +179,7 @@ def build_app(*, allow_paths: bool = False, config: AppConfig | None = None) -> 
 
         demo.unload(wb.end_session)
 
-        for parts in (merge_parts, adapter_parts, edit_parts, moe_parts):
+        for parts in (merge_parts, adapter_parts, edit_parts, moe_parts, evolve_parts):
             for ev in parts.get("creates_items", []):
                 ev.then(**refresh_kw)
             if "result_ref" in parts:
