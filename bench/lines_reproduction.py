@@ -10,9 +10,10 @@ two-digit addition and on reversing five letters). Every model here is made by t
 user makes it (a :class:`merging.recipe.MergeRecipe` run by :func:`merging.engine.run_merge`, the
 recipe's ``lines:`` block) and scored by :func:`evaluation.evaluate_models` (cached by content):
 
-* target tasks: ``lines-add-mc``, ``lines-reverse-mc`` (held-out questions; accuracy, 4 choices);
-* general ability: ``wikitext-excerpt`` perplexity (its first 1024 tokens; the fine-tunes never saw WikiText) and
-  ``general-mc`` + ``capitals-mc`` accuracy (62 questions pooled).
+* target tasks: ``lines-add-mc``, ``lines-reverse-mc`` (held-out questions, the first 20 of each;
+  accuracy, 4 choices);
+* general ability: ``wikitext-excerpt`` perplexity (its first 512 tokens; the fine-tunes never saw
+  WikiText) and ``general-mc`` accuracy (30 questions).
 
 Rows: the base; each fine-tune; LiNeS on each fine-tune for every α in :data:`ALPHAS` (β = 1 − α;
 α = 1 is the fine-tune itself); task arithmetic, TIES and TSV-M merges of the fine-tunes, each
@@ -49,17 +50,19 @@ log = logging.getLogger("lines_reproduction")
 
 FINETUNE_TASKS = ("add", "reverse")  # scripts/finetune_lines.py's tasks
 TARGET = {"add": "lines-add-mc", "reverse": "lines-reverse-mc"}
-GENERAL_MC = ("general-mc", "capitals-mc")
+GENERAL_MC = ("general-mc",)
 PERPLEXITY = "wikitext-excerpt"
 TASKS = (*TARGET.values(), *GENERAL_MC, PERPLEXITY)
-ALPHAS = (0.0, 0.3, 0.6)  # LiNeS on one fine-tune: α = γ, β = 1 − γ (α = 1 is the fine-tune)
+ALPHAS = (0.0, 0.25, 0.5, 0.75)  # LiNeS on one fine-tune: α = γ, β = 1 − γ (α = 1 is the fine-tune)
 MERGE_METHODS = ("task_arithmetic", "ties", "tsv_m")
 MERGE_BETA = 0.5  # fixed in advance, not tuned (the paper tunes β on validation data)
 TIES_DENSITY = 0.2  # the TIES paper's top-20 %
 PLOT = ROOT / "assets" / "plots" / "lines_reproduction.png"
 TABLE_JSON = ROOT / "assets" / "plots" / "lines_reproduction.json"
-# WikiText: the excerpt's first 1024 tokens (4 windows of 256), to fit 2 shared cores.
-SETTINGS = EvalSettings(max_tokens=1024)
+# To fit a ~1/6 share of 2 cores: the target tasks' first 20 questions, WikiText's first 512 tokens
+# (2 windows of 256); general-mc whole (30 questions).
+TARGET_SETTINGS = EvalSettings(limit=20)
+GENERAL_SETTINGS = EvalSettings(max_tokens=512)
 
 
 @dataclass
@@ -84,7 +87,7 @@ class Row:
         return TASKS
 
     def general_acc(self, counts: dict[str, int]) -> float:
-        """general-mc and capitals-mc pooled: correct answers over all their questions."""
+        """The general question sets pooled: correct answers over all their questions."""
         total = sum(counts[t] for t in GENERAL_MC)
         return sum(self.scores[f"{t}/acc"] * counts[t] for t in GENERAL_MC) / total
 
@@ -163,7 +166,7 @@ def score_rows(refs: list[tuple[Row, str]], tasks=TASKS, *, settings: EvalSettin
     models = [model_from_ref(ref, name=row.name, cache=cache) for row, ref in refs]
     result = evaluate_models(models, list(tasks), settings=settings or EvalSettings(), cache=cache)
     for row, _ in refs:
-        row.scores = {f"{s.task}/{metric}": value for s in result.scores if s.model == row.name
+        row.scores |= {f"{s.task}/{metric}": value for s in result.scores if s.model == row.name
                       for metric, value in s.metrics.items()}
     return result
 
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="scripts/finetune_lines.py's output (one folder per task)")
     ap.add_argument("--out-dir", type=Path, default=weightsmith_home() / "lines-bench", help="merge outputs")
     ap.add_argument("--fresh", action="store_true", help="merge again even when an output is there")
+    ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="LiNeS α of the single-task rows")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in finetunes.values() if not Path(p).is_dir()]
     if missing:
         raise SystemExit(f"no fine-tune at {', '.join(missing)}: run scripts/finetune_lines.py first")
-    planned = plan_rows(args.base, finetunes)
+    planned = plan_rows(args.base, finetunes, alphas=tuple(args.alphas))
     rows, counts = [], {}
     for row, recipe, ref in planned:  # one model at a time: each result is cached as soon as it exists
         if recipe is not None:
@@ -280,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             ref = str(folder)
             if row.group == "merge" and row.beta is not None:
                 row.alpha = alpha
-        result = score_rows([(row, ref)], row.tasks(), settings=SETTINGS)
-        counts.update(question_counts(result))
+        targets = [t for t in row.tasks() if t in TARGET.values()]
+        general = [t for t in row.tasks() if t not in TARGET.values()]
+        for tasks, settings in ((targets, TARGET_SETTINGS), (general, GENERAL_SETTINGS)):
+            counts.update(question_counts(score_rows([(row, ref)], tasks, settings=settings)))
         rows.append(row)
         log.info("%s: %s", row.name, row.scores)
     table = table_markdown(rows, counts)
