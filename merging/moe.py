@@ -336,7 +336,7 @@ def build_moe(config: MoeConfig, out_dir: Path, *, job: Job | None = None, devic
     from checkpoints.cards import add_card_section
     from checkpoints.staging import staged_folder
 
-    from .moe_check import check_output, check_wanted
+    from .moe_check import LOAD_CHECK_BYTES, check_output, check_wanted
 
     job = ensure(job)
     start = time.perf_counter()
@@ -417,8 +417,11 @@ def build_moe(config: MoeConfig, out_dir: Path, *, job: Job | None = None, devic
             # Before publishing: an output transformers cannot load or run is not kept.
             loaded = check_output(inner, layout, [e.prompts for e, _ in experts], device=device,
                                   job=job.part(0.9, 1.0)).summary()
+        elif load_check is False:
+            loaded = "load check turned off"
         else:
-            loaded = "load check skipped (larger than the automatic limit, or turned off)"
+            loaded = (f"load check skipped (weights above {LOAD_CHECK_BYTES / 1e9:g} GB, the automatic limit; "
+                      "load_check=True / --load-check forces it)")
         add_card_section(inner, "Checks", f"{finite.summary()}; {loaded}.")
         for f in inner.iterdir():
             f.rename(staging / f.name)

@@ -254,7 +254,8 @@ def test_qwen2_refusals_are_one_line_and_write_nothing(qwen2_family, tiny_llama_
         assert not out.exists()
     # random gates need no shared prompts (mergekit draws the shared gate with the others)
     random = {**good, "gate_mode": "random", "shared_experts": [{"source_model": str(fam["base"])}]}
-    assert main(["moe", _write(tmp_path / "random.yml", random), str(tmp_path / "random")]) == 0
+    assert main(["moe", _write(tmp_path / "random.yml", random), str(tmp_path / "random"), "--no-load-check"]) == 0
+    assert "check: load check turned off" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
@@ -285,5 +286,10 @@ def test_the_load_check_is_shown_and_can_fail(qwen2_family, tmp_path, monkeypatc
     with pytest.raises(WeightsmithError, match="does not (load|fit)"):
         build_moe(cfg, tmp_path / "broken")
     skipped = build_moe(cfg, tmp_path / "unchecked", load_check=False)  # what the check caught goes unseen
-    assert "skipped" in skipped.load_check and (tmp_path / "unchecked" / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "unchecked"]
+    assert skipped.load_check == "load check turned off" and (tmp_path / "unchecked" / "config.json").is_file()
+    import merging.moe_check as moe_check
+
+    monkeypatch.setattr(moe_check, "LOAD_CHECK_BYTES", 1000)  # the automatic check stops above its limit
+    large = build_moe(cfg, tmp_path / "large")
+    assert large.load_check.startswith("load check skipped (weights above 1e-06 GB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large", "ok", "unchecked"]
