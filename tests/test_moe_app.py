@@ -86,3 +86,22 @@ def test_the_page_has_the_moe_endpoint(tmp_path):
     (fn,) = [f for f in page.fns.values() if f.api_name == "moe"]
     assert fn.fn.__name__ == "moe" and (fn.concurrency_id, fn.concurrency_limit) == ("heavy", 1)
     assert [b.label for b in fn.inputs] == ["mergekit-moe config (the form writes it; edit freely)", "Output name"]
+
+
+def test_hostile_arguments_are_one_line(wb):
+    from test_app_endpoints_hostile import HOSTILE, UNEXPECTED
+
+    good, _ = moe_yaml_from_form(*form(("tiny-ft1", "\n".join(PROMPTS_A), ""), ("tiny-ft2", "\n".join(PROMPTS_B), "")))
+    # every hostile config; of the output names, those refused before any work (the others would just assemble)
+    cases = [(0, label) for label in HOSTILE] + [(1, label) for label in ("list", "dict", "huge", "bytes", "nul")]
+    seen = []
+    for i, label in cases:
+        args = [good, "out"]
+        args[i] = HOSTILE[label]
+        with pytest.raises(gr.Error) as e:
+            wb.moe(*args, req(f"{i}-{label}"), None)
+        msg = str(e.value.message)
+        assert "\n" not in msg and len(msg) <= 500 and UNEXPECTED not in msg, (i, label, msg)
+        seen.append(msg)
+    assert "config_yaml must be text, not a list" in seen and any(m.startswith("out_name") for m in seen), seen
+    assert wb.workspace(req("0-list")).items() == []
