@@ -60,7 +60,7 @@ def test_page_merge_clears_the_previous_summary_first(page):
 def test_page_every_stop_button_reports_stopped(page):
     stop_fns = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stop"]
     after = [f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "stopped"]
-    assert len(stop_fns) == 5 and len(after) == 5  # Merge, Adapters, Edit, Evaluate, MoE
+    assert len(stop_fns) == 6 and len(after) == 6  # Merge, Adapters, Edit, Evaluate, MoE, Evolve
     assert {page.fns[f.trigger_after].fn.__name__ for f in after} == {"stop"}
 
 
