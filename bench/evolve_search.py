@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from checkpoints.jobs import tqdm_job  # noqa: E402
 from evaluation.tasks import load_task  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
-from merging.evolve import run_search, score_folder  # noqa: E402
+from evaluation.run import evaluate_models, model_from_ref  # noqa: E402
+from merging.evolve import run_search  # noqa: E402
 from merging.evolve_plots import search_figure  # noqa: E402
 from merging.evolve_space import SearchSpec  # noqa: E402
 from merging.recipe import MergeRecipe  # noqa: E402
@@ -84,10 +85,14 @@ def hand_recipes(caps: str, pirate: str) -> dict[str, str]:
 
 
 def score_recipe(recipe: MergeRecipe, specs: dict[str, SearchSpec], scratch: Path, name: str) -> dict[str, tuple]:
+    """Merge ``recipe`` once and score it on every split in one evaluation (the model is loaded once)."""
     folder = scratch / name.replace(" ", "_").replace("/", "-")
     run_merge(recipe, folder, collect_norms=False, overwrite=True)
     try:
-        return {split: score_folder(spec, folder, name) for split, spec in specs.items()}
+        model = model_from_ref(str(folder), cache=None, name=name)
+        tasks = [t for spec in specs.values() for t in spec.task_files()]
+        result = evaluate_models([model], tasks, settings=next(iter(specs.values())).settings, cache=None)
+        return {split: spec.fitness(result, name) for split, spec in specs.items()}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -120,13 +125,14 @@ def main() -> int:
     out = work / "best"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / "best.search", ignore_errors=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     with tqdm_job("searching") as job:
         result = run_search(specs["tune"], out, job=job)
-    search_seconds = time.time() - t0
+    search_seconds, search_cpu = time.time() - t0, time.process_time() - cpu0
     best_report = score_recipe(result.best.recipe, {"report": specs["report"]}, work, "search best")["report"]
     complete = [t for t in result.trials if t.state == "complete"]
-    print(f"\nsearch: {len(complete)} trials in {search_seconds / 60:.1f} min ({result.stopped}); curve:")
+    print(f"\nsearch: {len(complete)} trials in {search_seconds / 60:.1f} min wall, {search_cpu / 60:.1f} min of CPU "
+          f"({result.stopped}; load now {os.getloadavg()[0]:.1f}); curve:")
     print("trial  tune score  best so far")
     best = float("-inf")
     for t in complete:
@@ -153,7 +159,8 @@ def main() -> int:
         args.json.write_text(json.dumps({
             "hand": {n: {k: list(v) for k, v in s.items()} for n, s in hand.items()},
             "search": {"best": result.best.number, "tune": result.best.score, "report": list(best_report),
-                       "trials": [vars(t) for t in result.trials], "minutes": search_seconds / 60},
+                       "trials": [vars(t) for t in result.trials], "minutes": search_seconds / 60,
+                       "cpu_minutes": search_cpu / 60},
         }, indent=1))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

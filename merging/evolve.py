@@ -133,7 +133,8 @@ def _storage(storage: str | None, state_dir: Path):
         try:
             return optuna.storages.RDBStorage(storage)
         except Exception as e:  # noqa: BLE001 - a bad URL or a missing driver: one line, without the URL's password
-            raise WeightsmithError(f"search storage: cannot open the database ({type(e).__name__})") from None
+            driver = f": {str(e).splitlines()[0]}" if isinstance(e, ImportError) and str(e) else ""  # the missing driver
+            raise WeightsmithError(f"search storage: cannot open the database ({type(e).__name__}{driver})") from None
     path = Path(storage) if storage else state_dir / JOURNAL_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from merging.evolve import open_study, read_log, run_search, state_dir_for, trial_records
 from merging.evolve_space import SearchSpec
@@ -49,44 +48,57 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["kill", "interrupt"])
-def test_search_resumes_after_a_kill_or_interrupt(how, tiny_llama_family, tmp_path):
-    search = write_search(tiny_llama_family, tmp_path, trials=4)
-    out = tmp_path / "best"
-    proc = evolve(str(search), str(out))
-    log = state_dir_for(out) / "trials.jsonl"
-    wait_for_lines(log, 1, proc)
-    proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
-    code = proc.wait(timeout=120)
-    err = proc.communicate()[1]
-    if how == "kill":
-        assert code == -signal.SIGKILL
-    else:  # Ctrl-C cancels the job: the running trial stops at its next check; one line, status 2
-        assert code == 2 and err.strip().splitlines()[-1] == \
-            ("weightsmith: error: the search was cancelled; its finished trials are kept (run it again to "
-             "resume), no merge was written"), err[-3000:]
-    assert not out.exists()
-    spec = SearchSpec.from_yaml(search)
-    study, _ = open_study(spec, None, state_dir_for(out))
-    before = trial_records(study)
-    first = {t.number: t for t in before if t.state == "complete"}
-    assert 1 <= len(first) < 4
-    if how == "interrupt":  # the trial Ctrl-C stopped is failed at once, not left running
-        assert all(t.state != "running" for t in before)
+def wait_for_a_merge(state: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Until the worker is merging a trial (its scratch folder holds a trial's files)."""
+    end = time.monotonic() + timeout
+    while not any(p.name.lstrip(".").startswith("trial-") for p in (state / "scratch").glob("*/*")):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < end, "no trial started in time"
+        time.sleep(0.02)
 
-    result = run_search(spec, out)  # the same command again
+
+def test_search_resumes_after_an_interrupt_and_after_a_kill(tiny_llama_family, tmp_path):
+    search = write_search(tiny_llama_family, tmp_path, trials=5)
+    spec = SearchSpec.from_yaml(search)
+    out = tmp_path / "best"
+    log = state_dir_for(out) / "trials.jsonl"
+
+    def study_now():
+        return trial_records(open_study(spec, None, state_dir_for(out))[0])
+
+    # Ctrl-C cancels the job: the running trial stops at its next check and is failed at once; one line, status 2.
+    proc = evolve(str(search), str(out))
+    wait_for_lines(log, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 2
+    assert proc.communicate()[1].strip().splitlines()[-1] == (
+        "weightsmith: error: the search was cancelled; its finished trials are kept (run it again to resume), "
+        "no merge was written")
+    first = study_now()
+    assert all(t.state != "running" for t in first) and not out.exists()
+    done_first = {t.number: t for t in first if t.state == "complete"}
+    assert 1 <= len(done_first) < 5
+
+    # Run it again and kill -9 it after one more trial: nothing can be cleaned up by the dying process.
+    proc = evolve(str(search), str(out))
+    wait_for_lines(log, len(read_log(log)) + 1, proc)
+    wait_for_a_merge(state_dir_for(out), proc)  # killed mid-trial, not while it holds the journal's lock
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=120) == -signal.SIGKILL and not out.exists()
+    before = study_now()
+    done_before = {t.number: t for t in before if t.state == "complete"}
+    assert set(done_first) < set(done_before) and len(done_before) < 5
+
+    result = run_search(spec, out)  # the same command a third time
     after = {t.number: t for t in result.trials}
-    assert sum(t.state == "complete" for t in after.values()) == 4
-    assert result.ran_here == 4 - len(first)  # continued: only the missing trials ran
-    for number, t in first.items():  # earlier trials kept as they were
+    assert sum(t.state == "complete" for t in after.values()) == 5
+    assert result.ran_here == 5 - len(done_before)  # continued: only the missing trials ran
+    for number, t in done_before.items():  # earlier trials kept as they were
         assert after[number].state == "complete" and after[number].score == t.score and after[number].values == t.values
     new = [t for t in result.trials if t.number not in {b.number for b in before}]
-    assert len(new) == 4 - len(first) and min(t.number for t in new) > max(b.number for b in before)
-    for t in before:  # a trial the killed worker left running is marked failed, with the reason
-        if t.state == "running" and t.worker:
-            assert after[t.number].state == "fail" and "killed" in after[t.number].error
-        # (killed between asking for a trial and recording its owner: failed once ORPHAN_SECONDS old; not
-        # counted meanwhile, as the 4 complete trials above show)
+    assert len(new) == 5 - len(done_before) and min(t.number for t in new) > max(b.number for b in before)
+    (killed,) = [t for t in before if t.state == "running"]  # the trial it was merging: failed, with the reason
+    assert after[killed.number].state == "fail" and "killed" in after[killed.number].error
     assert [r["number"] for r in read_log(log) if r["state"] == "complete"] == sorted(
         t.number for t in after.values() if t.state == "complete")
     assert out.is_dir() and result.best.score == max(t.score for t in after.values() if t.state == "complete")
