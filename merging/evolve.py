@@ -35,7 +35,7 @@ import logging
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,11 +44,10 @@ import torch
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Cancelled, Job, ensure
 from checkpoints.staging import OWNER_FILE, owner_alive, owner_record
-from evaluation.run import evaluate_models, model_from_ref
 
 from .engine import run_merge
+from .evolve_results import BestTrial, SearchResult, TrialRecord, score_folder
 from .evolve_space import SearchSpec
-from .recipe import MergeRecipe
 
 log = logging.getLogger(__name__)
 
@@ -56,42 +55,6 @@ LOG_NAME = "trials.jsonl"
 JOURNAL_NAME = "journal.log"
 ORPHAN_SECONDS = 120.0  # a running trial with no owner record after this long was left by a killed worker
 MAX_FAILS_IN_A_ROW = 3  # a search whose trials keep failing has a problem no other point will fix
-
-
-@dataclass
-class TrialRecord:
-    """One finished (or running) trial as the log, the card and the app's plot see it."""
-
-    number: int
-    state: str  # complete, fail, running
-    score: float | None
-    values: dict[str, float]
-    parts: dict[str, float] = field(default_factory=dict)
-    seconds: float | None = None
-    worker: str = ""
-    error: str = ""
-
-
-@dataclass
-class BestTrial:
-    number: int
-    score: float
-    parts: dict[str, float]
-    values: dict[str, float]
-    recipe: MergeRecipe
-
-
-@dataclass
-class SearchResult:
-    out_dir: Path | None
-    study: str
-    best: BestTrial
-    trials: list[TrialRecord]
-    ran_here: int  # trials this run finished
-    stopped: str  # why this run stopped starting trials
-    verified_score: float | None = None  # the written model's score, scored again
-    verified_parts: dict[str, float] = field(default_factory=dict)
-    state_dir: Path | None = None
 
 
 def state_dir_for(out_dir: Path) -> Path:
@@ -361,18 +324,6 @@ def _one_trial(spec: SearchSpec, study, scratch_root: Path, job: Job, fraction: 
     seconds = time.monotonic() - t0
     job.note(f"trial {trial.number}: score {score:.4f} ({seconds:.0f} s)")
     return TrialRecord(trial.number, "complete", score, values, parts, seconds, _worker())
-
-
-def score_folder(spec: SearchSpec, folder: Path, name: str, *, job: Job | None = None, device: str = "cpu",
-                 roots: Sequence[Path] = ()) -> tuple[float, dict[str, float]]:
-    """``spec``'s fitness of the model in ``folder``, scored by :func:`evaluation.evaluate_models` (no cache)."""
-    model = model_from_ref(str(folder), device=device, cache=None, name=name, allow_local=True,
-                           trusted_roots=roots)
-    # Uncached, so the weights' content hash would be computed for nothing: a trial's folder is new each time.
-    model = replace(model, digest=lambda: "")
-    result = evaluate_models([model], spec.task_files(), settings=spec.settings, job=job, device=device,
-                             cache=None)
-    return spec.fitness(result, name)
 
 
 def _worker() -> str:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import yaml
 
@@ -23,21 +23,17 @@ from checkpoints.jobs import Job, ensure
 from checkpoints.staging import new_staging_dir, publish_folder
 
 from .engine import run_merge
+from .evolve_results import SearchResult, score_folder
 from .evolve_space import SearchSpec
-
-if TYPE_CHECKING:
-    from .evolve import SearchResult
 
 SEARCH_FILE = "weightsmith_search.json"
 
 
-def write_best(spec: SearchSpec, result: "SearchResult", out_dir: Path, *, job: Job | None = None,
+def write_best(spec: SearchSpec, result: SearchResult, out_dir: Path, *, job: Job | None = None,
                device: str = "cpu", overwrite: bool = False, allow_local: bool = True,
                trusted_roots: Sequence[Path] = ()) -> tuple[float, dict[str, float]]:
     """Merge ``result.best``'s recipe into ``out_dir`` with the search's card; returns the written model's
     (score, each task's metric), scored again."""
-    from .evolve import score_folder
-
     job = ensure(job)
     staging = new_staging_dir(out_dir, overwrite=overwrite)
     try:
@@ -62,7 +58,7 @@ def write_best(spec: SearchSpec, result: "SearchResult", out_dir: Path, *, job: 
     return score, parts
 
 
-def search_section(spec: SearchSpec, result: "SearchResult", written: float) -> str:
+def search_section(spec: SearchSpec, result: SearchResult, written: float) -> str:
     """The card's account of the search: space, tasks, budget, trials, best score and recipe."""
     complete = [t for t in result.trials if t.state == "complete"]
     failed = [t for t in result.trials if t.state == "fail"]
@@ -91,7 +87,7 @@ def search_section(spec: SearchSpec, result: "SearchResult", written: float) -> 
     return scrub_local_paths("\n".join(lines))
 
 
-def search_record(spec: SearchSpec, result: "SearchResult", score: float, parts: dict[str, float]) -> dict:
+def search_record(spec: SearchSpec, result: SearchResult, score: float, parts: dict[str, float]) -> dict:
     """Everything about the search, as data (the file as given, the best, every trial)."""
     return {
         "search": json.loads(json.dumps(spec.source, default=str)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 if TYPE_CHECKING:
-    from .evolve import TrialRecord
+    from .evolve_results import TrialRecord
 
 
 def best_so_far(trials: Sequence["TrialRecord"]) -> list[tuple[int, float]]:

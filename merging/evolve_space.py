@@ -50,7 +50,6 @@ from checkpoints.textfiles import load_yaml, read_text
 from evaluation.run import EvalResult, EvalSettings
 from evaluation.tasks import Task, load_task
 
-from .lines import LinesConfig
 from .methods import get_method
 from .recipe import MergeRecipe
 
