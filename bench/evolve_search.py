@@ -9,7 +9,7 @@ both styles without losing what the base knows.
 Prints the search curve (score and best so far per trial), the comparison table (tune and
 held-out scores of each recipe), the machine's load before and after, and writes a plot.
 
-    nice -n 10 .venv/bin/python bench/evolve_search.py --minutes 20 --threads 2
+    nice -n 10 .venv/bin/python bench/evolve_search.py --minutes 20
     .venv/bin/python bench/evolve_search.py --caps path/to/caps --pirate path/to/pirate --minutes 2   # a quick look
 """
 
@@ -102,7 +102,8 @@ def main() -> int:
     ap.add_argument("--caps", default=str(ROOT / "assets/adapters/caps"), help="the caps adapter folder")
     ap.add_argument("--pirate", default=str(ROOT / "assets/adapters/pirate"), help="the pirate adapter folder")
     ap.add_argument("--minutes", type=float, default=20.0, help="the search's time budget")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared machine a second thread spins more than it helps)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--plot", type=Path, default=ROOT / "assets/plots/evolve_search.png")
@@ -122,12 +123,11 @@ def main() -> int:
         hand[name] = score_recipe(MergeRecipe.from_yaml(text), specs, work, name)
         print(f"hand-picked {name}: tune {hand[name]['tune'][0]:.4f}, held-out {hand[name]['report'][0]:.4f} "
               f"({time.time() - t0:.0f} s)")
-    out = work / "best"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(work / "best.search", ignore_errors=True)
+    state = work / "search"
+    shutil.rmtree(state, ignore_errors=True)
     t0, cpu0 = time.time(), time.process_time()
-    with tqdm_job("searching") as job:
-        result = run_search(specs["tune"], out, job=job)
+    with tqdm_job("searching") as job:  # search only: the best is merged and scored on the held-out half below
+        result = run_search(specs["tune"], None, job=job, state_dir=state)
     search_seconds, search_cpu = time.time() - t0, time.process_time() - cpu0
     best_report = score_recipe(result.best.recipe, {"report": specs["report"]}, work, "search best")["report"]
     complete = [t for t in result.trials if t.state == "complete"]
