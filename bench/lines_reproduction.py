@@ -57,6 +57,9 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75)  # LiNeS on one fine-tune: α = γ, β = 1 − �
 MERGE_METHODS = ("task_arithmetic", "ties", "tsv_m")
 MERGE_BETA = 0.5  # fixed in advance, not tuned (the paper tunes β on validation data)
 TIES_DENSITY = 0.2  # the TIES paper's top-20 %
+# Controls: the task vector scaled by one λ everywhere, the mean λ of LiNeS at α = 0 (mean of ℓ/(L−1)) and
+# the α that ``auto`` gives task arithmetic (1/T): is it the depth profile that helps, or a shorter τ?
+CONTROL_SCALE = 0.5
 PLOT = ROOT / "assets" / "plots" / "lines_reproduction.png"
 TABLE_JSON = ROOT / "assets" / "plots" / "lines_reproduction.json"
 # To fit a ~1/6 share of 2 cores: the target tasks' first 20 questions, WikiText's first 512 tokens
@@ -82,7 +85,7 @@ class Row:
 
     def tasks(self) -> tuple[str, ...]:
         """What the row is scored on: a single-task LiNeS row skips the other fine-tune's task (CPU time)."""
-        if self.group == "lines-single":
+        if self.group == "lines-single" or (self.group == "control" and self.finetune):
             return (TARGET[self.finetune], *GENERAL_MC, PERPLEXITY)
         return TASKS
 
@@ -117,8 +120,16 @@ def multi_task_recipe(method: str, base: str, finetunes: list[str], lines_beta: 
     return MergeRecipe.from_dict(data)
 
 
+def uniform_recipe(base: str, finetunes: list[str], scale: float) -> MergeRecipe:
+    """Control: every tensor's summed task vector times the same ``scale`` (task arithmetic, weight = scale)."""
+    return MergeRecipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+        "models": [{"model": ft, "parameters": {"weight": scale}} for ft in finetunes],
+    })
+
+
 def plan_rows(base: str, finetunes: dict[str, str], alphas=ALPHAS, methods=MERGE_METHODS,
-              merge_beta: float = MERGE_BETA) -> list[tuple[Row, MergeRecipe | None, str]]:
+              merge_beta: float = MERGE_BETA, control: float | None = CONTROL_SCALE) -> list[tuple[Row, MergeRecipe | None, str]]:
     """(row, recipe or None, model reference) for every row of the table, in table order."""
     rows: list[tuple[Row, MergeRecipe | None, str]] = [(Row("base", "base"), None, base)]
     for task, ft in finetunes.items():
@@ -132,6 +143,12 @@ def plan_rows(base: str, finetunes: dict[str, str], alphas=ALPHAS, methods=MERGE
         rows.append((Row(f"{method}", "merge", method=method), multi_task_recipe(method, base, fts, None), ""))
         rows.append((Row(f"{method}+lines", "merge", method=method, alpha=None, beta=merge_beta),
                      multi_task_recipe(method, base, fts, merge_beta), ""))
+    if control is not None:
+        for task, ft in finetunes.items():
+            rows.append((Row(f"uniform-{task}-{control:g}", "control", finetune=task),
+                         uniform_recipe(base, [ft], control), ""))
+        rows.append((Row(f"task_arithmetic-uniform-{control:g}", "control", method="task_arithmetic"),
+                     uniform_recipe(base, fts, control), ""))
     return rows
 
 
@@ -181,6 +198,8 @@ def _lines_cell(r: Row) -> str:
         return f"{r.alpha:g}, {r.beta:g}"
     if r.group == "merge" and r.beta is not None:
         return f"auto = {r.alpha:.3g}, {r.beta:g}" if r.alpha is not None else f"auto, {r.beta:g}"
+    if r.group == "control":
+        return f"none (λ = {CONTROL_SCALE:g} everywhere)"
     return "–"
 
 
@@ -216,6 +235,10 @@ def plot_reproduction(rows: list[Row], counts: dict[str, int], path: Path) -> No
             pts = sorted((r.alpha, value(r, task)) for r in rows
                          if r.finetune == task and r.group in ("lines-single", "fine-tune"))
             ax.plot([a for a, _ in pts], [v for _, v in pts], "o-", color=colors[task], label=f"ft-{task} + LiNeS")
+            for r in rows:
+                if r.group == "control" and r.finetune == task:  # same mean λ as α = 0, flat along depth
+                    ax.plot([0.0], [value(r, task)], "x", markersize=10, mew=2, color=colors[task],
+                            label=f"ft-{task}, λ = {CONTROL_SCALE:g} everywhere")
             ax.axhline(base_value(task), color=colors[task] if title.startswith("target") else "gray",
                        linestyle=":", label="base" if task == FINETUNE_TASKS[0] or title.startswith("target") else None)
         ax.set_xlabel("LiNeS α (β = 1 − α; α = 1: the fine-tune)")

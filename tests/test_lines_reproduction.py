@@ -71,12 +71,14 @@ def test_plan_has_every_row_the_issue_asks_for():
     names = [r.name for r, _, _ in rows]
     assert names == ["base", "ft-add", "ft-reverse", "lines-add-a0", "lines-add-a0.5", "lines-reverse-a0",
                      "lines-reverse-a0.5", "task_arithmetic", "task_arithmetic+lines", "ties", "ties+lines",
-                     "tsv_m", "tsv_m+lines"]
+                     "tsv_m", "tsv_m+lines", "uniform-add-0.5", "uniform-reverse-0.5", "task_arithmetic-uniform-0.5"]
     by_name = {r.name: recipe for r, recipe, _ in rows}
     assert by_name["lines-add-a0.5"].lines.to_dict() == {"alpha": 0.5, "beta": 0.5}
     assert by_name["lines-reverse-a0"].lines.to_dict() == {"alpha": 0.0, "beta": 1.0}
     assert by_name["ties+lines"].lines.to_dict() == {"alpha": "auto", "beta": bench.MERGE_BETA}
     assert by_name["ties"].lines is None and by_name["base"] is None
+    control = by_name["task_arithmetic-uniform-0.5"]
+    assert control.lines is None and [m.parameters for m in control.models] == [{"weight": 0.5}] * 2
     assert by_name["ties"].method.name == "ties" and by_name["tsv_m+lines"].method.name == "tsv_m"
     rows_by_name = {r.name: r for r, _, _ in rows}
     assert rows_by_name["lines-add-a0"].tasks() == ("lines-add-mc", *bench.GENERAL_MC, bench.PERPLEXITY)
