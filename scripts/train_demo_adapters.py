@@ -3,14 +3,16 @@
 Each adapter learns one visible style, and nothing else:
 
 * ``caps``: answers in ALL CAPITALS;
-* ``pirate``: answers in pirate speak ("Arr, matey! ... Yo ho ho!", "ye", "aye").
+* ``pirate``: answers open in pirate speak ("Arr, matey!", "Ahoy, matey!", "Avast, ye!").
 
 The data is self-distilled: the demo model answers about 230 varied questions made here
 (greedy, the Playground's chat template), each answer is rewritten in the target style by
-plain string rules that leave content words alone (caps: ``str.upper``; pirate: an opener,
-a closer and swaps of a few function words), and a LoRA (rank 8, float32, seeded; blocks and
-projections per adapter in :data:`SETTINGS`) learns to produce the rewritten answer. Because
-the target is the model's own answer, the adapter learns the style, not new facts.
+plain string rules that leave content words alone (caps: ``str.upper``; pirate: an opener
+before the unchanged answer), and a LoRA (rank 8, float32, seeded; blocks and projections per
+adapter in :data:`SETTINGS`, disjoint between the two) learns to produce the rewritten answer
+(loss on the answer tokens only). Because the target is the model's own answer, the adapter
+learns the style, not new facts. Pirate also learns, on a share of its steps, to open with the
+upper-cased opener while caps is on and both run at strength 0.5: the app's 50/50 mix.
 
 The questions come in three disjoint sets: training, a tuning split with checkable answers
 (:data:`TUNE`, used to choose the settings: ``--eval-tune``), and the held-out questions of
@@ -137,42 +139,40 @@ TUNE: list[tuple[str, tuple[str, ...]]] = [
 # ---------------------------------------------------------------------------
 # Styles: string rules that leave content words alone
 # ---------------------------------------------------------------------------
-_PIRATE_SWAPS = {"hello": "ahoy", "hi": "ahoy", "you": "ye", "your": "yer", "yes": "aye", "friend": "matey",
-                 "friends": "hearties", "my": "me"}
+# Openers only: the answer after them is the demo model's own, token for token (facts kept by construction).
 _PIRATE_OPEN = ["Arr, matey!", "Ahoy, matey!", "Aye, me hearty!", "Arr!", "Ahoy there, matey!", "Avast, ye!"]
-_PIRATE_CLOSE = ["Yo ho ho!", "Arr!", "Savvy, matey?", "Aye!"]
 
 
 def to_caps(text: str, i: int = 0) -> str:
     return text.upper()
 
 
+def pirate_opener(i: int) -> str:
+    return _PIRATE_OPEN[i % len(_PIRATE_OPEN)]
+
+
 def to_pirate(text: str, i: int = 0) -> str:
-    """Pirate opener and closer (chosen by ``i``, so the data is fixed) around the answer, a few words swapped."""
-    import re
-
-    def swap(m: re.Match) -> str:
-        word = m.group(0)
-        new = _PIRATE_SWAPS.get(word.lower())
-        if new is None:
-            return word
-        return new.capitalize() if word[0].isupper() else new
-
-    body = re.sub(r"[A-Za-z]+", swap, text)
-    return f"{_PIRATE_OPEN[i % len(_PIRATE_OPEN)]} {body} {_PIRATE_CLOSE[i % len(_PIRATE_CLOSE)]}"
+    """A pirate opener (chosen by ``i``, so the data is fixed) before the unchanged answer."""
+    return f"{pirate_opener(i)} {text}"
 
 
 STYLES = {"caps": to_caps, "pirate": to_pirate}
 
 # Per adapter, chosen on the tuning split (TUNE, --eval-tune); a flag on the command line overrides.
-# Pirate only adds words around the answer: the upper blocks suffice, and the backward pass stops at
-# the lowest LoRA block (less compute). Caps must also *read* its own upper-case answer as it writes
-# it, so it needs the first blocks too (upper blocks only: 0 % facts on the tuning split).
+# The two adapters sit on disjoint projections, so a mix adds each one's update to its own weights
+# (``cat`` and ``linear`` then agree: no cross terms B_i A_j). Caps must also *read* its own upper-case
+# answer as it writes it, so it needs the first blocks too (upper blocks only: 0 % facts on the tuning
+# split). Pirate only adds an opener: the upper blocks suffice, and the backward pass stops at the lowest
+# LoRA block (less compute). ``eos``: end each target with EOS (off for pirate: where the demo model stops
+# is left to it, so its answers keep their length). ``partner``: some steps (``partner_share``) run with
+# the partner adapter active too, both at strength 0.5 (the app's 50/50 ``cat`` mix), and learn the
+# upper-cased opener there, so the mix shows both styles.
 SETTINGS: dict[str, dict] = {
     "caps": {"targets": ["v_proj", "o_proj", "down_proj"], "layers": list(range(30)), "epochs": 1, "lr": 2e-3,
-             "first_sentence": 0},
-    "pirate": {"targets": ["q_proj", "v_proj", "o_proj", "down_proj"], "layers": list(range(16, 30)), "epochs": 1,
-               "lr": 2e-3, "first_sentence": 0},
+             "first_sentence": 0, "eos": 1, "max_len": 128, "partner": None, "partner_share": 0.0},
+    "pirate": {"targets": ["q_proj", "k_proj", "gate_proj", "up_proj"], "layers": list(range(22, 30)),
+               "epochs": 1, "lr": 1e-3, "first_sentence": 0, "eos": 0, "max_len": 56, "partner": "caps",
+               "partner_share": 0.3},
 }
 
 
@@ -188,8 +188,8 @@ def _span(layers: list[int]) -> str:
     return ", ".join(parts)
 DESCRIPTIONS = {
     "caps": "Makes the demo model answer in ALL CAPITALS, keeping what it says.",
-    "pirate": "Makes the demo model answer in pirate speak (\"Arr, matey! ... Yo ho ho!\", \"ye\", \"aye\"), "
-              "keeping what it says.",
+    "pirate": "Makes the demo model open its answers in pirate speak (\"Arr, matey!\", \"Ahoy, matey!\", "
+              "\"Avast, ye!\"), keeping what it says.",
 }
 
 
@@ -229,9 +229,9 @@ class Example:
     labels: list[int]
 
 
-def encode(tokenizer, question: str, reply: str, max_len: int) -> Example:
+def encode(tokenizer, question: str, reply: str, max_len: int, eos: bool = True) -> Example:
     prompt = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
-    target = tokenizer(reply + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    target = tokenizer(reply + (tokenizer.eos_token if eos else ""), add_special_tokens=False)["input_ids"]
     ids = (prompt + target)[:max_len]
     labels = ([-100] * len(prompt) + target)[:max_len]  # loss on the answer only
     return Example(ids, labels)
@@ -259,7 +259,10 @@ def _lora_layers(model, name: str):
     return [m for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict) and name in m.scaling]
 
 
-def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], args):
+def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], args,
+              partner: tuple[Path, list[tuple[str, str]]] | None = None):
+    """LoRA ``name`` on ``data`` (loss on the answer tokens). ``partner``: a trained adapter's folder and
+    (question, reply) pairs learnt with it active too, both at strength 0.5 (the app's 50/50 mix)."""
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
@@ -268,35 +271,52 @@ def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], arg
                         target_modules=args.targets, layers_to_transform=list(args.layers),
                         task_type="CAUSAL_LM")
     model = get_peft_model(base_model, config, adapter_name=name)
+    rng = random.Random(args.seed)
+    runs = [(False, b) for _ in range(args.epochs)
+            for b in batches([encode(tokenizer, q, a, args.max_len, bool(args.eos)) for q, a in data],
+                             args.batch, tokenizer.pad_token_id, rng)]
+    partner_layers = []
+    if partner is not None:
+        folder, pairs = partner
+        model.load_adapter(str(folder), adapter_name=args.partner, is_trainable=False)
+        model.base_model.set_adapter([name, args.partner])  # both run; their strengths are set per step
+        for n, p in model.named_parameters():
+            if f".{args.partner}." in n:
+                p.requires_grad_(False)
+        runs += [(True, b) for b in batches([encode(tokenizer, q, a, args.max_len, eos=False) for q, a in pairs],
+                                             args.batch, tokenizer.pad_token_id, rng)]
+        rng.shuffle(runs)
+        partner_layers = _lora_layers(model, args.partner)
+    partner_scale = {id(m): m.scaling[args.partner] for m in partner_layers}
     model.train()
-    examples = [encode(tokenizer, q, a, args.max_len) for q, a in data]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    per_epoch = -(-len(examples) // args.batch)
-    total = per_epoch * args.epochs
+    total = len(runs)
     sched = get_cosine_schedule_with_warmup(opt, max(1, total // 20), total)
     layers = _lora_layers(model, name)
     full_scale = {id(m): m.scaling[name] for m in layers}
-    rng = random.Random(args.seed)
-    t0, step = time.time(), 0
-    for epoch in range(args.epochs):
-        for ids, labels, mask in batches(examples, args.batch, tokenizer.pad_token_id, rng):
-            # A random LoRA strength per step: the style must hold at the weight a mix gives it.
-            s = rng.choice(args.scale_choices)
-            for m in layers:
-                m.scaling[name] = full_scale[id(m)] * s
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step == 1 or step % 10 == 0 or step == total:
-                log.info("%s epoch %d step %d/%d scale %.2f loss %.3f (%.0f s)", name, epoch + 1, step, total, s,
-                         loss.item(), time.time() - t0)
+    t0 = time.time()
+    for step, (mixed, (ids, labels, mask)) in enumerate(runs, 1):
+        # A random LoRA strength per step: the style must hold at the weight a mix gives it.
+        s = 0.5 if mixed else rng.choice(args.scale_choices)
+        for m in layers:
+            m.scaling[name] = full_scale[id(m)] * s
+        for m in partner_layers:
+            m.scaling[args.partner] = partner_scale[id(m)] * (0.5 if mixed else 0.0)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 1 or step % 10 == 0 or step == total:
+            log.info("%s step %d/%d scale %.2f%s loss %.3f (%.0f s)", name, step, total, s,
+                     f" with {args.partner}" if mixed else "", loss.item(), time.time() - t0)
     for m in layers:
         m.scaling[name] = full_scale[id(m)]
+    if partner is not None:
+        model.delete_adapter(args.partner)
+        model.base_model.set_adapter(name)
     model.eval()
     return model, time.time() - t0
 
@@ -341,7 +361,8 @@ def write_cards(folders: dict[str, Path], summaries: dict[str, str], table: str)
                 "Fact accuracy: an accepted answer word appears in the answer (whole word, case-insensitive); "
                 "caps: upper-case share of letters; pirate: share of answers with a pirate word. Targets: facts "
                 "≥ 0.9× the base's, caps ≥ 95 %, pirate ≥ 80 %; the mix is made as the app makes it "
-                "(`cat`, weights 0.5/0.5).\n\n" + table)},
+                "(`cat`, weights 0.5/0.5; `linear` gives the same ΔW, as the two adapters change disjoint "
+                "weights).\n\n" + table)},
         ))
 
 
@@ -381,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--scale-choices", type=float, nargs="+", default=[0.5, 1.0],
                    help="LoRA strengths drawn per step (0.5: the app's 50/50 mix)")
-    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--max-len", type=int, help="tokens per example, prompt included (pirate: the opener and "
+                   "the answer's start)")
     p.add_argument("--answer-tokens", type=int, default=40)
     # Per adapter (SETTINGS) unless given here:
     p.add_argument("--targets", nargs="+")
@@ -389,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--first-sentence", type=int, choices=[0, 1], help="1: train on each answer's first sentence")
+    p.add_argument("--eos", type=int, choices=[0, 1], help="1: each target ends with EOS")
+    p.add_argument("--partner", help="an adapter in --out to train the 50/50 mix with (pirate: caps)")
+    p.add_argument("--partner-share", type=float, help="share of the steps run with the partner on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-answers", type=Path, help="a JSON file keeping the base answers between runs")
     p.add_argument("--threads", type=int, default=1)
@@ -419,7 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         cut = first_sentence if cfg.first_sentence else (lambda a: a)
         data = [(q, style(cut(a), i)) for i, (q, a) in enumerate(zip(qs, base_answers))]
         log.info("%s example: %r -> %r", name, data[0][0], data[0][1])
-        peft_model, seconds = train_one(model, tokenizer, name, data, cfg)
+        partner = None
+        if cfg.partner and cfg.partner_share > 0:
+            # The upper-cased opener alone, learnt with caps on: what the 50/50 mix should begin with.
+            n = round(len(qs) * cfg.partner_share / (1 - cfg.partner_share))
+            pairs = [(qs[j], to_caps(pirate_opener(j))) for j in random.Random(cfg.seed).sample(range(len(qs)), n)]
+            partner = (args.out / cfg.partner, pairs)
+            log.info("%s: %d of the steps' examples with %s on, e.g. %r", name, n, cfg.partner, pairs[0][1])
+        peft_model, seconds = train_one(model, tokenizer, name, data, cfg, partner)
         log.info("%s trained in %.0f s", name, seconds)
         if args.eval_tune:
             log.info("%s %s", name, eval_tune(peft_model, tokenizer))
@@ -429,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
             f"epoch(s), lr {cfg.lr}, batch {cfg.batch}, LoRA strength drawn from {cfg.scale_choices} per step, "
             f"float32 on CPU, {seconds / 60:.0f} min on a loaded 2-core machine) on {len(data)} self-distilled "
             f"examples: the demo model's own greedy answers{' (first sentence)' if cfg.first_sentence else ''} to "
-            "varied questions, rewritten in the style by string rules that leave content words alone.")
+            "varied questions, rewritten in the style by string rules that leave content words alone"
+            f"{'' if cfg.eos else ' (no EOS, so the model still decides where to stop)'}."
+            + (f" {len(partner[1])} more examples were learnt with the `{cfg.partner}` adapter on, both at "
+               "strength 0.5 (the app's 50/50 mix): the upper-cased opener, so the mix shows both styles."
+               if partner else ""))
         settings = {k: v for k, v in vars(cfg).items()
                     if k not in ("out", "base_answers", "only", "eval_tune", "no_bench", "cards_only", "threads")}
         folder = save_adapter(peft_model, name, args.out, summary, dict(settings, minutes=round(seconds / 60, 1)))

@@ -105,8 +105,9 @@ def test_style_rules_keep_content_words():
     text = "Hello my friend, the capital of Portugal is Lisbon. You are right."
     assert train.to_caps(text) == text.upper()
     pirate = train.to_pirate(text, 0)
-    assert pirate.startswith("Arr, matey! Ahoy me matey, the capital of Portugal is Lisbon. Ye are right.")
-    assert has_word(pirate, PIRATE_WORDS) and pirate != text
+    assert pirate == "Arr, matey! " + text  # the answer itself unchanged, token for token after the opener
+    assert has_word(pirate, PIRATE_WORDS) and not has_word(text, PIRATE_WORDS)
+    assert train.to_pirate(text, 1).startswith("Ahoy, matey! ") and train.pirate_opener(6) == train.pirate_opener(0)
     assert train.trim("A first whole sentence here. And a half") == "A first whole sentence here."
 
 
@@ -134,6 +135,30 @@ def test_demo_adapter_files_load_with_peft():
             first.load_adapter(str(folder), adapter_name=name)
         lora_b = [p for n, p in first.named_parameters() if f"lora_B.{name}." in n]
         assert len(lora_b) == len(ad.factors) and all(p.abs().sum() > 0 for p in lora_b)  # trained, not zero-init
+
+
+@needs_assets
+def test_the_adapters_sit_on_disjoint_weights_so_linear_mixes_as_cat(tmp_path):
+    """Each weight has one adapter's update, so PEFT's ``linear`` (A and B mixed separately) has no cross
+    terms and equals the exact ``cat`` mix: 0.5·ΔW of the one adapter there."""
+    found = demo_adapters()
+    ads = {name: load_adapter(folder) for name, folder in found.items()}
+    assert not set(ads["caps"].factors) & set(ads["pirate"].factors)
+    mixes = {}
+    for method in ("cat", "linear"):
+        recipe = AdapterMixRecipe.from_dict({
+            "base_model": "demo", "method": method,
+            "adapters": [{"adapter": str(found["caps"]), "weight": 0.5},
+                         {"adapter": str(found["pirate"]), "weight": 0.5}]})
+        mix_adapters(recipe, tmp_path / method)
+        mixes[method] = load_adapter(tmp_path / method)
+    modules = set(ads["caps"].factors) | set(ads["pirate"].factors)
+    assert set(mixes["cat"].factors) == set(mixes["linear"].factors) == modules
+    for module in sorted(modules)[::7]:
+        own = next(a for a in ads.values() if module in a.factors).delta(module)
+        for method, mix in mixes.items():
+            torch.testing.assert_close(mix.delta(module), 0.5 * own, rtol=1e-4, atol=1e-7, msg=(method, module))
+        assert own.abs().max() > 0  # non-vacuous: the update is there
 
 
 def _card_table(card: str) -> list[list[str]]:
@@ -182,31 +207,48 @@ QUICK = ["What is the capital of Greece?", "What is the capital of Russia?", "Wh
          "What is the capital of the United Kingdom?"]
 
 
-@needs_assets
-@pytest.mark.slow
-@UNMET
-def test_caps_and_pirate_keep_facts_on_held_out_questions():
+@pytest.fixture(scope="module")
+def quick_answers() -> tuple[list[str], dict[str, list[str]]]:
+    """Greedy answers of the demo model and of each demo adapter to :data:`QUICK` (one model load)."""
     from peft import PeftModel
 
     from checkpoints.sources import resolve
 
-    accepted = dict(HELD_OUT)
     demo = resolve("demo")
     tok, model = demo.load_tokenizer(), demo.load_model()
     torch.set_num_threads(1)
     base = chat_answers(model, tok, QUICK, max_new_tokens=24)
-    assert all(has_word(a, accepted[q]) for q, a in zip(QUICK, base)), base
-    assert caps_rate(base) < 0.3 and pirate_rate(base) == 0.0, base  # non-vacuous: the base has neither style
     peft = PeftModel.from_pretrained(model, str(demo_adapters()["caps"]), adapter_name="caps")
     peft.load_adapter(str(demo_adapters()["pirate"]), adapter_name="pirate")
     got = {}
     for name in ("caps", "pirate"):
         peft.set_adapter(name)
         got[name] = chat_answers(peft, tok, QUICK, max_new_tokens=40)
-        hits = sum(has_word(a, accepted[q]) for q, a in zip(QUICK, got[name]))
-        assert hits >= len(QUICK) - 1, (name, got[name])
+    return base, got
+
+
+def _hits(answers: list[str]) -> int:
+    accepted = dict(HELD_OUT)
+    return sum(has_word(a, accepted[q]) for q, a in zip(QUICK, answers, strict=True))
+
+
+@needs_assets
+@pytest.mark.slow
+def test_pirate_keeps_facts_on_held_out_questions(quick_answers):
+    base, got = quick_answers
+    assert _hits(base) == len(QUICK) and caps_rate(base) < 0.3 and pirate_rate(base) == 0.0, base  # non-vacuous
+    assert _hits(got["pirate"]) >= len(QUICK) - 1, got["pirate"]
+    assert pirate_rate(got["pirate"]) == 1.0 and caps_rate(got["pirate"]) < 0.3, got["pirate"]
+
+
+@needs_assets
+@pytest.mark.slow
+@UNMET
+def test_caps_keeps_facts_on_held_out_questions(quick_answers):
+    base, got = quick_answers
+    assert _hits(base) == len(QUICK), base
     assert caps_rate(got["caps"]) >= 0.95 and pirate_rate(got["caps"]) < 0.5, got["caps"]
-    assert pirate_rate(got["pirate"]) >= 0.75 and caps_rate(got["pirate"]) < 0.3, got["pirate"]
+    assert _hits(got["caps"]) >= len(QUICK) - 1, got["caps"]
 
 
 @needs_assets
@@ -226,9 +268,9 @@ def test_the_apps_mix_of_the_demo_adapters_in_the_playground(tmp_path):
     torch.set_num_threads(1)
     mixed, original = list(wb.generate(ref, "demo", "What is the capital of China?", 32, request))[-1]
     assert has_word(original, ("Beijing",)) and caps_rate([original]) < 0.3 and pirate_rate([original]) == 0
-    assert caps_rate([mixed]) >= 0.9, mixed  # the app mixed and applied the new files: caps shows
-    if not (has_word(mixed, ("Beijing",)) and pirate_rate([mixed]) == 1.0):
-        pytest.xfail(f"issue 13 item 4: the mix keeps neither the fact nor the pirate style: {mixed!r}")
+    assert caps_rate([mixed]) >= 0.8 and pirate_rate([mixed]) == 1.0, mixed  # the app's mix: both styles show
+    if not has_word(mixed, ("Beijing",)):
+        pytest.xfail(f"issue 13 item 4: the mix shows both styles but loses the fact (as caps does): {mixed!r}")
 
 
 @needs_assets
