@@ -167,7 +167,7 @@ def make_model(recipe: MergeRecipe, out_dir: Path, *, fresh: bool = False) -> tu
     """Run ``recipe`` into ``out_dir`` unless an output of the same recipe and inputs is there; returns the
     folder and the LiNeS α the merge used (``auto`` resolved)."""
     tag_file = out_dir / "bench_inputs.json"
-    tag = _inputs_tag(recipe)
+    tag = json.loads(json.dumps(_inputs_tag(recipe)))  # as stored: tuples come back as lists
     if not fresh and tag_file.is_file() and json.loads(tag_file.read_text()).get("inputs") == tag:
         return out_dir, json.loads(tag_file.read_text()).get("lines_alpha")
     result = run_merge(recipe, out_dir, overwrite=True, threads=1, collect_norms=False)

@@ -157,3 +157,18 @@ def test_training_batch_scores_only_the_answer(tiny_tokenizer):
     assert labels[0].tolist() == [-100] * len(q) + a + [tiny_tokenizer.eos_token_id]
     assert mask[1].tolist() == [1, 1, 1, 1, 1, 0, 0]  # 3 query + 1 answer + end, right-padded
     assert labels[1].tolist()[-2:] == [-100, -100]
+
+
+def test_a_merge_made_from_the_same_recipe_and_inputs_is_reused(tiny_llama_family, tmp_path, monkeypatch):
+    recipe = bench.single_task_recipe(str(tiny_llama_family["base"]), str(tiny_llama_family["ft1"]), 0.5)
+    out, alpha = bench.make_model(recipe, tmp_path / "m")
+    assert alpha == 0.5 and (out / "bench_inputs.json").is_file()
+
+    def no_merge(*a, **kw):
+        raise AssertionError("merged again")
+
+    monkeypatch.setattr(bench, "run_merge", no_merge)
+    assert bench.make_model(recipe, tmp_path / "m") == (out, 0.5)  # failed while tuples were compared to lists
+    other = bench.single_task_recipe(str(tiny_llama_family["base"]), str(tiny_llama_family["ft1"]), 0.25)
+    with pytest.raises(AssertionError, match="merged again"):  # another recipe is merged
+        bench.make_model(other, tmp_path / "m")
