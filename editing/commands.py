@@ -149,7 +149,7 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-tokens", type=int, default=None,
                    help="tokens of corpus for the statistics (default 100000 for text, 10000 sampled)")
     p.add_argument("--layer", type=int, default=None,
-                   help="edited layer (default: per-architecture table); for memit methods the top of the four spread over")
+                   help="edited layer (default: per-architecture table); for memit methods the four spread over are two below it to one above")
     p.add_argument("--method", choices=list(METHODS), default=None,
                    help=f"editing method (default {DEFAULT_METHOD}); memit and alphaedit-memit spread over several layers")
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from checkpoints.arch import ArchSpec
+from checkpoints.errors import WeightsmithError
 from checkpoints.perplexity import right_padded
 
 from .alphaedit import AlphaEditHyperParams, alphaedit_factors
@@ -49,11 +50,17 @@ class MemitHyperParams:
     v_weight_decay: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def layers_for(self, model_type: str, num_layers: int) -> list[int]:
-        """The edited layers: given, or four layers ending just above ROME's default layer."""
-        if self.layers:
+    def layers_for(self, model_type: str, num_layers: int, layer: int | None = None) -> list[int]:
+        """The edited layers: four around ``layer`` (two below it to one above), the layer ROME would edit
+        for the fact (a trace's suggestion or the Layer field); else ``self.layers``; else four around
+        ROME's default layer. One rule, so a layer typed in and the default give the same window (the
+        demo's 2-5 around layer 4, whose statistics ``weightsmith demo-model`` prepares)."""
+        if layer is None and self.layers:
             return list(self.layers)
-        top = min(num_layers - 1, default_layer(model_type, num_layers) + 1)
+        if layer is not None and not 0 <= int(layer) < num_layers:
+            raise WeightsmithError(f"layer {layer} is out of range: the model has layers 0..{num_layers - 1}")
+        centre = default_layer(model_type, num_layers) if layer is None else int(layer)
+        top = min(num_layers - 1, centre + 1)
         return list(range(max(0, top - 3), top + 1))
 
 

@@ -332,15 +332,19 @@ class EditSession:
         """Compute and apply one edit (``method``: default the session's); returns the history entry.
 
         ``memit``/``alphaedit-memit`` go through :meth:`apply_batch` with this one request
-        (the request's layer, if given, is the top of the four layers they spread over).
+        (around the request's layer, if given: :meth:`MemitHyperParams.layers_for`).
         Bad input raises before any change; so does a non-finite update.
         """
         progress = job.callback("the edit") if job is not None else progress  # a Stop lands before the commit
         stages = _Stages(progress)
         method = check_method(method or self.method)
         if method in MULTI_LAYER:
-            top = request.layer
-            layers = None if top is None else list(range(max(0, int(top) - 3), int(top) + 1))
+            layers = None
+            if request.layer is not None:
+                from .memit import MemitHyperParams
+
+                layers = (self.memit_hparams or MemitHyperParams()).layers_for(
+                    self.spec.model_type, self.num_layers, request.layer)
             return self.apply_batch([request], progress=progress, method=method, layers=layers)
         self.check(request)
         layer = self._layer_of(request)

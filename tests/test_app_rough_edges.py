@@ -130,7 +130,7 @@ def test_the_layers_shown_are_the_layers_edited(wb, method):
         if method == "memit":
             assert len(applied) > 1  # non-vacuity: a multi-layer method shows all its layers
     assert "(this model's default)" in wb.edit_plan("tiny-base", "r-rome", "", r)
-    assert wb.edit_plan("tiny-base", "memit", "2", r) == "**memit** will edit **layers 0–2** (the four ending at layer 2)."
+    assert wb.edit_plan("tiny-base", "memit", "2", r) == "**memit** will edit **layers 0–3** (the four around layer 2)."
     assert wb.edit_plan("tiny-base", "r-rome", "9", r).startswith("⚠ layer 9 is out of range")
     assert wb.edit_plan("tiny-base", "r-rome", "x", r).startswith("⚠ layer must be a whole number")
 

@@ -179,6 +179,33 @@ def test_undo_bit_exact_any_order(tiny_llama_dir, corpus_file, stats):
         s.undo(e1.id)
 
 
+def test_memit_window_is_the_same_for_a_given_layer_and_the_default():
+    """A layer typed in (or a trace's suggestion) and the default give MEMIT the same window: the demo
+    model's default is layer 4 and layers 2-5, whose statistics `weightsmith demo-model` prepares."""
+    from editing.memit import MemitHyperParams
+    from editing.rome import default_layer
+
+    hp = MemitHyperParams()
+    assert default_layer("llama", 30) == 4
+    assert hp.layers_for("llama", 30) == hp.layers_for("llama", 30, 4) == [2, 3, 4, 5]
+    assert hp.layers_for("llama", 30, 3) == [1, 2, 3, 4] and hp.layers_for("llama", 30, 0) == [0, 1]
+    assert hp.layers_for("llama", 30, 29) == [26, 27, 28, 29]
+    assert MemitHyperParams(layers=[7, 8]).layers_for("llama", 30) == [7, 8]  # set layers win over the default
+    with pytest.raises(WeightsmithError, match="layer 30 is out of range"):
+        hp.layers_for("llama", 30, 30)
+
+
+def memit_ranks(s: EditSession, given: list[int]) -> dict[str, int]:
+    """Rank per down projection after MEMIT edits given these layers: one per edit whose window holds it
+    (the window around layer L is L-2..L+1, cut to the model)."""
+    ranks: dict[str, int] = {}
+    for layer in given:
+        top = min(s.num_layers - 1, layer + 1)
+        for low in range(max(0, top - 3), top + 1):
+            ranks[s.spec.module("mlp_out", low)] = ranks.get(s.spec.module("mlp_out", low), 0) + 1
+    return ranks
+
+
 @pytest.mark.parametrize("method", ["r-rome", "memit"])
 def test_adapter_export_equals_in_place(folder, corpus_file, stats, tmp_path, method):
     from peft import PeftModel
@@ -196,8 +223,8 @@ def test_adapter_export_equals_in_place(folder, corpus_file, stats, tmp_path, me
     out = s.export_adapter(tmp_path / "adapter")
     cfg = json.loads((out / "adapter_config.json").read_text())
     mlp = partial(s.spec.module, "mlp_out")
-    # one rank per edit and weight it touched: MEMIT spreads an edit given layer L over layers L-3..L
-    ranks = {"r-rome": {mlp(1): 2, mlp(2): 1}, "memit": {mlp(0): 3, mlp(1): 3, mlp(2): 1}}[method]
+    # one rank per edit and weight it touched: MEMIT spreads an edit given layer L over the four around it
+    ranks = {"r-rome": {mlp(1): 2, mlp(2): 1}, "memit": memit_ranks(s, [1, 1, 2])}[method]
     assert cfg["rank_pattern"] == ranks
     card = (out / "README.md").read_text()
     assert method in card and "weightsmith" in card and "base_model: test-org/tiny" in card and "Eiffel Tower" in card

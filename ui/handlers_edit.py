@@ -30,15 +30,13 @@ def planned_layers(model_type: str, num_layers: int, method: str | None, layer: 
     """The layers :meth:`editing.session.EditSession.apply` changes for ``method`` and the Layer field's
     ``layer`` (None: empty), so the page can say so before the edit. It follows the library's rule
     (tests/test_app_rough_edges.py checks it against the layers each applied edit reports):
-    one-layer methods edit ``layer`` or ROME's default layer; MEMIT methods the four layers ending at
-    ``layer``, or by default MEMIT's own span (four ending one above ROME's default layer)."""
+    one-layer methods edit ``layer`` or ROME's default layer; MEMIT methods the four layers around it
+    (:meth:`MemitHyperParams.layers_for`, the library's one rule)."""
     from editing.memit import MemitHyperParams
     from editing.rome import default_layer
 
     if check_method(method) in MULTI_LAYER:
-        if layer is None:
-            return MemitHyperParams().layers_for(model_type, num_layers)
-        return list(range(max(0, layer - 3), layer + 1))
+        return MemitHyperParams().layers_for(model_type, num_layers, layer)
     return [default_layer(model_type, num_layers) if layer is None else layer]
 
 
@@ -153,14 +151,14 @@ class EditHandlers:
             m = check_method(method)
         except WeightsmithError as e:
             return f"⚠ {e}"
+        if chosen is not None and not 0 <= chosen < num_layers:
+            return f"⚠ layer {chosen} is out of range: this model has layers 0–{num_layers - 1}"
         layers = planned_layers(model_type, num_layers, m, chosen)
-        if layers[-1] >= num_layers:
-            return f"⚠ layer {layers[-1]} is out of range: this model has layers 0–{num_layers - 1}"
         if chosen is None:
-            why = ("its default: four ending one above this model's ROME layer" if m in MULTI_LAYER
+            why = ("its default: four around this model's ROME layer" if m in MULTI_LAYER
                    else "this model's default")
         else:
-            why = f"the four ending at layer {chosen}" if m in MULTI_LAYER else "the Layer field"
+            why = f"the four around layer {chosen}" if m in MULTI_LAYER else "the Layer field"
         return f"**{m}** will edit **{layers_text(layers)}** ({why})."
 
     @endpoint
