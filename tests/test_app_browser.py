@@ -104,7 +104,7 @@ def test_merge_through_the_page(served, tmp_path):
                                   "  - model: tiny-ft2\n    parameters: {weight: 0.3, density: 0.6}\n"
                                   "lines: {alpha: 0.25, beta: 0.75}\n")
         expect(merge.get_by_text("form updated from YAML")).to_be_visible(timeout=15_000)
-        expect(merge.get_by_label("Method")).to_have_value("TIES (ties)")
+        expect(merge.get_by_role("combobox", name="Method")).to_have_value("TIES (ties)")
         expect(merge.get_by_label("LiNeS layer scaling")).to_be_checked()
         expect(merge.get_by_label("β", exact=True)).to_have_value("0.75")
         expect(merge.get_by_role("gridcell", name="0.6")).to_be_visible()
@@ -144,9 +144,9 @@ def test_first_look_and_a_failed_playground_model(served, tmp_path, tiny_llama_f
         expect(merge.get_by_text("⚠")).to_have_count(0)  # nothing is wrong before the user has acted
         page.get_by_role("tab", name="Edit").click()
         edit = page.locator("#tab-edit")
-        layer = edit.get_by_role("textbox", name="Layer empty: the suggested/default layer")
+        layer = edit.get_by_role("textbox", name="Layer empty: the method's default; Trace fills in its suggestion")
         expect(layer).to_have_value("")  # not 0
-        expect(layer).to_have_attribute("placeholder", "suggested")
+        expect(layer).to_have_attribute("placeholder", "default")
         edit.get_by_role("button", name="Undo edit").click()  # nothing to undo yet: one message
         expect(page.locator(".toast-body").first).to_contain_text("no edits yet", timeout=30_000)
         expect(page.locator("#edit-history").get_by_text("Error", exact=True)).to_have_count(0)
