@@ -124,7 +124,7 @@ def test_rome_rank_one_adapter_exports_the_edit(bases, tmp_path):
     corpus = corpus_from_file(tmp_path / "corpus.txt")
     hp = RomeHyperParams(v_steps=10, prefix_lengths=((2, 1),), v_lr=0.5, clamp_norm_factor=10.0)
     s = EditSession(model, tok, stats=StatsCache(tmp_path / "stats"), hparams=hp, corpus=corpus,
-                    base_name="test-org/tiny")
+                    base_name="test-org/tiny", method="r-rome")  # ROME's rank-one update, not the default MEMIT
     s.apply(EditRequest("The {} is located in the city of", "Eiffel Tower", "Rome", layer=1))
     s.apply(EditRequest("The capital of {} is", "France", "Rome", layer=1))
     s.apply(EditRequest("The {} is located in", "Eiffel Tower", "Berlin", layer=2))
