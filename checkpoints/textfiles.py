@@ -123,6 +123,15 @@ def load_yaml(text: str, *, what: str = "YAML") -> Any:
     return _parse(lambda: yaml.load(text or "", Loader=_BoundedLoader), what)  # noqa: S506 - a SafeLoader subclass
 
 
+def load_yaml_file_or_text(text_or_path: "str | Path", *, what: str) -> Any:
+    """A YAML file (a ``Path``, or one line ending in .yml/.yaml, read with :func:`read_text`) or YAML text,
+    loaded with :func:`load_yaml`: recipes and search files are given either way."""
+    text = str(text_or_path)
+    if isinstance(text_or_path, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
+        text = read_text(Path(text_or_path), what=what)
+    return load_yaml(text, what=what)
+
+
 def load_yaml_documents(text: str, *, what: str = "YAML") -> list[Any]:
     """Every document of a ``---``-separated YAML stream, each loaded as :func:`load_yaml` loads one
     (aliases bounded per document); one :class:`WeightsmithError` line on bad input."""

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.textfiles import load_yaml, read_text
+from checkpoints.textfiles import load_yaml_file_or_text
 from evaluation.run import EvalResult, EvalSettings
 from evaluation.tasks import Task, load_task
 
@@ -107,10 +107,7 @@ class SearchSpec:
     # -- reading -------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> "SearchSpec":
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
-            text = read_text(Path(text_or_path), what="search file")
-        return cls.from_dict(load_yaml(text, what="search file"))
+        return cls.from_dict(load_yaml_file_or_text(text_or_path, what="search file"))
 
     @classmethod
     def from_dict(cls, data: Any) -> "SearchSpec":

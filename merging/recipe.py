@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.textfiles import load_yaml, read_text
+from checkpoints.textfiles import load_yaml_file_or_text
 
 from .chat_template import check_chat_template
 from .lines import LinesConfig
@@ -105,10 +105,7 @@ class MergeRecipe:
         The file is read with :func:`checkpoints.textfiles.read_text` (UTF-8, one line otherwise) and
         parsed with :func:`checkpoints.textfiles.load_yaml` (aliases bounded: no YAML bombs).
         """
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
-            text = read_text(Path(text_or_path), what="recipe")
-        return cls.from_dict(load_yaml(text, what="recipe"))
+        return cls.from_dict(load_yaml_file_or_text(text_or_path, what="recipe"))
 
     @classmethod
     def from_dict(cls, data: Any) -> "MergeRecipe":
