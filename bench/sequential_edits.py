@@ -21,7 +21,9 @@ checkpoint to ``--out``.jsonl and the curves to ``--out``.png, and prints a
 comparison table with ratios against the unedited model.
 
 Method variants for tuning: ``alphaedit+t=0.01+l2=1+exact=1+vf=prompt`` sets
-AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from.
+AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from;
+``memit+es=argmax+ridge=0.1+kp=1+lam=3000+clamp=0.5`` sets v*'s early stop (MPES),
+MEMIT's norm ridge, the earlier edits' keys in the solve, λ and the clamp.
 
     .venv/bin/python bench/sequential_edits.py --methods r-rome,alphaedit,rome --max-edits 100 --every 25 \\
         --half report --threads 1 --out /work/notes/seq-report
@@ -49,6 +51,7 @@ HALF = 500  # dev-1000.json: records 0-499 tune, 500-999 report
 from checkpoints.fingerprint import module_digest  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
 from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
+from editing.memit import MemitHyperParams  # noqa: E402
 from editing.evaluate import aggregate, evaluate_edits, load_records, perplexity  # noqa: E402
 from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
@@ -66,16 +69,27 @@ class Variant:
     method: str
     rome: RomeHyperParams
     alpha: AlphaEditHyperParams
+    memit: MemitHyperParams | None = None
 
 
 def parse_variant(text: str) -> Variant:
     """``method[+key=value...]`` with keys t (null-space threshold), l2, exact (0/1), vf (value_from)."""
     name, *opts = text.strip().split("+")
     method = check_method(name)
-    rome, alpha = RomeHyperParams(), AlphaEditHyperParams()
+    rome, alpha, memit = RomeHyperParams(), AlphaEditHyperParams(), MemitHyperParams()
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key == "t":
+        if key == "es":
+            rome, memit = replace(rome, early_stop=value), replace(memit, early_stop=value)
+        elif key == "ridge":
+            memit = replace(memit, norm_ridge=float(value))
+        elif key == "kp":
+            memit = replace(memit, keep_edit_keys=value not in ("0", "false", "False"))
+        elif key == "lam":
+            memit = replace(memit, mom2_update_weight=float(value))
+        elif key == "clamp":
+            memit = replace(memit, clamp_norm_factor=float(value))
+        elif key == "t":
             alpha = replace(alpha, nullspace_threshold=float(value))
         elif key == "l2":
             alpha = replace(alpha, l2=float(value))
@@ -84,8 +98,8 @@ def parse_variant(text: str) -> Variant:
         elif key == "vf":
             rome = replace(rome, value_from=value)
         else:
-            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf)")
-    return Variant(text.strip(), method, rome, alpha)
+            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf, es, ridge, kp, lam, clamp)")
+    return Variant(text.strip(), method, rome, alpha, memit)
 
 
 def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:
@@ -190,7 +204,7 @@ class Run:
         self.variant, self.model, self.tok, self.args = variant, model, tok, args
         self.session = EditSession(model, tok, stats=stats, corpus=corpus, stats_tokens=args.stats_tokens,
                                    hparams=variant.rome, method=variant.method, alpha_hparams=variant.alpha,
-                                   base_name="demo")
+                                   memit_hparams=variant.memit, base_name="demo")
         self.batch = args.batch if variant.method in MULTI_LAYER else 1
         self.norms: list[float] = []
         self.seconds: list[float] = []

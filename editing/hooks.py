@@ -99,6 +99,21 @@ def patch_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch
 
 
 @contextlib.contextmanager
+def patch_output_from_input(model: nn.Module, name: str,
+                            fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the (first) output ``y`` of module ``name`` by ``fn(x, y)``, ``x`` its (first) input."""
+
+    def hook(_mod, args, out):
+        return _replace_first(out, fn(args[0], _first(out)))
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def patch_outputs(model: nn.Module, patches: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """:func:`patch_output` for several modules at once."""
     with contextlib.ExitStack() as stack:

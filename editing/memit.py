@@ -48,6 +48,13 @@ class MemitHyperParams:
     v_lr: float = 0.5
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
+    early_stop: str = "loss"  # or "argmax" (MPES): see RomeHyperParams.early_stop
+    # ENCORE's norm constraint (Gupta et al. 2025): + ridge·I in the solve, ridge relative to the mean
+    # diagonal of λC, so each update also pays for its Frobenius norm and the edited weights grow less.
+    norm_ridge: float = 0.0
+    # Keep the keys of the session's earlier edits in the solve (λC + K_pK_pᵀ + KKᵀ), so a new fact
+    # leaves what earlier facts wrote there in place (AlphaEdit's sequential term, without P).
+    keep_edit_keys: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def layers_for(self, model_type: str, num_layers: int, layer: int | None = None) -> list[int]:
@@ -87,12 +94,14 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
     """Compute MEMIT factors for ``requests``; ``apply_layer(module, B, A)`` applies each layer as it goes.
 
     With ``alpha``, the AlphaEdit update per layer from ``projectors[layer]`` and
-    ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used.
+    ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used. Without it,
+    ``prior_keys`` enter the solve only with ``hparams.keep_edit_keys``.
     Returns ``({module: (B [out, n], A [n, in])}, info)``; ``info["keys"][layer]`` is K ``[in, n]``.
     """
     hp = hparams or MemitHyperParams()
     vp = replace(rome or RomeHyperParams(), v_steps=hp.v_steps, v_lr=hp.v_lr, kl_factor=hp.kl_factor,
-                 v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor)
+                 v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+                 early_stop=hp.early_stop)
     t0 = time.time()
     top = layers[-1]
     zs, logs = [], []
@@ -121,7 +130,15 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
             C = Cs[layer].double().to(K.device)
             lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(C.shape[0])
             K64 = K.double()
-            adj = torch.linalg.solve(lam * C + K64 @ K64.T, K64)  # [in, n]
+            M = lam * C + K64 @ K64.T
+            if hp.norm_ridge:
+                M = M + (hp.norm_ridge * lam * float(C.diagonal().mean())) * torch.eye(M.shape[0], dtype=M.dtype,
+                                                                                       device=M.device)
+            Kp = (prior_keys or {}).get(layer) if hp.keep_edit_keys else None
+            if Kp is not None and Kp.numel():
+                Kp64 = Kp.double().to(M.device)
+                M = M + Kp64 @ Kp64.T
+            adj = torch.linalg.solve(M, K64)  # [in, n]
             B, A = R.float().contiguous(), adj.T.float().contiguous()
         keys[layer] = K
         module = spec.module("mlp_out", layer)

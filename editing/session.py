@@ -57,7 +57,7 @@ from .checks import CheckSettings, neutral_logprobs, require_finite, target_chec
 from .methods import DEFAULT_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
-from .stats import Corpus, StatsCache, resolve_corpus
+from .stats import Corpus, StatsCache, layer_identity, resolve_corpus
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,9 @@ class EditSession:
         self._edits: list[AppliedEdit] = []
         self._next_id = 1
         self._prefixes: list[str] | None = None
+        # layer -> identity of the unedited weights that feed it (the statistics' cache key): the
+        # pristine weights never change, so each layer is hashed once per session, not once per edit.
+        self._identities: dict[int, str] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------
     @property
@@ -234,7 +237,7 @@ class EditSession:
         progress = job.callback("computing the statistics") if job is not None else progress
         with self._pristine_weights():
             return self.stats.get(self.model, self.tokenizer, self.spec, layers, self.corpus, self.stats_tokens,
-                                  progress=progress)
+                                  progress=progress, identities=self._layer_identities(layers))
 
     def projectors(self, layers: int | list[int], progress: Progress | None = None, *,
                    job: Job | None = None) -> dict[int, tuple[torch.Tensor, int]]:
@@ -243,7 +246,14 @@ class EditSession:
         with self._pristine_weights():
             return self.stats.projectors(self.model, self.tokenizer, self.spec, layers, self.corpus,
                                          self.stats_tokens, threshold=self.alpha_hparams.nullspace_threshold,
-                                         progress=progress)
+                                         progress=progress, identities=self._layer_identities(layers))
+
+    def _layer_identities(self, layers: int | list[int]) -> dict[int, str]:
+        # Called with the pristine weights in place (statistics describe the unedited model).
+        for layer in [layers] if isinstance(layers, int) else layers:
+            if layer not in self._identities:
+                self._identities[layer] = layer_identity(self.model, self.spec, layer)
+        return self._identities
 
     def prior_keys(self, layer: int) -> torch.Tensor | None:
         """Keys ``[in, m]`` the active edits wrote at ``layer`` (K_p of sequential AlphaEdit), or None."""
@@ -439,6 +449,8 @@ class EditSession:
             prior = {layer: self.prior_keys(layer) for layer in layers}
         else:
             Cs = self.statistics(layers, progress=stages.first)
+            if hp.keep_edit_keys:
+                prior = {layer: self.prior_keys(layer) for layer in layers}
         # compute_memit applies its layers as it goes (later layers see earlier ones). Those changes are
         # temporary: the touched weights are saved first and copied back afterwards (also on failure),
         # which restores their exact bits in O(1) per weight, where a refold would re-sum every earlier

@@ -296,8 +296,12 @@ class StatsCache:
         self.last_computed_seconds: float | None = None
         self.last_missing: list[int] = []  # layers the last :meth:`get` had to compute (the others were cached)
 
-    def key(self, model, spec: ArchSpec, layer: int, corpus: Corpus, n_tokens: int) -> StatsKey:
-        return StatsKey(layer_identity(model, spec, layer), layer, corpus.digest, int(n_tokens))
+    def key(self, model, spec: ArchSpec, layer: int, corpus: Corpus, n_tokens: int,
+            identities: dict[int, str] | None = None) -> StatsKey:
+        """``identities``: the caller's remembered :func:`layer_identity` by layer (hashing the
+        embeddings and the blocks below costs a second or more per layer on a small CPU)."""
+        ident = identities.get(layer) if identities else None
+        return StatsKey(ident or layer_identity(model, spec, layer), layer, corpus.digest, int(n_tokens))
 
     def lookup(self, key: StatsKey) -> torch.Tensor | None:
         if key in self._mem:
@@ -329,12 +333,13 @@ class StatsCache:
 
     def get(self, model, tokenizer, spec: ArchSpec, layers: int | list[int], corpus: Corpus,
             n_tokens: int | None = None, *, progress: Progress | None = None,
-            device: str | torch.device | None = None) -> dict[int, torch.Tensor]:
+            device: str | torch.device | None = None, identities: dict[int, str] | None = None
+            ) -> dict[int, torch.Tensor]:
         """C for each layer (computing the missing ones in one pass over the corpus)."""
         layers = [layers] if isinstance(layers, int) else list(layers)
         if n_tokens is None:
             n_tokens = DEFAULT_SAMPLED_TOKENS if corpus.kind == "sampled" else DEFAULT_TOKENS
-        keys = {layer: self.key(model, spec, layer, corpus, n_tokens) for layer in layers}
+        keys = {layer: self.key(model, spec, layer, corpus, n_tokens, identities) for layer in layers}
         out = {layer: c for layer in layers if (c := self.lookup(keys[layer])) is not None}
         missing = [layer for layer in layers if layer not in out]
         self.last_missing = missing
@@ -351,7 +356,8 @@ class StatsCache:
 
     def projectors(self, model, tokenizer, spec: ArchSpec, layers: int | list[int], corpus: Corpus,
                    n_tokens: int | None = None, *, threshold: float, progress: Progress | None = None,
-                   device: str | torch.device | None = None) -> dict[int, tuple[torch.Tensor, int]]:
+                   device: str | torch.device | None = None, identities: dict[int, str] | None = None
+                   ) -> dict[int, tuple[torch.Tensor, int]]:
         """AlphaEdit's null-space projector P of each layer's C: ``{layer: (P, kept directions)}``.
 
         Computed once per (model identity, layer, corpus, tokens, threshold), from the cached C,
@@ -360,7 +366,8 @@ class StatsCache:
         layers = [layers] if isinstance(layers, int) else list(layers)
         if n_tokens is None:
             n_tokens = DEFAULT_SAMPLED_TOKENS if corpus.kind == "sampled" else DEFAULT_TOKENS
-        keys = {layer: self.key(model, spec, layer, corpus, n_tokens).projector(threshold) for layer in layers}
+        keys = {layer: self.key(model, spec, layer, corpus, n_tokens, identities).projector(threshold)
+                for layer in layers}
         out: dict[int, tuple[torch.Tensor, int]] = {}
         for layer in layers:
             P = self.lookup(keys[layer])
@@ -368,7 +375,8 @@ class StatsCache:
                 out[layer] = (P, int(round(float(P.diagonal().sum()))))  # trace of a projector = its rank
         missing = [layer for layer in layers if layer not in out]
         if missing:
-            Cs = self.get(model, tokenizer, spec, missing, corpus, n_tokens, progress=progress, device=device)
+            Cs = self.get(model, tokenizer, spec, missing, corpus, n_tokens, progress=progress, device=device,
+                          identities=identities)
             for layer in missing:
                 P, kept = nullspace_projector(Cs[layer], threshold)
                 self.store(keys[layer], P, {"layer": str(layer), "corpus": corpus.name, "threshold": f"{threshold:g}",

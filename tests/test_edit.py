@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoints.arch import spec_for
 from checkpoints.errors import WeightsmithError
 from editing.evaluate import evaluate_edit, load_records, parse_record, target_logprobs
 from editing.request import EditRequest, subject_span, target_ids
@@ -442,3 +444,95 @@ def test_demo_edit_changes_generation(demo_dir, tmp_path):
     assert "Paris" in greedy()
     s.apply(EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"))
     assert "Rome" in greedy()
+
+
+def test_statistics_identity_is_hashed_once_per_layer(tiny_llama_dir, corpus_file, stats, monkeypatch):
+    """A session hashes the weights behind a layer's statistics key once, not on every edit (the pristine
+    weights never change), and still finds the same cache entry as a fresh hash would."""
+    import editing.session as session_module
+
+    calls: list[int] = []
+    real = session_module.layer_identity
+
+    def counting(model, spec, layer):
+        calls.append(layer)
+        return real(model, spec, layer)
+
+    monkeypatch.setattr(session_module, "layer_identity", counting)
+    s = session_for(tiny_llama_dir, corpus_file, stats)
+    for target in ("Rome", "Madrid", "Berlin"):
+        s.apply(EditRequest(EIFFEL.prompt, EIFFEL.subject, target, layer=1))
+    assert calls == [1]  # three edits, one hash
+    with s._pristine_weights():
+        assert s._identities[1] == real(s.model, s.spec, 1)  # the remembered key is the pristine model's
+
+
+def test_mpes_stops_at_the_first_step_where_the_target_is_most_probable(tiny_llama_dir):
+    """early_stop="argmax" (MPES) ends v*'s optimisation at the first step where every target token is the
+    argmax in every prompt of the loss; the loss rule goes on. Checked by an independent forward pass with
+    δ added at the subject's last token: true at the step it stopped, false one step earlier."""
+    from editing.hooks import patch_output
+    from editing.request import tokenise
+    from editing.rome import compute_value, prefixed
+
+    model, tok = load(tiny_llama_dir)
+    spec = spec_for("llama")
+    # The sharpened tiny model's logits are hard to move from one position: a bare prompt and a target
+    # it can reach (the argmax after ~27 steps) keep the test about the stopping rule.
+    req = EditRequest(EIFFEL.prompt, EIFFEL.subject, "Italy")
+    prefixes: list[str] = []
+    module = spec.module("mlp_out", 1)
+    hp = replace(FAST, v_steps=60, early_stop_loss=0.0, v_prompts=None, kl_factor=0.0, clamp_norm_factor=100.0,
+                 v_lr=3.0, v_weight_decay=0.0)
+    tgt = target_ids(tok, req.target)
+
+    def target_is_argmax_everywhere(delta) -> bool:
+        for text in prefixed(prefixes, req.text):
+            t = tokenise(tok, text, req.subject, subject_at=len(text) - len(req.text) + req.text.find(req.subject),
+                         target=tgt)
+            at = torch.zeros(1, len(t.ids), 1)
+            at[0, t.subject_last, 0] = 1.0
+            with torch.no_grad(), patch_output(model, module, lambda y: y + at * delta):
+                logits = model(input_ids=torch.tensor([t.ids])).logits[0]
+            if not all(int(logits[t.prompt_len - 1 + i].argmax()) == tok_id for i, tok_id in enumerate(tgt)):
+                return False
+        return True
+
+    d_loss, _, info_loss = compute_value(model, tok, spec, req, 1, prefixes, hp)
+    d_mpes, _, info_mpes = compute_value(model, tok, spec, req, 1, prefixes, replace(hp, early_stop="argmax"))
+    stop = info_mpes["steps"]
+    assert info_loss["steps"] == 60 and 1 < stop < 60
+    assert float(d_mpes.norm()) < float(d_loss.norm())  # the point of MPES: a smaller change
+    # The loop checks before each update: stopping at step s returns δ after s-1 updates, and the check
+    # at step s-1 (δ after s-2 updates) failed.
+    assert target_is_argmax_everywhere(d_mpes)
+    d_before, _, _ = compute_value(model, tok, spec, req, 1, prefixes, replace(hp, v_steps=stop - 2))
+    assert not target_is_argmax_everywhere(d_before)
+    with pytest.raises(WeightsmithError, match="early_stop"):
+        compute_value(model, tok, spec, req, 1, prefixes, replace(hp, early_stop="soon"))
+
+
+def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
+    """norm_ridge shrinks every layer's update; keep_edit_keys keeps the earlier edit's keys in the solve,
+    so the second edit changes the first edit's key's outputs less than without them."""
+    from editing.memit import MemitHyperParams
+
+    reqs = [EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome"), EditRequest("{} is the capital of", "Madrid", "Italy")]
+
+    def run(**kw):
+        s = session_for(tiny_llama_dir, corpus_file, stats, method="memit",
+                        memit_hparams=MemitHyperParams(v_steps=5, **kw))
+        first = s.apply_batch(reqs[:1], layers=[1, 2])
+        second = s.apply_batch(reqs[1:], layers=[1, 2])
+        # what the second edit does at the first edit's keys, per layer
+        moved = sum(float((second.deltas[s.spec.module("mlp_out", layer) + ".weight"] @ first.keys[layer].T).norm())
+                    for layer in (1, 2))
+        return first, moved
+
+    plain, moved_plain = run()
+    ridged, _ = run(norm_ridge=10.0)
+    kept, moved_kept = run(keep_edit_keys=True)
+    norm = lambda e: sum(float(d.norm()) for d in e.deltas.values())  # noqa: E731
+    assert norm(ridged) < 0.9 * norm(plain)
+    assert torch.equal(kept.factors[next(iter(kept.factors))][1], plain.factors[next(iter(plain.factors))][1])
+    assert moved_kept < 0.8 * moved_plain, (moved_kept, moved_plain)  # 1.32 against 2.08 when written

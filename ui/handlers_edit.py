@@ -6,8 +6,7 @@ from typing import Annotated, Literal
 import gradio as gr
 
 from checkpoints.errors import WeightsmithError
-from checkpoints.generation import stream_text
-from checkpoints.model_cache import LoadedModel, building_models
+from checkpoints.model_cache import building_models
 from checkpoints.sources import resolve
 from checkpoints.workspace import Workspace
 from editing.methods import METHODS as EDIT_METHODS, MULTI_LAYER, batch_method, check_method
@@ -86,13 +85,6 @@ class EditHandlers:
                 self._edit_sessions.pop(next(iter(self._edit_sessions)))
         return session
 
-    def _greedy(self, session, prompt: str, n: int = 24) -> str:
-        text = ""
-        for text in stream_text(LoadedModel(session.model, session.tokenizer, "edit"), prompt,
-                                max_new_tokens=n, device=self.config.device):
-            pass
-        return text
-
     @endpoint
     def trace(self, model: str, prompt: str, subject: str, kind: Literal["hidden", "mlp", "attn"] | None,
               samples: Annotated[float | None, Range(1, 10, integer=True)],
@@ -122,16 +114,17 @@ class EditHandlers:
         """Apply one edit (``method``: rome, r-rome, alphaedit, memit, alphaedit-memit; empty: the default);
         ``layer``: a whole number, or empty for the suggested/default layer.
         Returns (generation before, after, summary, history table)."""
+        from editing.before_after import continuations_before_after
         from editing.request import EditRequest
 
         ws = self.workspace(request)
         session = self.edit_session(ws, model)
         req = EditRequest(prompt, subject, target, layer_value(layer), (target_true or None))
         session.check(req)
-        before = self._greedy(session, req.text)
         applied = self.run_job(request, lambda cancel: session.apply(req, job=gradio_job(progress, cancel),
                                                                      method=method or None))
-        after = self._greedy(session, req.text)
+        show_progress(progress, 1.0, "generating the continuation before and after the edit")
+        before, after = continuations_before_after(session, req.text, applied, max_new_tokens=24)
         info = applied.summary()
         md = (f"Edit **{applied.id}** ({applied.method}): {subject} → **{target}** at {layers_text(applied.layers)} "
               f"in {info.get('seconds', '?')} s. Undo it below; save it from the history."
