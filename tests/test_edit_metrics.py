@@ -125,3 +125,20 @@ def test_perplexity_by_hand(model, tiny_tokenizer):
     assert perplexity(model, ids, seq_len=8) == pytest.approx(1 / math.sqrt(3 / 66 * 2 / 65), rel=1e-5)
     # Windows of 2: [of Rome] [of Rome] [of]: only Rome|of is predicted (twice), the lone token is context.
     assert perplexity(model, ids, seq_len=2) == pytest.approx(66 / 3, rel=1e-5)
+
+
+def test_pairs_with_the_same_row_share_one_forward_pass(model, tiny_tokenizer, monkeypatch):
+    """A prompt scored against two one-token targets is one input row, run once; a two-token target needs
+    its own row. The values are the hand-computed ones either way."""
+    rows_run: list[int] = []
+    forward = model.base_model.forward
+
+    def counting(*args, **kwargs):
+        rows_run.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.base_model, "forward", counting)
+    lp = target_logprobs(model, tiny_tokenizer, [REC.text, REC.text, REC.text], ["Rome", "Paris", "Eiffel Tower"])
+    assert lp == pytest.approx([math.log(3 / 66), math.log(1 / 66),
+                                (math.log(1 / 66) + math.log(7 / 70)) / 2], abs=1e-5)
+    assert sum(rows_run) == 2  # three pairs, two distinct rows (the prompt; the prompt + " Eiffel")
