@@ -22,7 +22,7 @@ comparison table with ratios against the unedited model.
 
 Method variants for tuning: ``alphaedit+t=0.01+l2=1+exact=1+vf=prompt`` sets
 AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from;
-``memit+es=argmax+ridge=0.1+kp=1+lam=3000+clamp=0.5`` sets v*'s early stop (MPES),
+``memit+es=argmax+esl=0.5+ridge=0.1+kp=1+lam=3000+clamp=0.5`` sets v*'s early stop (MPES), its loss threshold,
 MEMIT's norm ridge, the earlier edits' keys in the solve, λ and the clamp.
 
     .venv/bin/python bench/sequential_edits.py --methods r-rome,alphaedit,rome --max-edits 100 --every 25 \\
@@ -81,6 +81,8 @@ def parse_variant(text: str) -> Variant:
         key, _, value = opt.partition("=")
         if key == "es":
             rome, memit = replace(rome, early_stop=value), replace(memit, early_stop=value)
+        elif key == "esl":
+            rome = replace(rome, early_stop_loss=float(value))
         elif key == "ridge":
             memit = replace(memit, norm_ridge=float(value))
         elif key == "kp":
@@ -98,7 +100,7 @@ def parse_variant(text: str) -> Variant:
         elif key == "vf":
             rome = replace(rome, value_from=value)
         else:
-            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf, es, ridge, kp, lam, clamp)")
+            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf, es, esl, ridge, kp, lam, clamp)")
     return Variant(text.strip(), method, rome, alpha, memit)
 
 
