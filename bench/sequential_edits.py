@@ -22,8 +22,8 @@ comparison table with ratios against the unedited model.
 
 Method variants for tuning: ``alphaedit+t=0.01+l2=1+exact=1+vf=prompt`` sets
 AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from;
-``memit+es=argmax+esl=0.5+ridge=0.1+kp=1+lam=3000+layers=1-8+clamp=0.5`` sets v*'s early stop (MPES), its loss threshold,
-MEMIT's norm ridge, the earlier edits' keys in the solve, λ, the edited layers and the clamp.
+``memit+es=argmax+esl=0.5+ridge=0.1+kp=1+lam=3000+passes=2+layers=1-8+clamp=0.5`` sets v*'s early stop (MPES), its loss threshold,
+MEMIT's norm ridge, the earlier edits' keys in the solve, λ, the passes, the edited layers and the clamp.
 
     .venv/bin/python bench/sequential_edits.py --methods r-rome,alphaedit,rome --max-edits 100 --every 25 \\
         --half report --threads 1 --out /work/notes/seq-report
@@ -89,6 +89,8 @@ def parse_variant(text: str) -> Variant:
             memit = replace(memit, keep_edit_keys=value not in ("0", "false", "False"))
         elif key == "lam":
             memit = replace(memit, mom2_update_weight=float(value))
+        elif key == "passes":
+            memit = replace(memit, max_passes=int(value))
         elif key == "layers":
             lo, _, hi = value.partition("-")
             memit = replace(memit, layers=list(range(int(lo), int(hi or lo) + 1)))
@@ -103,7 +105,7 @@ def parse_variant(text: str) -> Variant:
         elif key == "vf":
             rome = replace(rome, value_from=value)
         else:
-            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf, es, esl, ridge, kp, lam, layers, clamp)")
+            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf, es, esl, ridge, kp, lam, passes, layers, clamp)")
     return Variant(text.strip(), method, rome, alpha, memit)
 
 

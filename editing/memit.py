@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -55,6 +57,9 @@ class MemitHyperParams:
     # Keep the keys of the session's earlier edits in the solve (λC + K_pK_pᵀ + KKᵀ), so a new fact
     # leaves what earlier facts wrote there in place (AlphaEdit's sequential term, without P).
     keep_edit_keys: bool = False
+    # Up to this many bottom-up passes: after each, the facts whose target is not yet the argmax after
+    # their own prompt get another (1 = MEMIT as published).
+    max_passes: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def layers_for(self, model_type: str, num_layers: int, layer: int | None = None) -> list[int]:
@@ -81,6 +86,65 @@ def _residuals(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], la
         model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     idx = torch.tensor([s.subject_last for s in seqs], device=device)
     return seen.value[torch.arange(len(seqs), device=device), idx].float()  # type: ignore[index]
+
+
+def _layer_update(layer: int, K: torch.Tensor, R: torch.Tensor, *, hp: MemitHyperParams, Cs, alpha, projectors,
+                  prior_keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B ``[out, n]``, A ``[n, in]``) of one layer's update for keys K ``[in, n]`` and residuals R."""
+    if alpha is not None:
+        return alphaedit_factors(R, K, projectors[layer], (prior_keys or {}).get(layer), l2=alpha.l2,
+                                 exact=alpha.exact)
+    C = Cs[layer].double().to(K.device)
+    lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(C.shape[0])
+    K64 = K.double()
+    M = lam * C + K64 @ K64.T
+    if hp.norm_ridge:
+        M = M + (hp.norm_ridge * lam * float(C.diagonal().mean())) * torch.eye(M.shape[0], dtype=M.dtype,
+                                                                               device=M.device)
+    Kp = (prior_keys or {}).get(layer) if hp.keep_edit_keys else None
+    if Kp is not None and Kp.numel():
+        Kp64 = Kp.double().to(M.device)
+        M = M + Kp64 @ Kp64.T
+    adj = torch.linalg.solve(M, K64)  # [in, n]
+    return R.float().contiguous(), adj.T.float().contiguous()
+
+
+def _layer_pass(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], Z: torch.Tensor, layers: list[int],
+                prefixes: list[str], solve, apply_layer, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> dict[int, torch.Tensor]:
+    """One bottom-up pass over ``layers`` towards targets Z; appends to ``factors``; returns K by layer."""
+    top = layers[-1]
+    keys: dict[int, torch.Tensor] = {}
+    for li, layer in enumerate(layers):
+        seqs_per_req = []
+        for r in requests:
+            texts = prefixed(prefixes, r.text)
+            seqs_per_req.append([tokenise(tokenizer, t, r.subject, subject_at=len(t) - len(r.text) + r.text.find(r.subject))
+                                 for t in texts])
+        K = torch.stack([compute_keys(model, tokenizer, spec, layer, s).mean(0) for s in seqs_per_req]).T  # [in, n]
+        H = _residuals(model, tokenizer, spec, requests, top)  # [n, hidden]
+        R = ((Z - H) / (len(layers) - li)).T.double()  # [out, n]
+        B, A = solve(layer, K, R)
+        keys[layer] = K
+        module = spec.module("mlp_out", layer)
+        apply_layer(module, B, A)
+        if module in factors:  # a further pass: ΔW = B₁A₁ + B₂A₂ = [B₁ B₂][A₁; A₂]
+            B0, A0 = factors[module]
+            B, A = torch.cat([B0, B], dim=1), torch.cat([A0, A], dim=0)
+        factors[module] = (B, A)
+        log.info("MEMIT layer %d: residual norm %.3f", layer, float(R.norm()))
+    return keys
+
+
+@torch.no_grad()
+def target_is_argmax(model, tokenizer, request: EditRequest) -> bool:
+    """Is every token of the new target the most probable one after the bare prompt (teacher-forced)?"""
+    from .request import prompt_ids, target_ids
+
+    device = next(model.parameters()).device
+    pi, ti = prompt_ids(tokenizer, request.text), target_ids(tokenizer, request.target)
+    logits = model(input_ids=torch.tensor([pi + ti[:-1]], device=device), use_cache=False).logits[0, len(pi) - 1:]
+    return bool((logits.argmax(-1) == torch.tensor(ti, device=device)).all())
 
 
 def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], layers: list[int],
@@ -113,39 +177,22 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
         logs.append(info)
     Z = torch.stack(zs)  # [n, hidden]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    keys: dict[int, torch.Tensor] = {}
-    for li, layer in enumerate(layers):
-        seqs_per_req = []
-        for r in requests:
-            texts = prefixed(prefixes, r.text)
-            seqs_per_req.append([tokenise(tokenizer, t, r.subject, subject_at=len(t) - len(r.text) + r.text.find(r.subject))
-                                 for t in texts])
-        K = torch.stack([compute_keys(model, tokenizer, spec, layer, s).mean(0) for s in seqs_per_req]).T  # [in, n]
-        H = _residuals(model, tokenizer, spec, requests, top)  # [n, hidden]
-        R = ((Z - H) / (len(layers) - li)).T.double()  # [out, n]
-        if alpha is not None:
-            B, A = alphaedit_factors(R, K, projectors[layer], (prior_keys or {}).get(layer), l2=alpha.l2,
-                                     exact=alpha.exact)
-        else:
-            C = Cs[layer].double().to(K.device)
-            lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(C.shape[0])
-            K64 = K.double()
-            M = lam * C + K64 @ K64.T
-            if hp.norm_ridge:
-                M = M + (hp.norm_ridge * lam * float(C.diagonal().mean())) * torch.eye(M.shape[0], dtype=M.dtype,
-                                                                                       device=M.device)
-            Kp = (prior_keys or {}).get(layer) if hp.keep_edit_keys else None
-            if Kp is not None and Kp.numel():
-                Kp64 = Kp.double().to(M.device)
-                M = M + Kp64 @ Kp64.T
-            adj = torch.linalg.solve(M, K64)  # [in, n]
-            B, A = R.float().contiguous(), adj.T.float().contiguous()
-        keys[layer] = K
-        module = spec.module("mlp_out", layer)
-        apply_layer(module, B, A)
-        factors[module] = (B, A)
-        log.info("MEMIT layer %d: residual norm %.3f", layer, float(R.norm()))
+    solve = partial(_layer_update, hp=hp, Cs=Cs, alpha=alpha, projectors=projectors, prior_keys=prior_keys)
+    keys = _layer_pass(model, tokenizer, spec, requests, Z, layers, prefixes, solve, apply_layer, factors)
+    passes = 1
+    left = [round(float((Z - _residuals(model, tokenizer, spec, requests, top)).norm()), 4)]  # ‖z − h‖ per pass
+    # Further passes only for facts whose target is not yet the most probable continuation of their
+    # own prompt: a larger λ then costs a second, smaller update for the hard facts instead of a
+    # weaker update for every fact (each pass adds one rank per fact to each layer's factors).
+    while passes < hp.max_passes:
+        pending = [i for i, r in enumerate(requests) if not target_is_argmax(model, tokenizer, r)]
+        if not pending:
+            break
+        _layer_pass(model, tokenizer, spec, [requests[i] for i in pending], Z[pending], layers, prefixes, solve,
+                    apply_layer, factors)
+        passes += 1
+        left.append(round(float((Z - _residuals(model, tokenizer, spec, requests, top)).norm()), 4))
     info = {"seconds": round(time.time() - t0, 3), "facts": len(requests), "layers": layers,
             "steps": [lg["steps"] for lg in logs], "target_prob_before": [lg["target_prob_before"] for lg in logs],
-            "keys": keys}
+            "keys": keys, "passes": passes, "residual_left": left}
     return factors, info

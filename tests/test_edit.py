@@ -536,3 +536,51 @@ def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
     assert norm(ridged) < 0.9 * norm(plain)
     assert torch.equal(kept.factors[next(iter(kept.factors))][1], plain.factors[next(iter(plain.factors))][1])
     assert moved_kept < 0.8 * moved_plain, (moved_kept, moved_plain)  # 1.32 against 2.08 when written
+
+
+def test_memit_further_passes_only_for_facts_not_yet_reached(tiny_llama_dir, corpus_file, stats, monkeypatch):
+    """max_passes: after a pass, the facts whose target is not yet the argmax after their own prompt get another
+    pass (one more rank per fact per layer); reached facts get none. The argmax test is stubbed here (the tiny
+    model never makes the target the argmax) and checked on its own below."""
+    import editing.memit as memit_module
+    from editing.memit import MemitHyperParams
+
+    reqs = [EditRequest("{} is the capital of", "Madrid", "Italy"), EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome")]
+    hp = MemitHyperParams(v_steps=5, mom2_update_weight=1e3)
+    one = session_for(tiny_llama_dir, corpus_file, stats, method="memit", memit_hparams=hp)
+    e1 = one.apply_batch(reqs, layers=[1, 2])
+    reached = {"Italy"}  # after the first pass only Madrid's fact counts as reached
+    monkeypatch.setattr(memit_module, "target_is_argmax", lambda model, tok, r: r.target in reached)
+    more = session_for(tiny_llama_dir, corpus_file, stats, method="memit",
+                       memit_hparams=replace(hp, max_passes=3))
+    e3 = more.apply_batch(reqs, layers=[1, 2])
+    assert e1.info["passes"] == 1 and e3.info["passes"] == 3
+    for module, (B, A) in e3.factors.items():
+        assert B.shape[1] == A.shape[0] == 2 + 1 + 1  # two facts, then the unreached one twice
+        assert torch.allclose(B[:, :2], e1.factors[module][0], atol=1e-6)  # the first pass is MEMIT's
+    left = e3.info["residual_left"]  # ‖z − h‖ at the top layer after each pass: each pass closes more of it
+    assert len(left) == 3 and left[0] == pytest.approx(e1.info["residual_left"][0], rel=1e-5)
+    assert left[2] < left[1] < left[0]
+    reached.add("Rome")
+    done = session_for(tiny_llama_dir, corpus_file, stats, method="memit", memit_hparams=replace(hp, max_passes=3))
+    assert done.apply_batch(reqs, layers=[1, 2]).info["passes"] == 1
+
+
+def test_target_is_argmax_reads_every_target_token(tiny_llama_dir):
+    from editing.evaluate import target_logprobs
+    from editing.memit import target_is_argmax
+
+    model, tok = load(tiny_llama_dir)
+    for prompt in ("The Eiffel Tower is located in the city of", "The Eiffel Tower is", "The Eiffel Tower plays",
+                   "The Eiffel Tower speaks", "The Eiffel Tower is in"):
+        with torch.no_grad():
+            best = int(model(**tok(prompt, return_tensors="pt")).logits[0, -1].argmax())
+        piece = tok.convert_ids_to_tokens(best)
+        if piece.startswith("Ġ"):  # a word the target tokenisation (leading space) gives back
+            word = piece[1:]
+            break
+    assert target_ids(tok, word) == [best]
+    assert target_is_argmax(model, tok, EditRequest(prompt, "Eiffel Tower", word))
+    other = "Rome" if word != "Rome" else "Paris"
+    assert not target_is_argmax(model, tok, EditRequest(prompt, "Eiffel Tower", other))
+    assert target_logprobs(model, tok, [prompt], [word])[0] > target_logprobs(model, tok, [prompt], [other])[0]
