@@ -38,8 +38,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,9 +53,9 @@ HALF = 500  # dev-1000.json: records 0-499 tune, 500-999 report
 from checkpoints.fingerprint import module_digest  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
 from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
-from editing.memit import MemitHyperParams  # noqa: E402
 from editing.evaluate import aggregate, evaluate_edits, load_records, perplexity  # noqa: E402
 from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
+from editing.memit import MemitHyperParams  # noqa: E402
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
 from editing.rome import RomeHyperParams  # noqa: E402
 from editing.session import EditSession  # noqa: E402
@@ -72,41 +74,45 @@ class Variant:
     memit: MemitHyperParams | None = None
 
 
+def _flag(value: str) -> bool:
+    return value not in ("0", "false", "False")
+
+
+def _span(value: str) -> list[int]:
+    lo, _, hi = value.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+# Variant option -> (the settings it sets: "rome", "alpha", "memit"; field; parser).
+OPTIONS: dict[str, tuple[tuple[str, ...], str, Callable[[str], Any]]] = {
+    "t": (("alpha",), "nullspace_threshold", float),
+    "l2": (("alpha",), "l2", float),
+    "exact": (("alpha",), "exact", _flag),
+    "vf": (("rome",), "value_from", str),
+    "es": (("rome", "memit"), "early_stop", str),
+    "esl": (("rome",), "early_stop_loss", float),
+    "ridge": (("memit",), "norm_ridge", float),
+    "kp": (("memit",), "keep_edit_keys", _flag),
+    "lam": (("memit",), "mom2_update_weight", float),
+    "passes": (("memit",), "max_passes", int),
+    "layers": (("memit",), "layers", _span),
+    "clamp": (("memit",), "clamp_norm_factor", float),
+}
+
+
 def parse_variant(text: str) -> Variant:
-    """``method[+key=value...]`` with keys t (null-space threshold), l2, exact (0/1), vf (value_from)."""
+    """``method[+key=value...]`` with the keys of :data:`OPTIONS`."""
     name, *opts = text.strip().split("+")
     method = check_method(name)
-    rome, alpha, memit = RomeHyperParams(), AlphaEditHyperParams(), MemitHyperParams()
+    settings = {"rome": RomeHyperParams(), "alpha": AlphaEditHyperParams(), "memit": MemitHyperParams()}
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key == "es":
-            rome, memit = replace(rome, early_stop=value), replace(memit, early_stop=value)
-        elif key == "esl":
-            rome = replace(rome, early_stop_loss=float(value))
-        elif key == "ridge":
-            memit = replace(memit, norm_ridge=float(value))
-        elif key == "kp":
-            memit = replace(memit, keep_edit_keys=value not in ("0", "false", "False"))
-        elif key == "lam":
-            memit = replace(memit, mom2_update_weight=float(value))
-        elif key == "passes":
-            memit = replace(memit, max_passes=int(value))
-        elif key == "layers":
-            lo, _, hi = value.partition("-")
-            memit = replace(memit, layers=list(range(int(lo), int(hi or lo) + 1)))
-        elif key == "clamp":
-            memit = replace(memit, clamp_norm_factor=float(value))
-        elif key == "t":
-            alpha = replace(alpha, nullspace_threshold=float(value))
-        elif key == "l2":
-            alpha = replace(alpha, l2=float(value))
-        elif key == "exact":
-            alpha = replace(alpha, exact=value not in ("0", "false", "False"))
-        elif key == "vf":
-            rome = replace(rome, value_from=value)
-        else:
-            raise SystemExit(f"unknown option {key!r} in {text!r} (t, l2, exact, vf, es, esl, ridge, kp, lam, passes, layers, clamp)")
-    return Variant(text.strip(), method, rome, alpha, memit)
+        if key not in OPTIONS:
+            raise SystemExit(f"unknown option {key!r} in {text!r} ({', '.join(OPTIONS)})")
+        targets, field_name, parse = OPTIONS[key]
+        for target in targets:
+            settings[target] = replace(settings[target], **{field_name: parse(value)})
+    return Variant(text.strip(), method, settings["rome"], settings["alpha"], settings["memit"])
 
 
 def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:

@@ -32,7 +32,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.perplexity import right_padded
 
 from .alphaedit import AlphaEditHyperParams, alphaedit_factors
-from .hooks import capture_output
+from .hooks import StopForward, capture_output, stop_after
 from .request import EditRequest, pad_id, tokenise
 from .rome import RomeHyperParams, compute_keys, compute_value, default_layer, prefixed
 
@@ -82,8 +82,12 @@ def _residuals(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], la
     device = next(model.parameters()).device
     seqs = [tokenise(tokenizer, r.text, r.subject) for r in requests]
     ids, mask = right_padded([s.ids for s in seqs], pad_id(tokenizer))
-    with capture_output(model, spec.block(layer)) as seen:
-        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    # Nothing above block ``layer`` is needed: stop there (it runs once per edited layer and pass).
+    with capture_output(model, spec.block(layer)) as seen, stop_after(model, spec.block(layer)):
+        try:
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        except StopForward:
+            pass
     idx = torch.tensor([s.subject_last for s in seqs], device=device)
     return seen.value[torch.arange(len(seqs), device=device), idx].float()  # type: ignore[index]
 
@@ -101,7 +105,7 @@ def _layer_update(layer: int, K: torch.Tensor, R: torch.Tensor, *, hp: MemitHype
     if hp.norm_ridge:
         M = M + (hp.norm_ridge * lam * float(C.diagonal().mean())) * torch.eye(M.shape[0], dtype=M.dtype,
                                                                                device=M.device)
-    Kp = (prior_keys or {}).get(layer) if hp.keep_edit_keys else None
+    Kp = (prior_keys or {}).get(layer)
     if Kp is not None and Kp.numel():
         Kp64 = Kp.double().to(M.device)
         M = M + Kp64 @ Kp64.T
@@ -115,12 +119,9 @@ def _layer_pass(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], Z
     """One bottom-up pass over ``layers`` towards targets Z; appends to ``factors``; returns K by layer."""
     top = layers[-1]
     keys: dict[int, torch.Tensor] = {}
+    seqs_per_req = [[tokenise(tokenizer, t, r.subject, subject_at=len(t) - len(r.text) + r.text.find(r.subject))
+                     for t in prefixed(prefixes, r.text)] for r in requests]
     for li, layer in enumerate(layers):
-        seqs_per_req = []
-        for r in requests:
-            texts = prefixed(prefixes, r.text)
-            seqs_per_req.append([tokenise(tokenizer, t, r.subject, subject_at=len(t) - len(r.text) + r.text.find(r.subject))
-                                 for t in texts])
         K = torch.stack([compute_keys(model, tokenizer, spec, layer, s).mean(0) for s in seqs_per_req]).T  # [in, n]
         H = _residuals(model, tokenizer, spec, requests, top)  # [n, hidden]
         R = ((Z - H) / (len(layers) - li)).T.double()  # [out, n]
@@ -158,8 +159,8 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
     """Compute MEMIT factors for ``requests``; ``apply_layer(module, B, A)`` applies each layer as it goes.
 
     With ``alpha``, the AlphaEdit update per layer from ``projectors[layer]`` and
-    ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used. Without it,
-    ``prior_keys`` enter the solve only with ``hparams.keep_edit_keys``.
+    ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used. Without it, given
+    ``prior_keys`` enter MEMIT's solve too (the session passes them with ``hparams.keep_edit_keys``).
     Returns ``({module: (B [out, n], A [n, in])}, info)``; ``info["keys"][layer]`` is K ``[in, n]``.
     """
     hp = hparams or MemitHyperParams()
