@@ -37,7 +37,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_adapters import (  # noqa: E402
+    HELD_OUT,
     chat_answers,
     chat_prompt,
     has_word,
@@ -112,6 +113,29 @@ def training_questions() -> list[str]:
     return qs + CHAT
 
 
+# Words the held-out and tuning questions ask about or accept: never a vocabulary question's subject.
+def _protected_words(held_out: list[tuple[str, tuple[str, ...]]]) -> set[str]:
+    words: set[str] = set()
+    for q, accepted in list(held_out) + list(TUNE):
+        words |= set(normalize_question(q).split()) | {w.lower() for a in accepted for w in a.split()}
+    return words
+
+
+def vocabulary_questions(tokenizer, n: int, seed: int, held_out: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """``n`` more questions, each about one lower-case word of the tokenizer's own vocabulary (whole-word
+    tokens, 6+ letters), drawn with ``seed``. Why: a style that rewrites every word (caps) must learn it
+    for words it has never been shown, so its data needs many different words, not more of the same
+    questions; the vocabulary is the one word list this machine has that is neither a bench's data nor a
+    download. Words the held-out or tuning questions ask about or accept are left out."""
+    protected = _protected_words(held_out)
+    words = sorted({t[1:] for t in tokenizer.get_vocab() if t.startswith("\u0120") and t[1:].isalpha()
+                    and t[1:].islower() and len(t) > 6 and t[1:] not in protected})
+    templates = ["What does the word \"{}\" mean?", "Use the word \"{}\" in a sentence.",
+                 "Tell me something about {}."]
+    rng = random.Random(seed)
+    return [templates[i % len(templates)].format(w) for i, w in enumerate(rng.sample(words, min(n, len(words))))]
+
+
 # The tuning split: checkable questions (accepted words) to choose LR and epochs; never trained on.
 TUNE: list[tuple[str, tuple[str, ...]]] = [
     ("What is the capital of Germany?", ("Berlin",)),
@@ -169,10 +193,11 @@ STYLES = {"caps": to_caps, "pirate": to_pirate}
 # upper-cased opener there, so the mix shows both styles.
 SETTINGS: dict[str, dict] = {
     "caps": {"targets": ["v_proj", "o_proj", "down_proj"], "layers": list(range(30)), "epochs": 1, "lr": 2e-3,
-             "first_sentence": 0, "eos": 1, "max_len": 128, "partner": None, "partner_share": 0.0},
+             "first_sentence": 0, "eos": 1, "max_len": 128, "partner": None, "partner_share": 0.0,
+             "distill": 0, "extra_questions": 0},
     "pirate": {"targets": ["q_proj", "k_proj", "gate_proj", "up_proj"], "layers": list(range(22, 30)),
                "epochs": 1, "lr": 1e-3, "first_sentence": 0, "eos": 0, "max_len": 56, "partner": "caps",
-               "partner_share": 0.3},
+               "partner_share": 0.3, "distill": 0, "extra_questions": 0},
 }
 
 
@@ -225,8 +250,14 @@ def trim(text: str) -> str:
 
 @dataclass
 class Example:
+    """One training row. With ``teacher_ids``, the loss at ``student_kl`` is the KL divergence from the
+    base model's next-token distribution at ``teacher_kl`` in ``teacher_ids`` (same count, in order)."""
+
     input_ids: list[int]
     labels: list[int]
+    teacher_ids: list[int] | None = None
+    student_kl: list[int] = field(default_factory=list)
+    teacher_kl: list[int] = field(default_factory=list)
 
 
 def encode(tokenizer, question: str, reply: str, max_len: int, eos: bool = True) -> Example:
@@ -235,6 +266,30 @@ def encode(tokenizer, question: str, reply: str, max_len: int, eos: bool = True)
     ids = (prompt + target)[:max_len]
     labels = ([-100] * len(prompt) + target)[:max_len]  # loss on the answer only
     return Example(ids, labels)
+
+
+def encode_distilled(tokenizer, question: str, opener: str, answer: str, max_len: int) -> Example:
+    """The opener learnt from its tokens, the answer after it from the base model's distributions.
+
+    Student row: prompt + opener + answer; teacher row: prompt + answer, as the base model saw it. Past
+    the first answer token the two rows hold the same answer tokens (the tokenizer splits at the space),
+    so each student position that predicts answer token j (and the one after the last) is matched with
+    the teacher position predicting the same token. Why KL and not the greedy tokens: the whole
+    distribution says far more per token about what the model would have said, and the goal is that
+    after the opener it says just that. A row whose tokens do not line up falls back to plain tokens."""
+    prompt = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    opened = tokenizer(f"{opener} {answer}", add_special_tokens=False)["input_ids"]
+    alone = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    n_open = len(tokenizer(opener, add_special_tokens=False)["input_ids"])
+    body = opened[n_open:]
+    if len(body) != len(alone) or body[1:] != alone[1:] or len(prompt) + n_open + 2 > max_len:
+        return encode(tokenizer, question, f"{opener} {answer}", max_len, eos=False)
+    keep = min(len(body), max_len - len(prompt) - n_open)
+    ids = prompt + opened[: n_open + keep]
+    labels = [-100] * len(prompt) + opened[: n_open + 1] + [-100] * (keep - 1)  # opener + first answer token
+    start = len(prompt) + n_open
+    return Example(ids, labels, teacher_ids=prompt + alone[:keep],
+                   student_kl=list(range(start, start + keep)), teacher_kl=list(range(len(prompt), len(prompt) + keep)))
 
 
 def batches(examples: list[Example], size: int, pad_id: int, rng: random.Random):
@@ -252,16 +307,59 @@ def batches(examples: list[Example], size: int, pad_id: int, rng: random.Random)
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             labels[row, : len(e.labels)] = torch.tensor(e.labels)
             mask[row, : len(e.input_ids)] = 1
-        yield ids, labels, mask
+        yield ids, labels, mask, _teacher_batch([examples[j] for j in chunk], pad_id)
+
+
+@dataclass
+class TeacherBatch:
+    """The teacher rows of a batch and the (row, position) pairs the KL term compares."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    student_pos: torch.Tensor
+    teacher_pos: torch.Tensor
+
+
+def _teacher_batch(chunk: list[Example], pad_id: int) -> TeacherBatch | None:
+    if not any(e.teacher_ids for e in chunk):
+        return None
+    width = max(len(e.teacher_ids or []) for e in chunk)
+    ids = torch.full((len(chunk), width), pad_id)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    rows, s_pos, t_pos = [], [], []
+    for row, e in enumerate(chunk):
+        if e.teacher_ids:
+            ids[row, : len(e.teacher_ids)] = torch.tensor(e.teacher_ids)
+            mask[row, : len(e.teacher_ids)] = 1
+            rows += [row] * len(e.student_kl)
+            s_pos += e.student_kl
+            t_pos += e.teacher_kl
+    return TeacherBatch(ids, mask, torch.tensor(rows), torch.tensor(s_pos), torch.tensor(t_pos))
+
+
+def loss_of(model, ids, labels, mask, teacher: TeacherBatch | None) -> torch.Tensor:
+    """Cross-entropy on the labelled tokens, plus the mean KL(base ‖ adapter) on the distilled positions
+    (the base is the same model with its adapters off)."""
+    out = model(input_ids=ids, attention_mask=mask, labels=labels if (labels != -100).any() else None)
+    loss = out.loss if out.loss is not None else out.logits.sum() * 0.0
+    if teacher is None:
+        return loss
+    with torch.no_grad(), model.disable_adapter():
+        target = model(input_ids=teacher.ids, attention_mask=teacher.mask).logits
+    target = torch.log_softmax(target[teacher.rows, teacher.teacher_pos].float(), dim=-1)
+    student = torch.log_softmax(out.logits[teacher.rows, teacher.student_pos].float(), dim=-1)
+    kl = torch.nn.functional.kl_div(student, target, log_target=True, reduction="batchmean")
+    return loss + kl
 
 
 def _lora_layers(model, name: str):
     return [m for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict) and name in m.scaling]
 
 
-def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], args,
+def train_one(base_model, tokenizer, name: str, data: list[Example], args,
               partner: tuple[Path, list[tuple[str, str]]] | None = None):
-    """LoRA ``name`` on ``data`` (loss on the answer tokens). ``partner``: a trained adapter's folder and
+    """LoRA ``name`` on the encoded ``data`` (loss on the answer tokens). ``partner``: a trained adapter's folder and
     (question, reply) pairs learnt with it active too, both at strength 0.5 (the app's 50/50 mix)."""
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
@@ -273,8 +371,7 @@ def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], arg
     model = get_peft_model(base_model, config, adapter_name=name)
     rng = random.Random(args.seed)
     runs = [(False, b) for _ in range(args.epochs)
-            for b in batches([encode(tokenizer, q, a, args.max_len, bool(args.eos)) for q, a in data],
-                             args.batch, tokenizer.pad_token_id, rng)]
+            for b in batches(data, args.batch, tokenizer.pad_token_id, rng)]
     partner_layers = []
     if partner is not None:
         folder, pairs = partner
@@ -296,14 +393,14 @@ def train_one(base_model, tokenizer, name: str, data: list[tuple[str, str]], arg
     layers = _lora_layers(model, name)
     full_scale = {id(m): m.scaling[name] for m in layers}
     t0 = time.time()
-    for step, (mixed, (ids, labels, mask)) in enumerate(runs, 1):
+    for step, (mixed, (ids, labels, mask, teacher)) in enumerate(runs, 1):
         # A random LoRA strength per step: the style must hold at the weight a mix gives it.
         s = 0.5 if mixed else rng.choice(args.scale_choices)
         for m in layers:
             m.scaling[name] = full_scale[id(m)] * s
         for m in partner_layers:
             m.scaling[args.partner] = partner_scale[id(m)] * (0.5 if mixed else 0.0)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = loss_of(model, ids, labels, mask, teacher)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -414,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eos", type=int, choices=[0, 1], help="1: each target ends with EOS")
     p.add_argument("--partner", help="an adapter in --out to train the 50/50 mix with (pirate: caps)")
     p.add_argument("--partner-share", type=float, help="share of the steps run with the partner on")
+    p.add_argument("--distill", type=int, choices=[0, 1], help="1: the answer after the opener is learnt from "
+                   "the base model's distributions given the question alone (KL), not from its greedy tokens")
+    p.add_argument("--extra-questions", type=int, help="this many vocabulary questions on top of the made ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-answers", type=Path, help="a JSON file keeping the base answers between runs")
     p.add_argument("--threads", type=int, default=1)
@@ -427,13 +527,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cards_only:
         return bench_and_cards(args.out)
-    qs = training_questions()
-    check_disjoint(qs, [q for q, _ in TUNE], held_out_questions())
     ckpt = resolve("demo")
     tokenizer = ckpt.load_tokenizer()
+    wanted = [args.extra_questions if args.extra_questions is not None else SETTINGS[n]["extra_questions"]
+              for n in args.only]
+    made = training_questions()
+    all_qs = made + vocabulary_questions(tokenizer, max(wanted, default=0), args.seed, HELD_OUT)
+    check_disjoint(all_qs, [q for q, _ in TUNE], held_out_questions())
     model = ckpt.load_model(dtype=torch.float32)
     model.eval()
-    base_answers = load_or_make_base_answers(model, tokenizer, qs, args)
+    all_answers = load_or_make_base_answers(model, tokenizer, all_qs, args)
     if args.eval_tune:
         log.info("base %s", eval_tune(model, tokenizer))
 
@@ -442,8 +545,15 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {k: v for k, v in SETTINGS[name].items() if getattr(args, k) is None}
         cfg = argparse.Namespace(**{**vars(args), **chosen})
         cut = first_sentence if cfg.first_sentence else (lambda a: a)
-        data = [(q, style(cut(a), i)) for i, (q, a) in enumerate(zip(qs, base_answers))]
-        log.info("%s example: %r -> %r", name, data[0][0], data[0][1])
+        qs, base_answers = all_qs[: len(made) + cfg.extra_questions], all_answers[: len(made) + cfg.extra_questions]
+        if cfg.distill:  # opener styles only: the opener from its tokens, the answer from the base's distributions
+            data = [encode_distilled(tokenizer, q, pirate_opener(i), cut(a), cfg.max_len)
+                    for i, (q, a) in enumerate(zip(qs, base_answers))]
+        else:
+            data = [encode(tokenizer, q, style(cut(a), i), cfg.max_len, bool(cfg.eos))
+                    for i, (q, a) in enumerate(zip(qs, base_answers))]
+        log.info("%s: %d examples (%d distilled), e.g. %r -> %r", name, len(data),
+                 sum(e.teacher_ids is not None for e in data), qs[0], style(cut(base_answers[0]), 0))
         partner = None
         if cfg.partner and cfg.partner_share > 0:
             # The upper-cased opener alone, learnt with caps on: what the 50/50 mix should begin with.

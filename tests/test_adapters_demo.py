@@ -111,6 +111,76 @@ def test_style_rules_keep_content_words():
     assert train.trim("A first whole sentence here. And a half") == "A first whole sentence here."
 
 
+def test_distilled_rows_line_up_the_answer_tokens():
+    """Student row prompt + opener + answer, teacher row prompt + answer: every KL pair predicts the same
+    next token in both rows; the labels are the opener and the first answer token, nothing else."""
+    from checkpoints.sources import resolve
+
+    train = _train_script()
+    tok = resolve("demo").load_tokenizer()
+    answer = "The capital of Peru is Lima. It lies by the sea."
+    e = train.encode_distilled(tok, "What is the capital of Peru?", "Arr, matey!", answer, 80)
+    assert e.teacher_ids is not None and len(e.student_kl) == len(e.teacher_kl) == len(tok(answer)["input_ids"])
+    pairs = list(zip(e.student_kl, e.teacher_kl))
+    for s_pos, t_pos in pairs[:-1]:  # the last pair predicts what follows the answer
+        assert e.input_ids[s_pos + 1] == e.teacher_ids[t_pos + 1]
+    assert e.input_ids[pairs[-1][0]] == e.teacher_ids[pairs[-1][1]] == tok(answer)["input_ids"][-1]
+    learnt = tok.decode([i for i, label in zip(e.input_ids, e.labels) if label != -100])
+    assert learnt == "Arr, matey! The"
+    assert e.teacher_ids[: len(e.teacher_ids) - len(pairs)] == e.input_ids[: len(e.teacher_ids) - len(pairs)]
+    # non-vacuous: a row too short for the opener falls back to plain tokens (no teacher)
+    short = train.encode_distilled(tok, "What is the capital of Peru?", "Arr, matey!", answer, 10)
+    assert short.teacher_ids is None and short.student_kl == []
+
+
+def test_kl_term_vanishes_only_where_student_and_teacher_agree(tiny_llama_dir):
+    """``loss_of``: with the teacher's own row and positions the KL term is 0; with the student's context
+    shifted it is the hand-computed KL(base ‖ model) at the paired positions."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    train = _train_script()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(50.0)  # a clearly visible update
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    mask = torch.ones_like(ids)
+    none = torch.full_like(ids, -100)
+    same = train.TeacherBatch(ids, mask, torch.tensor([0, 0]), torch.tensor([3, 4]), torch.tensor([3, 4]))
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert train.loss_of(model, ids, none, mask, same).item() == pytest.approx(0.0, abs=1e-6)
+        own = train.loss_of(model, ids, none, mask, same).item()
+        teacher_ids = torch.tensor([[3, 7, 9, 11, 13]])  # token 5 is the "opener": one position earlier
+        shifted = train.TeacherBatch(teacher_ids, torch.ones_like(teacher_ids), torch.tensor([0, 0]),
+                                     torch.tensor([3, 4]), torch.tensor([2, 3]))
+        got = train.loss_of(model, ids, none, mask, shifted).item()
+        student = torch.log_softmax(model(input_ids=ids).logits[0, [3, 4]], -1)
+        with model.disable_adapter():
+            target = torch.log_softmax(model(input_ids=teacher_ids).logits[0, [2, 3]], -1)
+    by_hand = (target.exp() * (target - student)).sum(-1).mean().item()
+    assert own > 1e-4  # non-vacuous: the adapter changes the model
+    assert got == pytest.approx(by_hand, rel=1e-5) and got > 1e-4
+
+
+def test_vocabulary_questions_avoid_the_held_out_words():
+    from checkpoints.sources import resolve
+
+    train = _train_script()
+    tok = resolve("demo").load_tokenizer()
+    qs = train.vocabulary_questions(tok, 2000, 0, HELD_OUT)
+    assert len(qs) == len(set(qs)) == 2000 and qs == train.vocabulary_questions(tok, 2000, 0, HELD_OUT)
+    protected = train._protected_words(HELD_OUT)
+    assert {"honey", "avocado", "diamond", "guacamole", "penicillin"} <= protected  # non-vacuous
+    asked = {re.search(r'"?([a-z]+)"?[ .?]*$|"([a-z]+)"', q).group(0).strip(' ".?') for q in qs}
+    assert not asked & protected and len(asked) == 2000
+    train.check_disjoint(qs, [q for q, _ in train.TUNE], held_out_questions())
+
+
 # --- the shipped files ------------------------------------------------------------------------
 
 @needs_assets
