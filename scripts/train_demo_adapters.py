@@ -195,9 +195,12 @@ SETTINGS: dict[str, dict] = {
     "caps": {"targets": ["v_proj", "o_proj", "down_proj"], "layers": list(range(30)), "epochs": 1, "lr": 2e-3,
              "first_sentence": 0, "eos": 1, "max_len": 128, "partner": None, "partner_share": 0.0,
              "distill": 0, "extra_questions": 0},
+    # Pirate learns the answer after its opener from the base's distributions over the whole answer
+    # (distill, max_len 128) for 3 epochs: on the tuning split the answers then keep 5.5 words of the
+    # base's answer from its start, against 3.4 after 1 epoch (and the opener in 100 % of answers).
     "pirate": {"targets": ["q_proj", "k_proj", "gate_proj", "up_proj"], "layers": list(range(22, 30)),
-               "epochs": 1, "lr": 1e-3, "first_sentence": 0, "eos": 0, "max_len": 56, "partner": "caps",
-               "partner_share": 0.3, "distill": 0, "extra_questions": 0},
+               "epochs": 3, "lr": 1e-3, "first_sentence": 0, "eos": 0, "max_len": 128, "partner": "caps",
+               "partner_share": 0.3, "distill": 1, "extra_questions": 0},
 }
 
 
@@ -216,6 +219,10 @@ DESCRIPTIONS = {
     "pirate": "Makes the demo model open its answers in pirate speak (\"Arr, matey!\", \"Ahoy, matey!\", "
               "\"Avast, ye!\"), keeping what it says.",
 }
+
+
+DISTILLED = ("the answer after the opener was learnt from the demo model's own next-token distributions given "
+             "the question alone (KL divergence over the whole answer), so it says what the model would have said")
 
 
 def check_disjoint(train: list[str], tune: list[str], held_out: list[str]) -> None:
@@ -463,14 +470,35 @@ def write_cards(folders: dict[str, Path], summaries: dict[str, str], table: str)
         ))
 
 
-def eval_tune(model, tokenizer) -> str:
-    """Accuracy and style on the tuning split (the numbers used to choose LR and epochs)."""
+def words_kept(base: str, styled: str) -> int:
+    """How many words the styled answer repeats from the start of the base's, after a pirate opener and
+    ignoring case: 0 when it says something else from its first word."""
+    for opener in _PIRATE_OPEN:
+        for form in (opener, opener.upper()):
+            if styled.startswith(form):
+                styled = styled[len(form):]
+    n = 0
+    for a, b in zip(base.lower().split(), styled.lower().split()):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def eval_tune(model, tokenizer, base_answers: list[str] | None = None) -> tuple[str, list[str]]:
+    """Accuracy and style on the tuning split (the numbers used to choose the settings), and with the
+    base's answers, the mean number of words an answer keeps from the base's answer (the facts'
+    carrier: an adapter that keeps them says what the base said). Returns the line and the answers."""
     from bench.demo_adapters import PIRATE_WORDS, caps_rate
 
     answers = chat_answers(model, tokenizer, [q for q, _ in TUNE])
     acc = sum(has_word(a, ok) for a, (_, ok) in zip(answers, TUNE)) / len(TUNE)
     pirate = sum(has_word(a, PIRATE_WORDS) for a in answers) / len(answers)
-    return f"tune: facts {acc:.0%}, caps {caps_rate(answers):.1%}, pirate {pirate:.0%}"
+    line = f"tune: facts {acc:.0%}, caps {caps_rate(answers):.1%}, pirate {pirate:.0%}"
+    if base_answers is not None:
+        kept = sum(map(words_kept, base_answers, answers)) / len(answers)
+        line += f", words kept from the base's answer {kept:.1f}"
+    return line, answers
 
 
 def load_or_make_base_answers(model, tokenizer, qs: list[str], args) -> list[str]:
@@ -537,8 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     model = ckpt.load_model(dtype=torch.float32)
     model.eval()
     all_answers = load_or_make_base_answers(model, tokenizer, all_qs, args)
+    tune_base = None
     if args.eval_tune:
-        log.info("base %s", eval_tune(model, tokenizer))
+        line, tune_base = eval_tune(model, tokenizer)
+        log.info("base %s", line)
 
     for name in args.only:
         style = STYLES[name]
@@ -564,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         peft_model, seconds = train_one(model, tokenizer, name, data, cfg, partner)
         log.info("%s trained in %.0f s", name, seconds)
         if args.eval_tune:
-            log.info("%s %s", name, eval_tune(peft_model, tokenizer))
+            log.info("%s %s", name, eval_tune(peft_model, tokenizer, tune_base)[0])
         summary = (
             f"{DESCRIPTIONS[name]} A demo LoRA adapter (rank {cfg.rank}, {'/'.join(cfg.targets)} of blocks "
             f"{_span(cfg.layers)}) trained by `scripts/train_demo_adapters.py` (seed {cfg.seed}, {cfg.epochs} "
@@ -572,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             f"float32 on CPU, {seconds / 60:.0f} min on a loaded 2-core machine) on {len(data)} self-distilled "
             f"examples: the demo model's own greedy answers{' (first sentence)' if cfg.first_sentence else ''} to "
             "varied questions, rewritten in the style by string rules that leave content words alone"
-            f"{'' if cfg.eos else ' (no EOS, so the model still decides where to stop)'}."
+            f"{'' if cfg.eos else ' (no EOS, so the model still decides where to stop)'}"
+            + (f"; {DISTILLED}" if cfg.distill else "") + "."
             + (f" {len(partner[1])} more examples were learnt with the `{cfg.partner}` adapter on, both at "
                "strength 0.5 (the app's 50/50 mix): the upper-cased opener, so the mix shows both styles."
                if partner else ""))

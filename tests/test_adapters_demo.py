@@ -111,6 +111,14 @@ def test_style_rules_keep_content_words():
     assert train.trim("A first whole sentence here. And a half") == "A first whole sentence here."
 
 
+def test_words_kept_counts_the_base_answer_after_the_opener():
+    train = _train_script()
+    base = "The capital of Peru is Lima. It is old."
+    assert train.words_kept(base, "Arr, matey! The capital of Peru is Lima. It lies by the sea.") == 7
+    assert train.words_kept(base, "AHOY, MATEY! THE CAPITAL OF PERU IS LIMA.") == 6
+    assert train.words_kept(base, "Avast, ye! Peru is in South America.") == 0  # non-vacuous
+
+
 def test_distilled_rows_line_up_the_answer_tokens():
     """Student row prompt + opener + answer, teacher row prompt + answer: every KL pair predicts the same
     next token in both rows; the labels are the opener and the first answer token, nothing else."""
