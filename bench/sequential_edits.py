@@ -223,6 +223,9 @@ class Run:
         self.seconds: list[float] = []
         self.flagged = 0
         self.missed = 0  # facts whose own prompt did not produce the new target right after their edit
+        self.drifted = 0  # edits after which all the edits so far had moved neutral text past the limit
+        self.first_drifted = 0  # the first such edit's number (0: none yet)
+        self.drift_kl = float("nan")  # KL(unedited ‖ now) on neutral text after the last edit
         self.done = 0
         self.stopped = ""
         self.t_start = time.time()
@@ -236,7 +239,8 @@ class Run:
                  for e in self.session.edits]
         state = {"identity": identity, "done": self.done, "norms": self.norms, "seconds": self.seconds,
                  "flagged": self.flagged, "missed": self.missed, "elapsed": time.time() - self.t_start,
-                 "stopped": self.stopped, "edits": edits}
+                 "stopped": self.stopped, "edits": edits, "drifted": self.drifted,
+                 "first_drifted": self.first_drifted, "drift_kl": self.drift_kl}
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
@@ -253,6 +257,8 @@ class Run:
             pos += e["n"]
         self.done, self.norms, self.seconds = state["done"], state["norms"], state["seconds"]
         self.flagged, self.missed, self.stopped = state["flagged"], state["missed"], state["stopped"]
+        self.drifted, self.first_drifted = state.get("drifted", 0), state.get("first_drifted", 0)
+        self.drift_kl = state.get("drift_kl", float("nan"))
         self.t_start = time.time() - state["elapsed"]
         print(f"[{self.variant.label}] resumed after {self.done} edits ({pos} replayed)", flush=True)
 
@@ -275,6 +281,10 @@ class Run:
             self.flagged += bool(checks.get("flag"))
             self.missed += int(checks.get("missed", 0))
             self.done += len(reqs)
+            self.drift_kl = float(checks.get("drift_kl", float("nan")))
+            if checks.get("drifted"):
+                self.drifted += 1
+                self.first_drifted = self.first_drifted or self.done
             release_freed_memory()
             if checks.get("flag"):
                 print(f"  [{label}] edit {self.done}: flagged: {checks.get('warning')}", file=sys.stderr, flush=True)
@@ -287,6 +297,7 @@ class Run:
                  "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
                  "fluency_unedited": unedited["fluency"],
                  "norm_median": round(statistics.median(self.norms), 3), "norm_max": round(max(self.norms), 3),
+                 "drift_kl": round(self.drift_kl, 5), "drifted": self.drifted, "first_drifted": self.first_drifted,
                  "flagged": self.flagged, "missed": self.missed, "seconds_per_edit": round(statistics.mean(self.seconds), 2),
                  "elapsed_s": round(time.time() - self.t_start, 1), "rss_mb": rss_mb(),
                  "capital_of_france": capital_of_france(self.model, self.tok)}
@@ -297,7 +308,8 @@ class Run:
         print(f"[{label}] {self.done} edits: retention {m['efficacy']} paraphrase {m['paraphrase']} "
               f"neighbourhood {m['neighborhood']} (unedited {m['unedited']['neighborhood']}) ppl {m['ppl']} "
               f"({point['ppl_ratio']:.3f}x) gen_eff {m.get('gen_efficacy')} norms med {point['norm_median']} "
-              f"max {point['norm_max']} flagged {self.flagged} {point['seconds_per_edit']} s/edit"
+              f"max {point['norm_max']} flagged {self.flagged} drift KL {point['drift_kl']} (drifted {self.drifted}) "
+              f"{point['seconds_per_edit']} s/edit"
               + (f"\n[{label}] first {HALF} edits after {self.done}: {m['first_half']}" if "first_half" in m else "")
               + (f"\n[{label}] {self.stopped}" if self.stopped else ""), flush=True)
         return point

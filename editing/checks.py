@@ -16,6 +16,13 @@ above the session's usual one (on the demo model: 1,233 against a median of
 * ``finite``: a non-finite update is refused before anything changes
   (:func:`require_finite`).
 
+Those three look at one edit. A long sequence can also wear the model down a
+little at a time, with no single edit standing out (MEMIT one fact at a time on
+the demo model: no edit flagged in 900, while WikiText perplexity rose to 3.2×).
+So every edit also reports ``drift_kl``, KL(unedited ‖ now) on the same neutral
+texts, from the same forward pass (the unedited model's log-probabilities are
+taken once per session), and ``drifted`` when it passes ``max_drift_kl``.
+
 A second question is whether the edit *took*: :func:`target_check` decodes ten
 greedy tokens after the edited prompt and asks whether the new target is among
 them (the rule the checks by generation use). r-ROME makes the
@@ -54,6 +61,9 @@ NEUTRAL_PROMPTS: tuple[str, ...] = (
 )
 
 
+DRIFT_KL_LIMIT = 0.05
+
+
 @dataclass
 class CheckSettings:
     """Thresholds of the disabling-edit checks (tune them on the tuning half, like other settings)."""
@@ -68,6 +78,9 @@ class CheckSettings:
     # 0.10-0.26 (‖W‖ = 171), the issue's disabling edit 1,233/171 = 7.2.
     max_relative_norm: float = 1.0
     max_unrelated_kl: float = 0.1  # nats, mean over the neutral texts' positions (demo-model ROME edits: 0.0005-0.004)
+    # KL(unedited ‖ now) on the neutral texts, over all the edits applied (calibration: see README,
+    # "Drift"; chosen on tuning-half sequences).
+    max_drift_kl: float = DRIFT_KL_LIMIT
 
 
 @torch.no_grad()
@@ -106,6 +119,40 @@ def target_check(model, tokenizer, text: str, target: str, *, window: int = 10) 
     return {"generates_target": mentions(said, target), "target_prob": round(prob, 5), "continuation": said}
 
 
+class NeutralProbe:
+    """:func:`neutral_logprobs` of a session's model, remembered per set of active edits.
+
+    The "after" of one edit is the "before" of the next, and after an undo an earlier set of edits
+    comes back (an evaluation's apply/undo loop), so one forward pass per edit instead of two; the
+    two most recent states are kept. The unedited model's (the drift reference) is kept for the
+    session: the empty state when it was seen, else one pass with the unedited weights swapped in.
+    Only the session changes the weights it edits, so a state's log-probabilities stay valid."""
+
+    def __init__(self, model, tokenizer, prompts: tuple[str, ...]):
+        self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
+        self._recent: dict[tuple[int, ...], torch.Tensor] = {}
+        self._unedited: torch.Tensor | None = None
+
+    def at(self, state: tuple[int, ...]) -> torch.Tensor:
+        """The log-probabilities with the edits ``state`` (their ids) applied, as the model is now."""
+        lp = self._recent.pop(state, None)  # re-inserted last: the two most recent states stay
+        if lp is None:
+            lp = neutral_logprobs(self.model, self.tokenizer, self.prompts)
+        self._recent[state] = lp
+        while len(self._recent) > 2:
+            self._recent.pop(next(iter(self._recent)))
+        if not state:
+            self._unedited = lp
+        return lp
+
+    def unedited(self, pristine_weights) -> torch.Tensor:
+        """The unedited model's; ``pristine_weights()``: a context that swaps the unedited weights in."""
+        if self._unedited is None:
+            with pristine_weights():
+                self._unedited = neutral_logprobs(self.model, self.tokenizer, self.prompts)
+        return self._unedited
+
+
 def unrelated_kl(before: torch.Tensor, after: torch.Tensor) -> float:
     """Mean over positions of KL(before ‖ after), from :func:`neutral_logprobs` outputs."""
     return float(F.kl_div(after, before, log_target=True, reduction="none").sum(-1).mean())
@@ -135,10 +182,13 @@ def update_norms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 def update_checks(norm: float, relative: float, before: torch.Tensor | None, after: torch.Tensor | None,
                   earlier: list[float], settings: CheckSettings,
-                  targets: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+                  targets: list[tuple[str, dict[str, Any]]] | None = None, *,
+                  unedited: torch.Tensor | None = None, active_edits: int = 1) -> dict[str, Any]:
     """The ``checks`` dict of an applied edit: ``flag`` (a possible disabling edit), ``missed`` (facts
     whose prompt does not yet produce the new target, from :func:`target_check` results in
-    ``targets`` as (target, result) pairs) and ``warning``, "" or one line saying both."""
+    ``targets`` as (target, result) pairs), ``drifted`` (with ``unedited``, the unedited model's
+    neutral log-probabilities: all ``active_edits`` together moved neutral text too far) and
+    ``warning``, "" or one line saying what was found."""
     out: dict[str, Any] = {"finite": True, "update_norm": round(norm, 4), "relative_norm": round(relative, 5)}
     reasons = []
     if relative > settings.max_relative_norm:
@@ -155,6 +205,14 @@ def update_checks(norm: float, relative: float, before: torch.Tensor | None, aft
             reasons.append(f"unrelated text moved: KL {kl:.3g} > {settings.max_unrelated_kl:g} nats")
     out["flag"] = bool(reasons)
     warnings = ["possible disabling edit: " + "; ".join(reasons) + " (undo it if the model misbehaves)"] if reasons else []
+    if unedited is not None and after is not None:
+        drift = unrelated_kl(unedited, after)
+        out["drift_kl"] = round(drift, 5)
+        out["drifted"] = not drift <= settings.max_drift_kl  # NaN counts as drifted
+        if out["drifted"]:
+            warnings.append(f"the {active_edits} edit(s) applied have moved the model away from the unedited one: "
+                            f"KL {drift:.3g} > {settings.max_drift_kl:g} nats on neutral text (its perplexity on "
+                            "ordinary text has likely risen; evaluate it, or undo edits)")
     if targets is not None:
         out["generates_target"] = sum(r["generates_target"] for _, r in targets)
         out["target_prob"] = round(min(r["target_prob"] for _, r in targets), 5) if targets else None

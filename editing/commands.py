@@ -94,7 +94,8 @@ def _edit_one(args: argparse.Namespace, out: Path) -> int:
     steps = info["steps"][0] if isinstance(info["steps"], list) else info["steps"]
     print(f"edited ({edit.method}) layer {','.join(map(str, edit.layers))} in {info['seconds']:.1f} s ({steps} steps; "
           f"‖ΔW‖ {checks['update_norm']:.4g}, {checks['relative_norm']:.3g} of ‖W‖, "
-          f"KL on neutral text {checks.get('unrelated_kl', float('nan')):.3g}; the prompt now "
+          f"KL on neutral text {checks.get('unrelated_kl', float('nan')):.3g} "
+          f"({checks.get('drift_kl', float('nan')):.3g} from the unedited model); the prompt now "
           f"{'continues with' if not checks.get('missed') else 'does not continue with'} the target, "
           f"P = {checks.get('target_prob', float('nan')):.2f}); "
           f"wrote {'adapter' if args.as_adapter else 'model'} to {out}")

@@ -53,7 +53,7 @@ from checkpoints.sources import public_name
 from checkpoints.tensors import ShardedWriter
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
-from .checks import CheckSettings, neutral_logprobs, require_finite, target_check, update_checks, update_norms
+from .checks import CheckSettings, NeutralProbe, require_finite, target_check, update_checks, update_norms
 from .methods import DEFAULT_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
@@ -185,7 +185,7 @@ class EditSession:
         # ‖ΔW‖ of every unflagged edit made in this session (undone ones too), per method: the outlier
         # check's reference.
         self._norms: dict[str, list[float]] = {}
-        self._neutral_cache: dict[tuple[int, ...], torch.Tensor] = {}  # active edit ids -> neutral log-probs
+        self._neutral_probe = NeutralProbe(model, tokenizer, self.check_settings.prompts)
         self.corpus = corpus if isinstance(corpus, Corpus) else resolve_corpus(corpus)
         self.stats_tokens = stats_tokens
         self.base_name = public_name(base_name or getattr(model.config, "_name_or_path", "") or "model")
@@ -261,17 +261,7 @@ class EditSession:
         return torch.cat(rows, dim=0).T.contiguous() if rows else None
 
     def _neutral(self) -> torch.Tensor:
-        # Keyed by the active edits: the "after" of one edit is the "before" of the next, and after an
-        # undo the state of an earlier set of edits comes back (run_eval's apply/undo loop), so one
-        # forward pass per edit instead of two. Only this session changes the weights it edits.
-        state = tuple(e.id for e in self._edits)
-        lp = self._neutral_cache.pop(state, None)  # re-inserted last: the two most recent states stay
-        if lp is None:
-            lp = neutral_logprobs(self.model, self.tokenizer, self.check_settings.prompts)
-        self._neutral_cache[state] = lp
-        while len(self._neutral_cache) > 2:
-            self._neutral_cache.pop(next(iter(self._neutral_cache)))
-        return lp
+        return self._neutral_probe.at(tuple(e.id for e in self._edits))
 
     def _layer_of(self, request: EditRequest) -> int:
         return self.default_layer if request.layer is None else int(request.layer)
@@ -329,7 +319,9 @@ class EditSession:
                    if before is not None else None)
         earlier = self._norms.setdefault(method, [])
         info["checks"] = (dict(checks) if checks is not None else
-                          update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets))
+                          update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets,
+                                        unedited=self._neutral_probe.unedited(self._pristine_weights) if after
+                                        is not None else None, active_edits=len(self._edits)))
         if not info["checks"].get("flag"):
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
         if info["checks"].get("warning"):

@@ -17,7 +17,8 @@ from test_edit import EIFFEL, corpus_file, same, session_for, sharp_dirs, snapsh
 
 # Edits of the sharpened tiny model are large against its small random weights (‖ΔW‖/‖W‖ ≈ 2):
 # the absolute bounds are raised here so that only the outlier rule and the KL decide.
-TINY = CheckSettings(max_relative_norm=20.0, max_unrelated_kl=5.0, outlier_factor=5.0, min_history=3)
+TINY = CheckSettings(max_relative_norm=20.0, max_unrelated_kl=5.0, outlier_factor=5.0, min_history=3,
+                     max_drift_kl=50.0)
 FACTS = [EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome", layer=1),
          EditRequest("The capital of {} is", "France", "Berlin", layer=1),
          EditRequest("{} is the capital of", "Madrid", "Italy", layer=1)]
@@ -37,6 +38,15 @@ def test_update_checks_by_hand():
     assert abs(unrelated_kl(p, q) - kl) < 1e-6 and unrelated_kl(p, p) == 0.0
     moved = update_checks(1.0, 0.1, p, q, [], CheckSettings(max_unrelated_kl=0.1))
     assert moved["flag"] and moved["unrelated_kl"] == round(kl, 5) and "unrelated text moved" in moved["warning"]
+    # Drift: KL(unedited ‖ now) over all the edits, its own line, not a disabling-edit flag.
+    drift = update_checks(1.0, 0.1, q, q, [], CheckSettings(max_drift_kl=0.1), unedited=p, active_edits=7)
+    assert drift["drift_kl"] == round(kl, 5) and drift["drifted"] and not drift["flag"]
+    assert drift["warning"].startswith("the 7 edit(s) applied have moved the model away from the unedited one: KL 0.")
+    calm = update_checks(1.0, 0.1, q, q, [], CheckSettings(max_drift_kl=0.5), unedited=p)
+    assert not calm["drifted"] and calm["warning"] == ""  # kl = 0.33 < 0.5
+    nan = update_checks(1.0, 0.1, q, torch.full_like(q, float("nan")), [], CheckSettings(), unedited=p)
+    assert nan["drifted"]
+    assert "drift_kl" not in update_checks(1.0, 0.1, p, q, [], CheckSettings())  # no reference, no drift
 
 
 def test_update_norms():
@@ -95,6 +105,40 @@ def test_kl_is_against_the_weights_just_before_the_edit(sharp_dirs, corpus_file,
     assert third.info["checks"]["unrelated_kl"] != round(unrelated_kl(original, fresh()), 5)  # non-vacuous
 
 
+def test_drift_is_against_the_unedited_model(sharp_dirs, corpus_file, stats):  # noqa: F811
+    """drift_kl compares with the weights before any edit, however many edits and undos came between."""
+    from editing.checks import neutral_logprobs
+
+    s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
+    fresh = lambda: neutral_logprobs(s.model, s.tokenizer, TINY.prompts)  # noqa: E731
+    original = fresh()
+    first = s.apply(FACTS[0])
+    c = first.info["checks"]
+    assert c["drift_kl"] == c["unrelated_kl"] and not c["drifted"]  # one edit: the same comparison
+    second = s.apply(FACTS[1])
+    c = second.info["checks"]
+    assert c["drift_kl"] == round(unrelated_kl(original, fresh()), 5)
+    assert c["drift_kl"] != c["unrelated_kl"] and c["drift_kl"] > 0  # non-vacuous: two edits' drift
+    s.undo(first.id)
+    third = s.apply(FACTS[2])
+    assert third.info["checks"]["drift_kl"] == round(unrelated_kl(original, fresh()), 5)
+    # A session that never saw the unedited model (edits replayed) swaps the unedited weights in once.
+    t = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=TINY)
+    for e in s.edits:
+        t.replay(e.method, e.requests, list(e.layers), dict(e.factors), keys=dict(e.keys), checks=e.info["checks"])
+    fourth = t.apply(FACTS[0])
+    assert fourth.info["checks"]["drift_kl"] == round(unrelated_kl(original, neutral_logprobs(
+        t.model, t.tokenizer, TINY.prompts)), 5)
+
+
+def test_a_sequence_that_drifts_is_told_so(sharp_dirs, corpus_file, stats):  # noqa: F811
+    strict = CheckSettings(max_relative_norm=20.0, max_unrelated_kl=5.0, min_history=3, max_drift_kl=1e-9)
+    s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=strict)
+    edits = [s.apply(r) for r in FACTS[:2]]
+    assert all(e.info["checks"]["drifted"] and not e.info["checks"]["flag"] for e in edits)
+    assert "the 2 edit(s) applied have moved the model away" in edits[1].warning
+
+
 def test_non_finite_update_is_refused(sharp_dirs, corpus_file, stats, monkeypatch):  # noqa: F811
     s = session_for(sharp_dirs["llama"], corpus_file, stats)
     before = snapshot(s.model)
@@ -143,8 +187,10 @@ def test_app_history_shows_the_check():
     flagged = {"id": 2, "method": "rome", "layers": [4], "prompt": "{} is in", "subject": "X", "target_new": "Y",
                "seconds": 1.0, "checks": {"relative_norm": 7.2, "flag": True, "warning": "possible disabling edit: ..."}}
     fine = {**flagged, "id": 1, "checks": {"relative_norm": 0.0812, "flag": False, "warning": ""}}
-    rows = history_rows([fine, flagged])
-    assert [r[-1] for r in rows] == ["ok (‖ΔW‖/‖W‖ 0.0812)", "possible disabling edit: ..."]
+    drift = {**fine, "id": 3, "checks": {**fine["checks"], "drift_kl": 0.0123}}
+    rows = history_rows([fine, flagged, drift])
+    assert [r[-1] for r in rows] == ["ok (‖ΔW‖/‖W‖ 0.0812)", "possible disabling edit: ...",
+                                     "ok (‖ΔW‖/‖W‖ 0.0812, drift KL 0.012)"]
     assert len(rows[0]) == 7 and rows[1][3] == "X is in"
 
 

@@ -19,7 +19,14 @@ def history_rows(history: list[dict]) -> list[list[Any]]:
             rows.append([h.get("id"), h.get("method", ""), ",".join(map(str, h.get("layers", []))),
                          str(f.get("prompt", "")).replace("{}", f.get("subject", "")),
                          f.get("target_new", ""), f"{h.get('seconds', '')}",
-                         # disabling-edit checks (editing/checks.py): the warning, else ‖ΔW‖/‖W‖
-                         (h.get("checks") or {}).get("warning") or
-                         (f"ok (‖ΔW‖/‖W‖ {h['checks']['relative_norm']:.3g})" if h.get("checks") else "")])
+                         # the edit's checks (editing/checks.py): the warning, else the figures checked
+                         (h.get("checks") or {}).get("warning") or _checked(h.get("checks"))])
     return rows
+
+
+def _checked(checks: dict | None) -> str:
+    """"ok" with the figures an unwarned edit passed: its size, and the drift of all edits so far."""
+    if not checks:
+        return ""
+    drift = f", drift KL {checks['drift_kl']:.2g}" if "drift_kl" in checks else ""
+    return f"ok (‖ΔW‖/‖W‖ {checks['relative_norm']:.3g}{drift})"
