@@ -225,7 +225,6 @@ class Run:
         self.missed = 0  # facts whose own prompt did not produce the new target right after their edit
         self.drifted = 0  # edits after which all the edits so far had moved neutral text past the limit
         self.first_drifted = 0  # the first such edit's number (0: none yet)
-        self.drift_kl = float("nan")  # KL(unedited ‖ now) on neutral text after the last edit
         self.done = 0
         self.stopped = ""
         self.t_start = time.time()
@@ -240,7 +239,7 @@ class Run:
         state = {"identity": identity, "done": self.done, "norms": self.norms, "seconds": self.seconds,
                  "flagged": self.flagged, "missed": self.missed, "elapsed": time.time() - self.t_start,
                  "stopped": self.stopped, "edits": edits, "drifted": self.drifted,
-                 "first_drifted": self.first_drifted, "drift_kl": self.drift_kl}
+                 "first_drifted": self.first_drifted}
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
@@ -258,7 +257,6 @@ class Run:
         self.done, self.norms, self.seconds = state["done"], state["norms"], state["seconds"]
         self.flagged, self.missed, self.stopped = state["flagged"], state["missed"], state["stopped"]
         self.drifted, self.first_drifted = state.get("drifted", 0), state.get("first_drifted", 0)
-        self.drift_kl = state.get("drift_kl", float("nan"))
         self.t_start = time.time() - state["elapsed"]
         print(f"[{self.variant.label}] resumed after {self.done} edits ({pos} replayed)", flush=True)
 
@@ -281,7 +279,6 @@ class Run:
             self.flagged += bool(checks.get("flag"))
             self.missed += int(checks.get("missed", 0))
             self.done += len(reqs)
-            self.drift_kl = float(checks.get("drift_kl", float("nan")))
             if checks.get("drifted"):
                 self.drifted += 1
                 self.first_drifted = self.first_drifted or self.done
@@ -297,7 +294,9 @@ class Run:
                  "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
                  "fluency_unedited": unedited["fluency"],
                  "norm_median": round(statistics.median(self.norms), 3), "norm_max": round(max(self.norms), 3),
-                 "drift_kl": round(self.drift_kl, 5), "drifted": self.drifted, "first_drifted": self.first_drifted,
+                 # KL(unedited ‖ now) on neutral text: the last edit's check (a replayed edit keeps its own)
+                 "drift_kl": self.session.edits[-1].info["checks"].get("drift_kl"),
+                 "drifted": self.drifted, "first_drifted": self.first_drifted,
                  "flagged": self.flagged, "missed": self.missed, "seconds_per_edit": round(statistics.mean(self.seconds), 2),
                  "elapsed_s": round(time.time() - self.t_start, 1), "rss_mb": rss_mb(),
                  "capital_of_france": capital_of_france(self.model, self.tok)}

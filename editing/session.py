@@ -318,10 +318,10 @@ class EditSession:
         targets = ([(r.target, target_check(self.model, self.tokenizer, r.text, r.target)) for r in requests]
                    if before is not None else None)
         earlier = self._norms.setdefault(method, [])
+        unedited = self._neutral_probe.unedited(self._pristine_weights) if after is not None else None
         info["checks"] = (dict(checks) if checks is not None else
                           update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets,
-                                        unedited=self._neutral_probe.unedited(self._pristine_weights) if after
-                                        is not None else None, active_edits=len(self._edits)))
+                                        unedited=unedited, active_edits=len(self._edits)))
         if not info["checks"].get("flag"):
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
         if info["checks"].get("warning"):

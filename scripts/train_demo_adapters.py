@@ -557,10 +557,12 @@ def main(argv: list[str] | None = None) -> int:
         return bench_and_cards(args.out)
     ckpt = resolve("demo")
     tokenizer = ckpt.load_tokenizer()
-    wanted = [args.extra_questions if args.extra_questions is not None else SETTINGS[n]["extra_questions"]
-              for n in args.only]
+    # Per adapter: SETTINGS, with what the command line gives on top.
+    cfgs = {name: argparse.Namespace(**{**vars(args), **{k: v for k, v in SETTINGS[name].items()
+                                                          if getattr(args, k) is None}}) for name in args.only}
     made = training_questions()
-    all_qs = made + vocabulary_questions(tokenizer, max(wanted, default=0), args.seed, HELD_OUT)
+    all_qs = made + vocabulary_questions(tokenizer, max((c.extra_questions for c in cfgs.values()), default=0),
+                                            args.seed, HELD_OUT)
     check_disjoint(all_qs, [q for q, _ in TUNE], held_out_questions())
     model = ckpt.load_model(dtype=torch.float32)
     model.eval()
@@ -572,8 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.only:
         style = STYLES[name]
-        chosen = {k: v for k, v in SETTINGS[name].items() if getattr(args, k) is None}
-        cfg = argparse.Namespace(**{**vars(args), **chosen})
+        cfg = cfgs[name]
         cut = first_sentence if cfg.first_sentence else (lambda a: a)
         qs, base_answers = all_qs[: len(made) + cfg.extra_questions], all_answers[: len(made) + cfg.extra_questions]
         if cfg.distill:  # opener styles only: the opener from its tokens, the answer from the base's distributions
