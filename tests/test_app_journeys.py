@@ -204,8 +204,9 @@ def edit_journey(page, cast: Cast, shot: Callable[[str], None]) -> None:
     expect(t.get_by_label("After the edit")).to_have_value(re.compile("^" + re.escape(text) + ".+"))
     history = page.locator("#edit-history")
     expect(history.get_by_role("gridcell", name=target, exact=True)).to_be_visible()
-    # The check column: the checks' warning, or ok with the update's relative norm.
-    check = history.get_by_role("gridcell", name=re.compile(r"^ok \(‖ΔW‖\/‖W‖ [\d.e+-]+\)$|did not take|disabling"))
+    # The check column: the checks' warning, or ok with the update's relative norm and the drift so far.
+    check = history.get_by_role("gridcell", name=re.compile(
+        r"^ok \(‖ΔW‖\/‖W‖ [\d.e+-]+, drift KL [\d.e+-]+\)$|did not take|disabling|moved the model away"))
     expect(check).to_be_visible()
     t.get_by_role("button", name="Evaluate").click()
     expect(t.get_by_label("Scores").get_by_role("gridcell", name="efficacy", exact=True)).to_be_visible(
