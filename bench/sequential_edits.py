@@ -149,6 +149,13 @@ class UneditedCache:
         return [have[str(n)] for n in numbers]
 
 
+def sequence_order(all_records: list, half: str) -> list:
+    """The order a sequence edits dev-1000's records in. A half holds 500 records; a longer sequence
+    goes on with the other half's (report: 500-999 then 0-499), reported separately in "first_half"."""
+    lo = 0 if half == "tune" else HALF
+    return all_records[lo:lo + HALF] + all_records[HALF - lo:2 * HALF - lo]
+
+
 def record_span(lo: int, offset: int, n: int) -> str:
     """The dev-1000 record numbers a sequence edits, in order (it wraps into the other half past 500)."""
     first = lo + offset
@@ -411,10 +418,7 @@ def main() -> int:
     cf, wiki = DATA / "counterfact" / "dev-1000.json", DATA / "wikitext-2-raw" / "wiki.test.raw"
     lo = 0 if args.half == "tune" else HALF
     all_records = load_records(cf)
-    # A half holds 500 records; a longer sequence goes on with the other half's records
-    # (report: 500-999 then 0-499), reported separately in "first_half".
-    order = all_records[lo:lo + HALF] + all_records[HALF - lo:2 * HALF - lo]
-    records = order[args.offset:args.offset + args.max_edits]
+    records = sequence_order(all_records, args.half)[args.offset:args.offset + args.max_edits]
     ckpt = resolve("demo")
     model, tok = ckpt.load_model(), ckpt.load_tokenizer()
     corpus = corpus_from_file(wiki)

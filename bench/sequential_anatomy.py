@@ -1,0 +1,148 @@
+"""Why a long sequence of edits breaks the model: the anatomy of a saved ``bench/sequential_edits.py`` run.
+
+A sequence's saved state (``--save-every``) holds every edit's factors and keys, so the
+cumulative update ΔW = Σᵢ BᵢAᵢ of each edited layer can be rebuilt and taken apart
+without recomputing a single edit. For the first N edits this prints:
+
+* the held-out WikiText perplexity (× unedited) after the first n edits, for each n in ``--at``;
+* how the cumulative update grows: its top singular values, and ‖ΣΔ‖ / √Σ‖Δ‖² (1 when the
+  edits' updates are mutually orthogonal, as independent facts' should be);
+* each layer's share: the perplexity with only that layer's updates, and with all but it;
+* the shared direction: the top right singular vector v of each layer's ΣΔ, its cosine with
+  C⁻¹k̄ (k̄ the mean of the edits' keys at that layer, C the layer's key statistics), and the
+  scores (perplexity, retention, paraphrase, neighbourhood on every ``--sample``-th edited
+  record) of the model as edited and with the component of ΣΔ along C⁻¹k̄ removed.
+
+    .venv/bin/python bench/sequential_anatomy.py /work/notes/s6/report-memit-1000.memit.state.pt \\
+        --half report --edits 900 --at 100,300,500,700,900 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from sequential_edits import DATA, heldout_ids, sequence_order  # noqa: E402
+
+from checkpoints.arch import spec_for  # noqa: E402
+from checkpoints.sources import resolve  # noqa: E402
+from editing.evaluate import evaluate_edits, load_records, perplexity  # noqa: E402
+from editing.stats import SEQ_LEN, StatsCache, corpus_from_file  # noqa: E402
+
+
+def cumulative(edits: list[dict], module: str) -> torch.Tensor:
+    """Σᵢ BᵢAᵢ ``[out, in]`` in float64 over the edits that changed ``module``."""
+    Bs = torch.cat([e["factors"][module][0].double() for e in edits if module in e["factors"]], dim=1)
+    As = torch.cat([e["factors"][module][1].double() for e in edits if module in e["factors"]], dim=0)
+    return Bs @ As
+
+
+def coherence(edits: list[dict], module: str, total: torch.Tensor) -> float:
+    """‖ΣΔ‖ / √Σ‖Δᵢ‖²: 1 for mutually orthogonal updates, up to √n when they all point one way."""
+    sq = sum(float((e["factors"][module][0].double() @ e["factors"][module][1].double()).norm()) ** 2
+             for e in edits if module in e["factors"])
+    return float(total.norm()) / sq ** 0.5
+
+
+class Weights:
+    """Sets the edited modules to pristine + given ``[out, in]`` deltas (in the model's layout)."""
+
+    def __init__(self, model, spec, modules: list[str]):
+        self.params = {m: model.get_submodule(m).weight for m in modules}
+        self.pristine = {m: p.detach().clone() for m, p in self.params.items()}
+        self.spec = spec
+
+    def set(self, deltas: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for m, p in self.params.items():
+                p.copy_(self.pristine[m])
+                if m in deltas:
+                    p.add_(self.spec.from_out_in(deltas[m]).to(p.dtype))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("state", help="a *.state.pt saved by bench/sequential_edits.py")
+    ap.add_argument("--half", choices=("tune", "report"), required=True, help="the half the run edited")
+    ap.add_argument("--edits", type=int, default=0, help="the first N edits (0: all saved)")
+    ap.add_argument("--at", default="", help="perplexity after these numbers of edits too (e.g. 100,300,500)")
+    ap.add_argument("--sample", type=int, default=3, help="score every N-th edited record")
+    ap.add_argument("--stats-tokens", type=int, default=100_000)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    state = torch.load(args.state, weights_only=True)
+    edits = state["edits"][:args.edits or None]
+    n = sum(e["n"] for e in edits)
+    ckpt = resolve("demo")
+    model, tok = ckpt.load_model(), ckpt.load_tokenizer()
+    spec = spec_for(model.config.model_type, strict=True)
+    corpus = corpus_from_file(DATA / "wikitext-2-raw" / "wiki.test.raw")
+    held = heldout_ids(tok, corpus.text or "", args.stats_tokens, args.ppl_tokens)
+    records = sequence_order(load_records(DATA / "counterfact" / "dev-1000.json"), args.half)[:n]
+    modules = sorted({m for e in edits for m in e["factors"]})
+    layer_of = {m: int(layer) for e in edits for layer in e["keys"] for m in e["factors"]
+                if m == spec.module("mlp_out", int(layer))}
+    weights = Weights(model, spec, modules)
+    base = perplexity(model, held, seq_len=SEQ_LEN)
+    print(f"{args.state}: {n} edits over {', '.join(modules)}; unedited perplexity {base:.2f}")
+
+    for k in sorted({int(x) for x in args.at.split(",") if x.strip()} | {len(edits)}):
+        part = edits[:k]
+        totals = {m: cumulative(part, m) for m in modules}
+        weights.set(totals)
+        ratio = perplexity(model, held, seq_len=SEQ_LEN) / base
+        growth = "; ".join(f"L{layer_of[m]} sv {', '.join(f'{s:.1f}' for s in torch.linalg.svdvals(t)[:3].tolist())}"
+                           f" coherence {coherence(part, m, t):.2f}" for m, t in totals.items())
+        print(f"after {k} edits: perplexity x{ratio:.3f}; {growth}", flush=True)
+
+    full = {m: cumulative(edits, m) for m in modules}
+    for m in modules:
+        weights.set({m: full[m]})
+        only = perplexity(model, held, seq_len=SEQ_LEN) / base
+        weights.set({x: full[x] for x in modules if x != m})
+        without = perplexity(model, held, seq_len=SEQ_LEN) / base
+        print(f"L{layer_of[m]}: only its updates x{only:.3f}, all but its updates x{without:.3f}", flush=True)
+
+    # The statistics describe the unedited model, as the edits' own solves used them.
+    weights.set({})
+    Cs = StatsCache().get(model, tok, spec, sorted(layer_of.values()), corpus, args.stats_tokens)
+    removed = {}
+    for m, total in full.items():
+        layer = layer_of[m]
+        kbar = torch.cat([e["keys"][layer].double() for e in edits if layer in e["keys"]]).mean(0)
+        w = torch.linalg.solve(Cs[layer].double(), kbar)
+        w = w / w.norm()
+        v = torch.linalg.svd(total, full_matrices=False)[2][0]
+        removed[m] = total - (total @ w)[:, None] * w[None, :]
+        print(f"L{layer}: top right singular vector · C⁻¹k̄/‖C⁻¹k̄‖ = {abs(float(v @ w)):.3f}; "
+              f"‖ΣΔ along C⁻¹k̄‖ / ‖ΣΔ‖ = {float((total @ w).norm() / total.norm()):.3f}", flush=True)
+    sample = records[::args.sample]
+    for label, deltas in (("as edited", full), ("without the component along C⁻¹k̄", removed)):
+        t0 = time.time()
+        weights.set(deltas)
+        ratio = perplexity(model, held, seq_len=SEQ_LEN) / base
+        rows = evaluate_edits(model, tok, sample)
+        mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("efficacy", "paraphrase", "neighborhood")}
+        print(f"{label}: perplexity x{ratio:.3f}; on {len(sample)} edited records retention {mean['efficacy']:.3f} "
+              f"paraphrase {mean['paraphrase']:.3f} neighbourhood {mean['neighborhood']:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    weights.set({})
+    unedited = evaluate_edits(model, tok, sample)
+    print(f"unedited on the same records: neighbourhood "
+          f"{sum(r['neighborhood'] for r in unedited) / len(unedited):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
