@@ -8,6 +8,8 @@ without recomputing a single edit. For the first N edits this prints:
 * how the cumulative update grows: its top singular values, and ‖ΣΔ‖ / √Σ‖Δ‖² (1 when the
   edits' updates are mutually orthogonal, as independent facts' should be);
 * each layer's share: the perplexity with only that layer's updates, and with all but it;
+* AlphaEdit's null space at each layer: how many directions, and the share of ordinary text's
+  key energy tr(PC)/tr(C) they carry (the method assumes almost none);
 * the shared direction: the top right singular vector v of each layer's ΣΔ, its cosine with
   C⁻¹k̄ (k̄ the mean of the edits' keys at that layer, C the layer's key statistics), and the
   scores (perplexity, retention, paraphrase, neighbourhood on every ``--sample``-th edited
@@ -34,7 +36,9 @@ from sequential_edits import DATA, heldout_ids, sequence_order  # noqa: E402
 
 from checkpoints.arch import spec_for  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
+from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
 from editing.evaluate import evaluate_edits, load_records, perplexity  # noqa: E402
+from editing.nullspace import nullspace_projector  # noqa: E402
 from editing.stats import SEQ_LEN, StatsCache, corpus_from_file  # noqa: E402
 
 
@@ -117,6 +121,16 @@ def main() -> int:
     # The statistics describe the unedited model, as the edits' own solves used them.
     weights.set({})
     Cs = StatsCache().get(model, tok, spec, sorted(layer_of.values()), corpus, args.stats_tokens)
+    # AlphaEdit's premise, checked on these statistics: its null space should carry almost none of
+    # ordinary text's key energy, tr(PC)/tr(C) ≈ 0.
+    for layer in sorted(layer_of.values()):
+        C = Cs[layer].double()
+        shares = []
+        for threshold in (AlphaEditHyperParams().nullspace_threshold, 5e-3):
+            P, dim = nullspace_projector(C, threshold)
+            shares.append(f"threshold {threshold:g}: {dim} of {C.shape[0]} directions, "
+                          f"{float((P.double() * C).sum() / C.trace()):.1%} of the key energy")
+        print(f"L{layer} AlphaEdit null space, {'; '.join(shares)}", flush=True)
     removed = {}
     for m, total in full.items():
         layer = layer_of[m]
