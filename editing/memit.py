@@ -57,6 +57,12 @@ class MemitHyperParams:
     # Keep the keys of the session's earlier edits in the solve (λC + K_pK_pᵀ + KKᵀ), so a new fact
     # leaves what earlier facts wrote there in place (AlphaEdit's sequential term, without P).
     keep_edit_keys: bool = False
+    # Leave the direction all edits share alone: ΔW ŵ = 0 for ŵ = C⁻¹k̄ (k̄ the mean of the session's
+    # earlier edit keys at the layer). Every subject's key carries k̄, so each update's C⁻¹k answer has
+    # a component along ŵ, and those add up linearly over a sequence (the others only as √n): on the
+    # demo model that one direction is what breaks the model after about 700 edits
+    # (bench/sequential_anatomy.py). Solved as an exact linear constraint, not a penalty.
+    shared_key_guard: bool = False
     # Up to this many bottom-up passes: after each, the facts whose target is not yet the argmax after
     # their own prompt get another (1 = MEMIT as published).
     max_passes: int = 1
@@ -106,11 +112,29 @@ def _layer_update(layer: int, K: torch.Tensor, R: torch.Tensor, *, hp: MemitHype
         M = M + (hp.norm_ridge * lam * float(C.diagonal().mean())) * torch.eye(M.shape[0], dtype=M.dtype,
                                                                                device=M.device)
     Kp = (prior_keys or {}).get(layer)
-    if Kp is not None and Kp.numel():
+    has_prior = Kp is not None and bool(Kp.numel())
+    if hp.keep_edit_keys and has_prior:
         Kp64 = Kp.double().to(M.device)
         M = M + Kp64 @ Kp64.T
     adj = torch.linalg.solve(M, K64)  # [in, n]
+    if hp.shared_key_guard and has_prior:
+        adj = _without_direction(adj, M, shared_key_direction(C, Kp))
     return R.float().contiguous(), adj.T.float().contiguous()
+
+
+def shared_key_direction(C: torch.Tensor, Kp: torch.Tensor) -> torch.Tensor:
+    """ŵ = C⁻¹k̄ / ‖C⁻¹k̄‖ ``[in]`` (float64) for the mean k̄ of the earlier edit keys ``Kp`` ``[in, m]``."""
+    w = torch.linalg.solve(C.double(), Kp.double().to(C.device).mean(dim=1))
+    return w / w.norm()
+
+
+def _without_direction(adj: torch.Tensor, M: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The solution M⁻¹K of MEMIT's normal equations under the constraint wᵀX = 0 (so ΔW w = 0).
+
+    Minimising ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) over ΔW = R Xᵀ with wᵀX = 0 gives
+    X = M⁻¹K − M⁻¹w (wᵀM⁻¹K) / (wᵀM⁻¹w): the unconstrained answer minus its part along M⁻¹w."""
+    Mw = torch.linalg.solve(M, w)  # [in]
+    return adj - Mw[:, None] * ((w @ adj) / (w @ Mw))[None, :]
 
 
 def _layer_pass(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], Z: torch.Tensor, layers: list[int],
@@ -160,7 +184,8 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
 
     With ``alpha``, the AlphaEdit update per layer from ``projectors[layer]`` and
     ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used. Without it, given
-    ``prior_keys`` enter MEMIT's solve too (the session passes them with ``hparams.keep_edit_keys``).
+    ``prior_keys`` enter MEMIT's solve with ``hparams.keep_edit_keys`` and set the guarded
+    direction with ``hparams.shared_key_guard``.
     Returns ``({module: (B [out, n], A [n, in])}, info)``; ``info["keys"][layer]`` is K ``[in, n]``.
     """
     hp = hparams or MemitHyperParams()

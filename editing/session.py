@@ -441,7 +441,7 @@ class EditSession:
             prior = {layer: self.prior_keys(layer) for layer in layers}
         else:
             Cs = self.statistics(layers, progress=stages.first)
-            if hp.keep_edit_keys:
+            if hp.keep_edit_keys or hp.shared_key_guard:
                 prior = {layer: self.prior_keys(layer) for layer in layers}
         # compute_memit applies its layers as it goes (later layers see earlier ones). Those changes are
         # temporary: the touched weights are saved first and copied back afterwards (also on failure),

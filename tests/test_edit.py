@@ -538,6 +538,47 @@ def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
     assert moved_kept < 0.8 * moved_plain, (moved_kept, moved_plain)  # 1.32 against 2.08 when written
 
 
+def test_memit_shared_key_guard_leaves_the_shared_direction_alone(tiny_llama_dir, corpus_file, stats):
+    """shared_key_guard: the second edit's update is exactly blind to ŵ = C⁻¹k̄ (k̄ the first edit's
+    key), and among updates blind to ŵ it is MEMIT's least-squares one; without the guard it is not blind."""
+    from editing.memit import MemitHyperParams, _without_direction, shared_key_direction
+
+    reqs = [EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome"), EditRequest("{} is the capital of", "Madrid", "Italy")]
+
+    def second_update(**kw):
+        s = session_for(tiny_llama_dir, corpus_file, stats, method="memit",
+                        memit_hparams=MemitHyperParams(v_steps=5, **kw))
+        first = s.apply_batch(reqs[:1], layers=[1, 2])
+        second = s.apply_batch(reqs[1:], layers=[1, 2])
+        Cs = s.statistics([1, 2])
+        w = {layer: shared_key_direction(Cs[layer], first.keys[layer].T) for layer in (1, 2)}
+        return s, second, w
+
+    s, plain, w = second_update()
+    _, guarded, w_g = second_update(shared_key_guard=True)
+    for layer in (1, 2):
+        assert torch.allclose(w[layer], w_g[layer])  # the first edits are the same with and without
+        module = s.spec.module("mlp_out", layer)
+        along = lambda e: float((e.deltas[module + ".weight"].double() @ w[layer]).norm())  # noqa: E731
+        assert along(plain) > 1e-3  # not vacuous: an unguarded update does respond along ŵ
+        assert along(guarded) < 1e-6 * float(guarded.deltas[module + ".weight"].norm())
+    # The constrained solution, hand-checked: X = M⁻¹K − M⁻¹w (wᵀM⁻¹K)/(wᵀM⁻¹w) satisfies wᵀX = 0 and
+    # beats every other X' = X + t·u with wᵀu = 0 on the normal equations' quadratic form.
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    M = B @ B.T + torch.eye(6, dtype=torch.float64)
+    K = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    wv = torch.randn(6, generator=g, dtype=torch.float64)
+    wv = wv / wv.norm()
+    X = _without_direction(torch.linalg.solve(M, K), M, wv)
+    assert float((wv @ X).abs().max()) < 1e-12
+    objective = lambda Y: float(torch.trace(Y.T @ M @ Y) - 2 * torch.trace(Y.T @ K))  # noqa: E731
+    for _ in range(5):
+        u = torch.randn(6, 2, generator=g, dtype=torch.float64)
+        u = u - wv[:, None] * (wv @ u)[None, :]
+        assert objective(X + 0.1 * u) > objective(X)
+
+
 def test_memit_further_passes_only_for_facts_not_yet_reached(tiny_llama_dir, corpus_file, stats, monkeypatch):
     """max_passes: after a pass, the facts whose target is not yet the argmax after their own prompt get another
     pass (one more rank per fact per layer); reached facts get none. The argmax test is stubbed here (the tiny
