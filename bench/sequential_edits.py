@@ -171,8 +171,14 @@ def mean_of(rows: list[dict], key: str) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
-def measure(model, tok, records, base_rows, held, gen_idx, base_gen, args) -> dict:
-    """Scores of the model as it is now on ``records`` (all edited so far), with the unedited ones."""
+def spread(k: int, n: int) -> list[int]:
+    """Up to ``k`` indices evenly spread over ``range(n)``, first and last included."""
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k and n else []
+
+
+def measure(model, tok, records, base_rows, held, base_gen, args) -> dict:
+    """Scores of the model as it is now on ``records`` (all edited so far), with the unedited ones.
+    ``base_gen(indices)`` gives the unedited model's generation checks of those records."""
     rows = evaluate_edits(model, tok, records)
     out = {k: mean_of(rows, k) for k in SCORES}
     out["unedited"] = {k: mean_of(base_rows[:len(records)], k) for k in SCORES}
@@ -183,11 +189,13 @@ def measure(model, tok, records, base_rows, held, gen_idx, base_gen, args) -> di
         out["first_half"]["unedited"] = {k: mean_of(base_rows[:HALF], k) for k in SCORES}
     out["ppl"] = round(perplexity(model, held, seq_len=SEQ_LEN), 3)
     out["fluency"] = round(fluency_on(model, tok, FLUENCY_PROMPTS), 4)
-    idx = [i for i in gen_idx if i < len(records)]
+    # Spread over the records edited so far, not over the whole planned sequence: a 1,000-edit run
+    # would otherwise check one record by generation at its 100-edit checkpoint.
+    idx = spread(args.gen_sample, len(records))
     if idx:
         g = [generation_scores(model, tok, records[i], GenerationConfig(fluency_tokens=0)) for i in idx]
         out.update({k: mean_of(g, k) for k in GEN})
-        out["unedited"].update({k: mean_of([base_gen[i] for i in idx], k) for k in GEN})
+        out["unedited"].update({k: mean_of(base_gen(idx), k) for k in GEN})
         out["gen_n"] = len(idx)
     return out
 
@@ -296,8 +304,7 @@ class Run:
             if save is not None and args.save_every and self.done % args.save_every == 0:
                 save()
         unedited = ctx["unedited"]
-        m = measure(self.model, self.tok, records[:self.done], ctx["base_rows"], ctx["held"], ctx["gen_idx"],
-                    ctx["base_gen"], args)
+        m = measure(self.model, self.tok, records[:self.done], ctx["base_rows"], ctx["held"], ctx["base_gen"], args)
         point = {"method": label, "edits": self.done, **m,
                  "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
                  "fluency_unedited": unedited["fluency"],
@@ -433,11 +440,13 @@ def main() -> int:
     numbers = (list(range(lo, lo + HALF)) + list(range(HALF - lo, 2 * HALF - lo)))[args.offset:args.offset + args.max_edits]
     cache = UneditedCache(Path(args.unedited_cache), module_digest(model))
     base_rows = cache.rows("scores", numbers, lambda ns: evaluate_edits(model, tok, [all_records[n] for n in ns]))
-    k = min(args.gen_sample, len(records))
-    gen_idx = sorted({round(i * (len(records) - 1) / max(1, k - 1)) for i in range(k)}) if k else []
-    gen_rows = cache.rows("generation", [numbers[i] for i in gen_idx], lambda ns: [
-        generation_scores(model, tok, all_records[n], GenerationConfig(fluency_tokens=0)) for n in ns])
-    base_gen = dict(zip(gen_idx, gen_rows))
+    # The unedited model's generation checks, by record, from the cache or from a copy of the model
+    # kept unedited (the runs' copies are edited by the time a checkpoint asks for a new record).
+    unedited_model = ckpt.load_model() if args.gen_sample else None
+
+    def base_gen(indices: list[int]) -> list[dict]:
+        return cache.rows("generation", [numbers[i] for i in indices], lambda ns: [
+            generation_scores(unedited_model, tok, all_records[n], GenerationConfig(fluency_tokens=0)) for n in ns])
     unedited["seconds"] = round(time.time() - t0, 1)
     print(f"unedited: ppl {unedited['ppl']} on {len(held)} held-out tokens, fluency {unedited['fluency']}, "
           f"{aggregate(base_rows)} ({unedited['seconds']} s)", flush=True)
@@ -467,7 +476,7 @@ def main() -> int:
         for r in runs:
             if args.resume and state_of[r.variant.label].exists():
                 r.restore(state_of[r.variant.label], {**identity, "method": r.variant.label}, records)
-        ctx = {"unedited": unedited, "base_rows": base_rows, "held": held, "gen_idx": gen_idx, "base_gen": base_gen}
+        ctx = {"unedited": unedited, "base_rows": base_rows, "held": held, "base_gen": base_gen}
         marks = sorted({int(x) for x in args.at.split(",") if x.strip()})
         # A run resumed between checkpoints goes on to the next one on the grid (--every / --at).
         mark = min(r.done for r in runs)
