@@ -51,8 +51,9 @@ def cumulative(edits: list[dict], module: str) -> torch.Tensor:
 
 def coherence(edits: list[dict], module: str, total: torch.Tensor) -> float:
     """‖ΣΔ‖ / √Σ‖Δᵢ‖²: 1 for mutually orthogonal updates, up to √n when they all point one way."""
-    sq = sum(float((e["factors"][module][0].double() @ e["factors"][module][1].double()).norm()) ** 2
-             for e in edits if module in e["factors"])
+    # ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), from the factors without forming each [out, in] product
+    sq = sum(float(((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum())
+             for B, A in (e["factors"][module] for e in edits if module in e["factors"]))
     return float(total.norm()) / sq ** 0.5
 
 
@@ -94,23 +95,22 @@ def main() -> int:
     corpus = corpus_from_file(DATA / "wikitext-2-raw" / "wiki.test.raw")
     held = heldout_ids(tok, corpus.text or "", args.stats_tokens, args.ppl_tokens)
     records = sequence_order(load_records(DATA / "counterfact" / "dev-1000.json"), args.half)[:n]
-    modules = sorted({m for e in edits for m in e["factors"]})
-    layer_of = {m: int(layer) for e in edits for layer in e["keys"] for m in e["factors"]
-                if m == spec.module("mlp_out", int(layer))}
+    layer_of = {spec.module("mlp_out", layer): layer for layer in sorted({int(x) for e in edits for x in e["keys"]})}
+    modules = list(layer_of)
     weights = Weights(model, spec, modules)
     base = perplexity(model, held, seq_len=SEQ_LEN)
     print(f"{args.state}: {n} edits over {', '.join(modules)}; unedited perplexity {base:.2f}")
 
-    for k in sorted({int(x) for x in args.at.split(",") if x.strip()} | {len(edits)}):
+    full: dict[str, torch.Tensor] = {}
+    for k in sorted({int(x) for x in args.at.split(",") if x.strip() and int(x) < len(edits)} | {len(edits)}):
         part = edits[:k]
-        totals = {m: cumulative(part, m) for m in modules}
+        totals = full = {m: cumulative(part, m) for m in modules}  # the last k is all the edits
         weights.set(totals)
         ratio = perplexity(model, held, seq_len=SEQ_LEN) / base
         growth = "; ".join(f"L{layer_of[m]} sv {', '.join(f'{s:.1f}' for s in torch.linalg.svdvals(t)[:3].tolist())}"
                            f" coherence {coherence(part, m, t):.2f}" for m, t in totals.items())
         print(f"after {k} edits: perplexity x{ratio:.3f}; {growth}", flush=True)
 
-    full = {m: cumulative(edits, m) for m in modules}
     for m in modules:
         weights.set({m: full[m]})
         only = perplexity(model, held, seq_len=SEQ_LEN) / base

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -437,16 +438,17 @@ def main() -> int:
     t0 = time.time()
     unedited = {"ppl": round(perplexity(model, held, seq_len=SEQ_LEN), 3),
                 "fluency": round(fluency_on(model, tok, FLUENCY_PROMPTS), 4), "ppl_tokens": len(held)}
-    numbers = (list(range(lo, lo + HALF)) + list(range(HALF - lo, 2 * HALF - lo)))[args.offset:args.offset + args.max_edits]
+    numbers = sequence_order(list(range(2 * HALF)), args.half)[args.offset:args.offset + args.max_edits]
     cache = UneditedCache(Path(args.unedited_cache), module_digest(model))
     base_rows = cache.rows("scores", numbers, lambda ns: evaluate_edits(model, tok, [all_records[n] for n in ns]))
     # The unedited model's generation checks, by record, from the cache or from a copy of the model
     # kept unedited (the runs' copies are edited by the time a checkpoint asks for a new record).
-    unedited_model = ckpt.load_model() if args.gen_sample else None
+    # Loaded only when a row is missing from the cache.
+    unedited_copy = functools.cache(ckpt.load_model)
 
     def base_gen(indices: list[int]) -> list[dict]:
         return cache.rows("generation", [numbers[i] for i in indices], lambda ns: [
-            generation_scores(unedited_model, tok, all_records[n], GenerationConfig(fluency_tokens=0)) for n in ns])
+            generation_scores(unedited_copy(), tok, all_records[n], GenerationConfig(fluency_tokens=0)) for n in ns])
     unedited["seconds"] = round(time.time() - t0, 1)
     print(f"unedited: ppl {unedited['ppl']} on {len(held)} held-out tokens, fluency {unedited['fluency']}, "
           f"{aggregate(base_rows)} ({unedited['seconds']} s)", flush=True)

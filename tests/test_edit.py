@@ -512,18 +512,24 @@ def test_mpes_stops_at_the_first_step_where_the_target_is_most_probable(tiny_lla
         compute_value(model, tok, spec, req, 1, prefixes, replace(hp, early_stop="soon"))
 
 
-def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
-    """norm_ridge shrinks every layer's update; keep_edit_keys keeps the earlier edit's keys in the solve,
-    so the second edit changes the first edit's key's outputs less than without them."""
+def two_memit_edits(folder, corpus_file, stats, **memit_settings):
+    """A MEMIT session (layers 1-2) after two facts, one after the other: (session, first, second)."""
     from editing.memit import MemitHyperParams
 
     reqs = [EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome"), EditRequest("{} is the capital of", "Madrid", "Italy")]
+    s = session_for(folder, corpus_file, stats, method="memit",
+                    memit_hparams=MemitHyperParams(v_steps=5, **memit_settings))
+    first = s.apply_batch(reqs[:1], layers=[1, 2])
+    second = s.apply_batch(reqs[1:], layers=[1, 2])
+    return s, first, second
+
+
+def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
+    """norm_ridge shrinks every layer's update; keep_edit_keys keeps the earlier edit's keys in the solve,
+    so the second edit changes the first edit's key's outputs less than without them."""
 
     def run(**kw):
-        s = session_for(tiny_llama_dir, corpus_file, stats, method="memit",
-                        memit_hparams=MemitHyperParams(v_steps=5, **kw))
-        first = s.apply_batch(reqs[:1], layers=[1, 2])
-        second = s.apply_batch(reqs[1:], layers=[1, 2])
+        s, first, second = two_memit_edits(tiny_llama_dir, corpus_file, stats, **kw)
         # what the second edit does at the first edit's keys, per layer
         moved = sum(float((second.deltas[s.spec.module("mlp_out", layer) + ".weight"] @ first.keys[layer].T).norm())
                     for layer in (1, 2))
@@ -541,15 +547,10 @@ def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
 def test_memit_shared_key_guard_leaves_the_shared_direction_alone(tiny_llama_dir, corpus_file, stats):
     """shared_key_guard: the second edit's update is exactly blind to ŵ = C⁻¹k̄ (k̄ the first edit's
     key), and among updates blind to ŵ it is MEMIT's least-squares one; without the guard it is not blind."""
-    from editing.memit import MemitHyperParams, _without_direction, shared_key_direction
-
-    reqs = [EditRequest(EIFFEL.prompt, EIFFEL.subject, "Rome"), EditRequest("{} is the capital of", "Madrid", "Italy")]
+    from editing.memit import _without_direction, shared_key_direction
 
     def second_update(**kw):
-        s = session_for(tiny_llama_dir, corpus_file, stats, method="memit",
-                        memit_hparams=MemitHyperParams(v_steps=5, **kw))
-        first = s.apply_batch(reqs[:1], layers=[1, 2])
-        second = s.apply_batch(reqs[1:], layers=[1, 2])
+        s, first, second = two_memit_edits(tiny_llama_dir, corpus_file, stats, **kw)
         Cs = s.statistics([1, 2])
         w = {layer: shared_key_direction(Cs[layer], first.keys[layer].T) for layer in (1, 2)}
         return s, second, w
