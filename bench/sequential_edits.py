@@ -95,6 +95,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], str, Callable[[str], Any]]] = {
     "ridge": (("memit",), "norm_ridge", float),
     "kp": (("memit",), "keep_edit_keys", _flag),
     "guard": (("memit",), "shared_key_guard", _flag),
+    "gain": (("memit",), "gain_guard", int),
     "lam": (("memit",), "mom2_update_weight", float),
     "passes": (("memit",), "max_passes", int),
     "layers": (("memit",), "layers", _span),

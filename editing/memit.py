@@ -63,6 +63,11 @@ class MemitHyperParams:
     # demo model that one direction is what breaks the model after about 700 edits
     # (bench/sequential_anatomy.py). Solved as an exact linear constraint, not a penalty.
     shared_key_guard: bool = False
+    # Leave the N directions alone along which the session's cumulative update ΣΔ at the layer already
+    # answers most strongly (its top right singular vectors): ΔW v = 0 for each. The collapse of a long
+    # sequence is one such direction's gain growing linearly while the rest grow as √n; the session's
+    # own ΣΔ measures that direction directly, where the mean edit key only estimates it.
+    gain_guard: int = 0
     # Up to this many bottom-up passes: after each, the facts whose target is not yet the argmax after
     # their own prompt get another (1 = MEMIT as published).
     max_passes: int = 1
@@ -99,8 +104,9 @@ def _residuals(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], la
 
 
 def _layer_update(layer: int, K: torch.Tensor, R: torch.Tensor, *, hp: MemitHyperParams, Cs, alpha, projectors,
-                  prior_keys) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (B ``[out, n]``, A ``[n, in]``) of one layer's update for keys K ``[in, n]`` and residuals R."""
+                  prior_keys, guarded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B ``[out, n]``, A ``[n, in]``) of one layer's update for keys K ``[in, n]`` and residuals R;
+    ``guarded[layer]`` (``[in, g]``), if given, holds directions the update must be blind to."""
     if alpha is not None:
         return alphaedit_factors(R, K, projectors[layer], (prior_keys or {}).get(layer), l2=alpha.l2,
                                  exact=alpha.exact)
@@ -117,8 +123,9 @@ def _layer_update(layer: int, K: torch.Tensor, R: torch.Tensor, *, hp: MemitHype
         Kp64 = Kp.double().to(M.device)
         M = M + Kp64 @ Kp64.T
     adj = torch.linalg.solve(M, K64)  # [in, n]
-    if hp.shared_key_guard and has_prior:
-        adj = _without_direction(adj, M, shared_key_direction(C, Kp))
+    W = (guarded or {}).get(layer)
+    if W is not None and W.numel():
+        adj = _without_directions(adj, M, W.double().to(M.device))
     return R.float().contiguous(), adj.T.float().contiguous()
 
 
@@ -128,13 +135,45 @@ def shared_key_direction(C: torch.Tensor, Kp: torch.Tensor) -> torch.Tensor:
     return w / w.norm()
 
 
-def _without_direction(adj: torch.Tensor, M: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The solution M⁻¹K of MEMIT's normal equations under the constraint wᵀX = 0 (so ΔW w = 0).
+def top_gain_directions(B: torch.Tensor, A: torch.Tensor, n: int) -> torch.Tensor:
+    """The top ``n`` right singular vectors ``[in, n]`` (float64) of ΣΔ = B·A (B ``[out, m]``, A ``[m, in]``).
 
-    Minimising ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) over ΔW = R Xᵀ with wᵀX = 0 gives
-    X = M⁻¹K − M⁻¹w (wᵀM⁻¹K) / (wᵀM⁻¹w): the unconstrained answer minus its part along M⁻¹w."""
-    Mw = torch.linalg.solve(M, w)  # [in]
-    return adj - Mw[:, None] * ((w @ adj) / (w @ Mw))[None, :]
+    From the ``[out, out]`` Gram matrix ΣΔΣΔᵀ: v = ΣΔᵀu / σ, one small eigendecomposition instead of an
+    SVD of the ``[out, in]`` matrix."""
+    D = B.double() @ A.double()
+    _, U = torch.linalg.eigh(D @ D.T)
+    top = U[:, -n:].flip(1)  # eigh sorts ascending
+    V = D.T @ top
+    return V / V.norm(dim=0).clamp_min(1e-300)
+
+
+def guard_directions(hp: MemitHyperParams, C: torch.Tensor | None, prior_keys: torch.Tensor | None,
+                     cumulative: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """The directions ``[in, g]`` (orthonormal, float64) one layer's update must be blind to under ``hp``'s
+    guards, from the layer's statistics C, the earlier edits' keys ``[in, m]`` and the session's
+    cumulative update there as factors (B, A); None when no guard applies yet."""
+    cols = []
+    if hp.shared_key_guard and C is not None and prior_keys is not None and prior_keys.numel():
+        cols.append(shared_key_direction(C, prior_keys)[:, None])
+    if hp.gain_guard and cumulative is not None:
+        B, A = cumulative
+        cols.append(top_gain_directions(B, A, min(hp.gain_guard, B.shape[1])).to(cols[0].device if cols else A.device))
+    if not cols:
+        return None
+    # Orthonormal, dropping a direction the others already span (the two guards can nearly agree),
+    # so the constraint's small system stays well conditioned.
+    Q, Rr = torch.linalg.qr(torch.cat(cols, dim=1))
+    keep = Rr.diagonal().abs() > 1e-6
+    return Q[:, keep]
+
+
+def _without_directions(adj: torch.Tensor, M: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The solution M⁻¹K of MEMIT's normal equations under the constraint WᵀX = 0 (so ΔW W = 0).
+
+    Minimising ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) over ΔW = R Xᵀ with WᵀX = 0 gives (Lagrange multipliers)
+    X = M⁻¹K − M⁻¹W (WᵀM⁻¹W)⁻¹ WᵀM⁻¹K: the unconstrained answer minus its part in the span of M⁻¹W."""
+    MW = torch.linalg.solve(M, W)  # [in, g]
+    return adj - MW @ torch.linalg.solve(W.T @ MW, W.T @ adj)
 
 
 def _layer_pass(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], Z: torch.Tensor, layers: list[int],
@@ -179,13 +218,14 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
                   progress: Callable[[float, str], None] | None = None,
                   alpha: AlphaEditHyperParams | None = None, projectors: dict[int, torch.Tensor] | None = None,
                   prior_keys: dict[int, torch.Tensor | None] | None = None,
+                  guarded: dict[int, torch.Tensor] | None = None,
                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Compute MEMIT factors for ``requests``; ``apply_layer(module, B, A)`` applies each layer as it goes.
 
     With ``alpha``, the AlphaEdit update per layer from ``projectors[layer]`` and
     ``prior_keys[layer]`` (``[in, m]`` or None); ``Cs`` is then not used. Without it, given
-    ``prior_keys`` enter MEMIT's solve with ``hparams.keep_edit_keys`` and set the guarded
-    direction with ``hparams.shared_key_guard``.
+    ``prior_keys`` enter MEMIT's solve with ``hparams.keep_edit_keys``; ``guarded[layer]`` ``[in, g]``
+    (from :func:`guard_directions`) are directions each layer's update leaves alone.
     Returns ``({module: (B [out, n], A [n, in])}, info)``; ``info["keys"][layer]`` is K ``[in, n]``.
     """
     hp = hparams or MemitHyperParams()
@@ -203,7 +243,8 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
         logs.append(info)
     Z = torch.stack(zs)  # [n, hidden]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    solve = partial(_layer_update, hp=hp, Cs=Cs, alpha=alpha, projectors=projectors, prior_keys=prior_keys)
+    solve = partial(_layer_update, hp=hp, Cs=Cs, alpha=alpha, projectors=projectors, prior_keys=prior_keys,
+                    guarded=guarded)
     keys = _layer_pass(model, tokenizer, spec, requests, Z, layers, prefixes, solve, apply_layer, factors)
     passes = 1
     left = [round(float((Z - _residuals(model, tokenizer, spec, requests, top)).norm()), 4)]  # ‖z − h‖ per pass

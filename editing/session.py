@@ -397,7 +397,7 @@ class EditSession:
         AlphaEdit one) spreads them over ``layers``; ``alphaedit`` writes them all into one
         layer (``layers=[L]`` or the default layer).
         """
-        from .memit import MemitHyperParams, compute_memit
+        from .memit import MemitHyperParams, compute_memit, guard_directions
 
         progress = job.callback("the edit") if job is not None else progress
         stages = _Stages(progress)
@@ -433,7 +433,7 @@ class EditSession:
                                 keys={layer: K.T}, before=before)
             info["seconds"] = round(time.time() - t0, 3)
             return edit
-        alpha, projectors, prior, Cs = None, None, None, {}
+        alpha, projectors, prior, Cs, guarded = None, None, None, {}, None
         if method == "alphaedit-memit":
             alpha = self.alpha_hparams
             found = self.projectors(layers, progress=stages.first)
@@ -443,6 +443,10 @@ class EditSession:
             Cs = self.statistics(layers, progress=stages.first)
             if hp.keep_edit_keys or hp.shared_key_guard:
                 prior = {layer: self.prior_keys(layer) for layer in layers}
+            if hp.shared_key_guard or hp.gain_guard:
+                guarded = {layer: W for layer in layers if (W := guard_directions(
+                    hp, Cs[layer], (prior or {}).get(layer),
+                    self.stacked_factors(self.spec.module("mlp_out", layer)))) is not None}
         # compute_memit applies its layers as it goes (later layers see earlier ones). Those changes are
         # temporary: the touched weights are saved first and copied back afterwards (also on failure),
         # which restores their exact bits in O(1) per weight, where a refold would re-sum every earlier
@@ -452,7 +456,7 @@ class EditSession:
             factors, info = compute_memit(self.model, self.tokenizer, self.spec, requests, layers, Cs,
                                           prefixes=self.prefixes(), hparams=hp, rome=self.hparams,
                                           apply_layer=partial(self._apply_memit_layer, saved), progress=stages.rest,
-                                          alpha=alpha, projectors=projectors, prior_keys=prior)
+                                          alpha=alpha, projectors=projectors, prior_keys=prior, guarded=guarded)
         finally:
             with torch.no_grad():
                 for pname, w in saved.items():
@@ -555,16 +559,21 @@ class EditSession:
             w.add_file("README.md", str(build_card(self._card("finetune", scores, "transformers"))).encode("utf-8"))
         return Path(out_dir)
 
+    def stacked_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The active edits' update of ``module`` as one pair (B ``[out, r]``, A ``[r, in]``), ΣΔ = B·A
+        exactly (float32), or None if no active edit touches it."""
+        facs = [e.factors[module] for e in self._edits if module in e.factors]
+        if not facs:
+            return None
+        return (torch.cat([b for b, _ in facs], dim=1).float().contiguous(),
+                torch.cat([a for _, a in facs], dim=0).float().contiguous())
+
     def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """PEFT LoRA tensors (``base_model.model.<module>.lora_A/B.weight``) and rank per module."""
-        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for e in self._edits:
-            for module, fac in e.factors.items():
-                per_module.setdefault(module, []).append(fac)
+        modules = dict.fromkeys(module for e in self._edits for module in e.factors)  # first-edited order
         tensors, ranks = {}, {}
-        for module, facs in per_module.items():
-            B = torch.cat([b for b, _ in facs], dim=1).float().contiguous()
-            A = torch.cat([a for _, a in facs], dim=0).float().contiguous()
+        for module in modules:
+            B, A = self.stacked_factors(module)  # type: ignore[misc]
             tensors[tensor_key(module, "A")] = A
             tensors[tensor_key(module, "B")] = B
             ranks[module] = A.shape[0]

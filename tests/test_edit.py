@@ -547,7 +547,7 @@ def test_memit_norm_ridge_and_edit_keys(tiny_llama_dir, corpus_file, stats):
 def test_memit_shared_key_guard_leaves_the_shared_direction_alone(tiny_llama_dir, corpus_file, stats):
     """shared_key_guard: the second edit's update is exactly blind to ŵ = C⁻¹k̄ (k̄ the first edit's
     key), and among updates blind to ŵ it is MEMIT's least-squares one; without the guard it is not blind."""
-    from editing.memit import _without_direction, shared_key_direction
+    from editing.memit import _without_directions, shared_key_direction
 
     def second_update(**kw):
         s, first, second = two_memit_edits(tiny_llama_dir, corpus_file, stats, **kw)
@@ -563,21 +563,55 @@ def test_memit_shared_key_guard_leaves_the_shared_direction_alone(tiny_llama_dir
         along = lambda e: float((e.deltas[module + ".weight"].double() @ w[layer]).norm())  # noqa: E731
         assert along(plain) > 1e-3  # not vacuous: an unguarded update does respond along ŵ
         assert along(guarded) < 1e-6 * float(guarded.deltas[module + ".weight"].norm())
-    # The constrained solution, hand-checked: X = M⁻¹K − M⁻¹w (wᵀM⁻¹K)/(wᵀM⁻¹w) satisfies wᵀX = 0 and
-    # beats every other X' = X + t·u with wᵀu = 0 on the normal equations' quadratic form.
+    # The constrained solution, hand-checked for one and for two directions: X = M⁻¹K − M⁻¹W (WᵀM⁻¹W)⁻¹ WᵀM⁻¹K
+    # satisfies WᵀX = 0 and beats every other X' = X + t·u with Wᵀu = 0 on the normal equations' quadratic form.
     g = torch.Generator().manual_seed(0)
     B = torch.randn(6, 6, generator=g, dtype=torch.float64)
     M = B @ B.T + torch.eye(6, dtype=torch.float64)
     K = torch.randn(6, 2, generator=g, dtype=torch.float64)
-    wv = torch.randn(6, generator=g, dtype=torch.float64)
-    wv = wv / wv.norm()
-    X = _without_direction(torch.linalg.solve(M, K), M, wv)
-    assert float((wv @ X).abs().max()) < 1e-12
     objective = lambda Y: float(torch.trace(Y.T @ M @ Y) - 2 * torch.trace(Y.T @ K))  # noqa: E731
-    for _ in range(5):
-        u = torch.randn(6, 2, generator=g, dtype=torch.float64)
-        u = u - wv[:, None] * (wv @ u)[None, :]
-        assert objective(X + 0.1 * u) > objective(X)
+    for n_dirs in (1, 2):
+        W, _ = torch.linalg.qr(torch.randn(6, n_dirs, generator=g, dtype=torch.float64))
+        X = _without_directions(torch.linalg.solve(M, K), M, W)
+        assert float((W.T @ X).abs().max()) < 1e-12
+        assert float((W.T @ torch.linalg.solve(M, K)).abs().max()) > 1e-3  # the unconstrained one is not blind
+        for _ in range(5):
+            u = torch.randn(6, 2, generator=g, dtype=torch.float64)
+            u = u - W @ (W.T @ u)
+            assert objective(X + 0.1 * u) > objective(X)
+
+
+def test_memit_gain_guard_leaves_the_cumulative_updates_top_direction_alone(tiny_llama_dir, corpus_file, stats):
+    """gain_guard=1: the second edit's update is exactly blind to the top right singular vector of the
+    session's update so far (after one edit: the first update's own input direction A₁); without it, not.
+    With both guards, the directions are orthonormal and span ŵ and that vector."""
+    from editing.memit import MemitHyperParams, guard_directions, shared_key_direction, top_gain_directions
+
+    s, plain_first, plain = two_memit_edits(tiny_llama_dir, corpus_file, stats)
+    _, first, guarded = two_memit_edits(tiny_llama_dir, corpus_file, stats, gain_guard=1)
+    Cs = s.statistics([1, 2])
+    for layer in (1, 2):
+        module = s.spec.module("mlp_out", layer)
+        B1, A1 = first.factors[module]
+        assert torch.equal(A1, plain_first.factors[module][1])  # the guard has nothing to act on at edit 1
+        v = top_gain_directions(B1, A1, 1)[:, 0]
+        assert torch.allclose(v.abs(), (A1[0] / A1[0].norm()).double().abs(), atol=1e-6)  # rank one: v = ±A₁/‖A₁‖
+        along = lambda e: float((e.deltas[module + ".weight"].double() @ v).norm())  # noqa: E731
+        assert along(plain) > 1e-3
+        assert along(guarded) < 1e-6 * float(guarded.deltas[module + ".weight"].norm())
+        # After one edit both guards name the same direction (M⁻¹k ∝ C⁻¹k): one column is kept.
+        one = guard_directions(MemitHyperParams(shared_key_guard=True, gain_guard=1), Cs[layer],
+                               first.keys[layer].T, (B1, A1))
+        assert one.shape[1] == 1
+        # After two they differ: two orthonormal columns spanning both.
+        both = guard_directions(MemitHyperParams(shared_key_guard=True, gain_guard=1), Cs[layer],
+                                s.prior_keys(layer), s.stacked_factors(module))
+        assert both.shape[1] == 2
+        assert torch.allclose(both.T @ both, torch.eye(2, dtype=both.dtype), atol=1e-10)
+        top_now = top_gain_directions(*s.stacked_factors(module), 1)[:, 0]
+        for w in (top_now, shared_key_direction(Cs[layer], s.prior_keys(layer))):
+            assert float((w - both @ (both.T @ w)).norm()) < 1e-8  # in the span
+    assert guard_directions(MemitHyperParams(), Cs[1], first.keys[1].T, None) is None
 
 
 def test_memit_further_passes_only_for_facts_not_yet_reached(tiny_llama_dir, corpus_file, stats, monkeypatch):
