@@ -444,9 +444,12 @@ class EditSession:
             if hp.keep_edit_keys or hp.shared_key_guard:
                 prior = {layer: self.prior_keys(layer) for layer in layers}
             if hp.shared_key_guard or hp.gain_guard:
-                guarded = {layer: W for layer in layers if (W := guard_directions(
-                    hp, Cs[layer], (prior or {}).get(layer),
-                    self.stacked_factors(self.spec.module("mlp_out", layer)))) is not None}
+                guarded = {}
+                for layer in layers:
+                    W = guard_directions(hp, Cs[layer], (prior or {}).get(layer),
+                                         self.stacked_factors(self.spec.module("mlp_out", layer)))
+                    if W is not None:
+                        guarded[layer] = W
         # compute_memit applies its layers as it goes (later layers see earlier ones). Those changes are
         # temporary: the touched weights are saved first and copied back afterwards (also on failure),
         # which restores their exact bits in O(1) per weight, where a refold would re-sum every earlier
