@@ -6,8 +6,10 @@ without recomputing a single edit. For the first N edits this prints:
 
 * the held-out WikiText perplexity (× unedited) after the first n edits, for each n in ``--at``;
 * how the cumulative update grows: its top singular values, and ‖ΣΔ‖ / √Σ‖Δ‖² (1 when the
-  edits' updates are mutually orthogonal, as independent facts' should be);
-* each layer's share: the perplexity with only that layer's updates, and with all but it;
+  edits' updates are mutually orthogonal, as independent facts' should be), also in the metric
+  ordinary text sees, tr(ΣΔ C ΣΔᵀ) / Σ tr(Δᵢ C Δᵢᵀ) (C the layer's key statistics);
+* each layer's share: the perplexity with only that layer's updates, and with all but it; and the
+  perplexity with every update scaled by ½ and ¾ (how far from linear the damage is);
 * AlphaEdit's null space at each layer: how many directions, and the share of ordinary text's
   key energy tr(PC)/tr(C) they carry (the method assumes almost none);
 * the shared direction: the top right singular vector v of each layer's ΣΔ, its cosine with
@@ -49,12 +51,14 @@ def cumulative(edits: list[dict], module: str) -> torch.Tensor:
     return Bs @ As
 
 
-def coherence(edits: list[dict], module: str, total: torch.Tensor) -> float:
-    """‖ΣΔ‖ / √Σ‖Δᵢ‖²: 1 for mutually orthogonal updates, up to √n when they all point one way."""
-    # ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), from the factors without forming each [out, in] product
-    sq = sum(float(((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum())
+def coherence(edits: list[dict], module: str, total: torch.Tensor, C: torch.Tensor | None = None) -> float:
+    """‖ΣΔ‖ / √Σ‖Δᵢ‖²: 1 for mutually orthogonal updates, up to √n when they all point one way. With C,
+    in the norm ‖Δ‖²_C = tr(Δ C Δᵀ), the mean squared change of the outputs of keys distributed as C."""
+    G = C.double() if C is not None else torch.eye(total.shape[1], dtype=torch.float64)
+    # ‖BA‖²_C = Σ (BᵀB) ⊙ (A C Aᵀ), from the factors without forming each [out, in] product
+    sq = sum(float(((B.double().T @ B.double()) * (A.double() @ G @ A.double().T)).sum())
              for B, A in (e["factors"][module] for e in edits if module in e["factors"]))
-    return float(total.norm()) / sq ** 0.5
+    return (float(((total @ G) * total).sum()) / sq) ** 0.5
 
 
 class Weights:
@@ -100,6 +104,8 @@ def main() -> int:
     weights = Weights(model, spec, modules)
     base = perplexity(model, held, seq_len=SEQ_LEN)
     print(f"{args.state}: {n} edits over {', '.join(modules)}; unedited perplexity {base:.2f}")
+    # The statistics describe the unedited model, as the edits' own solves used them.
+    Cs = StatsCache().get(model, tok, spec, sorted(layer_of.values()), corpus, args.stats_tokens)
 
     full: dict[str, torch.Tensor] = {}
     for k in sorted({int(x) for x in args.at.split(",") if x.strip() and int(x) < len(edits)} | {len(edits)}):
@@ -108,7 +114,8 @@ def main() -> int:
         weights.set(totals)
         ratio = perplexity(model, held, seq_len=SEQ_LEN) / base
         growth = "; ".join(f"L{layer_of[m]} sv {', '.join(f'{s:.1f}' for s in torch.linalg.svdvals(t)[:3].tolist())}"
-                           f" coherence {coherence(part, m, t):.2f}" for m, t in totals.items())
+                           f" coherence {coherence(part, m, t):.2f} (text {coherence(part, m, t, Cs[layer_of[m]]):.2f})"
+                           for m, t in totals.items())
         print(f"after {k} edits: perplexity x{ratio:.3f}; {growth}", flush=True)
 
     for m in modules:
@@ -117,10 +124,10 @@ def main() -> int:
         weights.set({x: full[x] for x in modules if x != m})
         without = perplexity(model, held, seq_len=SEQ_LEN) / base
         print(f"L{layer_of[m]}: only its updates x{only:.3f}, all but its updates x{without:.3f}", flush=True)
+    for scale in (0.5, 0.75):
+        weights.set({m: scale * t for m, t in full.items()})
+        print(f"every update x{scale}: perplexity x{perplexity(model, held, seq_len=SEQ_LEN) / base:.3f}", flush=True)
 
-    # The statistics describe the unedited model, as the edits' own solves used them.
-    weights.set({})
-    Cs = StatsCache().get(model, tok, spec, sorted(layer_of.values()), corpus, args.stats_tokens)
     # AlphaEdit's premise, checked on these statistics: its null space should carry almost none of
     # ordinary text's key energy, tr(PC)/tr(C) ≈ 0.
     for layer in sorted(layer_of.values()):
