@@ -8,14 +8,15 @@ without recomputing a single edit. For the first N edits this prints:
 * how the cumulative update grows: its top singular values, and ‖ΣΔ‖ / √Σ‖Δ‖² (1 when the
   edits' updates are mutually orthogonal, as independent facts' should be), also in the metric
   ordinary text sees, tr(ΣΔ C ΣΔᵀ) / Σ tr(Δᵢ C Δᵢᵀ) (C the layer's key statistics);
-* each layer's share: the perplexity with only that layer's updates, and with all but it; and the
-  perplexity with every update scaled by ½ and ¾ (how far from linear the damage is);
+* each layer's share: the perplexity with only that layer's updates, and with all but it;
 * AlphaEdit's null space at each layer: how many directions, and the share of ordinary text's
   key energy tr(PC)/tr(C) they carry (the method assumes almost none);
 * the shared direction: the top right singular vector v of each layer's ΣΔ, its cosine with
   C⁻¹k̄ (k̄ the mean of the edits' keys at that layer, C the layer's key statistics), and the
   scores (perplexity, retention, paraphrase, neighbourhood on every ``--sample``-th edited
-  record) of the model as edited and with the component of ΣΔ along C⁻¹k̄ removed.
+  record) of the model as edited and with the component of ΣΔ along C⁻¹k̄ removed;
+* the same scores with every update scaled down (``--scales``): how much of each update the facts
+  need, and how far from linear the damage is.
 
     .venv/bin/python bench/sequential_anatomy.py /work/notes/s6/report-memit-1000.memit.state.pt \\
         --half report --edits 900 --at 100,300,500,700,900 --threads 1
@@ -87,8 +88,12 @@ def main() -> int:
     ap.add_argument("--stats-tokens", type=int, default=100_000)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--scales", default="0.75,0.6,0.5",
+                    help="also score the model with every update scaled by these factors (how much of each update "
+                         "the facts need, and how the perplexity falls with it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    scales = [float(x) for x in args.scales.split(",") if x.strip()]
 
     state = torch.load(args.state, weights_only=True)
     edits = state["edits"][:args.edits or None]
@@ -124,9 +129,6 @@ def main() -> int:
         weights.set({x: full[x] for x in modules if x != m})
         without = perplexity(model, held, seq_len=SEQ_LEN) / base
         print(f"L{layer_of[m]}: only its updates x{only:.3f}, all but its updates x{without:.3f}", flush=True)
-    for scale in (0.5, 0.75):
-        weights.set({m: scale * t for m, t in full.items()})
-        print(f"every update x{scale}: perplexity x{perplexity(model, held, seq_len=SEQ_LEN) / base:.3f}", flush=True)
 
     # AlphaEdit's premise, checked on these statistics: its null space should carry almost none of
     # ordinary text's key energy, tr(PC)/tr(C) ≈ 0.
@@ -149,7 +151,8 @@ def main() -> int:
         print(f"L{layer}: top right singular vector · C⁻¹k̄/‖C⁻¹k̄‖ = {abs(float(v @ w)):.3f}; "
               f"‖ΣΔ along C⁻¹k̄‖ / ‖ΣΔ‖ = {float((total @ w).norm() / total.norm()):.3f}", flush=True)
     sample = records[::args.sample]
-    for label, deltas in (("as edited", full), ("without the component along C⁻¹k̄", removed)):
+    scaled = [(f"every update x{x:g}", {m: x * t for m, t in full.items()}) for x in scales]
+    for label, deltas in [("as edited", full), ("without the component along C⁻¹k̄", removed), *scaled]:
         t0 = time.time()
         weights.set(deltas)
         ratio = perplexity(model, held, seq_len=SEQ_LEN) / base
