@@ -585,7 +585,12 @@ def test_memit_gain_guard_leaves_the_cumulative_updates_top_direction_alone(tiny
     """gain_guard=1: the second edit's update is exactly blind to the top right singular vector of the
     session's update so far (after one edit: the first update's own input direction A₁); without it, not.
     With both guards, the directions are orthonormal and span ŵ and that vector."""
-    from editing.memit import MemitHyperParams, guard_directions, shared_key_direction, top_gain_directions
+    from editing.memit import (
+        MemitHyperParams,
+        guard_directions,
+        shared_key_direction,
+        top_gain_directions,
+    )
 
     s, plain_first, plain = two_memit_edits(tiny_llama_dir, corpus_file, stats)
     _, first, guarded = two_memit_edits(tiny_llama_dir, corpus_file, stats, gain_guard=1)
@@ -596,9 +601,9 @@ def test_memit_gain_guard_leaves_the_cumulative_updates_top_direction_alone(tiny
         assert torch.equal(A1, plain_first.factors[module][1])  # the guard has nothing to act on at edit 1
         v = top_gain_directions(B1, A1, 1)[:, 0]
         assert torch.allclose(v.abs(), (A1[0] / A1[0].norm()).double().abs(), atol=1e-6)  # rank one: v = ±A₁/‖A₁‖
-        along = lambda e: float((e.deltas[module + ".weight"].double() @ v).norm())  # noqa: E731
-        assert along(plain) > 1e-3
-        assert along(guarded) < 1e-6 * float(guarded.deltas[module + ".weight"].norm())
+        plain_along, guarded_along = (float((e.deltas[module + ".weight"].double() @ v).norm()) for e in (plain, guarded))
+        assert plain_along > 1e-3
+        assert guarded_along < 1e-6 * float(guarded.deltas[module + ".weight"].norm())
         # After one edit both guards name the same direction (M⁻¹k ∝ C⁻¹k): one column is kept.
         one = guard_directions(MemitHyperParams(shared_key_guard=True, gain_guard=1), Cs[layer],
                                first.keys[layer].T, (B1, A1))
