@@ -22,7 +22,7 @@ comparison table with ratios against the unedited model.
 
 Method variants for tuning: ``alphaedit+t=0.01+l2=1+exact=1+vf=prompt`` sets
 AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from;
-``memit+es=argmax+esl=0.5+ridge=0.1+kp=1+guard=1+lam=3000+passes=2+layers=1-8+clamp=0.5`` sets v*'s early stop (MPES), its loss threshold,
+``memit+opt=lbfgs+vpen=25+steps=40+es=argmax+esl=0.5+ridge=0.1+kp=1+guard=1+lam=3000+passes=2+layers=1-8+clamp=0.5`` sets v*'s optimiser, its norm penalty and evaluations, its early stop (MPES), its loss threshold,
 MEMIT's norm ridge, the earlier edits' keys in the solve, the shared-direction guard, λ, the passes, the edited layers and the clamp.
 
     .venv/bin/python bench/sequential_edits.py --methods r-rome,alphaedit,rome --max-edits 100 --every 25 \\
@@ -92,6 +92,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], str, Callable[[str], Any]]] = {
     "vf": (("rome",), "value_from", str),
     "es": (("rome", "memit"), "early_stop", str),
     "esl": (("rome",), "early_stop_loss", float),
+    "opt": (("rome", "memit"), "v_optimizer", str),
+    "vpen": (("rome", "memit"), "v_norm_penalty", float),
+    "steps": (("rome", "memit"), "v_steps", int),
     "ridge": (("memit",), "norm_ridge", float),
     "kp": (("memit",), "keep_edit_keys", _flag),
     "guard": (("memit",), "shared_key_guard", _flag),

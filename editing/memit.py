@@ -51,6 +51,8 @@ class MemitHyperParams:
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
     early_stop: str = "loss"  # or "argmax" (MPES): see RomeHyperParams.early_stop
+    v_optimizer: str = "adam"  # or "lbfgs": see RomeHyperParams.v_optimizer
+    v_norm_penalty: float = 25.0
     # ENCORE's norm constraint (Gupta et al. 2025): + ridge·I in the solve, ridge relative to the mean
     # diagonal of λC, so each update also pays for its Frobenius norm and the edited weights grow less.
     norm_ridge: float = 0.0
@@ -231,7 +233,7 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
     hp = hparams or MemitHyperParams()
     vp = replace(rome or RomeHyperParams(), v_steps=hp.v_steps, v_lr=hp.v_lr, kl_factor=hp.kl_factor,
                  v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-                 early_stop=hp.early_stop)
+                 early_stop=hp.early_stop, v_optimizer=hp.v_optimizer, v_norm_penalty=hp.v_norm_penalty)
     t0 = time.time()
     top = layers[-1]
     zs, logs = [], []

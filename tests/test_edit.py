@@ -512,6 +512,45 @@ def test_mpes_stops_at_the_first_step_where_the_target_is_most_probable(tiny_lla
         compute_value(model, tok, spec, req, 1, prefixes, replace(hp, early_stop="soon"))
 
 
+def test_lbfgs_v_star_stops_at_the_first_point_that_meets_the_rule_with_a_smaller_delta(demo_dir):
+    """v_optimizer="lbfgs" keeps the first evaluated δ whose target NLL is below early_stop_loss (every
+    earlier evaluation was above it, and an independent forward pass with that δ gives the recorded NLL),
+    and on the real model reaches the target with far less change than Adam's per-coordinate steps
+    (which run into the clamp). MEMIT's target: the residual after block 5, one prompt, KL term on."""
+    from editing.hooks import patch_output
+    from editing.memit import MemitHyperParams
+    from editing.request import tokenise
+    from editing.rome import compute_value
+
+    model, tok = load(demo_dir)
+    spec = spec_for("llama")
+    module = spec.block(5)
+    m = MemitHyperParams()
+    hp = replace(RomeHyperParams(), v_steps=40, v_lr=m.v_lr, kl_factor=m.kl_factor, v_weight_decay=m.v_weight_decay,
+                 clamp_norm_factor=m.clamp_norm_factor, early_stop_loss=0.05)
+    req = EIFFEL
+    tgt = target_ids(tok, req.target)
+
+    def target_nll(delta) -> float:
+        t = tokenise(tok, req.text, req.subject, subject_at=req.text.find(req.subject), target=tgt)
+        at = torch.zeros(1, len(t.ids), 1)
+        at[0, t.subject_last, 0] = 1.0
+        with torch.no_grad(), patch_output(model, module, lambda y: y + at * delta):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([t.ids])).logits[0].float(), -1)
+        return -float(sum(logp[t.prompt_len - 1 + i, tok_id] for i, tok_id in enumerate(tgt))) / len(tgt)
+
+    d_adam, v, info_adam = compute_value(model, tok, spec, req, 5, [], hp, module=module)
+    d_lbfgs, _, info = compute_value(model, tok, spec, req, 5, [], replace(hp, v_optimizer="lbfgs"), module=module)
+    nll = info["nll"]
+    assert nll[0] > 1.0 and len(nll) > 2  # not reached before optimising
+    assert nll[-1] < 0.05 and all(x >= 0.05 for x in nll[:-1])
+    assert target_nll(d_lbfgs) == pytest.approx(nll[-1], abs=2e-3)
+    assert info_adam["nll"][-1] < 0.05  # both reached the target ...
+    assert float(d_lbfgs.norm()) < 0.5 * float(d_adam.norm())  # ... L-BFGS with far less change
+    with pytest.raises(WeightsmithError, match="v_optimizer"):
+        compute_value(model, tok, spec, req, 5, [], replace(hp, v_optimizer="sgd"), module=module)
+
+
 def two_memit_edits(folder, corpus_file, stats, **memit_settings):
     """A MEMIT session (layers 1-2) after two facts, one after the other: (session, first, second)."""
     from editing.memit import MemitHyperParams
