@@ -22,7 +22,7 @@ comparison table with ratios against the unedited model.
 
 Method variants for tuning: ``alphaedit+t=0.01+l2=1+exact=1+vf=prompt`` sets
 AlphaEdit's null-space threshold, L2, exact rescaling and RomeHyperParams.value_from;
-``memit+opt=lbfgs+vpen=25+steps=40+es=argmax+esl=0.5+ridge=0.1+kp=1+guard=1+lam=3000+passes=2+layers=1-8+clamp=0.5`` sets v*'s optimiser, its norm penalty and evaluations, its early stop (MPES), its loss threshold,
+``memit+opt=lbfgs+vpen=25+steps=40+vp=10+es=argmax+esl=0.5+ridge=0.1+kp=1+guard=1+lam=3000+passes=2+layers=1-8+clamp=0.5`` sets v*'s optimiser, its norm penalty, evaluations and prompts, its early stop (MPES), its loss threshold,
 MEMIT's norm ridge, the earlier edits' keys in the solve, the shared-direction guard, λ, the passes, the edited layers and the clamp.
 
     .venv/bin/python bench/sequential_edits.py --methods r-rome,alphaedit,rome --max-edits 100 --every 25 \\
@@ -54,7 +54,7 @@ HALF = 500  # dev-1000.json: records 0-499 tune, 500-999 report
 from checkpoints.fingerprint import module_digest  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
 from editing.alphaedit import AlphaEditHyperParams  # noqa: E402
-from editing.evaluate import aggregate, evaluate_edits, load_records, perplexity  # noqa: E402
+from editing.evaluate import evaluate_edits, load_records, perplexity  # noqa: E402
 from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
 from editing.memit import MemitHyperParams  # noqa: E402
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
@@ -95,6 +95,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], str, Callable[[str], Any]]] = {
     "opt": (("rome", "memit"), "v_optimizer", str),
     "vpen": (("rome", "memit"), "v_norm_penalty", float),
     "steps": (("rome", "memit"), "v_steps", int),
+    "vp": (("rome",), "v_prompts", lambda x: None if x == "all" else int(x)),
     "ridge": (("memit",), "norm_ridge", float),
     "kp": (("memit",), "keep_edit_keys", _flag),
     "guard": (("memit",), "shared_key_guard", _flag),
@@ -181,12 +182,14 @@ def spread(k: int, n: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k and n else []
 
 
-def measure(model, tok, records, base_rows, held, base_gen, args) -> dict:
+def measure(model, tok, records, base_scores, held, base_gen, args) -> dict:
     """Scores of the model as it is now on ``records`` (all edited so far), with the unedited ones.
-    ``base_gen(indices)`` gives the unedited model's generation checks of those records."""
+    ``base_scores(n)`` gives the unedited model's scores of the first n records of the sequence and
+    ``base_gen(indices)`` its generation checks of those records."""
     rows = evaluate_edits(model, tok, records)
     out = {k: mean_of(rows, k) for k in SCORES}
-    out["unedited"] = {k: mean_of(base_rows[:len(records)], k) for k in SCORES}
+    base_rows = base_scores(len(records))
+    out["unedited"] = {k: mean_of(base_rows, k) for k in SCORES}
     if len(records) > HALF:
         # Past 500 edits the sequence goes on into the other half's records; the first
         # half's edits, scored after all of them, are the clean held-out retention figure.
@@ -309,7 +312,7 @@ class Run:
             if save is not None and args.save_every and self.done % args.save_every == 0:
                 save()
         unedited = ctx["unedited"]
-        m = measure(self.model, self.tok, records[:self.done], ctx["base_rows"], ctx["held"], ctx["base_gen"], args)
+        m = measure(self.model, self.tok, records[:self.done], ctx["base_scores"], ctx["held"], ctx["base_gen"], args)
         point = {"method": label, "edits": self.done, **m,
                  "ppl_unedited": unedited["ppl"], "ppl_ratio": round(m["ppl"] / unedited["ppl"], 4),
                  "fluency_unedited": unedited["fluency"],
@@ -444,18 +447,23 @@ def main() -> int:
                 "fluency": round(fluency_on(model, tok, FLUENCY_PROMPTS), 4), "ppl_tokens": len(held)}
     numbers = sequence_order(list(range(2 * HALF)), args.half)[args.offset:args.offset + args.max_edits]
     cache = UneditedCache(Path(args.unedited_cache), module_digest(model))
-    base_rows = cache.rows("scores", numbers, lambda ns: evaluate_edits(model, tok, [all_records[n] for n in ns]))
-    # The unedited model's generation checks, by record, from the cache or from a copy of the model
-    # kept unedited (the runs' copies are edited by the time a checkpoint asks for a new record).
-    # Loaded only when a row is missing from the cache.
+    # The unedited model's scores and generation checks, by record, from the cache or from a copy of
+    # the model kept unedited (the runs' copies are edited by the time a checkpoint asks for a new
+    # record), loaded only when a row is missing. Computed at each checkpoint for the records edited so
+    # far, not up front for the whole planned sequence: a method that collapses early (ROME) would
+    # otherwise wait for 1,000 records' baseline, as long as a checkpoint of all of them.
     unedited_copy = functools.cache(ckpt.load_model)
+
+    def base_scores(count: int) -> list[dict]:
+        return cache.rows("scores", numbers[:count],
+                          lambda ns: evaluate_edits(unedited_copy(), tok, [all_records[n] for n in ns]))
 
     def base_gen(indices: list[int]) -> list[dict]:
         return cache.rows("generation", [numbers[i] for i in indices], lambda ns: [
             generation_scores(unedited_copy(), tok, all_records[n], GenerationConfig(fluency_tokens=0)) for n in ns])
     unedited["seconds"] = round(time.time() - t0, 1)
-    print(f"unedited: ppl {unedited['ppl']} on {len(held)} held-out tokens, fluency {unedited['fluency']}, "
-          f"{aggregate(base_rows)} ({unedited['seconds']} s)", flush=True)
+    print(f"unedited: ppl {unedited['ppl']} on {len(held)} held-out tokens, fluency {unedited['fluency']} "
+          f"({unedited['seconds']} s)", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -482,7 +490,7 @@ def main() -> int:
         for r in runs:
             if args.resume and state_of[r.variant.label].exists():
                 r.restore(state_of[r.variant.label], {**identity, "method": r.variant.label}, records)
-        ctx = {"unedited": unedited, "base_rows": base_rows, "held": held, "base_gen": base_gen}
+        ctx = {"unedited": unedited, "base_scores": base_scores, "held": held, "base_gen": base_gen}
         marks = sorted({int(x) for x in args.at.split(",") if x.strip()})
         # A run resumed between checkpoints goes on to the next one on the grid (--every / --at).
         mark = min(r.done for r in runs)
