@@ -109,8 +109,10 @@ class RomeHyperParams:
     # How δ is optimised. "adam" (the authors'): per-coordinate steps of v_lr, so δ grows dense and on
     # SmolLM2 always ends at the clamp (‖δ‖ = clamp_norm_factor·‖v‖, 75-98 for MEMIT's layer 5).
     # "lbfgs": L-BFGS from δ = 0 on the same loss plus v_norm_penalty·‖δ‖²/‖v‖², which finds a δ that
-    # reaches the same target NLL with a quarter of the norm (docs/editing-at-scale.md); v_steps then
-    # counts the loss evaluations, line-search ones included.
+    # reaches the same target NLL with a quarter (penalty 25) to a half (penalty 5) of the norm; v_steps
+    # then counts the loss evaluations, line-search ones included. Not the default: in a MEMIT sequence
+    # the smaller updates drifted as far from the unedited model (docs/editing-at-scale.md), so what
+    # Adam adds on top is inert, and L-BFGS costs more evaluations.
     v_optimizer: str = "adam"
     v_norm_penalty: float = 25.0
     prefix_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
