@@ -7,7 +7,7 @@ pass, the KL term, the loss evaluations and the seconds, with ratios against Ada
 target means a smaller weight update: the size of each update is what sets the damage of a long sequence
 (docs/editing-at-scale.md).
 
-    .venv/bin/python bench/v_star_norm.py --half tune --n 16 --settings adam,lbfgs+vpen=25,lbfgs+vpen=5 --threads 2
+    .venv/bin/python bench/v_star_norm.py --half tune --n 16 --settings memit,memit+opt=lbfgs+vpen=5 --threads 2
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,25 +32,12 @@ from checkpoints.arch import spec_for  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
 from editing.evaluate import load_records  # noqa: E402
 from editing.hooks import patch_output  # noqa: E402
-from editing.memit import MemitHyperParams  # noqa: E402
+from bench.sequential_edits import parse_variant  # noqa: E402
+from editing.memit import MemitHyperParams, value_hparams  # noqa: E402
 from editing.request import tokenise, target_ids  # noqa: E402
 from editing.rome import RomeHyperParams, compute_value, generate_prefixes, prefixed  # noqa: E402
 
 log = logging.getLogger("v_star_norm")
-
-
-def setting(text: str, base: RomeHyperParams) -> RomeHyperParams:
-    """``adam`` or ``lbfgs[+vpen=X][+steps=N][+esl=Y]`` on top of MEMIT's v* settings."""
-    name, *opts = text.split("+")
-    hp = replace(base, v_optimizer=name)
-    fields = {"vpen": ("v_norm_penalty", float), "steps": ("v_steps", int), "esl": ("early_stop_loss", float)}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key not in fields:
-            raise SystemExit(f"unknown option {key!r} in {text!r} ({', '.join(fields)})")
-        field_name, parse = fields[key]
-        hp = replace(hp, **{field_name: parse(value)})
-    return hp
 
 
 @torch.no_grad()
@@ -74,7 +60,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--half", choices=["tune", "report"], default="tune")
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--settings", default="adam,lbfgs+vpen=25,lbfgs+vpen=5")
+    ap.add_argument("--settings", default="memit,memit+opt=lbfgs+vpen=25,memit+opt=lbfgs+vpen=5",
+                    help="MEMIT variants as in bench/sequential_edits.py (options opt, vpen, steps, esl, es, vp, clamp)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -91,22 +78,26 @@ def main() -> int:
     model, tok = ckpt.load_model(), ckpt.load_tokenizer()
     spec = spec_for(model.config.model_type, strict=True)
     rome = RomeHyperParams()
-    memit = MemitHyperParams()
-    top = memit.layers_for(model.config.model_type, spec.num_layers(model.config))[-1]
+    top = MemitHyperParams().layers_for(model.config.model_type, spec.num_layers(model.config))[-1]
     module = spec.block(top)
-    base = replace(rome, v_steps=memit.v_steps, v_lr=memit.v_lr, kl_factor=memit.kl_factor,
-                   v_weight_decay=memit.v_weight_decay, clamp_norm_factor=memit.clamp_norm_factor)
     prefixes = generate_prefixes(model, tok, rome.prefix_lengths, seed=rome.seed)
-    # The prompts v*'s loss uses (an even spread of v_prompts of the prefixes), as compute_value picks them.
-    n = base.v_prompts or len(prefixes)
-    loss_prefixes = [prefixes[(i * len(prefixes)) // n] for i in range(n)]
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    settings = {}
+    for name in names:
+        variant = parse_variant(name)
+        if variant.memit is None or variant.method != "memit":
+            raise SystemExit(f"{name!r}: settings here are MEMIT variants (memit+opt=lbfgs+...)")
+        settings[name] = value_hparams(variant.memit, variant.rome)
     rows: dict[str, list[dict]] = {name: [] for name in names}
     for i, rec in enumerate(records):
         req = rec.request()
         for name in names:
+            hp = settings[name]
+            # The prompts v*'s loss uses (an even spread of v_prompts of the prefixes), as compute_value picks them.
+            n = hp.v_prompts or len(prefixes)
+            loss_prefixes = [prefixes[(j * len(prefixes)) // n] for j in range(n)]
             t0 = time.time()
-            delta, v, info = compute_value(model, tok, spec, req, top, prefixes, setting(name, base), module=module)
+            delta, v, info = compute_value(model, tok, spec, req, top, prefixes, hp, module=module)
             row = {"record": lo + i, "norm": float(delta.norm()), "rel": float(delta.norm() / v.norm()),
                    "nll": target_nll(model, tok, module, req, loss_prefixes, delta), "evals": info["steps"],
                    "seconds": time.time() - t0}

@@ -213,6 +213,14 @@ def target_is_argmax(model, tokenizer, request: EditRequest) -> bool:
     return bool((logits.argmax(-1) == torch.tensor(ti, device=device)).all())
 
 
+def value_hparams(hp: MemitHyperParams, rome: RomeHyperParams | None = None) -> RomeHyperParams:
+    """The settings of MEMIT's target optimisation (v* at the top edited layer): ``rome``'s (prefixes,
+    prompts in the loss, its early-stop loss) with MEMIT's own optimiser settings on top."""
+    return replace(rome or RomeHyperParams(), v_steps=hp.v_steps, v_lr=hp.v_lr, kl_factor=hp.kl_factor,
+                   v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+                   early_stop=hp.early_stop, v_optimizer=hp.v_optimizer, v_norm_penalty=hp.v_norm_penalty)
+
+
 def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], layers: list[int],
                   Cs: dict[int, torch.Tensor], *, prefixes: list[str], hparams: MemitHyperParams | None = None,
                   rome: RomeHyperParams | None = None,
@@ -231,9 +239,7 @@ def compute_memit(model, tokenizer, spec: ArchSpec, requests: list[EditRequest],
     Returns ``({module: (B [out, n], A [n, in])}, info)``; ``info["keys"][layer]`` is K ``[in, n]``.
     """
     hp = hparams or MemitHyperParams()
-    vp = replace(rome or RomeHyperParams(), v_steps=hp.v_steps, v_lr=hp.v_lr, kl_factor=hp.kl_factor,
-                 v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-                 early_stop=hp.early_stop, v_optimizer=hp.v_optimizer, v_norm_penalty=hp.v_norm_penalty)
+    vp = value_hparams(hp, rome)
     t0 = time.time()
     top = layers[-1]
     zs, logs = [], []

@@ -343,16 +343,10 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
                     break
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    n = delta.norm()
-                    if n > max_norm:
-                        delta.mul_(max_norm / n)
+                _clamp_norm(delta, max_norm)
         else:
             _optimise_lbfgs(delta, evaluate, hparams.v_steps)
-            with torch.no_grad():
-                n = delta.norm()
-                if n > max_norm:  # the same bound as Adam's (rarely reached: the penalty keeps δ small)
-                    delta.mul_(max_norm / n)
+            _clamp_norm(delta, max_norm)  # the same bound as Adam's (rarely reached: the penalty keeps δ small)
         steps = len(losses)
         prob_after = float(torch.exp(-torch.tensor(losses[-1]))) if losses else prob_before
     finally:
@@ -363,6 +357,13 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
             "delta_norm": round(float(delta.detach().norm()), 5), "v_init_norm": round(float(v_init.norm()), 5),
             "prompts": len(seqs)}
     return delta.detach(), v_init, info
+
+
+@torch.no_grad()
+def _clamp_norm(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    n = delta.norm()
+    if n > max_norm:
+        delta.mul_(max_norm / n)
 
 
 class _StopRuleMet(Exception):

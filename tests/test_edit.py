@@ -518,16 +518,14 @@ def test_lbfgs_v_star_stops_at_the_first_point_that_meets_the_rule_with_a_smalle
     and on the real model reaches the target with far less change than Adam's per-coordinate steps
     (which run into the clamp). MEMIT's target: the residual after block 5, one prompt, KL term on."""
     from editing.hooks import patch_output
-    from editing.memit import MemitHyperParams
+    from editing.memit import MemitHyperParams, value_hparams
     from editing.request import tokenise
     from editing.rome import compute_value
 
     model, tok = load(demo_dir)
     spec = spec_for("llama")
     module = spec.block(5)
-    m = MemitHyperParams()
-    hp = replace(RomeHyperParams(), v_steps=40, v_lr=m.v_lr, kl_factor=m.kl_factor, v_weight_decay=m.v_weight_decay,
-                 clamp_norm_factor=m.clamp_norm_factor, early_stop_loss=0.05)
+    hp = value_hparams(MemitHyperParams(v_steps=40), RomeHyperParams(early_stop_loss=0.05))
     req = EIFFEL
     tgt = target_ids(tok, req.target)
 
