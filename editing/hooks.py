@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -151,6 +152,18 @@ def run_until(model: nn.Module, name: str, **inputs: Any) -> None:
             model(**inputs, use_cache=False)
         except StopForward:
             pass
+
+
+def forward_with_cache(model: nn.Module, cache: Any, *, use_cache: bool = True, **inputs: Any) -> tuple[Any, Any]:
+    """Run ``model(**inputs)`` reading and extending the KV ``cache``; return (output, the new cache).
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` and will remove the old name, while the
+    earlier 5.x releases we support only know the old one; so the keyword is taken from the installed
+    model's own signature instead of pinning a release.
+    """
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(**inputs, **{name: cache}, use_cache=use_cache)
+    return out, (getattr(out, name, None) if use_cache else None)
 
 
 @contextlib.contextmanager

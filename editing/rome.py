@@ -44,7 +44,7 @@ from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
 from checkpoints.perplexity import right_padded
 
-from .hooks import StopForward, capture_input, get_module, patch_output, stop_after
+from .hooks import StopForward, capture_input, forward_with_cache, get_module, patch_output, stop_after
 from .request import EditRequest, Tokenised, fill, pad_id, start_token_id, target_ids, tokenise
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ def generate_prefixes(model, tokenizer, lengths: tuple[tuple[int, int], ...] = (
         past = None
         cur = ids
         for _ in range(n_tokens):
-            o = model(input_ids=cur, past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o, past = forward_with_cache(model, past, input_ids=cur)
             logits = o.logits[:, -1, :].float().cpu()
             logits[:, special] = float("-inf")
             top = logits.topk(top_k, dim=-1)
@@ -230,9 +229,9 @@ class SplitBatch:
                     self.head_mask[i, width - len(h):] = 1
             pos = (self.head_mask.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                out = self.base(input_ids=ids.to(self.device), attention_mask=self.head_mask.to(self.device),
-                                position_ids=pos.to(self.device), use_cache=True)
-            cache = out.past_key_values
+                _, cache = forward_with_cache(self.base, None, input_ids=ids.to(self.device),
+                                              attention_mask=self.head_mask.to(self.device),
+                                              position_ids=pos.to(self.device))
             self.kv = [(layer.keys, layer.values) for layer in cache.layers]
             self._cache_cls = DynamicCache
         self.tail_ids, self.tail_mask = right_padded(tails, pad)
@@ -244,9 +243,9 @@ class SplitBatch:
         if self.kv is not None:
             cache = self._cache_cls(ddp_cache_data=self.kv, config=self.model.config)
         mask = torch.cat([self.head_mask, self.tail_mask], dim=1)
-        out = self.base(input_ids=self.tail_ids.to(self.device), attention_mask=mask.to(self.device),
-                        position_ids=self.tail_pos.to(self.device), past_key_values=cache,
-                        use_cache=cache is not None)
+        out, _ = forward_with_cache(self.base, cache, use_cache=cache is not None,
+                                    input_ids=self.tail_ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=self.tail_pos.to(self.device))
         return out.last_hidden_state
 
 

@@ -37,7 +37,7 @@ from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
 from checkpoints.home import weightsmith_home
 
-from .hooks import StopForward, get_module, stop_after
+from .hooks import StopForward, forward_with_cache, get_module, stop_after
 from .nullspace import nullspace_projector
 from .request import start_token_id
 
@@ -244,8 +244,7 @@ def _sample_into(model, tokenizer, acc: _Accumulator, n_tokens: int, seed: int, 
         past = None
         acc.mask = None
         for step in range(length):
-            out = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out, past = forward_with_cache(model, past, input_ids=ids[:, -1:])
             acc.count += b
             logits = out.logits[:, -1, :].float().cpu()
             logits[:, special] = float("-inf")  # keep to running text

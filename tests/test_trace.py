@@ -124,3 +124,30 @@ def test_suggest_layer_rules():
     assert _result("hidden", s).suggest_layer() == 5
     # ...and no effect at all falls back to the default layer.
     assert _result("mlp", low.clone()).suggest_layer() == default_layer("llama", L)
+
+
+@pytest.mark.parametrize("build", ["llama", "gpt2"])
+def test_forward_with_cache_continues_the_sequence_under_the_current_keyword(build):
+    """Decoding the last token from the cache gives the full pass's logits, and the model is called
+    with the keyword its own signature names (transformers 5 deprecates ``past_key_values``)."""
+    import inspect
+
+    from editing.hooks import forward_with_cache
+    from tests.conftest import build_tiny_gpt2, build_tiny_llama
+
+    model = (build_tiny_llama if build == "llama" else build_tiny_gpt2)(3)
+    ids = torch.tensor([[5, 9, 17, 23, 8, 40]])
+    keywords: list[set[str]] = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: keywords.append(set(kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits[0, -1]
+        _, cache = forward_with_cache(model, None, input_ids=ids[:, :-1])
+        step, _ = forward_with_cache(model, cache, input_ids=ids[:, -1:])
+        alone, _ = forward_with_cache(model, None, input_ids=ids[:, -1:])
+    assert cache is not None
+    torch.testing.assert_close(step.logits[0, -1], full, atol=1e-5, rtol=1e-5)
+    # non-vacuity: without the cache the last token alone predicts something else
+    assert (alone.logits[0, -1] - full).abs().max() > 1e-3
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert all(expected in kw for kw in keywords[1:]) and len(keywords) == 4
+    assert not any({"cache", "past_key_values"} - {expected} & kw for kw in keywords)
