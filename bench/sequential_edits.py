@@ -337,6 +337,30 @@ class Run:
         return point
 
 
+def read_runs(paths: list[Path]) -> tuple[list[dict], dict]:
+    """The checkpoints of one or more runs' .jsonl files, and the last run header read.
+
+    A run in batches (memit / alphaedit-memit with ``--batch`` > 1) is labelled with its batch size, so that
+    it stays apart from the same method one fact at a time in a figure of several runs.
+    """
+    points: list[dict] = []
+    head: dict = {}
+    for path in paths:
+        batch = 1
+        for line in filter(str.strip, path.read_text().splitlines()):
+            row = json.loads(line)
+            if "method" not in row:
+                head = row
+                batch = int(row.get("args", {}).get("batch", 1))
+                continue
+            if batch > 1 and parse_variant(row["method"]).method in MULTI_LAYER:
+                row = {**row, "method": f"{row['method']}, batches of {batch}"}
+            points.append(row)
+    if not head:
+        raise SystemExit(f"no run header in {', '.join(map(str, paths))}")
+    return points, head
+
+
 def plot(points: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -415,16 +439,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--unedited-cache", default=str(Path.home() / ".cache" / "weightsmith" / "bench-unedited.json"),
                     help="JSON file of the unedited model's per-record scores, reused across runs")
-    ap.add_argument("--replot", default=None, help="only redraw the PNG and print the table from this .jsonl")
+    ap.add_argument("--replot", default=None,
+                    help="only redraw the PNG and print the table from these .jsonl files (comma-separated: "
+                         "one figure for several runs)")
     ap.add_argument("--save-every", type=int, default=25,
                     help="also save the run's edits every N edits between checkpoints (0: only at checkpoints)")
     ap.add_argument("--resume", action="store_true",
                     help="go on from the edits saved next to --out by an earlier run of the same command")
     args = ap.parse_args()
     if args.replot:
-        lines = [json.loads(x) for x in Path(args.replot).read_text().splitlines() if x.strip()]
-        head = [x for x in lines if "unedited" in x and "method" not in x][-1]
-        pts = [x for x in lines if "method" in x]
+        pts, head = read_runs([Path(x) for x in args.replot.split(",") if x.strip()])
         plot(pts, Path(args.out).with_suffix(".png"))
         print(table(pts, head["unedited"]))
         return 0
