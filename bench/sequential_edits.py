@@ -398,19 +398,22 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def table(points: list[dict], unedited: dict) -> str:
+def table(points: list[dict], unedited: dict, *, every_checkpoint: bool = False) -> str:
+    """A markdown table of each method's last checkpoint, or of every checkpoint ordered by the number of
+    edits (methods side by side at each count: the comparison table)."""
     last = {}
     for p in points:
         last[p["method"]] = p
+    rows = sorted(points, key=lambda p: p["edits"]) if every_checkpoint else list(last.values())
     head = ("| method | edits | retention | paraphrase | neighbourhood (unedited) | gen eff. | ppl (x unedited) "
             "| fluency (x) | ‖ΔW‖ median / max | flagged | s/edit |")
     lines = [head, "|" + "---|" * 11]
-    for label, p in last.items():
+    for p in rows:
         u = p["unedited"]
         lines.append(
-            f"| {label} | {p['edits']}{' (stopped)' if p.get('stopped') else ''} | {p['efficacy']:.2f} | "
+            f"| {p['method']} | {p['edits']}{' (stopped)' if p.get('stopped') else ''} | {p['efficacy']:.2f} | "
             f"{p['paraphrase']:.2f} | {p['neighborhood']:.2f} ({u['neighborhood']:.2f}) | "
-            f"{p['gen_efficacy'] if p.get('gen_efficacy') is not None else '-'} | {p['ppl']:.1f} ({p['ppl_ratio']:.2f}) | "
+            f"{p['gen_efficacy'] if p.get('gen_efficacy') is not None else '-'} | {p['ppl']:.1f} ({p['ppl_ratio']:.3f}) | "
             f"{p['fluency']:.2f} ({p['fluency'] / unedited['fluency']:.2f}) | {p['norm_median']:.1f} / {p['norm_max']:.1f} | "
             f"{p['flagged']} | {p['seconds_per_edit']} |")
     lines.append(f"unedited: ppl {unedited['ppl']:.1f}, fluency {unedited['fluency']:.2f} "
@@ -440,8 +443,8 @@ def main() -> int:
     ap.add_argument("--unedited-cache", default=str(Path.home() / ".cache" / "weightsmith" / "bench-unedited.json"),
                     help="JSON file of the unedited model's per-record scores, reused across runs")
     ap.add_argument("--replot", default=None,
-                    help="only redraw the PNG and print the table from these .jsonl files (comma-separated: "
-                         "one figure for several runs)")
+                    help="only redraw the PNG and print every checkpoint's row from these .jsonl files "
+                         "(comma-separated: one figure and one comparison table for several runs)")
     ap.add_argument("--save-every", type=int, default=25,
                     help="also save the run's edits every N edits between checkpoints (0: only at checkpoints)")
     ap.add_argument("--resume", action="store_true",
@@ -450,7 +453,7 @@ def main() -> int:
     if args.replot:
         pts, head = read_runs([Path(x) for x in args.replot.split(",") if x.strip()])
         plot(pts, Path(args.out).with_suffix(".png"))
-        print(table(pts, head["unedited"]))
+        print(table(pts, head["unedited"], every_checkpoint=True))
         return 0
     torch.set_num_threads(args.threads)
     variants = [parse_variant(m) for m in args.methods.split(",") if m.strip()]
