@@ -340,8 +340,8 @@ class Run:
 def read_runs(paths: list[Path]) -> tuple[list[dict], dict]:
     """The checkpoints of one or more runs' .jsonl files, and the last run header read.
 
-    A run in batches (memit / alphaedit-memit with ``--batch`` > 1) is labelled with its batch size, so that
-    it stays apart from the same method one fact at a time in a figure of several runs.
+    A memit / alphaedit-memit run is labelled with its batch size ("batches of 100", "one at a time"), so that
+    the two ways of running the same method stay apart in a figure of several runs.
     """
     points: list[dict] = []
     head: dict = {}
@@ -353,12 +353,16 @@ def read_runs(paths: list[Path]) -> tuple[list[dict], dict]:
                 head = row
                 batch = int(row.get("args", {}).get("batch", 1))
                 continue
-            if batch > 1 and parse_variant(row["method"]).method in MULTI_LAYER:
-                row = {**row, "method": f"{row['method']}, batches of {batch}"}
+            if parse_variant(row["method"]).method in MULTI_LAYER:
+                how = f"batches of {batch}" if batch > 1 else "one at a time"
+                row = {**row, "method": f"{row['method']}, {how}"}
             points.append(row)
     if not head:
         raise SystemExit(f"no run header in {', '.join(map(str, paths))}")
     return points, head
+
+
+PPL_AXIS_TOP = 3.5  # the default --stop-when-ppl-ratio is 3: a run that passes it has collapsed
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -379,14 +383,22 @@ def plot(points: list[dict], path: Path) -> None:
         axes[0].plot(x, [p["paraphrase"] for p in ps], "--", color=c, label=f"{label} paraphrase")
         # The edited set grows, so the unedited model's score moves too: plot the difference.
         axes[1].plot(x, [p["neighborhood"] - p["unedited"]["neighborhood"] for p in ps], "-o", color=c, label=label)
-        axes[2].plot(x, [p["ppl_ratio"] for p in ps], "-o", color=c, label=label)
+        # A collapsed run (ROME: ×331) would squash every other curve onto 1.0 even on a log axis, so
+        # the axis stops at PPL_AXIS_TOP and points above it sit on the edge with their value written.
+        shown = [min(p["ppl_ratio"], PPL_AXIS_TOP) for p in ps]
+        axes[2].plot(x, shown, "-o", color=c, label=label)
+        for xi, p in zip(x, ps):
+            if p["ppl_ratio"] > PPL_AXIS_TOP:
+                axes[2].annotate(f"×{p['ppl_ratio']:.0f}", (xi, PPL_AXIS_TOP), textcoords="offset points",
+                                 xytext=(4, -12), fontsize=7, color=c)
     axes[0].set_title("retention (solid) and paraphrase (dashed)")
+    for goal in (0.9, 0.7):  # the issue's goals after 1,000 edits: retention and paraphrase
+        axes[0].axhline(goal, color="grey", ls=":", lw=1)
     axes[1].set_title("neighbourhood minus the unedited model's")
     axes[1].axhline(-0.05, color="grey", ls=":", lw=1)
     axes[2].set_title("held-out WikiText perplexity / unedited")
     axes[2].axhline(1.1, color="grey", ls=":", lw=1)
-    if max((p["ppl_ratio"] for p in points), default=1) > 3:
-        axes[2].set_yscale("log")
+    axes[2].set_ylim(top=PPL_AXIS_TOP * 1.02)
     for ax in axes:
         ax.set_xlabel("sequential edits")
         ax.grid(alpha=0.3)
@@ -411,10 +423,11 @@ def table(points: list[dict], unedited: dict, *, every_checkpoint: bool = False)
     for p in rows:
         u = p["unedited"]
         lines.append(
-            f"| {p['method']} | {p['edits']}{' (stopped)' if p.get('stopped') else ''} | {p['efficacy']:.2f} | "
-            f"{p['paraphrase']:.2f} | {p['neighborhood']:.2f} ({u['neighborhood']:.2f}) | "
+            f"| {p['method']} | {p['edits']}{' (stopped)' if p.get('stopped') else ''} | {p['efficacy']:.3f} | "
+            f"{p['paraphrase']:.3f} | {p['neighborhood']:.3f} ({u['neighborhood']:.3f}) | "
             f"{p['gen_efficacy'] if p.get('gen_efficacy') is not None else '-'} | {p['ppl']:.1f} ({p['ppl_ratio']:.3f}) | "
-            f"{p['fluency']:.2f} ({p['fluency'] / unedited['fluency']:.2f}) | {p['norm_median']:.1f} / {p['norm_max']:.1f} | "
+            + (f"{p['fluency']:.2f} ({p['fluency'] / unedited['fluency']:.2f})" if "fluency" in p else "-")
+            + f" | {p['norm_median']:.1f} / {p['norm_max']:.1f} | "
             f"{p['flagged']} | {p['seconds_per_edit']} |")
     lines.append(f"unedited: ppl {unedited['ppl']:.1f}, fluency {unedited['fluency']:.2f} "
                  f"(held-out {unedited['ppl_tokens']} tokens)")
