@@ -16,7 +16,11 @@ without recomputing a single edit. For the first N edits this prints:
   scores (perplexity, retention, paraphrase, neighbourhood on every ``--sample``-th edited
   record) of the model as edited and with the component of ΣΔ along C⁻¹k̄ removed;
 * the same scores with every update scaled down (``--scales``): how much of each update the facts
-  need, and how far from linear the damage is.
+  need, and how far from linear the damage is;
+* with ``--consolidate``, the same scores after re-solving each layer's cumulative update jointly: the
+  update of least text-metric norm tr(Δ C Δᵀ) that gives every edit's key a chosen output, either the
+  output it had right after its own edit ("own": later edits' interference undone) or the one it has at
+  the end ("final": how far the sequence's sum is from the joint minimum for what it does).
 
     .venv/bin/python bench/sequential_anatomy.py /work/notes/s6/report-memit-1000.memit.state.pt \\
         --half report --edits 900 --at 100,300,500,700,900 --threads 1
@@ -50,6 +54,31 @@ def cumulative(edits: list[dict], module: str) -> torch.Tensor:
     Bs = torch.cat([e["factors"][module][0].double() for e in edits if module in e["factors"]], dim=1)
     As = torch.cat([e["factors"][module][1].double() for e in edits if module in e["factors"]], dim=0)
     return Bs @ As
+
+
+def consolidated(edits: list[dict], module: str, layer: int, C: torch.Tensor, *, keep: str,
+                 ridge: float) -> torch.Tensor:
+    """The update Δ of least tr(Δ C Δᵀ) with Δ K = T for the edits' keys K at ``layer``:
+    Δ = T (KᵀC⁻¹K)⁻¹ KᵀC⁻¹, with ``ridge`` (relative to the mean diagonal) added to KᵀC⁻¹K for
+    near-parallel keys. T is each key's output change right after its own edit (``keep="own"``) or
+    under the whole sequence's update (``keep="final"``)."""
+    mine = [e for e in edits if layer in e["keys"]]
+    keys = [e["keys"][layer].double().T for e in mine]  # each [in, n]
+    K = torch.cat(keys, dim=1)
+    if keep == "final":
+        T = cumulative(edits, module) @ K
+    else:
+        run = torch.zeros(mine[0]["factors"][module][0].shape[0], K.shape[0], dtype=torch.float64)
+        outputs = []
+        for e, k in zip(mine, keys):
+            B, A = e["factors"][module]
+            run = run + B.double() @ A.double()
+            outputs.append(run @ k)
+        T = torch.cat(outputs, dim=1)
+    CiK = torch.linalg.solve(C.double(), K)
+    G = K.T @ CiK
+    G = G + ridge * float(G.diagonal().mean()) * torch.eye(G.shape[0], dtype=G.dtype)
+    return T @ torch.linalg.solve(G, CiK.T)
 
 
 def coherence(edits: list[dict], module: str, total: torch.Tensor, C: torch.Tensor | None = None) -> float:
@@ -91,6 +120,9 @@ def main() -> int:
     ap.add_argument("--scales", default="0.75,0.6,0.5",
                     help="also score the model with every update scaled by these factors (how much of each update "
                          "the facts need, and how the perplexity falls with it)")
+    ap.add_argument("--consolidate", default="",
+                    help="also score the joint re-solve of each layer's cumulative update (see above) with these "
+                         "ridges, e.g. 1e-4,1e-2")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     scales = [float(x) for x in args.scales.split(",") if x.strip()]
@@ -152,15 +184,19 @@ def main() -> int:
               f"‖ΣΔ along C⁻¹k̄‖ / ‖ΣΔ‖ = {float((total @ w).norm() / total.norm()):.3f}", flush=True)
     sample = records[::args.sample]
     scaled = [(f"every update x{x:g}", {m: x * t for m, t in full.items()}) for x in scales]
-    for label, deltas in [("as edited", full), ("without the component along C⁻¹k̄", removed), *scaled]:
+    joint = [(f"re-solved jointly, {keep} outputs, ridge {ridge:g}",
+              {m: consolidated(edits, m, layer_of[m], Cs[layer_of[m]], keep=keep, ridge=ridge) for m in modules})
+             for keep in ("own", "final") for ridge in (float(x) for x in args.consolidate.split(",") if x.strip())]
+    for label, deltas in [("as edited", full), ("without the component along C⁻¹k̄", removed), *scaled, *joint]:
         t0 = time.time()
         weights.set(deltas)
         ratio = perplexity(model, held, seq_len=SEQ_LEN) / base
         rows = evaluate_edits(model, tok, sample)
         mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("efficacy", "paraphrase", "neighborhood")}
+        text = sum(float(((d @ Cs[layer_of[m]].double()) * d).sum()) for m, d in deltas.items())
         print(f"{label}: perplexity x{ratio:.3f}; on {len(sample)} edited records retention {mean['efficacy']:.3f} "
-              f"paraphrase {mean['paraphrase']:.3f} neighbourhood {mean['neighborhood']:.3f} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+              f"paraphrase {mean['paraphrase']:.3f} neighbourhood {mean['neighborhood']:.3f}; "
+              f"Σ tr(ΔCΔᵀ) {text:.1f} ({time.time() - t0:.0f} s)", flush=True)
     weights.set({})
     unedited = evaluate_edits(model, tok, sample)
     print(f"unedited on the same records: neighbourhood "
