@@ -10,7 +10,8 @@ without recomputing a single edit. For the first N edits this prints:
   ordinary text sees, tr(ΣΔ C ΣΔᵀ) / Σ tr(Δᵢ C Δᵢᵀ) (C the layer's key statistics);
 * each layer's share: the perplexity with only that layer's updates, and with all but it;
 * AlphaEdit's null space at each layer: how many directions, and the share of ordinary text's
-  key energy tr(PC)/tr(C) they carry (the method assumes almost none);
+  key energy tr(PC)/tr(C) they carry (the method assumes almost none); and how distinct the edit keys
+  are from ordinary text's, kᵀC⁻¹k against its text average (the key dimension);
 * the shared direction: the top right singular vector v of each layer's ΣΔ, its cosine with
   C⁻¹k̄ (k̄ the mean of the edits' keys at that layer, C the layer's key statistics), and the
   scores (perplexity, retention, paraphrase, neighbourhood on every ``--sample``-th edited
@@ -171,7 +172,13 @@ def main() -> int:
             P, dim = nullspace_projector(C, threshold)
             shares.append(f"threshold {threshold:g}: {dim} of {C.shape[0]} directions, "
                           f"{float((P.double() * C).sum() / C.trace()):.1%} of the key energy")
-        print(f"L{layer} AlphaEdit null space, {'; '.join(shares)}", flush=True)
+        # How distinct the edited subjects' keys are from ordinary text: E[kᵀC⁻¹k] over text keys is the
+        # key dimension, and an update that gives a key an output of size r moves ordinary text's
+        # outputs by r²/(kᵀC⁻¹k) in the mean square, so this ratio bounds how cheap an edit can be.
+        K = torch.cat([e["keys"][layer].double() for e in edits if layer in e["keys"]]).T
+        distinct = float((K * torch.linalg.solve(C, K)).sum(0).median())
+        print(f"L{layer} AlphaEdit null space, {'; '.join(shares)}; edit keys' kᵀC⁻¹k median {distinct:.0f} "
+              f"({distinct / C.shape[0]:.1f}x an average text key's)", flush=True)
     removed = {}
     for m, total in full.items():
         layer = layer_of[m]
