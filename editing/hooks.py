@@ -157,9 +157,9 @@ def run_until(model: nn.Module, name: str, **inputs: Any) -> None:
 def forward_with_cache(model: nn.Module, cache: Any, *, use_cache: bool = True, **inputs: Any) -> tuple[Any, Any]:
     """Run ``model(**inputs)`` reading and extending the KV ``cache``; return (output, the new cache).
 
-    transformers 5 renamed ``past_key_values`` to ``cache`` and will remove the old name, while the
-    earlier 5.x releases we support only know the old one; so the keyword is taken from the installed
-    model's own signature instead of pinning a release.
+    transformers renamed ``past_key_values`` to ``cache`` during 5.x (5.24 warns that the old name goes in
+    5.40), and releases before the rename know only the old name; so the keyword is taken from the
+    installed model's own signature instead of pinning a release.
     """
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(**inputs, **{name: cache}, use_cache=use_cache)
