@@ -379,8 +379,8 @@ def plot(points: list[dict], path: Path) -> None:
     for i, (label, ps) in enumerate(by.items()):
         c = colours[i % len(colours)]
         x = [p["edits"] for p in ps]
-        axes[0].plot(x, [p["efficacy"] for p in ps], "-o", color=c, label=f"{label} retention")
-        axes[0].plot(x, [p["paraphrase"] for p in ps], "--", color=c, label=f"{label} paraphrase")
+        axes[0].plot(x, [p["efficacy"] for p in ps], "-o", color=c)
+        axes[0].plot(x, [p["paraphrase"] for p in ps], "--", color=c)
         # The edited set grows, so the unedited model's score moves too: plot the difference.
         axes[1].plot(x, [p["neighborhood"] - p["unedited"]["neighborhood"] for p in ps], "-o", color=c, label=label)
         # A collapsed run (ROME: ×331) would squash every other curve onto 1.0 even on a log axis, so
@@ -402,9 +402,11 @@ def plot(points: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("sequential edits")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    # One legend for the three panels, below them, so that no curve or annotation hides behind it.
+    handles, labels = axes[2].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle("SmolLM2-135M, CounterFact report half, edits applied one after another without undo")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
