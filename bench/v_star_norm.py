@@ -35,7 +35,7 @@ from editing.hooks import patch_output  # noqa: E402
 from bench.sequential_edits import parse_variant  # noqa: E402
 from editing.memit import MemitHyperParams, value_hparams  # noqa: E402
 from editing.request import tokenise, target_ids  # noqa: E402
-from editing.rome import RomeHyperParams, compute_value, generate_prefixes, prefixed  # noqa: E402
+from editing.rome import RomeHyperParams, compute_value, generate_prefixes, loss_prefixes, prefixed  # noqa: E402
 
 log = logging.getLogger("v_star_norm")
 
@@ -93,14 +93,11 @@ def main() -> int:
         req = rec.request()
         for name in names:
             hp = settings[name]
-            # The prompts v*'s loss uses (an even spread of v_prompts of the prefixes), as compute_value picks them.
-            n = hp.v_prompts or len(prefixes)
-            loss_prefixes = [prefixes[(j * len(prefixes)) // n] for j in range(n)]
             t0 = time.time()
             delta, v, info = compute_value(model, tok, spec, req, top, prefixes, hp, module=module)
             row = {"record": lo + i, "norm": float(delta.norm()), "rel": float(delta.norm() / v.norm()),
-                   "nll": target_nll(model, tok, module, req, loss_prefixes, delta), "evals": info["steps"],
-                   "seconds": time.time() - t0}
+                   "nll": target_nll(model, tok, module, req, loss_prefixes(prefixes, hp.v_prompts), delta),
+                   "evals": info["steps"], "seconds": time.time() - t0}
             rows[name].append(row)
             log.info("record %d %-22s ‖δ‖ %6.2f (%.2f of ‖v‖)  NLL %.3f  %2d evaluations  %.1f s", lo + i, name,
                      row["norm"], row["rel"], row["nll"], row["evals"], row["seconds"])

@@ -179,6 +179,14 @@ def generate_prefixes(model, tokenizer, lengths: tuple[tuple[int, int], ...] = (
     return out
 
 
+def loss_prefixes(prefixes: list[str], v_prompts: int | None) -> list[str]:
+    """The prefixes v*'s loss uses: all of them, or an even spread of ``v_prompts`` of them (which keeps
+    both lengths, 5 and 10 tokens, in the loss)."""
+    if v_prompts is None or v_prompts >= len(prefixes):
+        return prefixes
+    return [prefixes[(i * len(prefixes)) // v_prompts] for i in range(v_prompts)]
+
+
 def prefixed(prefixes: list[str], text: str) -> list[str]:
     """The bare prompt followed by each "{prefix}. {prompt}"."""
     return [text] + [f"{p}. {text}" for p in prefixes]
@@ -276,10 +284,7 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
     device = next(model.parameters()).device
     module = module or spec.module("mlp_out", layer)
     tgt = target_ids(tokenizer, request.target)
-    if hparams.v_prompts is not None and hparams.v_prompts < len(prefixes):
-        # An even spread over the prefixes keeps both lengths (5 and 10 tokens) in the loss.
-        n = hparams.v_prompts
-        prefixes = [prefixes[(i * len(prefixes)) // n] for i in range(n)]
+    prefixes = loss_prefixes(prefixes, hparams.v_prompts)
     texts = prefixed(prefixes, request.text)
     seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject),
                      target=tgt) for t in texts]
