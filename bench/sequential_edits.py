@@ -311,6 +311,11 @@ class Run:
                 print(f"  [{label}] edit {self.done}: flagged: {checks.get('warning')}", file=sys.stderr, flush=True)
             if save is not None and args.save_every and self.done % args.save_every == 0:
                 save()
+        return self.checkpoint(records, ctx)
+
+    def checkpoint(self, records, ctx: dict) -> dict:
+        """Measure the model with the first ``done`` records edited."""
+        label, args = self.variant.label, self.args
         unedited = ctx["unedited"]
         m = measure(self.model, self.tok, records[:self.done], ctx["base_scores"], ctx["held"], ctx["base_gen"], args)
         point = {"method": label, "edits": self.done, **m,
@@ -537,6 +542,13 @@ def main() -> int:
         # A run resumed between checkpoints goes on to the next one on the grid (--every / --at).
         mark = min(r.done for r in runs)
         mark = mark if marks else mark - mark % args.every
+        # A state saved on a checkpoint that was never measured (the run was stopped in its measurement)
+        # is measured before it goes on, so the curve has no hole there.
+        for r in runs:
+            on_grid = r.done in marks if marks else r.done % args.every == 0
+            measured = any(p.get("method") == r.variant.label and p.get("edits") == r.done for p in points)
+            if r.done and on_grid and not measured and not r.stopped:
+                sink(r.checkpoint(records, ctx))
         while any(not r.stopped and r.done < len(records) for r in runs):
             later = [m for m in marks if m > mark]
             mark = later[0] if later else (max(marks + [len(records)]) if marks else mark + args.every)
