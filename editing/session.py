@@ -324,7 +324,7 @@ class EditSession:
                                         unedited=unedited, active_edits=len(self._edits)))
         if not info["checks"].get("flag"):
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
-        if info["checks"].get("warning"):
+        if info["checks"].get("warning") and checks is None:  # a replayed edit's warning was logged in its own run
             log.warning("edit %d: %s", edit.id, info["checks"]["warning"])
         return edit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -131,12 +132,23 @@ def test_drift_is_against_the_unedited_model(sharp_dirs, corpus_file, stats):  #
         t.model, t.tokenizer, TINY.prompts)), 5)
 
 
-def test_a_sequence_that_drifts_is_told_so(sharp_dirs, corpus_file, stats):  # noqa: F811
+def test_a_sequence_that_drifts_is_told_so(sharp_dirs, corpus_file, stats, caplog):  # noqa: F811
     strict = CheckSettings(max_relative_norm=20.0, max_unrelated_kl=5.0, min_history=3, max_drift_kl=1e-9)
     s = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=strict)
-    edits = [s.apply(r) for r in FACTS[:2]]
+    with caplog.at_level(logging.WARNING, logger="editing.session"):
+        edits = [s.apply(r) for r in FACTS[:2]]
     assert all(e.info["checks"]["drifted"] and not e.info["checks"]["flag"] for e in edits)
     assert "the 2 edit(s) applied have moved the model away" in edits[1].warning
+    logged = [r for r in caplog.records if "moved the model away" in r.getMessage()]
+    assert len(logged) == 2  # non-vacuity: an edit made here logs its warning
+    # A replayed edit (a long run resumed) keeps its warning but does not log it a second time.
+    caplog.clear()
+    t = session_for(sharp_dirs["llama"], corpus_file, stats, check_settings=strict)
+    with caplog.at_level(logging.WARNING, logger="editing.session"):
+        replayed = [t.replay(e.method, e.requests, list(e.layers), dict(e.factors), keys=dict(e.keys),
+                             checks=e.info["checks"]) for e in edits]
+    assert replayed[1].warning == edits[1].warning
+    assert not [r for r in caplog.records if "moved the model away" in r.getMessage()]
 
 
 def test_non_finite_update_is_refused(sharp_dirs, corpus_file, stats, monkeypatch):  # noqa: F811
