@@ -549,6 +549,7 @@ def main() -> int:
             measured = any(p.get("method") == r.variant.label and p.get("edits") == r.done for p in points)
             if r.done and on_grid and not measured and not r.stopped:
                 sink(r.checkpoint(records, ctx))
+                r.save_state(state_of[r.variant.label], {**identity, "method": r.variant.label})  # keeps a stop
         while any(not r.stopped and r.done < len(records) for r in runs):
             later = [m for m in marks if m > mark]
             mark = later[0] if later else (max(marks + [len(records)]) if marks else mark + args.every)
