@@ -26,20 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sequential_edits import DATA, heldout_ids, sequence_order  # noqa: E402
+from sequential_edits import DATA, heldout_ids, layer_span, sequence_order  # noqa: E402
 
 from checkpoints.sources import resolve  # noqa: E402
 from editing.evaluate import load_records  # noqa: E402
-from editing.hooks import StopForward, capture_input, stop_after  # noqa: E402
-from editing.request import tokenise  # noqa: E402
-from editing.rome import compute_keys, prefixed  # noqa: E402
+from editing.hooks import capture_input, run_until  # noqa: E402
+from editing.rome import compute_keys, prefixed_sequences  # noqa: E402
 from editing.session import EditSession  # noqa: E402
 from editing.stats import SEQ_LEN, StatsCache, corpus_from_file  # noqa: E402
-
-
-def span(text: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
 
 
 @torch.no_grad()
@@ -49,11 +43,8 @@ def text_keys(model, spec, layer: int, ids: list[int], positions: int) -> torch.
     name = spec.module("mlp_out", layer)
     out = []
     for chunk in chunks:
-        with capture_input(model, name) as seen, stop_after(model, name):
-            try:
-                model(input_ids=torch.tensor([chunk]), use_cache=False)
-            except StopForward:
-                pass
+        with capture_input(model, name) as seen:
+            run_until(model, name, input_ids=torch.tensor([chunk]))
         out.append(seen.value[0].float())
     return torch.cat(out).T
 
@@ -62,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--half", choices=("tune", "report"), default="tune")
     ap.add_argument("--n", type=int, default=100, help="records of the half, in sequence order")
-    ap.add_argument("--layers", type=span, default=span("0-15"), help="e.g. 0-15")
+    ap.add_argument("--layers", type=layer_span, default=layer_span("0-15"), help="e.g. 0-15")
     ap.add_argument("--stats-tokens", type=int, default=20_000)
     ap.add_argument("--text-positions", type=int, default=2048, help="held-out WikiText keys per layer")
     ap.add_argument("--threads", type=int, default=1)
@@ -79,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     records = sequence_order(load_records(DATA / "counterfact" / "dev-1000.json"), args.half)[: args.n]
     requests = [r.request(None) for r in records]
     prefixes = session.prefixes()
-    seqs = [[tokenise(tok, t, q.subject, subject_at=len(t) - len(q.text) + q.text.find(q.subject))
-             for t in prefixed(prefixes, q.text)] for q in requests]
+    seqs = [prefixed_sequences(tok, prefixes, q) for q in requests]
     Cs = session.statistics(args.layers)
     print(f"{args.half} records x{len(requests)}, statistics {args.stats_tokens} tokens, "
           f"{len(held)} held-out text positions; kᵀC⁻¹k / d (median)")

@@ -79,7 +79,8 @@ def _flag(value: str) -> bool:
     return value not in ("0", "false", "False")
 
 
-def _span(value: str) -> list[int]:
+def layer_span(value: str) -> list[int]:
+    """"2-5" -> [2, 3, 4, 5]; "4" -> [4]."""
     lo, _, hi = value.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
 
@@ -102,7 +103,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], str, Callable[[str], Any]]] = {
     "gain": (("memit",), "gain_guard", int),
     "lam": (("memit",), "mom2_update_weight", float),
     "passes": (("memit",), "max_passes", int),
-    "layers": (("memit",), "layers", _span),
+    "layers": (("memit",), "layers", layer_span),
     "clamp": (("memit",), "clamp_norm_factor", float),
 }
 
@@ -534,6 +535,10 @@ def main() -> int:
         runs = [Run(v, model if i == 0 else ckpt.load_model(), tok, corpus, stats, args)
                 for i, v in enumerate(variants)]
         state_of = {r.variant.label: out.with_name(f"{out.name}.{r.variant.label}.state.pt") for r in runs}
+
+        def save(r: Run) -> None:
+            r.save_state(state_of[r.variant.label], {**identity, "method": r.variant.label})
+
         for r in runs:
             if args.resume and state_of[r.variant.label].exists():
                 r.restore(state_of[r.variant.label], {**identity, "method": r.variant.label}, records)
@@ -549,17 +554,15 @@ def main() -> int:
             measured = any(p.get("method") == r.variant.label and p.get("edits") == r.done for p in points)
             if r.done and on_grid and not measured and not r.stopped:
                 sink(r.checkpoint(records, ctx))
-                r.save_state(state_of[r.variant.label], {**identity, "method": r.variant.label})  # keeps a stop
+                save(r)  # keeps a stop decided there
         while any(not r.stopped and r.done < len(records) for r in runs):
             later = [m for m in marks if m > mark]
             mark = later[0] if later else (max(marks + [len(records)]) if marks else mark + args.every)
             for r in runs:
-                def save(r=r) -> None:
-                    r.save_state(state_of[r.variant.label], {**identity, "method": r.variant.label})
-                point = r.advance(records, mark, ctx, save)
+                point = r.advance(records, mark, ctx, functools.partial(save, r))
                 if point is not None:
                     sink(point)
-                    save()
+                    save(r)
         for r in runs:
             r.session.undo_all()
         # undo_all restores the pristine bits (checked on the first copy).

@@ -34,8 +34,8 @@ from editing.evaluate import load_records  # noqa: E402
 from editing.hooks import patch_output  # noqa: E402
 from bench.sequential_edits import parse_variant  # noqa: E402
 from editing.memit import MemitHyperParams, value_hparams  # noqa: E402
-from editing.request import tokenise, target_ids  # noqa: E402
-from editing.rome import RomeHyperParams, compute_value, generate_prefixes, loss_prefixes, prefixed  # noqa: E402
+from editing.request import target_ids  # noqa: E402
+from editing.rome import RomeHyperParams, compute_value, generate_prefixes, loss_prefixes, prefixed_sequences  # noqa: E402
 
 log = logging.getLogger("v_star_norm")
 
@@ -45,9 +45,7 @@ def target_nll(model, tok, module: str, request, prefixes: list[str], delta: tor
     """Mean over the loss's prompts of the target's per-token NLL with δ added at the subject's last token."""
     tgt = target_ids(tok, request.target)
     nlls = []
-    for text in prefixed(prefixes, request.text):
-        t = tokenise(tok, text, request.subject, subject_at=len(text) - len(request.text) + request.text.find(request.subject),
-                     target=tgt)
+    for t in prefixed_sequences(tok, prefixes, request, tgt):
         at = torch.zeros(1, len(t.ids), 1)
         at[0, t.subject_last, 0] = 1.0
         with patch_output(model, module, lambda y, at=at: y + at * delta):

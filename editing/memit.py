@@ -34,7 +34,7 @@ from checkpoints.perplexity import right_padded
 from .alphaedit import AlphaEditHyperParams, alphaedit_factors
 from .hooks import StopForward, capture_output, stop_after
 from .request import EditRequest, pad_id, tokenise
-from .rome import RomeHyperParams, compute_keys, compute_value, default_layer, prefixed
+from .rome import RomeHyperParams, compute_keys, compute_value, default_layer, prefixed_sequences
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ def _layer_pass(model, tokenizer, spec: ArchSpec, requests: list[EditRequest], Z
     """One bottom-up pass over ``layers`` towards targets Z; appends to ``factors``; returns K by layer."""
     top = layers[-1]
     keys: dict[int, torch.Tensor] = {}
-    seqs_per_req = [[tokenise(tokenizer, t, r.subject, subject_at=len(t) - len(r.text) + r.text.find(r.subject))
-                     for t in prefixed(prefixes, r.text)] for r in requests]
+    seqs_per_req = [prefixed_sequences(tokenizer, prefixes, r) for r in requests]
     for li, layer in enumerate(layers):
         K = torch.stack([compute_keys(model, tokenizer, spec, layer, s).mean(0) for s in seqs_per_req]).T  # [in, n]
         H = _residuals(model, tokenizer, spec, requests, top)  # [n, hidden]

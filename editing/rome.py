@@ -192,6 +192,15 @@ def prefixed(prefixes: list[str], text: str) -> list[str]:
     return [text] + [f"{p}. {text}" for p in prefixes]
 
 
+def prefixed_sequences(tokenizer, prefixes: list[str], request: EditRequest,
+                       target: list[int] | None = None) -> list[Tokenised]:
+    """:func:`prefixed` texts of ``request`` tokenised, each with the subject located in its prompt part
+    (a prefix may itself contain the subject's words), and ``target`` appended if given."""
+    return [tokenise(tokenizer, t, request.subject, target=target,
+                     subject_at=len(t) - len(request.text) + request.text.find(request.subject))
+            for t in prefixed(prefixes, request.text)]
+
+
 # -- batching ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_keys(model, tokenizer, spec: ArchSpec, layer: int, seqs: list[Tokenised]) -> torch.Tensor:
@@ -285,9 +294,7 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
     module = module or spec.module("mlp_out", layer)
     tgt = target_ids(tokenizer, request.target)
     prefixes = loss_prefixes(prefixes, hparams.v_prompts)
-    texts = prefixed(prefixes, request.text)
-    seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject),
-                     target=tgt) for t in texts]
+    seqs = prefixed_sequences(tokenizer, prefixes, request, tgt)
     kl_text = fill("{} is a", request.subject)
     kl = tokenise(tokenizer, kl_text, request.subject, subject_at=0)
     all_seqs = seqs + [kl]
@@ -458,12 +465,10 @@ def compute_key_value(model, tokenizer, spec: ArchSpec, request: EditRequest, *,
         raise WeightsmithError(f"value_from must be 'key' or 'prompt', not {hp.value_from!r}")
     name = spec.module("mlp_out", layer)
     W = spec.as_out_in(get_module(model, name).weight.detach()).float()
-    texts = prefixed(prefixes, request.text)
-    seqs = [tokenise(tokenizer, t, request.subject, subject_at=len(t) - len(request.text) + request.text.find(request.subject))
-            for t in texts]
+    seqs = prefixed_sequences(tokenizer, prefixes, request)
     keys = compute_keys(model, tokenizer, spec, layer, seqs)
     k_star = keys.mean(0)
-    at = keys[0] if hp.update_at == "prompt" else k_star  # texts[0] is the bare prompt
+    at = keys[0] if hp.update_at == "prompt" else k_star  # seqs[0] is the bare prompt
     base = at if hp.value_from == "key" else keys[0]
     delta, _v_init, info = compute_value(model, tokenizer, spec, request, layer, prefixes, hp, progress=progress)
     info["update_at"] = hp.update_at
