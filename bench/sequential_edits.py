@@ -58,6 +58,7 @@ from editing.evaluate import evaluate_edits, load_records, perplexity  # noqa: E
 from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
 from editing.memit import MemitHyperParams  # noqa: E402
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
+from editing.patch import PatchHyperParams  # noqa: E402
 from editing.rome import RomeHyperParams  # noqa: E402
 from editing.session import EditSession  # noqa: E402
 from editing.stats import SEQ_LEN, StatsCache, text_batches, corpus_from_file  # noqa: E402
@@ -73,6 +74,7 @@ class Variant:
     rome: RomeHyperParams
     alpha: AlphaEditHyperParams
     memit: MemitHyperParams | None = None
+    patch: PatchHyperParams | None = None
 
 
 def _flag(value: str) -> bool:
@@ -105,6 +107,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], str, Callable[[str], Any]]] = {
     "passes": (("memit",), "max_passes", int),
     "layers": (("memit",), "layers", layer_span),
     "clamp": (("memit",), "clamp_norm_factor", float),
+    "tau": (("patch",), "threshold", float),
+    "alpha": (("patch",), "sharpness", float),
 }
 
 
@@ -112,7 +116,8 @@ def parse_variant(text: str) -> Variant:
     """``method[+key=value...]`` with the keys of :data:`OPTIONS`."""
     name, *opts = text.strip().split("+")
     method = check_method(name)
-    settings = {"rome": RomeHyperParams(), "alpha": AlphaEditHyperParams(), "memit": MemitHyperParams()}
+    settings = {"rome": RomeHyperParams(), "alpha": AlphaEditHyperParams(), "memit": MemitHyperParams(),
+                "patch": PatchHyperParams()}
     for opt in opts:
         key, _, value = opt.partition("=")
         if key not in OPTIONS:
@@ -120,7 +125,7 @@ def parse_variant(text: str) -> Variant:
         targets, field_name, parse = OPTIONS[key]
         for target in targets:
             settings[target] = replace(settings[target], **{field_name: parse(value)})
-    return Variant(text.strip(), method, settings["rome"], settings["alpha"], settings["memit"])
+    return Variant(text.strip(), method, settings["rome"], settings["alpha"], settings["memit"], settings["patch"])
 
 
 def heldout_ids(tok, text: str, stats_tokens: int, n: int) -> list[int]:
@@ -242,7 +247,7 @@ class Run:
         self.variant, self.model, self.tok, self.args = variant, model, tok, args
         self.session = EditSession(model, tok, stats=stats, corpus=corpus, stats_tokens=args.stats_tokens,
                                    hparams=variant.rome, method=variant.method, alpha_hparams=variant.alpha,
-                                   memit_hparams=variant.memit, base_name="demo")
+                                   memit_hparams=variant.memit, patch_hparams=variant.patch, base_name="demo")
         self.batch = args.batch if variant.method in MULTI_LAYER else 1
         self.norms: list[float] = []
         self.seconds: list[float] = []

@@ -7,7 +7,10 @@
 * ``alphaedit``: AlphaEdit at ROME's single layer: r-ROME's k*/v*, update projected
   onto the null space of the preserved keys and of the session's earlier edits;
 * ``memit``: MEMIT, several facts over several layers;
-* ``alphaedit-memit``: AlphaEdit as published: MEMIT's targets, projected updates.
+* ``alphaedit-memit``: AlphaEdit as published: MEMIT's targets, projected updates;
+* ``patch``: one new MLP neuron per fact that fires only on its subject (key-gated neurons,
+  :mod:`editing.patch`; Transformer-Patcher's idea with a whitened detector): the model's own
+  weights are untouched, so a long sequence does not wear ordinary text down.
 
 ``DEFAULT_METHOD`` is what a session uses when no method is named; it is chosen by
 measurement on the CounterFact tuning half (bench/), so switching it is this one line.
@@ -23,8 +26,8 @@ from checkpoints.errors import WeightsmithError
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: no torch at import time
     from .rome import RomeHyperParams
 
-METHODS: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit")
-SINGLE_LAYER: tuple[str, ...] = ("rome", "r-rome", "alphaedit")
+METHODS: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit", "patch")
+SINGLE_LAYER: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "patch")
 MULTI_LAYER: tuple[str, ...] = ("memit", "alphaedit-memit")
 # MEMIT one fact at a time, by measurement on the tuning half (records 0-199 edited in sequence): at 200
 # edits retention 0.965, paraphrase 0.895, neighbourhood 0.685 against 0.69 unedited and perplexity 1.036x,
@@ -52,6 +55,8 @@ def batch_method(method: str | None) -> str:
     choice keeps its null-space projection (``alphaedit-memit``).
     """
     m = check_method(method)
+    if m == "patch":  # a batch of patches is one neuron per fact, as one history entry
+        return m
     if m in MULTI_LAYER or m == "alphaedit":
         return "alphaedit-memit" if m == "alphaedit" else m
     return "memit"

@@ -277,7 +277,8 @@ def _target_positions(seqs: list[Tokenised], split: list[int]) -> tuple[torch.Te
 
 
 def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer: int, prefixes: list[str],
-                  hparams: RomeHyperParams, *, module: str | None = None, progress: Progress | None = None
+                  hparams: RomeHyperParams, *, module: str | None = None, progress: Progress | None = None,
+                  gain: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Optimise δ added to ``module``'s output at the subject's last token.
 
@@ -285,6 +286,10 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
     block itself. Returns ``(delta, v_init, info)``: the change of that
     output, the output itself on the bare prompt, and a log (losses, steps,
     target probabilities before/after).
+
+    ``gain`` maps the layer's MLP inputs at the prompts' subject-last tokens ``[rows, d]`` to how
+    much of δ each prompt receives ``[rows]`` (default: all of it): a key-gated neuron
+    (:mod:`editing.patch`) adds δ in proportion to its activation, so v* is optimised for that.
     """
     if hparams.early_stop not in ("loss", "argmax"):
         raise WeightsmithError(f"early_stop must be 'loss' or 'argmax', not {hparams.early_stop!r}")
@@ -317,9 +322,13 @@ def compute_value(model, tokenizer, spec: ArchSpec, request: EditRequest, layer:
             ref_logp = F.log_softmax(head(h0[kl_row, kl_col]).float(), -1)
             lp0 = F.log_softmax(head(h0[rows, cols]).float(), -1).gather(-1, tg[:, None])[:, 0]
             prob_before = float(torch.exp(_per_prompt_mean(lp0, rows, n_tgt)).mean())
+            sel = torch.zeros(1, batch.tail_ids.shape[1], 1, device=device)
+            sel[0, 0, 0] = 1.0  # every tail starts at the subject's last token
+            if gain is not None:
+                with capture_input(model, spec.module("mlp", layer)) as seen:
+                    batch.run()
+                sel = sel * gain(seen.value[:, 0].float())[:, None, None]
         delta = torch.zeros_like(v_init, requires_grad=True)
-        sel = torch.zeros(1, batch.tail_ids.shape[1], 1, device=device)
-        sel[0, 0, 0] = 1.0  # every tail starts at the subject's last token
         max_norm = hparams.clamp_norm_factor * v_init.norm()
         v_sq = v_init.norm() ** 2 + 1e-12
         losses: list[float] = []

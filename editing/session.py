@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -45,7 +46,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from checkpoints.arch import spec_for
-from checkpoints.cards import CardInfo, build_card, write_card
+from checkpoints.cards import build_card, write_card
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Job
 from checkpoints.peft_adapter import factors_from_state, tensor_key, unit_scale_config, write_adapter
@@ -53,8 +54,11 @@ from checkpoints.sources import public_name
 from checkpoints.tensors import ShardedWriter
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
+from .edit_card import edit_card
 from .checks import CheckSettings, NeutralProbe, require_finite, target_check, update_checks, update_norms
 from .methods import DEFAULT_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
+from .patch import PatchHyperParams, host_module, is_patch_parameter
+from .patch_session import PatchEdits
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
 from .stats import Corpus, StatsCache, layer_identity, resolve_corpus
@@ -115,7 +119,8 @@ class AppliedEdit:
             out["facts"] = [{k: v for k, v in f.items() if k != "layer"} for f in facts]
         out.update({k: v for k, v in self.info.items() if k in (
             "seconds", "steps", "target_prob_before", "target_prob_after_geomean", "corpus", "stats_tokens",
-            "update_at", "value_from", "nullspace_dim", "residual_unreached", "checks")})
+            "update_at", "value_from", "nullspace_dim", "residual_unreached", "slots", "subject_score_min",
+            "threshold", "checks")})
         return out
 
     @property
@@ -149,7 +154,7 @@ def _delta(spec, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.
     return spec.from_out_in(B @ A).to(dtype).contiguous()
 
 
-class EditSession:
+class EditSession(PatchEdits):
     """Edits applied in place to ``model`` (a loaded transformers causal LM).
 
     Args:
@@ -158,6 +163,7 @@ class EditSession:
         hparams: ROME settings (:class:`RomeHyperParams`), also the keys/values of r-ROME and AlphaEdit.
         method: default method of :meth:`apply` (:data:`editing.methods.METHODS`).
         alpha_hparams: AlphaEdit settings (:class:`AlphaEditHyperParams`).
+        patch_hparams: how the patch method detects a subject (:class:`editing.patch.PatchHyperParams`).
         check_settings: thresholds of the disabling-edit checks (:class:`CheckSettings`).
         corpus: statistics corpus: a :class:`Corpus`, a text-file path, ``"hf:NAME/CONFIG"``,
             or None for text the model samples itself (offline default).
@@ -169,7 +175,7 @@ class EditSession:
                  hparams: RomeHyperParams | None = None, corpus: Corpus | str | Path | None = None,
                  stats_tokens: int | None = None, base_name: str | None = None, memit_hparams: Any = None,
                  method: str | None = None, alpha_hparams: AlphaEditHyperParams | None = None,
-                 check_settings: CheckSettings | None = None):
+                 check_settings: CheckSettings | None = None, patch_hparams: PatchHyperParams | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec_for(getattr(model.config, "model_type", None), strict=True)
@@ -182,6 +188,7 @@ class EditSession:
         self.method = check_method(method or DEFAULT_METHOD)
         self.alpha_hparams = alpha_hparams or AlphaEditHyperParams()
         self.check_settings = check_settings or CheckSettings()
+        self.patch_hparams = patch_hparams or PatchHyperParams()
         # ‖ΔW‖ of every unflagged edit made in this session (undone ones too), per method: the outlier
         # check's reference.
         self._norms: dict[str, list[float]] = {}
@@ -232,12 +239,13 @@ class EditSession:
                     self.model.get_parameter(name).copy_(w)
 
     def statistics(self, layers: int | list[int], progress: Progress | None = None, *,
-                   job: Job | None = None) -> dict[int, torch.Tensor]:
-        """C = E[kkᵀ] of the unedited model for ``layers`` from the cache (computed on first use)."""
+                   job: Job | None = None, kind: str = "C") -> dict[int, torch.Tensor]:
+        """C = E[kkᵀ] of the unedited model for ``layers`` from the cache (computed on first use);
+        ``kind="M"``: the MLP inputs' augmented second moment (:mod:`editing.stats`)."""
         progress = job.callback("computing the statistics") if job is not None else progress
         with self._pristine_weights():
             return self.stats.get(self.model, self.tokenizer, self.spec, layers, self.corpus, self.stats_tokens,
-                                  progress=progress, identities=self._layer_identities(layers))
+                                  progress=progress, identities=self._layer_identities(layers), kind=kind)
 
     def projectors(self, layers: int | list[int], progress: Progress | None = None, *,
                    job: Job | None = None) -> dict[int, tuple[torch.Tensor, int]]:
@@ -288,20 +296,17 @@ class EditSession:
                 keys: dict[int, torch.Tensor] | None = None, before: torch.Tensor | None = None,
                 checks: dict[str, Any] | None = None) -> AppliedEdit:
         require_finite(factors)  # before anything changes
-        current = {m: self.spec.as_out_in(self.model.get_parameter(self._param_name(m)).detach()) for m in factors}
-        norm, relative = update_norms(factors, current)
-        stored, rank_one = {}, {}
-        for module, (B, A) in factors.items():
+        # A patch's gate and up rows detect its subject; only its down column changes what the layer says,
+        # and it is measured against the layer's own down projection.
+        measured = {m: f for m, f in factors.items() if not is_patch_parameter(m) or m.endswith("down_proj")}
+        current = {m: self.spec.as_out_in(self.model.get_parameter(self._param_name(host_module(m))).detach())
+                   for m in measured}
+        norm, relative = update_norms(measured, current)
+        for module in factors:
             pname = self._param_name(module)
-            param = self.model.get_parameter(pname)
             if pname not in self._pristine:
-                self._pristine[pname] = param.detach().clone()
-            make = partial(_delta, self.spec, B, A, param.dtype)
-            if B.shape[1] == 1:
-                rank_one[pname] = make
-            else:
-                stored[pname] = make()
-        deltas = Deltas(stored, rank_one)
+                self._pristine[pname] = self.model.get_parameter(pname).detach().clone()
+        deltas = self._deltas(factors)
         edit = AppliedEdit(self._next_id, method, requests, layers, factors, deltas, info,
                            {layer: k.detach().float() for layer, k in (keys or {}).items()})
         self._next_id += 1
@@ -327,6 +332,17 @@ class EditSession:
         if info["checks"].get("warning") and checks is None:  # a replayed edit's warning was logged in its own run
             log.warning("edit %d: %s", edit.id, info["checks"]["warning"])
         return edit
+
+    def _deltas(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Deltas:
+        stored, rank_one = {}, {}
+        for module, (B, A) in factors.items():
+            pname = self._param_name(module)
+            make = partial(_delta, self.spec, B, A, self.model.get_parameter(pname).dtype)
+            if B.shape[1] == 1:
+                rank_one[pname] = make
+            else:
+                stored[pname] = make()
+        return Deltas(stored, rank_one)
 
     # -- public API ------------------------------------------------------------------------------------
     def apply(self, request: EditRequest, progress: Progress | None = None, *,
@@ -361,6 +377,9 @@ class EditSession:
                                               prior_keys=self.prior_keys(layer), progress=stages.rest)
             info["nullspace_dim"] = kept
             factors, keys = {module: (B, A)}, {layer: K.T}
+        elif method == "patch":
+            factors, info = self._compute_patches([request], layer, stages)
+            t_stats, keys = info.pop("seconds_stats"), {}
         else:
             C = self.statistics(layer, progress=stages.first)[layer]
             t_stats = time.time() - t0
@@ -385,6 +404,8 @@ class EditSession:
         without recomputing it. ``checks`` are the original run's: the history's flags and the outlier
         check's reference stay as they were; without them only the norm checks run (there is no "before")."""
         method = check_method(method)
+        if method == "patch":
+            factors = self._fit_patch_factors(layers[0], factors)
         return self._commit(method, list(requests), list(layers), factors, {"replayed": True}, keys=keys,
                             checks=checks)
 
@@ -411,6 +432,15 @@ class EditSession:
             raise WeightsmithError("no edits given")
         for r in requests:
             self.check(r)
+        if method == "patch":
+            layers = list(layers or [self.default_layer])
+            if len(layers) != 1 or not 0 <= layers[0] < self.num_layers:
+                raise WeightsmithError(f"patch writes one layer: give one of 0..{self.num_layers - 1}")
+            t0, before = time.time(), self._neutral()
+            factors, info = self._compute_patches(list(requests), layers[0], stages)
+            edit = self._commit(method, list(requests), layers, factors, info, before=before)
+            info["seconds"] = round(time.time() - t0, 3)
+            return edit
         hp = self.memit_hparams or MemitHyperParams()
         if method == "alphaedit":
             layers = list(layers or [self.default_layer])
@@ -507,50 +537,24 @@ class EditSession:
         return [e.summary() for e in self._edits]
 
     # -- export ----------------------------------------------------------------------------------------
-    def _card(self, relation: str, scores: dict[str, Any] | None, library: str) -> CardInfo:
-        log_rows = []
-        for e in self._edits:
-            for r in e.requests:
-                row = r.as_dict()
-                row["layer"] = ",".join(map(str, e.layers))
-                row["method"] = e.method
-                row["check"] = e.warning or "ok"
-                log_rows.append(row)
-        facts = "; ".join(f"{r['subject']} → {r['target_new']}" for r in log_rows)
-        methods = sorted({e.method for e in self._edits})
-        summary = (f"{self.base_name} with {len(log_rows)} fact(s) rewritten by "
-                   f"{'ROME (rank-one MLP edits)' if methods == ['rome'] else ', '.join(methods)}: {facts}.\n\n"
-                   f"Statistics corpus: {self.corpus.name}.")
-        checks = [e.info.get("checks", {}) for e in self._edits]
-        flagged = [e.id for e, c in zip(self._edits, checks) if c.get("flag")]
-        missed = [e.id for e, c in zip(self._edits, checks) if c.get("missed")]
-        if flagged:
-            summary += (f"\n\n**Warning:** edit(s) {', '.join(map(str, flagged))} looked like disabling edits "
-                        "(see the check column of the edit log).")
-        if missed:
-            summary += (f"\n\n**Warning:** edit(s) {', '.join(map(str, missed))} did not take on their own prompt "
-                        "(see the check column of the edit log).")
-        if relation == "adapter":
-            summary += ("\n\nThe edits are stored as a LoRA adapter on the edited down projection(s), "
-                        "rank 1 per edit, with ΔW = B·A exactly.")
-        return CardInfo(title=f"{self.base_name.split('/')[-1]}-rome-edited", relation=relation,  # type: ignore[arg-type]
-                        base_models=[self.base_name], summary=summary, library_name=library,  # type: ignore[arg-type]
-                        tags=["weightsmith", *sorted({e.method for e in self._edits}), "knowledge-editing"],
-                        edit_log=log_rows, scores=scores,
-                        extra_sections={"Edit details": "```json\n" + json.dumps(self.history, indent=1, default=str) + "\n```"})
-
     def export_model(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
                      overwrite: bool = False) -> Path:
         """Write the edited model as a full folder (weights, config, tokenizer, card); returns it."""
         if not self._edits:
             raise WeightsmithError("no edits to export")
-        config = self.model.config.to_dict()
-        skip = set(self.spec.tied_head_names(config))
+        from .patch import folded_state
+
+        config = self.model.config
+        skip = set(self.spec.tied_head_names(config.to_dict()))
+        state, width = folded_state(self.model, self.spec)  # patch neurons become rows of the MLP matrices
+        if width is not None:
+            config = copy.deepcopy(config)
+            config.intermediate_size = width
         with ShardedWriter(Path(out_dir), skip=skip, overwrite=overwrite) as w:
-            for name, t in self.model.state_dict().items():
+            for name, t in state.items():
                 if name not in skip:
                     w.add(name, t.detach().cpu())
-            w.write_text("config.json", self.model.config.to_json_string())
+            w.write_text("config.json", config.to_json_string())
             gen = getattr(self.model, "generation_config", None)
             if gen is not None:
                 w.write_text("generation_config.json", gen.to_json_string())
@@ -559,7 +563,7 @@ class EditSession:
                 for f in sorted(Path(tmp).iterdir()):
                     w.add_file(f.name, f)
             w.write_text("edit_log.json", json.dumps(self.history, indent=2, default=str))
-            w.add_file("README.md", str(build_card(self._card("finetune", scores, "transformers"))).encode("utf-8"))
+            w.add_file("README.md", str(build_card(edit_card(self, "finetune", scores, "transformers"))).encode("utf-8"))
         return Path(out_dir)
 
     def stacked_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -587,6 +591,9 @@ class EditSession:
         """Write the edits as a PEFT LoRA adapter (rank 1 per edit, ΔW = B·A); returns the folder."""
         if not self._edits:
             raise WeightsmithError("no edits to export")
+        if any(e.method == "patch" for e in self._edits):
+            raise WeightsmithError("patch edits add neurons, which a LoRA adapter cannot hold: export the model, "
+                                   "or use rome, r-rome or memit for an adapter")
         tensors, ranks = self.adapter_tensors()
         factors = factors_from_state(self.base_name, tensors)  # checked: finite, chaining
         # Scaling 1 for every module (lora_alpha = r per module), so PEFT's ΔW is B·A exactly.
@@ -594,6 +601,6 @@ class EditSession:
 
         def extra(folder: Path) -> None:
             (folder / "edit_log.json").write_text(json.dumps(self.history, indent=2, default=str), encoding="utf-8")
-            write_card(folder, self._card("adapter", scores, "peft"))
+            write_card(folder, edit_card(self, "adapter", scores, "peft"))
 
         return write_adapter(Path(out_dir), config, factors, extra=extra, overwrite=overwrite)

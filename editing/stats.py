@@ -1,5 +1,9 @@
 """Second-moment statistics C = E[k kᵀ] of the MLP down-projection inputs, cached on disk.
 
+A second kind, ``M`` (``kind="M"``), is the second moment of the MLP's own inputs x augmented with a
+constant, E[[x; 1][x; 1]ᵀ]: its corner holds the mean input E[x]. Key-gated neurons
+(:mod:`editing.patch`) are built from it.
+
 ROME's update direction is u = C⁻¹k*, so C must describe what the edited
 layer's keys look like on ordinary text. It is computed once per
 (model identity, layer, corpus, token count) and stored under
@@ -39,6 +43,7 @@ from checkpoints.home import weightsmith_home
 
 from .hooks import StopForward, forward_with_cache, get_module, stop_after
 from .nullspace import nullspace_projector
+from .patch import is_patch_parameter
 from .request import start_token_id
 
 log = logging.getLogger(__name__)
@@ -137,7 +142,7 @@ def layer_identity(model: torch.nn.Module, spec: ArchSpec, layer: int) -> str:
     h = hashlib.sha256(spec.model_type.encode())
     for name, p in model.named_parameters():
         loc = spec.locate(name)
-        if loc.kind == "head":
+        if loc.kind == "head" or is_patch_parameter(name):  # a session's patches are edits, not the model
             continue
         if loc.kind == "block" and (loc.block > layer or (loc.block == layer and name.startswith(edited))):
             continue
@@ -147,22 +152,30 @@ def layer_identity(model: torch.nn.Module, spec: ArchSpec, layer: int) -> str:
 
 
 # -- computation -----------------------------------------------------------------------------------------
+# What a statistic is taken of: "C" the down projection's inputs (ROME's keys), "M" the MLP's inputs
+# with a constant 1 appended (so the mean input is part of the same matrix).
+KINDS: dict[str, str] = {"C": "mlp_out", "M": "mlp"}
+
+
 class _Accumulator:
     """Running Σ k kᵀ (float64) and count for several layers, fed by forward pre-hooks."""
 
-    def __init__(self, model, spec: ArchSpec, layers: list[int]):
+    def __init__(self, model, spec: ArchSpec, layers: list[int], kind: str = "C"):
         self.sums: dict[int, torch.Tensor] = {}
         self.count = 0
         self.mask: torch.Tensor | None = None  # [B, T] of valid positions for the current batch
+        self.augment = kind == "M"
         self.handles = []
         for layer in layers:
-            self.handles.append(get_module(model, spec.module("mlp_out", layer)).register_forward_pre_hook(
+            self.handles.append(get_module(model, spec.module(KINDS[kind], layer)).register_forward_pre_hook(  # type: ignore[arg-type]
                 self._hook(layer)))
 
     def _hook(self, layer: int):
         def hook(_mod, args):
             k = args[0].detach().float()
             k = k.reshape(-1, k.shape[-1]) if self.mask is None else k[self.mask]
+            if self.augment:
+                k = torch.cat([k, torch.ones_like(k[:, :1])], dim=1)
             s = (k.T @ k).double()
             self.sums[layer] = s if layer not in self.sums else self.sums[layer] + s
         return hook
@@ -193,11 +206,12 @@ def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[torc
 @torch.no_grad()
 def compute_second_moments(model, tokenizer, spec: ArchSpec, layers: list[int], corpus: Corpus,
                            n_tokens: int, *, batch_size: int = 16, seq_len: int = SEQ_LEN,
-                           progress: Progress | None = None, device: str | torch.device | None = None
-                           ) -> tuple[dict[int, torch.Tensor], int]:
-    """E[k kᵀ] (float32) of the down-projection inputs of each layer in ``layers``; returns (C by layer, tokens used)."""
+                           progress: Progress | None = None, device: str | torch.device | None = None,
+                           kind: str = "C") -> tuple[dict[int, torch.Tensor], int]:
+    """E[k kᵀ] (float32) of the down-projection inputs of each layer in ``layers`` (``kind="M"``: of the
+    MLP inputs with a 1 appended); returns (the matrix by layer, tokens used)."""
     device = device or next(model.parameters()).device
-    acc = _Accumulator(model, spec, layers)
+    acc = _Accumulator(model, spec, layers, kind)
     top = spec.module("mlp_out", max(layers))
     t0 = time.time()
     try:
@@ -266,7 +280,9 @@ class StatsKey:
     layer: int
     corpus: str
     n_tokens: int
-    kind: str = "C"  # "C" the second moment; "P<threshold>" AlphaEdit's null-space projector of that C
+    # "C" the second moment; "M" the MLP inputs' augmented one (:data:`KINDS`); "P<threshold>"
+    # AlphaEdit's null-space projector of that C
+    kind: str = "C"
 
     def filename(self) -> str:
         suffix = "" if self.kind == "C" else f"-{self.kind}"
@@ -274,7 +290,7 @@ class StatsKey:
 
     @property
     def tensor_name(self) -> str:
-        return "C" if self.kind == "C" else "P"
+        return self.kind if self.kind in KINDS else "P"
 
     def projector(self, threshold: float) -> "StatsKey":
         """The key of the null-space projector computed from this C with ``threshold``."""
@@ -296,11 +312,11 @@ class StatsCache:
         self.last_missing: list[int] = []  # layers the last :meth:`get` had to compute (the others were cached)
 
     def key(self, model, spec: ArchSpec, layer: int, corpus: Corpus, n_tokens: int,
-            identities: dict[int, str] | None = None) -> StatsKey:
+            identities: dict[int, str] | None = None, kind: str = "C") -> StatsKey:
         """``identities``: the caller's remembered :func:`layer_identity` by layer (hashing the
         embeddings and the blocks below costs a second or more per layer on a small CPU)."""
         ident = identities.get(layer) if identities else None
-        return StatsKey(ident or layer_identity(model, spec, layer), layer, corpus.digest, int(n_tokens))
+        return StatsKey(ident or layer_identity(model, spec, layer), layer, corpus.digest, int(n_tokens), kind)
 
     def lookup(self, key: StatsKey) -> torch.Tensor | None:
         if key in self._mem:
@@ -332,20 +348,22 @@ class StatsCache:
 
     def get(self, model, tokenizer, spec: ArchSpec, layers: int | list[int], corpus: Corpus,
             n_tokens: int | None = None, *, progress: Progress | None = None,
-            device: str | torch.device | None = None, identities: dict[int, str] | None = None
-            ) -> dict[int, torch.Tensor]:
-        """C for each layer (computing the missing ones in one pass over the corpus)."""
+            device: str | torch.device | None = None, identities: dict[int, str] | None = None,
+            kind: str = "C") -> dict[int, torch.Tensor]:
+        """C (or ``kind="M"``, :data:`KINDS`) for each layer (the missing ones in one pass over the corpus)."""
+        if kind not in KINDS:
+            raise WeightsmithError(f"unknown statistics kind {kind!r}: one of {', '.join(KINDS)}")
         layers = [layers] if isinstance(layers, int) else list(layers)
         if n_tokens is None:
             n_tokens = DEFAULT_SAMPLED_TOKENS if corpus.kind == "sampled" else DEFAULT_TOKENS
-        keys = {layer: self.key(model, spec, layer, corpus, n_tokens, identities) for layer in layers}
+        keys = {layer: self.key(model, spec, layer, corpus, n_tokens, identities, kind) for layer in layers}
         out = {layer: c for layer in layers if (c := self.lookup(keys[layer])) is not None}
         missing = [layer for layer in layers if layer not in out]
         self.last_missing = missing
         if missing:
             t0 = time.time()
             computed, used = compute_second_moments(model, tokenizer, spec, missing, corpus, n_tokens,
-                                                    progress=progress, device=device)
+                                                    progress=progress, device=device, kind=kind)
             self.last_computed_seconds = time.time() - t0
             for layer, c in computed.items():
                 self.store(keys[layer], c, {"layer": str(layer), "corpus": corpus.name, "tokens": str(used),

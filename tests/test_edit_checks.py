@@ -11,6 +11,7 @@ import torch
 
 import editing.session as session_module
 from checkpoints.errors import WeightsmithError
+from editing.edit_card import edit_card
 from editing.checks import CheckSettings, unrelated_kl, update_checks, update_norms
 from editing.request import EditRequest
 
@@ -77,7 +78,7 @@ def test_huge_update_is_flagged_and_normal_ones_are_not(sharp_dirs, corpus_file,
     assert c["flag"] and "the median" in c["warning"] and c["update_norm"] > 5 * c["median_earlier_norm"]
     assert c["unrelated_kl"] > 0
     assert s.history[-1]["checks"]["flag"] is True and huge.warning.startswith("possible disabling edit")
-    card = s._card("finetune", None, "transformers")
+    card = edit_card(s, "finetune", None, "transformers")
     assert card.edit_log[-1]["check"] == huge.warning
     assert "disabling" not in card.edit_log[0]["check"]  # the normal edits are not flagged as disabling
     assert "looked like disabling edits" in card.summary
@@ -294,4 +295,4 @@ def test_each_edit_reports_whether_it_took(sharp_dirs, corpus_file, stats, monke
     assert c["missed"] == 1 and c["generates_target"] == 0 and not after["generates_target"], c
     assert f"the model continues {after['continuation']!r}, not 'Rome'" in weak.warning and not c["flag"]
     assert s.history[-1]["checks"]["missed"] == 1
-    assert "did not take on their own prompt" in s._card("finetune", None, "transformers").summary
+    assert "did not take on their own prompt" in edit_card(s, "finetune", None, "transformers").summary
