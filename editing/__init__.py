@@ -9,7 +9,7 @@ Public API (stable)::
     from editing.stats import StatsCache, corpus_from_file, sampled_corpus, resolve_corpus
     from editing.rome import RomeHyperParams, default_layer
     from editing.memit import MemitHyperParams
-    from editing.methods import METHODS, DEFAULT_METHOD   # rome, r-rome, alphaedit, memit, alphaedit-memit
+    from editing.methods import METHODS, DEFAULT_METHOD   # rome, r-rome, alphaedit, memit, alphaedit-memit, patch
     from editing.alphaedit import AlphaEditHyperParams
     from editing.checks import CheckSettings             # disabling-edit checks: edit.info["checks"]
 

@@ -36,10 +36,14 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _session(args, ckpt, model, tok):
+    from .methods import FALLBACK_METHOD
     from .session import EditSession
 
+    # An adapter holds low-rank changes of existing matrices, not new neurons: without a named method,
+    # --as-adapter edits with the fallback (MEMIT); with --method patch it is refused in _edit.
+    method = args.method or (FALLBACK_METHOD if getattr(args, "as_adapter", False) else None)
     return EditSession(model, tok, corpus=args.stats_corpus, stats_tokens=args.stats_tokens, base_name=ckpt.name,
-                       method=args.method)
+                       method=method)
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -57,6 +61,9 @@ def _edit(args: argparse.Namespace) -> int:
                                "(or --batch FILE with many facts)")
     if out.exists():
         raise WeightsmithError(f"{out} already exists (choose another folder)")
+    if args.as_adapter and args.method == "patch":
+        raise WeightsmithError("--as-adapter cannot hold patch edits (they add neurons): drop --as-adapter, or "
+                               "choose --method memit, r-rome or rome")
     if args.batch:
         return _edit_batch(args, out)
     return _edit_one(args, out)
@@ -152,7 +159,8 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=None,
                    help="edited layer (default: per-architecture table); for memit methods the four spread over are two below it to one above")
     p.add_argument("--method", choices=list(METHODS), default=None,
-                   help=f"editing method (default {DEFAULT_METHOD}); memit and alphaedit-memit spread over several layers")
+                   help=f"editing method (default {DEFAULT_METHOD}, or memit for a model whose MLP cannot take new "
+                        "neurons); memit and alphaedit-memit spread over several layers")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -29,13 +29,15 @@ if TYPE_CHECKING:  # the CLI imports this module to build its parser: no torch a
 METHODS: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit", "patch")
 SINGLE_LAYER: tuple[str, ...] = ("rome", "r-rome", "alphaedit", "patch")
 MULTI_LAYER: tuple[str, ...] = ("memit", "alphaedit-memit")
-# MEMIT one fact at a time, by measurement on the tuning half (records 0-199 edited in sequence): at 200
-# edits retention 0.965, paraphrase 0.895, neighbourhood 0.685 against 0.69 unedited and perplexity 1.036x,
-# where r-ROME reached 1.240x and ROME made disabling edits (tuning record 258: ‖ΔW‖ 42× ‖W‖). Spreading a
-# fact over four layers makes each layer's update a quarter as large, so later edits disturb less of what
-# earlier ones and ordinary text rely on. Single edits score as r-ROME's (records 500-524: 1.00/0.88/0.72).
-# README, "Editing", has the tables.
-DEFAULT_METHOD = "memit"
+# Key-gated neurons, by measurement (bench/sequential_edits.py, README "Editing"). Tuning half, records 0-99
+# edited in sequence: retention 1.00, paraphrase 0.96, neighbourhood 0.69 against 0.71 unedited and
+# WikiText perplexity ×1.000, where MEMIT one fact at a time (the earlier default) had 0.97 / 0.90 / 0.71
+# and ×1.009, and reached ×1.08 at 300 edits. A patch leaves the model's weights alone and fires only on
+# its subject, so a long sequence does not wear ordinary text down. A session whose model cannot hold
+# patches (no gated MLP, or no near-constant input direction at the layer) uses FALLBACK_METHOD instead
+# when no method is named (EditSession._default_method), and says so in its log.
+DEFAULT_METHOD = "patch"
+FALLBACK_METHOD = "memit"
 
 
 def check_method(method: str | None) -> str:

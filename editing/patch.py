@@ -111,12 +111,20 @@ def _add_patch_output(module: nn.Module, args: tuple, output: Any) -> Any:
     return output + getattr(module, PATCH_MODULE)(args[0])
 
 
+def gated_mlp(spec: ArchSpec) -> bool:
+    """Whether the architecture's MLP is gated with separate gate, up and down projections (neurons can join it)."""
+    return tuple(m.split(".")[-1] for m in spec.mlp_in) == ("gate_proj", "up_proj") and spec.mlp_out.endswith("down_proj")
+
+
 def check_patchable(model, spec: ArchSpec) -> None:
     """One clear error unless the architecture has a gated MLP (gate, up, down) that neurons can join."""
-    if tuple(m.split(".")[-1] for m in spec.mlp_in) != ("gate_proj", "up_proj") or not spec.mlp_out.endswith("down_proj"):
+    if not gated_mlp(spec):
         raise WeightsmithError(f"the patch method needs a gated MLP with separate gate_proj/up_proj/down_proj; "
                                f"{spec.model_type!r} has {', '.join(spec.mlp_in)} -> {spec.mlp_out}: use rome or memit")
     act = getattr(model.config, "hidden_act", None)
+    if not hasattr(get_module(model, spec.module("mlp", 0)), "act_fn"):
+        raise WeightsmithError(f"the patch method needs the MLP's activation module (act_fn); {spec.model_type!r}'s "
+                               "MLP has none: use rome or memit")
     if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new"):
         raise WeightsmithError(f"the patch method needs an activation that is ~0 far below zero; "
                                f"{spec.model_type!r} uses {act!r}: use rome or memit")
@@ -159,6 +167,21 @@ class Detector:
         return act(x @ self.gate) * (x @ self.up)
 
 
+def _spread(q: float) -> float:
+    # mᵀx with m = M⁻¹μ/q has mean 1 and variance (1 − q)/q over text, q = μᵀM⁻¹μ ≤ 1.
+    return (max(0.0, 1.0 - q) / q) ** 0.5 if q > 0 else float("inf")
+
+
+def bias_spread(M_aug: torch.Tensor, hp: PatchHyperParams) -> float:
+    """The relative spread over text of the layer's most nearly constant input direction (see
+    :class:`PatchHyperParams`): below ``hp.max_bias_spread`` the patch method can threshold there."""
+    d = M_aug.shape[0] - 1
+    M64 = M_aug.double()
+    M = M64[:d, :d] + hp.ridge * float(M64[:d, :d].diagonal().mean()) * torch.eye(d, dtype=torch.float64)
+    mu = M64[:d, d]
+    return _spread(float(mu @ torch.linalg.solve(M, mu)))
+
+
 def subject_detector(M_aug: torch.Tensor, X: torch.Tensor, act: nn.Module, hp: PatchHyperParams) -> Detector:
     """Gate and up rows that fire on inputs like the rows of ``X`` ``[n, d]`` (the subject's inputs over
     the edit's prompts, the bare prompt first) and not on ordinary text, whose augmented second moment
@@ -177,7 +200,7 @@ def subject_detector(M_aug: torch.Tensor, X: torch.Tensor, act: nn.Module, hp: P
     anchors = torch.stack([X.double().mean(0), X[0].double()], dim=1)  # [d, 2]
     sol = torch.linalg.solve(M, torch.cat([mu[:, None], anchors], dim=1))
     q = float(mu @ sol[:, 0])
-    spread = (max(0.0, 1.0 - q) / q) ** 0.5 if q > 0 else float("inf")
+    spread = _spread(q)
     if not spread <= hp.max_bias_spread:
         raise WeightsmithError(f"the patch method needs an input direction that is nearly constant on text; this "
                                f"layer's best varies by {spread:.0%} (limit {hp.max_bias_spread:.0%}): use rome or memit")

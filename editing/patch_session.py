@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
+from checkpoints.errors import WeightsmithError
+
+from .methods import DEFAULT_METHOD, FALLBACK_METHOD
 from .patch import (
     ROLES,
     attach,
+    bias_spread,
     check_patchable,
     compute_patch,
     neurons_at,
@@ -81,6 +85,23 @@ class PatchEdits:
         info.update({"slots": slots, "seconds_stats": round(t_stats, 3), "corpus": self.corpus.describe(),
                      "stats_tokens": self.stats_tokens})
         return {patch_module_name(self.spec, layer, role): f for role, f in facs.items()}, info
+
+    def _default_method(self, layer: int) -> str:
+        """What an edit uses when no method is named: ``patch`` where the model can hold it (a gated MLP
+        with a near-constant input direction at ``layer``), else ``memit``; logged once per layer."""
+        if layer not in self._defaults:
+            reason = ""
+            try:
+                check_patchable(self.model, self.spec)
+                spread = bias_spread(self.statistics(layer, kind="M")[layer], self.patch_hparams)
+                if not spread <= self.patch_hparams.max_bias_spread:
+                    reason = f"layer {layer}'s inputs have no near-constant direction (spread {spread:.0%})"
+            except WeightsmithError as e:
+                reason = str(e)
+            self._defaults[layer] = FALLBACK_METHOD if reason else DEFAULT_METHOD
+            log.info("default editing method at layer %d: %s%s", layer, self._defaults[layer],
+                     f" (patch is not possible: {reason})" if reason else "")
+        return self._defaults[layer]
 
     def _fit_patch_factors(self, layer: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
                            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

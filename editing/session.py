@@ -56,7 +56,7 @@ from checkpoints.tensors import ShardedWriter
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
 from .edit_card import edit_card
 from .checks import CheckSettings, NeutralProbe, require_finite, target_check, update_checks, update_norms
-from .methods import DEFAULT_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
+from .methods import MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .patch import PatchHyperParams, host_module, is_patch_parameter
 from .patch_session import PatchEdits
 from .request import EditRequest, check_request
@@ -161,7 +161,8 @@ class EditSession(PatchEdits):
         model, tokenizer: the loaded pair (float32 recommended on CPU).
         stats: the statistics cache (default: on disk under ``weightsmith_home()``).
         hparams: ROME settings (:class:`RomeHyperParams`), also the keys/values of r-ROME and AlphaEdit.
-        method: default method of :meth:`apply` (:data:`editing.methods.METHODS`).
+        method: default method of :meth:`apply` (:data:`editing.methods.METHODS`); None: ``patch`` where
+            the model can hold it, else ``memit`` (:data:`editing.methods.DEFAULT_METHOD`).
         alpha_hparams: AlphaEdit settings (:class:`AlphaEditHyperParams`).
         patch_hparams: how the patch method detects a subject (:class:`editing.patch.PatchHyperParams`).
         check_settings: thresholds of the disabling-edit checks (:class:`CheckSettings`).
@@ -185,7 +186,9 @@ class EditSession(PatchEdits):
         self.stats = stats if stats is not None else StatsCache()
         self.hparams = hparams or RomeHyperParams()
         self.memit_hparams = memit_hparams
-        self.method = check_method(method or DEFAULT_METHOD)
+        # None: the default, chosen per model and layer (:meth:`_default_method`); else the named method.
+        self.method = check_method(method) if method else None
+        self._defaults: dict[int, str] = {}
         self.alpha_hparams = alpha_hparams or AlphaEditHyperParams()
         self.check_settings = check_settings or CheckSettings()
         self.patch_hparams = patch_hparams or PatchHyperParams()
@@ -355,7 +358,8 @@ class EditSession(PatchEdits):
         """
         progress = job.callback("the edit") if job is not None else progress  # a Stop lands before the commit
         stages = _Stages(progress)
-        method = check_method(method or self.method)
+        method = (check_method(method or self.method) if (method or self.method)
+                  else self._default_method(self._layer_of(request)))
         if method in MULTI_LAYER:
             layers = None
             if request.layer is not None:
@@ -423,7 +427,8 @@ class EditSession(PatchEdits):
         progress = job.callback("the edit") if job is not None else progress
         stages = _Stages(progress)
         if method is None:
-            method = batch_method(self.method)
+            method = batch_method(self.method or ("memit" if layers and len(layers) > 1 else
+                                                  self._default_method((layers or [self.default_layer])[0])))
         method = check_method(method)
         if method in ("rome", "r-rome"):
             raise WeightsmithError(f"{method} edits one fact at a time: use apply(), or method memit, "

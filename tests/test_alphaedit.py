@@ -40,14 +40,14 @@ def relative_effect(dW: torch.Tensor, keys: torch.Tensor) -> float:
 
 
 def test_methods_named():
-    assert check_method("R_ROME") == "r-rome" and check_method(None) == "memit"  # the measured default
+    assert check_method("R_ROME") == "r-rome" and check_method(None) == "patch"  # the measured default
     with pytest.raises(WeightsmithError, match="unknown editing method 'fancy'.*alphaedit-memit"):
         check_method("fancy")
     from editing.methods import batch_method
 
     # A batch keeps the chosen family: AlphaEdit's projection, else MEMIT (ROME edits one fact at a time).
-    assert [batch_method(m) for m in ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit")] == [
-        "memit", "memit", "alphaedit-memit", "memit", "alphaedit-memit"]
+    assert [batch_method(m) for m in ("rome", "r-rome", "alphaedit", "memit", "alphaedit-memit", "patch")] == [
+        "memit", "memit", "alphaedit-memit", "memit", "alphaedit-memit", "patch"]
 
 
 def test_projector_is_an_orthogonal_projector_onto_small_eigenvalues():

@@ -368,8 +368,10 @@ def test_edit_method_choice_reaches_the_library(edit_wb):
     rome = moved()
     assert len(rome) == 1  # non-vacuity: one weight moved
     wb.undo("tiny-base", 1, r)
-    _, _, md, hist = wb.edit(*fact)  # no method: the library's default
-    assert f"({DEFAULT_METHOD})" in md and hist[0][1] == DEFAULT_METHOD
+    # No method: the library's default, patch, which this random model cannot hold (its MLP inputs have no
+    # near-constant direction), so the session falls back to memit and the result says so.
+    _, _, md, hist = wb.edit(*fact)
+    assert DEFAULT_METHOD == "patch" and "(memit)" in md and hist[0][1] == "memit"
     default = moved()
     wb.undo("tiny-base", 2, r)
     _, _, md, hist = wb.edit(*fact, method="r-rome")
@@ -382,8 +384,7 @@ def test_edit_method_choice_reaches_the_library(edit_wb):
     name = next(iter(rome))
     assert set(r_rome) == {name} and not torch.equal(r_rome[name], rome[name])  # the choice reached the library
     assert len(memit) > 1 and name in memit  # MEMIT spreads the fact over several layers' down projections
-    chosen = {"rome": rome, "r-rome": r_rome, "memit": memit}[DEFAULT_METHOD]
-    assert set(default) == set(chosen) and all(torch.equal(default[k], chosen[k]) for k in chosen)
+    assert set(default) == set(memit) and all(torch.equal(default[k], memit[k]) for k in memit)
     with pytest.raises(gr.Error, match="[Mm]ethod"):
         wb.edit(*fact, method="memitt")
 

@@ -229,7 +229,41 @@ def test_architectures_without_a_gated_mlp_are_refused(corpus_file, stats, tmp_p
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after) and not s.edits
 
 
+def test_the_default_is_patch_where_the_model_can_hold_it(biased_llama, tiny_llama_dir, corpus_file, stats):
+    from editing.session import EditSession
+    from editing.stats import corpus_from_file
+
+    from test_edit import FAST
+
+    for folder, expected in ((biased_llama, "patch"), (tiny_llama_dir, "memit")):  # tiny_llama_dir: no bias
+        model, tok = load(folder)
+        s = EditSession(model, tok, stats=stats, hparams=FAST, corpus=corpus_from_file(corpus_file))
+        assert s.apply(TOWER).method == expected
+        assert s.apply_batch([MADRID]).method == expected
+
+
 def test_method_choice():
     from editing.methods import batch_method, check_method
 
     assert check_method("PATCH") == "patch" and batch_method("patch") == "patch"
+
+
+def test_cli_writes_a_patched_model_and_refuses_a_patch_adapter(biased_llama, corpus_file, tmp_path, monkeypatch,
+                                                                capsys):
+    from cli import main
+
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+    fact = ["--prompt", TOWER.prompt, "--subject", TOWER.subject, "--target", TOWER.target, "--layer", str(LAYER),
+            "--stats-corpus", str(corpus_file)]
+    out = tmp_path / "patched"
+    code = main(["edit", str(biased_llama), *fact, "--out", str(out)])  # no --method: the default, patch
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "edited (patch) layer 1" in captured.out
+    model, _ = load(out)
+    base, _ = load(biased_llama)
+    assert model.config.intermediate_size == base.config.intermediate_size + 1
+    code = main(["edit", str(biased_llama), *fact, "--out", str(tmp_path / "adapter"), "--as-adapter",
+                 "--method", "patch"])
+    assert code == 2 and "cannot hold patch edits" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()

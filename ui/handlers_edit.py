@@ -111,7 +111,7 @@ class EditHandlers:
     def edit(self, model: str, prompt: str, subject: str, target: str, target_true: str,
              layer, request: gr.Request, progress=gr.Progress(),
              method: Literal[EDIT_METHODS] | None = None):  # type: ignore[valid-type]
-        """Apply one edit (``method``: rome, r-rome, alphaedit, memit, alphaedit-memit; empty: the default);
+        """Apply one edit (``method``: rome, r-rome, alphaedit, memit, alphaedit-memit, patch; empty: the default);
         ``layer``: a whole number, or empty for the suggested/default layer.
         Returns (generation before, after, summary, history table)."""
         from editing.before_after import continuations_before_after
@@ -146,6 +146,14 @@ class EditHandlers:
             return f"⚠ {e}"
         if chosen is not None and not 0 <= chosen < num_layers:
             return f"⚠ layer {chosen} is out of range: this model has layers 0–{num_layers - 1}"
+        if m == "patch":
+            from checkpoints.arch import spec_for
+            from editing.patch import gated_mlp
+
+            spec = spec_for(model_type)
+            if spec is not None and not gated_mlp(spec):
+                return (f"⚠ patch adds neurons to a gated MLP (gate, up and down projections); a {model_type} "
+                        "model has none: choose memit or r-rome")
         layers = planned_layers(model_type, num_layers, m, chosen)
         if chosen is None:
             why = ("its default: four around this model's ROME layer" if m in MULTI_LAYER

@@ -17,7 +17,8 @@ def edit_tab(wb, picker, heavy) -> dict:
                                info="empty: the method's default; Trace fills in its suggestion")
             method = gr.Dropdown(list(EDIT_METHODS), value=DEFAULT_METHOD, label="Method",
                                  info="r-rome and alphaedit avoid ROME's disabling edits in long series; "
-                                      "memit methods spread an edit over 4 layers")
+                                      "memit methods spread an edit over 4 layers; patch adds one neuron per "
+                                      "fact that fires only on its subject")
         # Which layers the next edit changes, in numbers, before it runs (the result names them again).
         plan = gr.Markdown(f"Layer empty: **{DEFAULT_METHOD}** edits its default "
                            f"{'layers' if DEFAULT_METHOD in MULTI_LAYER else 'layer'} for the model.",
