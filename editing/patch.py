@@ -57,7 +57,8 @@ def is_patch_parameter(name: str) -> bool:
 
 @dataclass
 class PatchHyperParams:
-    """How a subject is detected. Tuned on CounterFact records 0-499 (bench/rome_counterfact.py)."""
+    """How a subject is detected. τ and α were chosen from the scores of CounterFact tuning records 0-99
+    (docs/editing-at-scale.md, "Key-gated neurons")."""
 
     # τ: the neuron fires where the subject score s(x) exceeds τ (s = 1 at the subject's mean input).
     threshold: float = 0.5
