@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from checkpoints.cards import CardInfo
 
-if TYPE_CHECKING:
-    from .session import EditSession
 
-
-def edit_card(session: EditSession, relation: str, scores: dict[str, Any] | None, library: str) -> CardInfo:
-    """The model card of a session's active edits: what was rewritten, how, and every edit's checks."""
+def edit_card(session: Any, relation: str, scores: dict[str, Any] | None, library: str) -> CardInfo:
+    """The model card of an edit session's active edits (``EditSession``): what was rewritten, how,
+    and every edit's checks (typed Any: the session imports this module)."""
     log_rows = []
     for e in session.edits:
         for r in e.requests:

@@ -17,6 +17,7 @@ import torch
 
 from checkpoints.errors import WeightsmithError
 
+from .hooks import get_module
 from .methods import DEFAULT_METHOD, FALLBACK_METHOD
 from .patch import (
     ROLES,
@@ -68,19 +69,20 @@ class PatchEdits:
         t0 = time.time()
         M = self.statistics(layer, progress=stages.first, kind="M")[layer]
         t_stats = time.time() - t0
-        slots = self._patch_room(layer, len(requests))
-        neurons = neurons_at(self.model, self.spec, layer)
+        act = get_module(self.model, self.spec.module("mlp", layer)).act_fn
         made, infos = [], []
         for i, r in enumerate(requests):
             det, down, info = compute_patch(self.model, self.tokenizer, self.spec, r, M, layer=layer,
                                             prefixes=self.prefixes(), rome_hparams=self.hparams,
-                                            hparams=self.patch_hparams, act=neurons.act,
+                                            hparams=self.patch_hparams, act=act,
                                             progress=stages.rest if len(requests) == 1 else None)
             made.append((det, down))
             infos.append(info)
             if len(requests) > 1:
                 stages.rest((i + 1) / len(requests), f"neuron {i + 1} of {len(requests)}")
-        facs = slot_factors(made, slots, neurons.capacity)
+        # Only now are neurons added to the model: a refused patch leaves it exactly as it was.
+        slots = self._patch_room(layer, len(requests))
+        facs = slot_factors(made, slots, neurons_at(self.model, self.spec, layer).capacity)
         info = dict(infos[0]) if len(infos) == 1 else {"facts": infos}
         info.update({"slots": slots, "seconds_stats": round(t_stats, 3), "corpus": self.corpus.describe(),
                      "stats_tokens": self.stats_tokens})

@@ -9,7 +9,7 @@ instead of sampling them for minutes.
 Example::
 
     with tqdm_job("demo statistics") as job:
-        prepare_statistics("demo", job=job)       # default layer + MEMIT's layers, model-sampled corpus
+        prepare_statistics("demo", job=job)       # default layer (C and M) + MEMIT's layers, model-sampled corpus
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def open_session(ckpt, *, stats: StatsCache | None = None, corpus: str | Path | 
                        corpus=corpus, stats_tokens=stats_tokens)
 
 
+def patch_possible(session: EditSession) -> bool:
+    """Whether the default method, patch, can edit this architecture (a gated MLP); the rest of its
+    check needs the statistics this module prepares."""
+    from .patch import gated_mlp
+
+    return gated_mlp(session.spec)
+
+
 def default_layers(session: EditSession) -> list[int]:
     """The layers an edit without a layer uses: ROME's default layer and MEMIT's default span."""
     spread = MemitHyperParams().layers_for(session.spec.model_type, session.num_layers)
@@ -75,10 +83,15 @@ def prepare_statistics(ref: str = "demo", *, layers: list[int] | None = None, co
     session = open_session(resolve(ref), stats=stats, corpus=corpus if corpus is not None else configured_corpus(),
                            stats_tokens=stats_tokens, device=device)
     layers = list(layers) if layers is not None else default_layers(session)
-    session.statistics(layers, job=job)
+    computed: list[int] = []
+    if patch_possible(session):  # the default method's statistics: the MLP inputs' at its layer (kind M)
+        session.statistics(session.default_layer, job=job, kind="M")
+        computed += stats.last_missing
+    session.statistics(layers, job=job)  # ROME's and MEMIT's (also the default's fallback)
+    computed += [layer for layer in stats.last_missing if layer not in computed]
     if job is not None:
         job.progress(1.0, "statistics ready")
-    done = Prepared(layers, list(stats.last_missing), time.time() - t0)
+    done = Prepared(layers, computed, time.time() - t0)
     log.info("statistics of %s for layers %s ready in %.1f s (computed: %s)", ref, layers, done.seconds,
              done.computed or "none, all cached")
     return done

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -54,9 +54,10 @@ from checkpoints.sources import public_name
 from checkpoints.tensors import ShardedWriter
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
+from .deltas import Deltas, delta_of
 from .edit_card import edit_card
 from .checks import CheckSettings, NeutralProbe, require_finite, target_check, update_checks, update_norms
-from .methods import MULTI_LAYER, batch_method, check_method, rome_hparams_for
+from .methods import FALLBACK_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .patch import PatchHyperParams, host_module, is_patch_parameter
 from .patch_session import PatchEdits
 from .request import EditRequest, check_request
@@ -66,30 +67,6 @@ from .stats import Corpus, StatsCache, layer_identity, resolve_corpus
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-
-
-class Deltas(Mapping):
-    """Parameter name → the exact delta an edit added, without keeping rank-one deltas in memory.
-
-    A rank-one ΔW = B·A has one rounded product per entry (no sums), so recomputing it
-    gives the same bits every time; it is rebuilt when read (an undo's refold) instead of
-    stored (a full matrix per edit: 3.5 MB on the demo model, 180 MB on a 7B model).
-    Deltas of rank > 1 (MEMIT, batches) are kept, since a sum's rounding may depend on the
-    BLAS path.
-    """
-
-    def __init__(self, stored: dict[str, torch.Tensor], rank_one: dict[str, Callable[[], torch.Tensor]]):
-        self._stored, self._rank_one = stored, rank_one
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._stored[name] if name in self._stored else self._rank_one[name]()
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._stored
-        yield from self._rank_one
-
-    def __len__(self) -> int:
-        return len(self._stored) + len(self._rank_one)
 
 
 @dataclass
@@ -148,10 +125,6 @@ class _Stages:
         if self.progress:
             start = 0.5 if self.used_first else 0.0
             self.progress(start + (1 - start) * fraction, text)
-
-
-def _delta(spec, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return spec.from_out_in(B @ A).to(dtype).contiguous()
 
 
 class EditSession(PatchEdits):
@@ -340,7 +313,7 @@ class EditSession(PatchEdits):
         stored, rank_one = {}, {}
         for module, (B, A) in factors.items():
             pname = self._param_name(module)
-            make = partial(_delta, self.spec, B, A, self.model.get_parameter(pname).dtype)
+            make = partial(delta_of, self.spec, B, A, self.model.get_parameter(pname).dtype)
             if B.shape[1] == 1:
                 rank_one[pname] = make
             else:
@@ -358,8 +331,8 @@ class EditSession(PatchEdits):
         """
         progress = job.callback("the edit") if job is not None else progress  # a Stop lands before the commit
         stages = _Stages(progress)
-        method = (check_method(method or self.method) if (method or self.method)
-                  else self._default_method(self._layer_of(request)))
+        chosen = bool(method or self.method)
+        method = check_method(method or self.method) if chosen else self._default_method(self._layer_of(request))
         if method in MULTI_LAYER:
             layers = None
             if request.layer is not None:
@@ -382,7 +355,14 @@ class EditSession(PatchEdits):
             info["nullspace_dim"] = kept
             factors, keys = {module: (B, A)}, {layer: K.T}
         elif method == "patch":
-            factors, info = self._compute_patches([request], layer, stages)
+            try:
+                factors, info = self._compute_patches([request], layer, stages)
+            except WeightsmithError as e:
+                if chosen:
+                    raise
+                # The default, not the user's choice: a subject this model's patch cannot detect gets MEMIT.
+                log.warning("patch cannot write %r (%s): editing it with %s", request.subject, e, FALLBACK_METHOD)
+                return self.apply(request, progress, method=FALLBACK_METHOD)
             t_stats, keys = info.pop("seconds_stats"), {}
         else:
             C = self.statistics(layer, progress=stages.first)[layer]
@@ -426,6 +406,7 @@ class EditSession(PatchEdits):
 
         progress = job.callback("the edit") if job is not None else progress
         stages = _Stages(progress)
+        chosen = bool(method or self.method)
         if method is None:
             method = batch_method(self.method or ("memit" if layers and len(layers) > 1 else
                                                   self._default_method((layers or [self.default_layer])[0])))
@@ -442,7 +423,13 @@ class EditSession(PatchEdits):
             if len(layers) != 1 or not 0 <= layers[0] < self.num_layers:
                 raise WeightsmithError(f"patch writes one layer: give one of 0..{self.num_layers - 1}")
             t0, before = time.time(), self._neutral()
-            factors, info = self._compute_patches(list(requests), layers[0], stages)
+            try:
+                factors, info = self._compute_patches(list(requests), layers[0], stages)
+            except WeightsmithError as e:
+                if chosen:
+                    raise
+                log.warning("patch cannot write this batch (%s): editing it with %s", e, FALLBACK_METHOD)
+                return self.apply_batch(requests, progress=progress, method=FALLBACK_METHOD)
             edit = self._commit(method, list(requests), layers, factors, info, before=before)
             info["seconds"] = round(time.time() - t0, 3)
             return edit
@@ -517,7 +504,7 @@ class EditSession(PatchEdits):
         if pname not in saved:
             saved[pname] = param.detach().clone()
         with torch.no_grad():
-            param.copy_(param + _delta(self.spec, B, A, param.dtype))
+            param.copy_(param + delta_of(self.spec, B, A, param.dtype))
 
     def undo(self, edit_id: int) -> None:
         """Remove edit ``edit_id`` (any order); the weights become exactly pristine + the other deltas."""

@@ -44,22 +44,24 @@ def tiny_demo(tmp_path, monkeypatch, tiny_llama_family):
 def test_demo_model_prepares_the_statistics_the_app_finds(tiny_demo, tmp_path, capsys):
     assert main(["demo-model"]) == 0
     assert capsys.readouterr().out.strip() == str(tiny_demo.folder)
-    # One pass over the model-sampled corpus for ROME's default layer (round(0.16 * 3) = 0 of 4 layers)
-    # and MEMIT's span (four layers ending one above it, cut at 0: layers 0 and 1).
-    assert tiny_demo.computed == [[0, 1]]
+    # One pass over the model-sampled corpus for the default method's MLP inputs (patch, kind M) at the
+    # default layer (round(0.16 * 3) = 0 of 4 layers), one for ROME's layer and MEMIT's span (four layers
+    # ending one above it, cut at 0: layers 0 and 1), which the default falls back to.
+    assert tiny_demo.computed == [[0], [0, 1]]
     files = sorted(p.name for p in (tiny_demo.home / "stats").glob("*.safetensors"))
-    assert len(files) == 2 and all("-sampled-seed0-10000" in f for f in files)
+    assert len(files) == 3 and all("-sampled-seed0-10000" in f for f in files)
+    assert sum(f.endswith("-M.safetensors") for f in files) == 1
 
     wb = Workbench(AppConfig(workspace_root=tmp_path / "ws"))  # stats_root None: the library's default cache
     r = req("first-visitor")
     wb.edit("demo", *FACT, None, r, None)
     assert wb.stats.last_missing == []  # the app's first edit found them: no sampling
-    assert tiny_demo.computed == [[0, 1]]
+    assert tiny_demo.computed == [[0], [0, 1]]
     assert len(wb.edit_session(wb.workspace(r), "demo").history) == 1
 
     # Run again, demo-model finds them too (nothing recomputed).
     assert main(["demo-model"]) == 0
-    assert tiny_demo.computed == [[0, 1]]
+    assert tiny_demo.computed == [[0], [0, 1]]
 
 
 def test_demo_model_no_stats_leaves_the_first_edit_to_compute(tiny_demo, tmp_path, capsys):
@@ -68,7 +70,10 @@ def test_demo_model_no_stats_leaves_the_first_edit_to_compute(tiny_demo, tmp_pat
     assert tiny_demo.computed == [] and not (tiny_demo.home / "stats").exists()
     wb = Workbench(AppConfig(workspace_root=tmp_path / "ws"))
     wb.edit("demo", *FACT, None, req("v"), None)
-    assert len(tiny_demo.computed) == 1 and wb.stats.last_missing == tiny_demo.computed[0]
+    # The default's check (patch needs the MLP inputs' statistics) finds this random model unable to hold a
+    # patch, so the edit falls back to MEMIT and computes its statistics too.
+    assert tiny_demo.computed == [[0], [0, 1]] and wb.stats.last_missing == [0, 1]
+    assert wb.edit_session(wb.workspace(req("v")), "demo").edits[0].method == "memit"
 
 
 def test_app_edit_reuses_its_loaded_model_and_session(tiny_demo, tmp_path, monkeypatch):
@@ -90,7 +95,8 @@ def test_app_edit_reuses_its_loaded_model_and_session(tiny_demo, tmp_path, monke
     assert len(loads) == 1
     assert wb.edit_session(wb.workspace(a), "demo") is session and session.prefixes() is prefixes
     assert len(session.history) == 2
-    assert len(tiny_demo.computed) == 1  # statistics once, reused by the second edit
+    # Statistics once (the default's check, then MEMIT's, which it falls back to), reused by the second edit.
+    assert tiny_demo.computed == [[0], [0, 1]]
     # Non-vacuous: another browser session loads its own copy.
     wb.edit("demo", *FACT, None, req("b"), None)
     assert len(loads) == 2

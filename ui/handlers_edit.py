@@ -9,7 +9,7 @@ from checkpoints.errors import WeightsmithError
 from checkpoints.model_cache import building_models
 from checkpoints.sources import resolve
 from checkpoints.workspace import Workspace
-from editing.methods import METHODS as EDIT_METHODS, MULTI_LAYER, batch_method, check_method
+from editing.methods import DEFAULT_METHOD, FALLBACK_METHOD, METHODS as EDIT_METHODS, MULTI_LAYER, batch_method, check_method
 
 from .endpoint import FilePath, Range, endpoint
 from .forms import optional_number
@@ -37,6 +37,12 @@ def planned_layers(model_type: str, num_layers: int, method: str | None, layer: 
     if check_method(method) in MULTI_LAYER:
         return MemitHyperParams().layers_for(model_type, num_layers, layer)
     return [default_layer(model_type, num_layers) if layer is None else layer]
+
+
+def named_method(method: str | None) -> str | None:
+    """The method to pass to the library: None for the menu's preselected default, so a model that cannot
+    hold a patch is edited with the fallback (the result names the method used) instead of refusing."""
+    return None if not method or method == DEFAULT_METHOD else method
 
 
 def layers_text(layers: list[int]) -> str:
@@ -122,7 +128,7 @@ class EditHandlers:
         req = EditRequest(prompt, subject, target, layer_value(layer), (target_true or None))
         session.check(req)
         applied = self.run_job(request, lambda cancel: session.apply(req, job=gradio_job(progress, cancel),
-                                                                     method=method or None))
+                                                                     method=named_method(method)))
         show_progress(progress, 1.0, "generating the continuation before and after the edit")
         before, after = continuations_before_after(session, req.text, applied, max_new_tokens=24)
         info = applied.summary()
@@ -146,21 +152,20 @@ class EditHandlers:
             return f"⚠ {e}"
         if chosen is not None and not 0 <= chosen < num_layers:
             return f"⚠ layer {chosen} is out of range: this model has layers 0–{num_layers - 1}"
+        note = ""
         if m == "patch":
             from checkpoints.arch import spec_for
             from editing.patch import gated_mlp
 
-            spec = spec_for(model_type)
-            if spec is not None and not gated_mlp(spec):
-                return (f"⚠ patch adds neurons to a gated MLP (gate, up and down projections); a {model_type} "
-                        "model has none: choose memit or r-rome")
+            if not gated_mlp(spec_for(model_type)):  # the default falls back (named_method); patch cannot
+                m, note = FALLBACK_METHOD, f"; a {model_type} MLP cannot take patch neurons"
         layers = planned_layers(model_type, num_layers, m, chosen)
         if chosen is None:
             why = ("its default: four around this model's ROME layer" if m in MULTI_LAYER
                    else "this model's default")
         else:
             why = f"the four around layer {chosen}" if m in MULTI_LAYER else "the Layer field"
-        return f"**{m}** will edit **{layers_text(layers)}** ({why})."
+        return f"**{m}** will edit **{layers_text(layers)}** ({why}{note})."
 
     @endpoint
     def evaluate(self, model: str, prompt: str, subject: str, target: str, target_true: str, paraphrases: str,
@@ -215,7 +220,7 @@ class EditHandlers:
         session = self.edit_session(ws, model)
         applied = self.run_job(request, lambda cancel: session.apply_batch(
             requests, job=gradio_job(progress, cancel),
-            method=batch_method(method) if method else None))
+            method=batch_method(named_method(method)) if named_method(method) else None))
         return history_rows(session.history), (f"Batch edit {applied.id}: {len(requests)} facts over "
                                                f"{layers_text(applied.layers)}.")
 
