@@ -29,9 +29,9 @@ from checkpoints.perplexity import right_padded  # noqa: E402
 from checkpoints.sources import resolve  # noqa: E402
 from editing.evaluate import load_records  # noqa: E402
 from editing.hooks import capture_input, run_until  # noqa: E402
-from editing.patch import PatchHyperParams, bias_spread, mlp_inputs_at_subject, subject_detector  # noqa: E402
+from editing.patch import PatchHyperParams, bias_spread, subject_detector  # noqa: E402
 from editing.request import pad_id, tokenise  # noqa: E402
-from editing.rome import prefixed_sequences  # noqa: E402
+from editing.rome import compute_keys, prefixed_sequences  # noqa: E402
 from editing.session import EditSession  # noqa: E402
 from editing.stats import SEQ_LEN, StatsCache, corpus_from_file  # noqa: E402
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in records:
         req = r.request(None)
-        X = mlp_inputs_at_subject(model, tok, session.spec, layer, prefixed_sequences(tok, prefixes, req))
+        X = compute_keys(model, tok, session.spec, layer, prefixed_sequences(tok, prefixes, req), role="mlp")
         det = subject_detector(M, X, act, hp)
         w = (det.gate / hp.sharpness + hp.threshold * det.up).double()  # gate = α(w − τm), up = m
         para = []

@@ -42,7 +42,7 @@ from torch import nn
 from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
 
-from .hooks import capture_input, get_module, run_until
+from .hooks import get_module
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,18 @@ def _spread(q: float) -> float:
     return (max(0.0, 1.0 - q) / q) ** 0.5 if q > 0 else float("inf")
 
 
+def _text_moments(M_aug: torch.Tensor, hp: PatchHyperParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M with the ridge, μ) in float64 from the augmented second moment ``[[M, μ], [μᵀ, 1]]``."""
+    d = M_aug.shape[0] - 1
+    M64 = M_aug.double()
+    M = M64[:d, :d]
+    return M + hp.ridge * float(M.diagonal().mean()) * torch.eye(d, dtype=M.dtype), M64[:d, d]
+
+
 def bias_spread(M_aug: torch.Tensor, hp: PatchHyperParams) -> float:
     """The relative spread over text of the layer's most nearly constant input direction (see
     :class:`PatchHyperParams`): below ``hp.max_bias_spread`` the patch method can threshold there."""
-    d = M_aug.shape[0] - 1
-    M64 = M_aug.double()
-    M = M64[:d, :d] + hp.ridge * float(M64[:d, :d].diagonal().mean()) * torch.eye(d, dtype=torch.float64)
-    mu = M64[:d, d]
+    M, mu = _text_moments(M_aug, hp)
     return _spread(float(mu @ torch.linalg.solve(M, mu)))
 
 
@@ -194,10 +199,7 @@ def subject_detector(M_aug: torch.Tensor, X: torch.Tensor, act: nn.Module, hp: P
     the mean alone on tuning records 34 and 35, where v* could not reach the target); it is also the
     prompt the user typed, which must get the whole of δ.
     """
-    d = X.shape[1]
-    M64 = M_aug.double()
-    M, mu = M64[:d, :d], M64[:d, d]
-    M = M + hp.ridge * float(M.diagonal().mean()) * torch.eye(d, dtype=M.dtype)
+    M, mu = _text_moments(M_aug, hp)
     anchors = torch.stack([X.double().mean(0), X[0].double()], dim=1)  # [d, 2]
     sol = torch.linalg.solve(M, torch.cat([mu[:, None], anchors], dim=1))
     q = float(mu @ sol[:, 0])
@@ -216,22 +218,6 @@ def subject_detector(M_aug: torch.Tensor, X: torch.Tensor, act: nn.Module, hp: P
         raise WeightsmithError("the subject's own input does not open its neuron: the threshold is above the "
                                "subject's score, or the subject's input is unlike the text the statistics saw")
     return det
-
-
-@torch.no_grad()
-def mlp_inputs_at_subject(model, tokenizer, spec: ArchSpec, layer: int, seqs) -> torch.Tensor:
-    """The layer's MLP inputs at each sequence's subject-last token: ``[n, d]``."""
-    from checkpoints.perplexity import right_padded
-
-    from .request import pad_id
-
-    device = next(model.parameters()).device
-    ids, mask = right_padded([s.ids for s in seqs], pad_id(tokenizer))
-    name = spec.module("mlp", layer)
-    with capture_input(model, name) as seen:
-        run_until(model, name, input_ids=ids.to(device), attention_mask=mask.to(device))
-    idx = torch.tensor([s.subject_last for s in seqs], device=device)
-    return seen.value[torch.arange(len(seqs), device=device), idx].float()  # type: ignore[index]
 
 
 def slot_factors(neurons: list[tuple[Detector, torch.Tensor]], slots: list[int], capacity: int
@@ -267,9 +253,9 @@ def compute_patch(model, tokenizer, spec: ArchSpec, request, M_aug: torch.Tensor
                   prefixes: list[str], rome_hparams, hparams: PatchHyperParams, act: nn.Module,
                   progress=None) -> tuple[Detector, torch.Tensor, dict[str, Any]]:
     """The neuron that writes ``request`` at ``layer``: its detector and down column, and a log."""
-    from .rome import compute_value, prefixed_sequences
+    from .rome import compute_keys, compute_value, prefixed_sequences
 
-    X = mlp_inputs_at_subject(model, tokenizer, spec, layer, prefixed_sequences(tokenizer, prefixes, request))
+    X = compute_keys(model, tokenizer, spec, layer, prefixed_sequences(tokenizer, prefixes, request), role="mlp")
     det = subject_detector(M_aug, X, act, hparams)
     ref = det.activation_at_subject
     delta, _, info = compute_value(model, tokenizer, spec, request, layer, prefixes, rome_hparams, progress=progress,

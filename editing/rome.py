@@ -203,11 +203,13 @@ def prefixed_sequences(tokenizer, prefixes: list[str], request: EditRequest,
 
 # -- batching ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_keys(model, tokenizer, spec: ArchSpec, layer: int, seqs: list[Tokenised]) -> torch.Tensor:
-    """Down-projection inputs of ``layer`` at each sequence's subject-last token: ``[n, in]``."""
+def compute_keys(model, tokenizer, spec: ArchSpec, layer: int, seqs: list[Tokenised], *,
+                 role: str = "mlp_out") -> torch.Tensor:
+    """Down-projection inputs of ``layer`` at each sequence's subject-last token: ``[n, in]``
+    (``role="mlp"``: the MLP's own inputs, what a patch neuron's gate reads)."""
     device = next(model.parameters()).device
     ids, mask = right_padded([s.ids for s in seqs], pad_id(tokenizer))
-    name = spec.module("mlp_out", layer)
+    name = spec.module(role, layer)  # type: ignore[arg-type]
     with capture_input(model, name) as seen, stop_after(model, name):
         try:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
