@@ -62,10 +62,11 @@ def edit_tab(wb, picker, heavy) -> dict:
                                   info="empty: the latest")
             undo_btn = gr.Button("Undo edit")
             batch_file = gr.File(label="Batch edits (JSON or CSV)", file_types=[".json", ".csv"])
-            batch_btn = gr.Button("Apply batch (MEMIT)")
+            batch_btn = gr.Button("Apply batch")
         with gr.Row():
-            save_as = gr.Radio(["model", "adapter"], value="adapter", label="Save edits as",
-                               info="adapter: rank-1 LoRA per edit, kilobytes")
+            # The default method's edits are new neurons, which only a full model holds.
+            save_as = gr.Radio(["model", "adapter"], value="model", label="Save edits as",
+                               info="adapter: rank-1 LoRA per edit, kilobytes (rome, r-rome, memit; not patch)")
             save_name = gr.Textbox(label="Name", value="edited")
             save_btn = gr.Button("Save to workspace", variant="primary")
         save_md = gr.Markdown()
