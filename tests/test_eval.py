@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bigram_model import bigram_model  # noqa: E402
-from conftest import build_tiny_llama, save_model  # noqa: E402
+from conftest import build_tiny_llama  # noqa: E402
 
 from checkpoints.jobs import Cancelled, Job  # noqa: E402
 from evaluation import EvalModel, EvalSettings, evaluate_models  # noqa: E402

@@ -6,7 +6,6 @@ orthogonal), where each method reduces to a result that can be written down.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch

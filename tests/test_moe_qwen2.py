@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoints.errors import WeightsmithError  # noqa: E402
 from merging.moe import MoeConfig, build_moe  # noqa: E402
-from test_merge_moe import IDS, PROMPTS_A, PROMPTS_B, _routed_share, load_dense, logits  # noqa: E402
+from test_merge_moe import PROMPTS_A, PROMPTS_B, _routed_share, load_dense, logits  # noqa: E402
 
 torch.set_num_threads(1)
 
