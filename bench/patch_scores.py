@@ -45,6 +45,14 @@ def all_inputs(model, tok, name: str, rows: list[list[int]]) -> torch.Tensor:
     return seen.value[mask.bool()].float()  # type: ignore[index]
 
 
+def precision_shift(gate: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest change of the gate's pre-activation ``x·gate`` over ``inputs`` when both are rounded to
+    ``dtype`` (the products summed exactly, in float64, as the best a 16-bit kernel can do)."""
+    exact = inputs.double() @ gate.double()
+    rounded = inputs.to(dtype).double() @ gate.to(dtype).double()
+    return float((rounded - exact).abs().max())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--half", choices=("tune", "report"), default="tune")
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-positions", type=int, default=4096, help="held-out WikiText tokens")
     ap.add_argument("--threshold", type=float, default=PatchHyperParams().threshold)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", default="bfloat16,float16",
+                    help="storage dtypes to check the gate in: weights and inputs rounded to each, summed in float64")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     text = all_inputs(model, tok, name, [held[i:i + SEQ_LEN] for i in range(0, len(held), SEQ_LEN)])
     records = sequence_order(load_records(DATA / "counterfact" / "dev-1000.json"), args.half)[: args.n]
     prefixes = session.prefixes()
+    dtypes = [getattr(torch, d) for d in args.precision.split(",") if d]
     rows = []
     for r in records:
         req = r.request(None)
@@ -82,19 +93,29 @@ def main(argv: list[str] | None = None) -> int:
                 t = tokenise(tok, p, r.subject)
                 para.append(float(all_inputs(model, tok, name, [t.ids])[t.subject_last].double() @ w))
         nb = all_inputs(model, tok, name, [tok(p)["input_ids"] for p in r.neighborhood]).double() @ w
-        rows.append({"own_min": min(det.scores), "para_min": min(para) if para else float("nan"),
-                     "neighbour_max": float(nb.max()), "text_max": float((text.double() @ w).max())})
+        row = {"own_min": min(det.scores), "para_min": min(para) if para else float("nan"),
+               "neighbour_max": float(nb.max()), "text_max": float((text.double() @ w).max()),
+               "gate_norm": float(det.gate.norm()), "gate_max": float(det.gate.abs().max())}
+        # A model saved or run in a 16-bit dtype rounds the gate row and the MLP input: the pre-activation
+        # α(s − τc) moves by the rounding, and a shift near α(1 − τ) would open or close the gate wrongly.
+        for dt in dtypes:
+            row[f"shift_{dt}"] = precision_shift(det.gate, torch.cat([X.float(), text]), dt)
+        rows.append(row)
     print(f"{args.half} records x{len(rows)}, layer {layer}, statistics {args.stats_tokens} tokens, "
           f"{len(text)} held-out text positions; near-constant direction spread {bias_spread(M, hp):.4f}")
     print("| score | median | worst |")
     print("|---|---|---|")
-    for key, worst in (("own_min", min), ("para_min", min), ("neighbour_max", max), ("text_max", max)):
+    extra = [("gate_norm", max), ("gate_max", max)] + [(f"shift_{dt}", max) for dt in dtypes]
+    for key, worst in (("own_min", min), ("para_min", min), ("neighbour_max", max), ("text_max", max), *extra):
         vals = [row[key] for row in rows if row[key] == row[key]]
         print(f"| {key} | {statistics.median(vals):.3f} | {worst(vals):.3f} |")
     sep = sum(row["para_min"] > max(row["neighbour_max"], row["text_max"]) for row in rows)
     above = sum(max(row["neighbour_max"], row["text_max"]) > args.threshold for row in rows)
     print(f"paraphrases above every neighbour and text token: {sep} of {len(rows)}; records whose neighbours or "
           f"text pass the threshold {args.threshold}: {above}")
+    margin = hp.sharpness * min(hp.threshold, 1 - hp.threshold)
+    print(f"the pre-activation's margin on either side of the threshold is about α·min(τ, 1 − τ) = {margin:g} for an "
+          "input at score 0 or 1; the shift_* rows are how far 16-bit rounding moves it")
     return 0
 
 

@@ -77,6 +77,16 @@ class LocalCheckpoint:
                 self._reader = CheckpointReader.from_files(self.files)
         return self._reader
 
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The floating dtype most of the weights are stored in (None: none is floating, e.g. all quantized):
+        what a derived model is written in by default, so an edited bfloat16 model stays bfloat16."""
+        counts: dict[torch.dtype, int] = {}
+        for meta in self.reader().metas().values():
+            if meta.dtype.is_floating_point:
+                counts[meta.dtype] = counts.get(meta.dtype, 0) + meta.numel
+        return max(counts, key=counts.__getitem__) if counts else None
+
     def tied_names(self) -> list[str]:
         return self.spec.tied_head_names(self.config)
 

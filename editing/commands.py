@@ -12,12 +12,17 @@ from checkpoints.jobs import tqdm_job
 from .methods import DEFAULT_METHOD, METHODS
 
 
-def _load(ref: str):
+def _resolve(ref: str):
     from checkpoints.arch import spec_for
     from checkpoints.sources import resolve
 
     ckpt = resolve(ref)
     spec_for(ckpt.model_type, strict=True)  # unsupported architectures fail before loading
+    return ckpt
+
+
+def _load(ref: str):
+    ckpt = _resolve(ref)
     return ckpt, ckpt.load_model(), ckpt.load_tokenizer()
 
 
@@ -35,15 +40,15 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _session(args, ckpt, model, tok):
+def _session(args):
     from .methods import FALLBACK_METHOD
-    from .session import EditSession
+    from .prepare import open_session
 
+    ckpt = _resolve(args.model)
     # An adapter holds low-rank changes of existing matrices, not new neurons: without a named method,
     # --as-adapter edits with the fallback (MEMIT); with --method patch it is refused in _edit.
     method = args.method or (FALLBACK_METHOD if getattr(args, "as_adapter", False) else None)
-    return EditSession(model, tok, corpus=args.stats_corpus, stats_tokens=args.stats_tokens, base_name=ckpt.name,
-                       method=method)
+    return open_session(ckpt, corpus=args.stats_corpus, stats_tokens=args.stats_tokens, method=method)
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -61,6 +66,8 @@ def _edit(args: argparse.Namespace) -> int:
                                "(or --batch FILE with many facts)")
     if out.exists():
         raise WeightsmithError(f"{out} already exists (choose another folder)")
+    if args.as_adapter and args.out_dtype != "stored":
+        raise WeightsmithError("--out-dtype is for a saved model; an adapter keeps its rank-one factors in float32")
     if args.as_adapter and args.method == "patch":
         raise WeightsmithError("--as-adapter cannot hold patch edits (they add neurons): drop --as-adapter, or "
                                "choose --method memit, r-rome or rome")
@@ -73,15 +80,20 @@ def _write(args: argparse.Namespace, session, out: Path, scores: dict | None = N
     if args.as_adapter:
         session.export_adapter(out, scores=scores)
     else:
-        session.export_model(out, scores=scores)
+        import torch
+
+        dtype = None if args.out_dtype == "stored" else getattr(torch, args.out_dtype)
+        session.export_model(out, scores=scores, dtype=dtype)
+        if session.precision_report is not None:
+            print(f"checked: {session.precision_report.line()}")
 
 
 def _edit_one(args: argparse.Namespace, out: Path) -> int:
     from .evaluate import EvalRecord, evaluate_edit
     from .request import EditRequest
 
-    ckpt, model, tok = _load(args.model)
-    session = _session(args, ckpt, model, tok)
+    session = _session(args)
+    model, tok = session.model, session.tokenizer
     req = EditRequest(args.prompt, args.subject, args.target, args.layer, args.target_true)
     session.check(req)
     scores = None
@@ -116,8 +128,7 @@ def _edit_batch(args: argparse.Namespace, out: Path) -> int:
     from .batch_file import load_edit_requests
 
     requests = load_edit_requests(Path(args.batch))  # a bad file fails before the model loads
-    ckpt, model, tok = _load(args.model)
-    session = _session(args, ckpt, model, tok)
+    session = _session(args)
     with tqdm_job("editing") as job:
         edit = session.apply_batch(requests, job=job)
     _write(args, session, out)
@@ -134,8 +145,7 @@ def _eval_edits(args: argparse.Namespace) -> int:
     from .generation_checks import GenerationConfig
 
     records = load_edit_records(Path(args.file), limit=args.limit)
-    ckpt, model, tok = _load(args.model)
-    session = _session(args, ckpt, model, tok)
+    session = _session(args)
     gen = None if args.no_generation else GenerationConfig(answer_tokens=args.gen_tokens)
     with tqdm_job("evaluating") as job:
         result = run_eval(session, records, layer=args.layer, generation=gen, job=job)
@@ -187,6 +197,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with an AlphaEdit --method")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter instead of the full model")
+    p.add_argument("--out-dtype", choices=("stored", "float32", "bfloat16", "float16"), default="stored",
+                   help="dtype of the saved model's weights (default: the checkpoint's own; a narrower one than "
+                        "float32 is checked first: the edits must still give their targets)")
     _stats_args(p)
     p.set_defaults(func=_edit)
 

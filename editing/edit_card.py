@@ -8,9 +8,11 @@ from typing import Any
 from checkpoints.cards import CardInfo
 
 
-def edit_card(session: Any, relation: str, scores: dict[str, Any] | None, library: str) -> CardInfo:
+def edit_card(session: Any, relation: str, scores: dict[str, Any] | None, library: str, *,
+              precision: Any = None) -> CardInfo:
     """The model card of an edit session's active edits (``EditSession``): what was rewritten, how,
-    and every edit's checks (typed Any: the session imports this module)."""
+    every edit's checks, and ``precision`` (a :class:`editing.stored_precision.PrecisionReport`: the
+    edits checked in the dtype the weights are stored in). Typed Any: the session imports this module."""
     log_rows = []
     for e in session.edits:
         for r in e.requests:
@@ -37,10 +39,12 @@ def edit_card(session: Any, relation: str, scores: dict[str, Any] | None, librar
         summary += ("\n\nEdits by the patch method are new MLP neurons, one per fact, that fire only on their "
                     "subject (key-gated neurons); they are stored as extra rows of the MLP matrices, so the model "
                     "config's `intermediate_size` is larger than the base model's.")
+    if precision is not None:
+        summary += f"\n\nChecked after rounding the edited weights for storage: {precision.line()}."
     if relation == "adapter":
         summary += ("\n\nThe edits are stored as a LoRA adapter on the edited down projection(s), "
                     "rank 1 per edit, with ΔW = B·A exactly.")
-    return CardInfo(title=f"{session.base_name.split('/')[-1]}-rome-edited", relation=relation,  # type: ignore[arg-type]
+    return CardInfo(title=f"{session.base_name.split('/')[-1]}-edited", relation=relation,  # type: ignore[arg-type]
                     base_models=[session.base_name], summary=summary, library_name=library,  # type: ignore[arg-type]
                     tags=["weightsmith", *sorted({e.method for e in session.edits}), "knowledge-editing"],
                     edit_log=log_rows, scores=scores,

@@ -39,12 +39,13 @@ def configured_corpus() -> str | None:
 
 
 def open_session(ckpt, *, stats: StatsCache | None = None, corpus: str | Path | None = None,
-                 stats_tokens: int | None = None, device: str = "cpu") -> EditSession:
-    """An :class:`EditSession` on a resolved checkpoint, loaded as the app and the preparation load it
-    (float32 on ``device``): the same load gives the same model identity, hence the same statistics keys."""
+                 stats_tokens: int | None = None, device: str = "cpu", method: str | None = None) -> EditSession:
+    """An :class:`EditSession` on a resolved checkpoint, loaded as the CLI, the app and the preparation
+    load it (float32 on ``device``: the same load gives the same model identity, hence the same statistics
+    keys); the edited model is saved in the checkpoint's own dtype. ``method`` None: the default."""
     model, tokenizer = ckpt.load_model(device=device), ckpt.load_tokenizer()
-    return EditSession(model, tokenizer, stats=stats, base_name=ckpt.hub_id or ckpt.name,
-                       corpus=corpus, stats_tokens=stats_tokens)
+    return EditSession(model, tokenizer, stats=stats, base_name=ckpt.hub_id or ckpt.name, corpus=corpus,
+                       stats_tokens=stats_tokens, method=method, store_dtype=ckpt.stored_dtype)
 
 
 def patch_possible(session: EditSession) -> bool:

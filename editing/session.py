@@ -31,10 +31,7 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import tempfile
 from functools import partial
 import time
 from contextlib import contextmanager
@@ -46,20 +43,18 @@ from typing import Any, Callable
 import torch
 
 from checkpoints.arch import spec_for
-from checkpoints.cards import build_card, write_card
 from checkpoints.errors import WeightsmithError
 from checkpoints.jobs import Job
-from checkpoints.peft_adapter import factors_from_state, tensor_key, unit_scale_config, write_adapter
 from checkpoints.sources import public_name
-from checkpoints.tensors import ShardedWriter
 
 from .alphaedit import AlphaEditHyperParams, compute_alphaedit
 from .deltas import Deltas, delta_of
-from .edit_card import edit_card
 from .checks import CheckSettings, NeutralProbe, require_finite, target_check, update_checks, update_norms
 from .methods import FALLBACK_METHOD, MULTI_LAYER, batch_method, check_method, rome_hparams_for
 from .patch import PatchHyperParams, host_module, is_patch_parameter
 from .patch_session import PatchEdits
+from .session_export import ExportEdits
+from .stored_precision import PrecisionReport
 from .request import EditRequest, check_request
 from .rome import RomeHyperParams, compute_rome, default_layer, generate_prefixes
 from .stats import Corpus, StatsCache, layer_identity, resolve_corpus
@@ -127,7 +122,7 @@ class _Stages:
             self.progress(start + (1 - start) * fraction, text)
 
 
-class EditSession(PatchEdits):
+class EditSession(PatchEdits, ExportEdits):
     """Edits applied in place to ``model`` (a loaded transformers causal LM).
 
     Args:
@@ -139,6 +134,7 @@ class EditSession(PatchEdits):
         alpha_hparams: AlphaEdit settings (:class:`AlphaEditHyperParams`).
         patch_hparams: how the patch method detects a subject (:class:`editing.patch.PatchHyperParams`).
         check_settings: thresholds of the disabling-edit checks (:class:`CheckSettings`).
+        store_dtype: the dtype :meth:`export_model` writes (the checkpoint's own, e.g. bfloat16); None: the model's.
         corpus: statistics corpus: a :class:`Corpus`, a text-file path, ``"hf:NAME/CONFIG"``,
             or None for text the model samples itself (offline default).
         stats_tokens: tokens of corpus for the statistics (default 100k for text, 10k sampled).
@@ -149,8 +145,11 @@ class EditSession(PatchEdits):
                  hparams: RomeHyperParams | None = None, corpus: Corpus | str | Path | None = None,
                  stats_tokens: int | None = None, base_name: str | None = None, memit_hparams: Any = None,
                  method: str | None = None, alpha_hparams: AlphaEditHyperParams | None = None,
-                 check_settings: CheckSettings | None = None, patch_hparams: PatchHyperParams | None = None):
+                 check_settings: CheckSettings | None = None, patch_hparams: PatchHyperParams | None = None,
+                 store_dtype: torch.dtype | None = None):
         self.model = model
+        self.store_dtype = store_dtype
+        self.precision_report: PrecisionReport | None = None  # the last export's check at its stored dtype
         self.tokenizer = tokenizer
         self.spec = spec_for(getattr(model.config, "model_type", None), strict=True)
         if not self.spec.mlp_out:
@@ -527,72 +526,3 @@ class EditSession(PatchEdits):
     def history(self) -> list[dict[str, Any]]:
         """The active edits, oldest first, as plain dicts (id, prompt, subject, targets, layer(s), timings)."""
         return [e.summary() for e in self._edits]
-
-    # -- export ----------------------------------------------------------------------------------------
-    def export_model(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
-                     overwrite: bool = False) -> Path:
-        """Write the edited model as a full folder (weights, config, tokenizer, card); returns it."""
-        if not self._edits:
-            raise WeightsmithError("no edits to export")
-        from .patch import folded_state
-
-        config = self.model.config
-        skip = set(self.spec.tied_head_names(config.to_dict()))
-        state, width = folded_state(self.model, self.spec)  # patch neurons become rows of the MLP matrices
-        if width is not None:
-            config = copy.deepcopy(config)
-            config.intermediate_size = width
-        with ShardedWriter(Path(out_dir), skip=skip, overwrite=overwrite) as w:
-            for name, t in state.items():
-                if name not in skip:
-                    w.add(name, t.detach().cpu())
-            w.write_text("config.json", config.to_json_string())
-            gen = getattr(self.model, "generation_config", None)
-            if gen is not None:
-                w.write_text("generation_config.json", gen.to_json_string())
-            with tempfile.TemporaryDirectory() as tmp:  # the tokenizer saves into a folder; the writer takes files
-                self.tokenizer.save_pretrained(tmp)
-                for f in sorted(Path(tmp).iterdir()):
-                    w.add_file(f.name, f)
-            w.write_text("edit_log.json", json.dumps(self.history, indent=2, default=str))
-            w.add_file("README.md", str(build_card(edit_card(self, "finetune", scores, "transformers"))).encode("utf-8"))
-        return Path(out_dir)
-
-    def stacked_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The active edits' update of ``module`` as one pair (B ``[out, r]``, A ``[r, in]``), ΣΔ = B·A
-        exactly (float32), or None if no active edit touches it."""
-        facs = [e.factors[module] for e in self._edits if module in e.factors]
-        if not facs:
-            return None
-        return (torch.cat([b for b, _ in facs], dim=1).float().contiguous(),
-                torch.cat([a for _, a in facs], dim=0).float().contiguous())
-
-    def adapter_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """PEFT LoRA tensors (``base_model.model.<module>.lora_A/B.weight``) and rank per module."""
-        modules = dict.fromkeys(module for e in self._edits for module in e.factors)  # first-edited order
-        tensors, ranks = {}, {}
-        for module in modules:
-            B, A = self.stacked_factors(module)  # type: ignore[misc]
-            tensors[tensor_key(module, "A")] = A
-            tensors[tensor_key(module, "B")] = B
-            ranks[module] = A.shape[0]
-        return tensors, ranks
-
-    def export_adapter(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
-                       overwrite: bool = False) -> Path:
-        """Write the edits as a PEFT LoRA adapter (rank 1 per edit, ΔW = B·A); returns the folder."""
-        if not self._edits:
-            raise WeightsmithError("no edits to export")
-        if any(e.method == "patch" for e in self._edits):
-            raise WeightsmithError("patch edits add neurons, which a LoRA adapter cannot hold: export the model, "
-                                   "or use rome, r-rome or memit for an adapter")
-        tensors, ranks = self.adapter_tensors()
-        factors = factors_from_state(self.base_name, tensors)  # checked: finite, chaining
-        # Scaling 1 for every module (lora_alpha = r per module), so PEFT's ΔW is B·A exactly.
-        config = unit_scale_config(ranks, base_model=self.base_name, spec=self.spec)
-
-        def extra(folder: Path) -> None:
-            (folder / "edit_log.json").write_text(json.dumps(self.history, indent=2, default=str), encoding="utf-8")
-            write_card(folder, edit_card(self, "adapter", scores, "peft"))
-
-        return write_adapter(Path(out_dir), config, factors, extra=extra, overwrite=overwrite)

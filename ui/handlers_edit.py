@@ -230,12 +230,15 @@ class EditHandlers:
         ws = self.workspace(request)
         session = self.edit_session(ws, model, create=False)
         out = ws.new_item_dir(name or "edited", default="edited")
+        checked = ""
         if save_as == "model":
             ws.check_quota()
             session.export_model(out)
             kind = "model"
+            if session.precision_report is not None:
+                checked = f" Checked: {session.precision_report.line()}."
         else:
             session.export_adapter(out)
             kind = "adapter"
         ws.register(out.name, kind=kind, origin="edit", details={"base": model, "edits": len(session.history)})
-        return f"Saved **ws:{out.name}** ({kind}); push or download it from **Export**."
+        return f"Saved **ws:{out.name}** ({kind}); push or download it from **Export**.{checked}"
