@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         # A model saved or run in a 16-bit dtype rounds the gate row and the MLP input: the pre-activation
         # α(s − τc) moves by the rounding, and a shift near α(1 − τ) would open or close the gate wrongly.
         for dt in dtypes:
-            row[f"shift_{dt}"] = precision_shift(det.gate, torch.cat([X.float(), text]), dt)
+            row[f"shift_{str(dt).removeprefix('torch.')}"] = precision_shift(det.gate, torch.cat([X.float(), text]), dt)
         rows.append(row)
     print(f"{args.half} records x{len(rows)}, layer {layer}, statistics {args.stats_tokens} tokens, "
           f"{len(text)} held-out text positions; near-constant direction spread {bias_spread(M, hp):.4f}")
     print("| score | median | worst |")
     print("|---|---|---|")
-    extra = [("gate_norm", max), ("gate_max", max)] + [(f"shift_{dt}", max) for dt in dtypes]
+    extra = [("gate_norm", max), ("gate_max", max)] + [(f"shift_{str(dt).removeprefix('torch.')}", max) for dt in dtypes]
     for key, worst in (("own_min", min), ("para_min", min), ("neighbour_max", max), ("text_max", max), *extra):
         vals = [row[key] for row in rows if row[key] == row[key]]
         print(f"| {key} | {statistics.median(vals):.3f} | {worst(vals):.3f} |")

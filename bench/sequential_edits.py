@@ -58,7 +58,7 @@ from editing.evaluate import evaluate_edits, load_records, perplexity  # noqa: E
 from editing.generation_checks import FLUENCY_PROMPTS, GenerationConfig, fluency_on, generation_scores  # noqa: E402
 from editing.memit import MemitHyperParams  # noqa: E402
 from editing.methods import MULTI_LAYER, check_method  # noqa: E402
-from editing.patch import PatchHyperParams  # noqa: E402
+from editing.patch import PatchHyperParams, is_patch_parameter  # noqa: E402
 from editing.rome import RomeHyperParams  # noqa: E402
 from editing.session import EditSession  # noqa: E402
 from editing.stats import SEQ_LEN, StatsCache, text_batches, corpus_from_file  # noqa: E402
@@ -570,8 +570,11 @@ def main() -> int:
                     save(r)
         for r in runs:
             r.session.undo_all()
-        # undo_all restores the pristine bits (checked on the first copy).
-        assert all(torch.equal(pristine[n], t) for n, t in model.state_dict().items())
+        # undo_all restores the pristine bits (checked on the first copy); patch neurons stay attached,
+        # all zero, so they add exactly nothing.
+        state = model.state_dict()
+        assert all(torch.equal(pristine[n], state[n]) for n in pristine)
+        assert all(is_patch_parameter(n) and not t.any() for n, t in state.items() if n not in pristine)
     print(table(points, unedited))
     print(f"wrote {jsonl} and {out.with_suffix('.png')}")
     return 0

@@ -10,6 +10,8 @@ alone is tested on the demo model, where subjects are.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -124,15 +126,21 @@ def test_patch_writes_the_fact_in_new_neurons_only(biased_llama, corpus_file, st
 
 @pytest.mark.slow
 def test_demo_patch_leaves_other_text_alone(demo_dir, tmp_path):
-    """One CounterFact fact on the demo model: written, while text without its subject keeps its logits."""
+    """One CounterFact fact on the demo model, held in bfloat16 as a Hub checkpoint would be: written, while
+    text without its subject keeps its logits, in the session and in the saved (bfloat16) model."""
+    from transformers import AutoModelForCausalLM
+
+    from editing.checks import target_check
     from editing.session import EditSession
     from editing.stats import StatsCache, corpus_from_file
 
     from test_edit import SHARED
 
     model, tok = load(demo_dir)
+    model.to(torch.bfloat16).float()  # bfloat16 values, computed in float32: what a session makes of a bf16 model
+    base = copy.deepcopy(model)
     s = EditSession(model, tok, stats=StatsCache(tmp_path / "stats"), method="patch", stats_tokens=20_000,
-                    corpus=corpus_from_file(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+                    corpus=corpus_from_file(SHARED / "wikitext-2-raw" / "wiki.test.raw"), store_dtype=torch.bfloat16)
     fact = EditRequest("{}'s mother tongue is", "Danielle Darrieux", "English")
     other = "The capital of France is Paris. Water boils at a hundred degrees, and the river flows to the sea."
     ids = tok(other, return_tensors="pt")["input_ids"]
@@ -146,6 +154,25 @@ def test_demo_patch_leaves_other_text_alone(demo_dir, tmp_path):
     assert float((after - before).abs().max()) < 1e-3  # the gate stayed shut on every token
     assert float((fact_after - fact_before).abs().max()) > 1.0  # non-vacuous: the subject's prompt moved
     assert e.info["checks"]["unrelated_kl"] < 1e-6 and e.info["subject_score_min"] > 0.5
+    # Saved in the stored dtype, the folded neuron still writes the fact and stays shut on the other text.
+    out = s.export_model(tmp_path / "bf16")
+    report = s.precision_report
+    assert report is not None and report.dtype == "bfloat16" and report.checked == report.held == 1
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    width = model.config.intermediate_size
+    assert saved.config.intermediate_size == width + 1
+    # The reference has the saved shapes with the neuron zeroed: an odd matmul width alone moves float32
+    # sums (by 0.013 in these logits), so only the same shapes isolate what the neuron does.
+    zeroed = copy.deepcopy(saved)
+    with torch.no_grad():
+        mlp = zeroed.model.layers[s.default_layer].mlp
+        mlp.gate_proj.weight[width:] = 0
+        mlp.up_proj.weight[width:] = 0
+        mlp.down_proj.weight[:, width:] = 0
+        assert float((saved(input_ids=ids).logits - zeroed(input_ids=ids).logits).abs().max()) < 1e-3
+    assert target_check(saved, tok, fact.text, fact.target)["generates_target"]
+    assert not target_check(zeroed, tok, fact.text, fact.target)["generates_target"]  # non-vacuous
+    assert not target_check(base, tok, fact.text, fact.target)["generates_target"]
 
 
 def test_undo_growth_and_replay_are_exact(biased_llama, corpus_file, stats):
