@@ -8,6 +8,10 @@ margin between the paraphrases' lowest score and the highest neighbourhood / tex
 patch specific while it generalises. Also prints the spread of the layer's near-constant input direction.
 
     .venv/bin/python bench/patch_scores.py --half tune --n 100 --threads 1
+
+With ``--state FILE`` (a ``bench/sequential_edits.py`` state of a patch run) it instead lists the saved
+neurons that open on the checks' neutral prompts: each neuron's largest |activation|·‖down‖ over their
+positions (layer-4 inputs are the unedited model's: patches only add to the MLP's output), with the token.
 """
 
 from __future__ import annotations
@@ -53,6 +57,36 @@ def precision_shift(gate: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype
     return float((rounded - exact).abs().max())
 
 
+def neutral_firing(model, tok, state_file: Path, half: str, top: int = 15) -> None:
+    """Print the saved patch neurons that open most on :data:`editing.checks.NEUTRAL_PROMPTS`."""
+    from editing.checks import NEUTRAL_PROMPTS
+
+    state = torch.load(state_file, weights_only=True)
+    records = sequence_order(load_records(DATA / "counterfact" / "dev-1000.json"), half)
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in NEUTRAL_PROMPTS]
+    found, inputs = [], {}
+    for n, edit in enumerate(state["edits"]):
+        factors = {m.rsplit(".", 1)[1]: f for m, f in edit["factors"].items()}
+        if "gate_proj" not in factors:
+            continue
+        host = next(m for m in edit["factors"]).rsplit(".fact_neurons.", 1)[0]
+        if host not in inputs:  # [positions, d], the prompts' real tokens in order
+            inputs[host] = all_inputs(model, tok, host, rows)
+        X = inputs[host]
+        tokens = [t for r in rows for t in r]
+        gate, up, down = factors["gate_proj"][1][0], factors["up_proj"][1][0], factors["down_proj"][0][:, 0]
+        push = (torch.nn.functional.silu(X @ gate) * (X @ up)).abs() * down.norm()
+        j = int(push.argmax())
+        found.append((float(push[j]), n, records[n].subject, tok.decode([tokens[j]]), j))
+    found.sort(reverse=True)
+    print(f"{len(found)} patch neurons; largest contribution on the neutral prompts:")
+    print("| edit | subject | contribution | token |")
+    print("|---|---|---|---|")
+    for value, n, subject, token, _ in found[:top]:
+        print(f"| {n + 1} | {subject} | {value:.4g} | {token!r} |")
+    print(f"neurons above 0.01: {sum(v > 0.01 for v, *_ in found)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--half", choices=("tune", "report"), default="tune")
@@ -62,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-positions", type=int, default=4096, help="held-out WikiText tokens")
     ap.add_argument("--threshold", type=float, default=PatchHyperParams().threshold)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--state", type=Path, default=None,
+                    help="a sequential_edits.py patch state: list its neurons that open on neutral text")
     ap.add_argument("--precision", default="bfloat16,float16",
                     help="storage dtypes to check the gate in: weights and inputs rounded to each, summed in float64")
     args = ap.parse_args(argv)
@@ -69,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = resolve("demo")
     model, tok = ckpt.load_model(), ckpt.load_tokenizer()
+    if args.state is not None:
+        neutral_firing(model, tok, args.state, args.half)
+        return 0
     wiki = DATA / "wikitext-2-raw" / "wiki.test.raw"
     session = EditSession(model, tok, stats=StatsCache(), corpus=corpus_from_file(wiki), stats_tokens=args.stats_tokens)
     layer = session.default_layer if args.layer is None else args.layer
