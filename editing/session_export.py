@@ -38,12 +38,14 @@ class ExportEdits:
     """Mixin of :class:`editing.session.EditSession` (uses its model, spec, edits, history and ``store_dtype``)."""
 
     def export_model(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
-                     overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+                     overwrite: bool = False, dtype: torch.dtype | None = None, widen: bool = False) -> Path:
         """Write the edited model as a full folder (weights, config, tokenizer, card); returns it.
 
         ``dtype``: of the stored weights; default the session's ``store_dtype`` (the checkpoint's own),
         else the model's. Narrower than the model's, the edits are checked at that precision first
-        (:attr:`precision_report`), and a fact lost to the rounding raises before anything is written.
+        (:attr:`precision_report`), and a fact lost to the rounding raises before anything is written,
+        or with ``widen`` (the app, whose Save has no dtype choice) writes the model's dtype instead; the
+        report then keeps the lost facts, and its line says what was done.
         """
         if not self._edits:
             raise WeightsmithError("no edits to export")
@@ -55,9 +57,12 @@ class ExportEdits:
         if narrower(dtype, computed):
             report = check_stored_precision(self, dtype)
             log.info("%s (%.1f s)", report.line(), report.seconds)
-            if not report.ok:
-                raise WeightsmithError(f"{report.line()}: save in {str(computed).removeprefix('torch.')} instead")
             self.precision_report = report
+            if not report.ok:
+                if not widen:
+                    raise WeightsmithError(f"{report.line()}: save in {str(computed).removeprefix('torch.')} instead")
+                report.saved_in = str(computed).removeprefix("torch.")
+                dtype = computed
         config = copy.deepcopy(self.model.config)
         config.dtype = dtype
         skip = set(self.spec.tied_head_names(config.to_dict()))

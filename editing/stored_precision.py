@@ -40,6 +40,7 @@ class PrecisionReport:
     lost: list[dict[str, Any]] = field(default_factory=list)  # {"edit", "subject", "target", "continuation"}
     neutral_kl: float = 0.0  # KL(session precision ‖ stored) on neutral text, nats per token
     seconds: float = 0.0
+    saved_in: str = ""  # set when the export wrote a wider dtype instead, because facts were lost
 
     @property
     def ok(self) -> bool:
@@ -56,6 +57,8 @@ class PrecisionReport:
             first = self.lost[0]
             text += (f"; lost: {len(self.lost)} (edit {first['edit']}, {first['subject']} → {first['target']}, "
                      f"now continues {first['continuation'][:40]!r})")
+        if self.saved_in:
+            text += f"; so the model was saved in {self.saved_in}"
         return text
 
 

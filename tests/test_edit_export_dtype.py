@@ -92,6 +92,13 @@ def test_a_fact_lost_to_rounding_refuses_the_export(bf16_dir, corpus_file, stats
     assert torch.equal(edited, before)
     out = s.export_model(tmp_path / "f32", dtype=torch.float32)  # the way out the error names
     assert {t.dtype for t in stored(out).values()} == {torch.float32} and s.precision_report is None
+    # The app's Save (no dtype choice) widens instead, and says so.
+    out = s.export_model(tmp_path / "widened", widen=True)
+    report = s.precision_report
+    assert {t.dtype for t in stored(out).values()} == {torch.float32}
+    assert report is not None and len(report.lost) == 1 and report.saved_in == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert "so the model was saved in float32" in (out / "README.md").read_text()
 
 
 def test_cli_out_dtype(bf16_dir, corpus_file, tmp_path, monkeypatch, capsys):

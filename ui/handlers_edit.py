@@ -233,7 +233,7 @@ class EditHandlers:
         checked = ""
         if save_as == "model":
             ws.check_quota()
-            session.export_model(out)
+            session.export_model(out, widen=True)
             kind = "model"
             if session.precision_report is not None:
                 checked = f" Checked: {session.precision_report.line()}."
