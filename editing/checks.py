@@ -183,12 +183,14 @@ def update_norms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
 def update_checks(norm: float, relative: float, before: torch.Tensor | None, after: torch.Tensor | None,
                   earlier: list[float], settings: CheckSettings,
                   targets: list[tuple[str, dict[str, Any]]] | None = None, *,
-                  unedited: torch.Tensor | None = None, active_edits: int = 1) -> dict[str, Any]:
+                  unedited: torch.Tensor | None = None, active_edits: int = 1,
+                  notes: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The ``checks`` dict of an applied edit: ``flag`` (a possible disabling edit), ``missed`` (facts
     whose prompt does not yet produce the new target, from :func:`target_check` results in
     ``targets`` as (target, result) pairs), ``drifted`` (with ``unedited``, the unedited model's
-    neutral log-probabilities: all ``active_edits`` together moved neutral text too far) and
-    ``warning``, "" or one line saying what was found."""
+    neutral log-probabilities: all ``active_edits`` together moved neutral text too far), ``notes``
+    (a method's own findings, e.g. a patch neuron that opens at text starts) and ``warning``, "" or one
+    line saying what was found."""
     out: dict[str, Any] = {"finite": True, "update_norm": round(norm, 4), "relative_norm": round(relative, 5)}
     reasons = []
     if relative > settings.max_relative_norm:
@@ -224,5 +226,8 @@ def update_checks(norm: float, relative: float, before: torch.Tensor | None, aft
             said = r["continuation"] if len(r["continuation"]) <= 60 else r["continuation"][:57] + "..."
             warnings.append(f"the edit did not take on its prompt: the model continues {said!r}, not "
                             f"{t!r} (P = {r['target_prob']:.2f}){more}; try another layer or method")
+    if notes:
+        out["notes"] = list(notes)
+        warnings.extend(notes)
     out["warning"] = "; ".join(warnings)
     return out

@@ -220,6 +220,49 @@ def subject_detector(M_aug: torch.Tensor, X: torch.Tensor, act: nn.Module, hp: P
     return det
 
 
+# Enough distinct first tokens to meet the ones a subject's text-start input resembles (2,048 on the demo
+# model flagged exactly the 11 of 1,000 report-run neurons that opened at a neutral prompt's first word).
+TEXT_START_TOKENS = 2048
+
+
+@torch.no_grad()
+def text_start_inputs(model, tokenizer, spec: ArchSpec, layer: int, count: int = TEXT_START_TOKENS,
+                      seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """The MLP inputs at ``layer`` of ``count`` one-token texts (a seeded sample of the vocabulary without
+    special tokens), and their token ids. A first position's input depends on its token alone, so these
+    stand for the start of any text the model is given without a BOS token."""
+    from .hooks import capture_input, run_until
+
+    special = set(tokenizer.all_special_ids)
+    order = torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = [i for i in order if i not in special][:count]
+    device = next(model.parameters()).device
+    name = spec.module("mlp", layer)
+    with capture_input(model, name) as seen:
+        run_until(model, name, input_ids=torch.tensor(ids, device=device)[:, None])
+    return seen.value[:, 0].float(), ids  # type: ignore[index]
+
+
+def text_start_warning(det: Detector, bank: tuple[torch.Tensor, list[int]], tokenizer, subject: str) -> str:
+    """"" unless the neuron opens (gate pre-activation > 0, i.e. score above the threshold) at the start of
+    a text that is not its subject's; then one line saying where and why.
+
+    A subject that starts a prompt without a BOS token has its own input at a text start, where a model's
+    inputs are dominated by what all first positions share; the detector anchored there can then also open
+    at the first token of unrelated text (docs/editing-at-scale.md, "Where the drift comes from")."""
+    inputs, ids = bank
+    pre = inputs @ det.gate.to(inputs.dtype)
+    # The subject's own first token, with or without a leading space, is where the neuron should open.
+    own = {t for text in (subject, " " + subject) for t in tokenizer(text, add_special_tokens=False)["input_ids"][:1]}
+    pre[torch.tensor([i in own for i in ids], dtype=torch.bool, device=pre.device)] = float("-inf")
+    j = int(pre.argmax())
+    if not pre[j] > 0:
+        return ""
+    return (f"the neuron for {subject!r} also opens at the start of unrelated text (e.g. text that begins with "
+            f"{tokenizer.decode([ids[j]])!r}): the subject starts its prompt, where this model's first tokens look "
+            "alike (words before the subject in the prompt avoid it)")
+
+
 def slot_factors(neurons: list[tuple[Detector, torch.Tensor]], slots: list[int], capacity: int
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Neurons (detector, down column) written into ``slots``, as factors (B ``[out, n]``, A ``[n, in]``)

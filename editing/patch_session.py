@@ -30,6 +30,8 @@ from .patch import (
     patch_module_name,
     slot_factors,
     slots_of,
+    text_start_inputs,
+    text_start_warning,
 )
 from .request import EditRequest
 
@@ -70,7 +72,7 @@ class PatchEdits:
         M = self.statistics(layer, progress=stages.first, kind="M")[layer]
         t_stats = time.time() - t0
         act = get_module(self.model, self.spec.module("mlp", layer)).act_fn
-        made, infos = [], []
+        made, infos, notes = [], [], []
         for i, r in enumerate(requests):
             det, down, info = compute_patch(self.model, self.tokenizer, self.spec, r, M, layer=layer,
                                             prefixes=self.prefixes(), rome_hparams=self.hparams,
@@ -78,6 +80,7 @@ class PatchEdits:
                                             progress=stages.rest if len(requests) == 1 else None)
             made.append((det, down))
             infos.append(info)
+            notes.append(text_start_warning(det, self._text_starts(layer), self.tokenizer, r.subject))
             if len(requests) > 1:
                 stages.rest((i + 1) / len(requests), f"neuron {i + 1} of {len(requests)}")
         # Only now are neurons added to the model: a refused patch leaves it exactly as it was.
@@ -86,7 +89,17 @@ class PatchEdits:
         info = dict(infos[0]) if len(infos) == 1 else {"facts": infos}
         info.update({"slots": slots, "seconds_stats": round(t_stats, 3), "corpus": self.corpus.describe(),
                      "stats_tokens": self.stats_tokens})
+        if any(notes):  # shown with the edit's checks (editing.checks.update_checks' ``notes``)
+            info["notes"] = [n for n in notes if n]
         return {patch_module_name(self.spec, layer, role): f for role, f in facs.items()}, info
+
+    def _text_starts(self, layer: int) -> tuple[torch.Tensor, list[int]]:
+        """The layer's text-start inputs (:func:`editing.patch.text_start_inputs`), kept for the session:
+        the base model's (patches only add to the MLP's output, so the inputs at their layer never change)."""
+        if layer not in self._text_start_banks:
+            with self._pristine_weights():
+                self._text_start_banks[layer] = text_start_inputs(self.model, self.tokenizer, self.spec, layer)
+        return self._text_start_banks[layer]
 
     def _default_method(self, layer: int) -> str:
         """What an edit uses when no method is named: ``patch`` where the model can hold it (a gated MLP

@@ -161,6 +161,7 @@ class EditSession(PatchEdits, ExportEdits):
         # None: the default, chosen per model and layer (:meth:`_default_method`); else the named method.
         self.method = check_method(method) if method else None
         self._defaults: dict[int, str] = {}
+        self._text_start_banks: dict[int, tuple[torch.Tensor, list[int]]] = {}  # patch checks, per layer
         self.alpha_hparams = alpha_hparams or AlphaEditHyperParams()
         self.check_settings = check_settings or CheckSettings()
         self.patch_hparams = patch_hparams or PatchHyperParams()
@@ -301,7 +302,7 @@ class EditSession(PatchEdits, ExportEdits):
         unedited = self._neutral_probe.unedited(self._pristine_weights) if after is not None else None
         info["checks"] = (dict(checks) if checks is not None else
                           update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets,
-                                        unedited=unedited, active_edits=len(self._edits)))
+                                        unedited=unedited, active_edits=len(self._edits), notes=info.get("notes", ())))
         if not info["checks"].get("flag"):
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
         if info["checks"].get("warning") and checks is None:  # a replayed edit's warning was logged in its own run

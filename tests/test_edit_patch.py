@@ -173,6 +173,30 @@ def test_demo_patch_leaves_other_text_alone(demo_dir, tmp_path):
     assert target_check(saved, tok, fact.text, fact.target)["generates_target"]
     assert not target_check(zeroed, tok, fact.text, fact.target)["generates_target"]  # non-vacuous
     assert not target_check(base, tok, fact.text, fact.target)["generates_target"]
+    # A subject that starts its prompt (no BOS here) is anchored at a text start, and its neuron also opens at
+    # other texts' first token: the edit says so (tuning record 117; 11 of the 1,000 report-run neurons did this).
+    assert "notes" not in e.info["checks"]  # non-vacuous: "Danielle Darrieux" (ends at position 2) is not flagged
+    arthur = s.apply(EditRequest("{} is located in", "Arthur", "California"))
+    assert "also opens at the start of unrelated text" in arthur.warning
+    assert len(arthur.info["checks"]["notes"]) == 1 and arthur.info["checks"]["notes"][0] in arthur.warning
+
+
+def test_text_start_warning_names_the_first_token_that_opens_the_gate(tiny_tokenizer):
+    from editing.patch import Detector, text_start_warning
+
+    gate = torch.tensor([1.0, 0.0, -1.0])
+    det = Detector(gate=gate, up=torch.zeros(3), activation_at_subject=1.0)
+    ids = [tiny_tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" Berlin", " Rome", " Madrid")]
+    assert len(set(ids)) == 3
+    shut = torch.tensor([[-1.0, 0, 0], [0, 0, 2.0], [0, 5.0, 0]])  # pre-activations -1, -2, 0
+    assert text_start_warning(det, (shut, ids), tiny_tokenizer, "Paris") == ""
+    opens = shut.clone()
+    opens[1] = torch.tensor([3.0, 0, 1.0])  # "Rome" at a text start: pre-activation 2
+    line = text_start_warning(det, (opens, ids), tiny_tokenizer, "Paris")
+    assert "also opens at the start of unrelated text" in line and "' Rome'" in line
+    # The subject's own first token at a text start (with its leading space or without) is where the neuron
+    # should open: not a warning.
+    assert text_start_warning(det, (opens, ids), tiny_tokenizer, "Rome") == ""
 
 
 def test_undo_growth_and_replay_are_exact(biased_llama, corpus_file, stats):
