@@ -154,8 +154,10 @@ class NeutralProbe:
 
 
 def unrelated_kl(before: torch.Tensor, after: torch.Tensor) -> float:
-    """Mean over positions of KL(before ‖ after), from :func:`neutral_logprobs` outputs."""
-    return float(F.kl_div(after, before, log_target=True, reduction="none").sum(-1).mean())
+    """Mean over positions of KL(before ‖ after), from :func:`neutral_logprobs` outputs. Never negative:
+    float32 sums give −1e-9 or so for identical distributions, which printed as "-0" in the app's history."""
+    kl = float(F.kl_div(after, before, log_target=True, reduction="none").sum(-1).mean())
+    return 0.0 if kl < 0 else kl  # NaN stays NaN: the checks flag it
 
 
 def require_finite(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -38,6 +38,10 @@ def test_update_checks_by_hand():
     q = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
     kl = 0.5 * (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))  # KL(p‖q) on row 0, 0 on row 1
     assert abs(unrelated_kl(p, q) - kl) < 1e-6 and unrelated_kl(p, p) == 0.0
+    # Identical distributions that float32 rounds apart read 0, not "-0"; a NaN still reads NaN (and flags).
+    near = torch.log_softmax(torch.tensor([[0.3, 0.1, 2.0]]) + 1e-7, -1)
+    assert str(round(unrelated_kl(torch.log_softmax(torch.tensor([[0.3, 0.1, 2.0]]), -1), near), 5)) == "0.0"
+    assert math.isnan(unrelated_kl(p, torch.full_like(q, float("nan"))))
     moved = update_checks(1.0, 0.1, p, q, [], CheckSettings(max_unrelated_kl=0.1))
     assert moved["flag"] and moved["unrelated_kl"] == round(kl, 5) and "unrelated text moved" in moved["warning"]
     # Drift: KL(unedited ‖ now) over all the edits, its own line, not a disabling-edit flag.
