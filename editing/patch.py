@@ -251,7 +251,7 @@ def text_start_warning(det: Detector, bank: tuple[torch.Tensor, list[int]], toke
     inputs are dominated by what all first positions share; the detector anchored there can then also open
     at the first token of unrelated text (docs/editing-at-scale.md, "Where the drift comes from")."""
     inputs, ids = bank
-    pre = inputs @ det.gate.to(inputs.dtype)
+    pre = inputs @ det.gate.to(inputs.device, inputs.dtype)
     # The subject's own first token, with or without a leading space, is where the neuron should open.
     own = {t for text in (subject, " " + subject) for t in tokenizer(text, add_special_tokens=False)["input_ids"][:1]}
     pre[torch.tensor([i in own for i in ids], dtype=torch.bool, device=pre.device)] = float("-inf")
