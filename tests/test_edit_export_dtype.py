@@ -116,3 +116,18 @@ def test_cli_out_dtype(bf16_dir, corpus_file, tmp_path, monkeypatch, capsys):
     code = main([*args, "--out", str(tmp_path / "a"), "--as-adapter", "--out-dtype", "float16"])
     assert code == 2 and "--out-dtype is for a saved model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_app_save_keeps_bfloat16_and_shows_the_check(bf16_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from ui.config import AppConfig
+    from ui.workbench import Workbench
+
+    wb = Workbench(AppConfig(workspace_root=tmp_path / "ws", named_models={"tiny-bf16": str(bf16_dir)},
+                             edit_stats_tokens=1000, stats_root=tmp_path / "stats"))
+    r = SimpleNamespace(session_hash="s")
+    wb.edit("tiny-bf16", EIFFEL.prompt, EIFFEL.subject, "Rome", "Paris", None, r, None)
+    msg = wb.save_edits("tiny-bf16", "model", "ed", r)
+    assert "ws:ed" in msg and "Checked: stored in bfloat16:" in msg
+    assert {t.dtype for t in stored(wb.workspace(r).item_path("ws:ed")).values()} == {torch.bfloat16}
