@@ -42,7 +42,7 @@ from torch import nn
 from checkpoints.arch import ArchSpec
 from checkpoints.errors import WeightsmithError
 
-from .hooks import get_module
+from .hooks import capture_input, get_module, run_until
 
 log = logging.getLogger(__name__)
 
@@ -229,25 +229,28 @@ TEXT_START_TOKENS = 2048
 def text_start_inputs(model, tokenizer, spec: ArchSpec, layer: int, count: int = TEXT_START_TOKENS,
                       seed: int = 0) -> tuple[torch.Tensor, list[int]]:
     """The MLP inputs at ``layer`` of ``count`` one-token texts (a seeded sample of the vocabulary without
-    special tokens), and their token ids. A first position's input depends on its token alone, so these
-    stand for the start of any text the model is given without a BOS token."""
-    from .hooks import capture_input, run_until
+    special tokens), tokenised as prompts are (:func:`editing.request.prompt_ids`: after the BOS a tokenizer
+    adds, if any), and their token ids. A text's first token's input depends on that token alone, so these
+    stand for the start of any text."""
+    from .request import prompt_ids
 
     special = set(tokenizer.all_special_ids)
     order = torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(seed)).tolist()
     ids = [i for i in order if i not in special][:count]
     device = next(model.parameters()).device
+    start = prompt_ids(tokenizer, "")  # the BOS the tokenizer puts before every prompt, or nothing
+    rows = torch.tensor([start + [i] for i in ids], device=device)  # one length: no padding
     name = spec.module("mlp", layer)
     with capture_input(model, name) as seen:
-        run_until(model, name, input_ids=torch.tensor(ids, device=device)[:, None])
-    return seen.value[:, 0].float(), ids  # type: ignore[index]
+        run_until(model, name, input_ids=rows)
+    return seen.value[:, -1].float(), ids  # type: ignore[index]
 
 
 def text_start_warning(det: Detector, bank: tuple[torch.Tensor, list[int]], tokenizer, subject: str) -> str:
     """"" unless the neuron opens (gate pre-activation > 0, i.e. score above the threshold) at the start of
     a text that is not its subject's; then one line saying where and why.
 
-    A subject that starts a prompt without a BOS token has its own input at a text start, where a model's
+    A subject that starts a prompt (with no BOS before it) has its own input at a text start, where a model's
     inputs are dominated by what all first positions share; the detector anchored there can then also open
     at the first token of unrelated text (docs/editing-at-scale.md, "Where the drift comes from")."""
     inputs, ids = bank

@@ -302,7 +302,7 @@ class EditSession(PatchEdits, ExportEdits):
         unedited = self._neutral_probe.unedited(self._pristine_weights) if after is not None else None
         info["checks"] = (dict(checks) if checks is not None else
                           update_checks(norm, relative, before, after, list(earlier), self.check_settings, targets,
-                                        unedited=unedited, active_edits=len(self._edits), notes=info.get("notes", ())))
+                                        unedited=unedited, active_edits=len(self._edits), notes=info.pop("notes", ())))
         if not info["checks"].get("flag"):
             earlier.append(norm)  # flagged updates would drag the reference median up towards themselves
         if info["checks"].get("warning") and checks is None:  # a replayed edit's warning was logged in its own run
