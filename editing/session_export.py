@@ -14,7 +14,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,14 +38,16 @@ class ExportEdits:
     """Mixin of :class:`editing.session.EditSession` (uses its model, spec, edits, history and ``store_dtype``)."""
 
     def export_model(self, out_dir: str | Path, *, scores: dict[str, Any] | None = None,
-                     overwrite: bool = False, dtype: torch.dtype | None = None, widen: bool = False) -> Path:
+                     overwrite: bool = False, dtype: torch.dtype | None = None, widen: bool = False,
+                     progress: Callable[[float, str], None] | None = None) -> Path:
         """Write the edited model as a full folder (weights, config, tokenizer, card); returns it.
 
         ``dtype``: of the stored weights; default the session's ``store_dtype`` (the checkpoint's own),
         else the model's. Narrower than the model's, the edits are checked at that precision first
         (:attr:`precision_report`), and a fact lost to the rounding raises before anything is written,
         or with ``widen`` (the app, whose Save has no dtype choice) writes the model's dtype instead; the
-        report then keeps the lost facts, and its line says what was done.
+        report then keeps the lost facts, and its line says what was done. ``progress(fraction, text)``:
+        the check's, fact by fact (the writing that follows streams tensor by tensor).
         """
         if not self._edits:
             raise WeightsmithError("no edits to export")
@@ -55,7 +57,7 @@ class ExportEdits:
         dtype = dtype or self.store_dtype or computed
         self.precision_report = None
         if narrower(dtype, computed):
-            report = check_stored_precision(self, dtype)
+            report = check_stored_precision(self, dtype, progress=progress)
             log.info("%s (%.1f s)", report.line(), report.seconds)
             self.precision_report = report
             if not report.ok:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -72,17 +72,30 @@ def checked_facts(session: Any, limit: int = MAX_CHECKED_FACTS) -> list[tuple[in
 
 
 @torch.no_grad()
-def check_stored_precision(session: Any, dtype: torch.dtype, *, limit: int = MAX_CHECKED_FACTS) -> PrecisionReport:
+def check_stored_precision(session: Any, dtype: torch.dtype, *, limit: int = MAX_CHECKED_FACTS,
+                           progress: Callable[[float, str], None] | None = None) -> PrecisionReport:
     """Round every tensor the active edits touched to ``dtype`` (in place, restored before returning) and
     compare the facts' greedy continuations and the neutral-text distribution with the session's own.
 
-    ``session``: an :class:`editing.session.EditSession` (typed Any: the session imports this module).
+    ``session``: an :class:`editing.session.EditSession` (typed Any: the session imports this module);
+    ``progress(fraction, text)``: called before each fact's check (two short passes per fact and precision:
+    about 0.9 s a fact on the demo model).
     """
     t0 = time.time()
     model, tok = session.model, session.tokenizer
     report = PrecisionReport(str(dtype).removeprefix("torch."))
     facts = checked_facts(session, limit)
-    computed = {i: target_check(model, tok, r.text, r.target) for i, (_, r) in enumerate(facts)}
+    steps = 2 * len(facts)
+
+    def step(done: int, where: str) -> None:
+        if progress is not None:
+            progress(done / steps, f"checking the edits in {report.dtype}: fact {done % len(facts) + 1} of "
+                                   f"{len(facts)} {where}")
+
+    computed = {}
+    for i, (_, r) in enumerate(facts):
+        step(i, "as computed")
+        computed[i] = target_check(model, tok, r.text, r.target)
     neutral = neutral_logprobs(model, tok, NEUTRAL_PROMPTS)
     names = sorted({n for e in session.edits for n in e.deltas})
     kept = {n: model.get_parameter(n).detach().clone() for n in names}
@@ -94,6 +107,7 @@ def check_stored_precision(session: Any, dtype: torch.dtype, *, limit: int = MAX
         for i, (edit_id, r) in enumerate(facts):
             if not computed[i]["generates_target"]:
                 continue  # a fact the edit never reached is the edit's own warning, not the dtype's
+            step(len(facts) + i, "rounded")
             report.checked += 1
             stored = target_check(model, tok, r.text, r.target)
             if stored["generates_target"]:

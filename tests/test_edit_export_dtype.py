@@ -59,7 +59,10 @@ def test_export_keeps_bfloat16_and_checks_the_edit(bf16_dir, corpus_file, stats,
     edited = "model.layers.1.mlp.down_proj.weight"
     source, weight = stored(bf16_dir), s.model.get_parameter(edited).detach().clone()
     assert not torch.equal(weight, weight.bfloat16().float())  # the edit has bits bfloat16 cannot hold
-    out = s.export_model(tmp_path / "edited")
+    seen: list[tuple[float, str]] = []
+    out = s.export_model(tmp_path / "edited", progress=lambda f, text: seen.append((f, text)))
+    # Progress from the first fact: as computed (0), then rounded (0.5), in order.
+    assert [f for f, _ in seen] == [0.0, 0.5] and "checking the edits in bfloat16: fact 1 of 1" in seen[0][1]
     saved = stored(out)
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

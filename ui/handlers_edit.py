@@ -225,7 +225,8 @@ class EditHandlers:
                                                f"{layers_text(applied.layers)}.")
 
     @endpoint
-    def save_edits(self, model: str, save_as: Literal["model", "adapter"] | None, name: str, request: gr.Request):
+    def save_edits(self, model: str, save_as: Literal["model", "adapter"] | None, name: str, request: gr.Request,
+                   progress=gr.Progress()):
         """Write the session's edits to the workspace as a full model or a rank-1 LoRA adapter."""
         ws = self.workspace(request)
         session = self.edit_session(ws, model, create=False)
@@ -233,7 +234,9 @@ class EditHandlers:
         checked = ""
         if save_as == "model":
             ws.check_quota()
-            session.export_model(out, widen=True)
+            show_progress(progress, 0.0, "saving the edited model")
+            # A model stored narrower than float32 is checked fact by fact first (editing.stored_precision).
+            session.export_model(out, widen=True, progress=lambda f, text: show_progress(progress, 0.9 * f, text))
             kind = "model"
             if session.precision_report is not None:
                 checked = f" Checked: {session.precision_report.line()}."
